@@ -1,0 +1,126 @@
+"""The `fxscale` command line: demo and explain (more subcommands arrive with later issues)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+from .options import GRANULARITIES, LOWERINGS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fxscale` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fxscale {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The argument parser with one subparser per command."""
+    from . import __version__
+    from .zoo import NAMES
+
+    parser = argparse.ArgumentParser(prog="fxscale", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fxscale {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="compile a small Llama with the fxscale backend, print its "
+                                       "operator groups and check the output against eager")
+    _model_args(demo, NAMES, default_layers=2)
+    demo.add_argument("--lowering", choices=LOWERINGS, default="inductor")
+    demo.add_argument("--granularity", choices=GRANULARITIES, default="operator")
+    demo.add_argument("--json", metavar="PATH", help="also write the GroupGraph as JSON")
+    demo.set_defaults(run=_demo)
+
+    explain = sub.add_parser("explain", help="analyse a zoo model (optionally on the meta device, "
+                                             "no weights) and print its operator groups")
+    _model_args(explain, NAMES, default_layers=2)
+    explain.add_argument("--granularity", choices=GRANULARITIES, default="operator")
+    explain.add_argument("--meta", action="store_true", help="build the model on the meta device")
+    explain.add_argument("--json", metavar="PATH", help="write the GroupGraph as JSON ('-': stdout)")
+    explain.set_defaults(run=_explain)
+    return parser
+
+
+def _model_args(parser: argparse.ArgumentParser, names: Sequence[str], default_layers: int) -> None:
+    """Options that pick and size a zoo model."""
+    parser.add_argument("--model", choices=names, default="llama")
+    parser.add_argument("--layers", type=_positive, default=default_layers)
+    parser.add_argument("--hidden", type=_positive, default=64)
+    parser.add_argument("--batch", type=_positive, default=2)
+    parser.add_argument("--length", type=_positive, default=16)
+
+
+def _positive(text: str) -> int:
+    """argparse type: a positive integer."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Compile a zoo model with fxscale, print the group table, compare with eager."""
+    import torch
+    from rich.console import Console
+
+    from . import backend, zoo
+
+    console = Console()
+    entry = zoo.build(args.model, batch=args.batch, length=args.length, layers=args.layers,
+                      hidden=args.hidden)
+    options = {"granularity": args.granularity, "lowering": args.lowering}
+    with torch.no_grad():
+        expected = _first_tensor(entry.run())
+        compiled = torch.compile(entry.model, backend="fxscale", options=options)
+        start = time.perf_counter()
+        with console.status(f"compiling {args.model} with fxscale ({args.lowering} lowering)..."):
+            actual = _first_tensor(entry.run(compiled))
+        elapsed = time.perf_counter() - start
+    graph = backend.compiled_group_graphs[-1]
+    console.print(graph.table(), markup=False, highlight=False)
+    for group in graph.groups:
+        console.print(f"  {group.id}: {group.split_reason}", markup=False, highlight=False)
+    if args.json:
+        graph.to_json(args.json)
+    diff = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item() or 1.0
+    tolerance = 1e-5 if args.lowering == "eager" else 1e-4
+    ok = diff <= tolerance * scale
+    console.print(f"compile + first run: {elapsed:.1f} s; output vs eager: max abs diff "
+                  f"{diff:.2e} (tolerance {tolerance:g} x max |output| = {tolerance * scale:.2e}) "
+                  f"-> {'OK' if ok else 'MISMATCH'}", markup=False, highlight=False)
+    return 0 if ok else 1
+
+
+def _first_tensor(output):
+    """The main tensor of a model output (logits, last hidden state, or the tensor itself)."""
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(output, name):
+            return getattr(output, name)
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """Analyse a zoo model and print (or write) its GroupGraph."""
+    from . import explain, zoo
+
+    entry = zoo.build(args.model, batch=args.batch, length=args.length, layers=args.layers,
+                      hidden=args.hidden, device="meta" if args.meta else "cpu")
+    graph = explain(entry.model, *entry.args, granularity=args.granularity, **entry.kwargs)
+    if args.json == "-":
+        json.dump(graph.to_dict(), sys.stdout, indent=1)
+        return 0
+    print(graph.table())
+    if args.json:
+        graph.to_json(args.json)
+    return 0

@@ -1,0 +1,110 @@
+"""Lowering: compile each operator group with Inductor, or run it eagerly.
+
+Groups are compiled the way Dynamo's DDPOptimizer compiles the pieces of a split graph: an
+Interpreter walks the split module with fake inputs under the tracing fake mode and hands
+each submodule to the compiler. A group that fails to compile runs eagerly, with a warning
+naming its operators and the reason. Structurally identical groups (the same sub-block in
+every layer; parameters arrive as inputs) are compiled once.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.fx as fx
+from torch._dynamo.backends.distributed import (SubmodCompiler, propagate_dynamo_source,
+                                                propagate_metadata)
+from torch._dynamo.utils import counters, detect_fake_mode
+
+
+def lower_groups(original: fx.GraphModule, split: fx.GraphModule, example_inputs: list[Any],
+                 lowering: str, describe: Mapping[str, str], dedupe: bool = True,
+                 warn: bool = True) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Compile every group submodule of `split` in place; return it and each group's lowering."""
+    names = [n.target for n in split.graph.nodes if n.op == "call_module"]
+    if lowering == "eager":
+        return split, {name: "eager" for name in names}
+    from torch._inductor.compile_fx import compile_fx
+
+    propagate_metadata(original, split)
+    propagate_dynamo_source(original, split)
+    fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
+    # Sharing compiled code between layers is safe for inference graphs; with autograd each
+    # piece keeps its own backward bookkeeping, so every group is compiled separately.
+    compiler = _GroupCompiler(split, compile_fx, fake_mode, describe,
+                              dedupe=dedupe and not torch.is_grad_enabled(), warn=warn)
+    with torch._dynamo.utils._disable_saved_tensors_hooks_during_tracing():
+        compiler.run(*example_inputs)
+    split.recompile()
+    return split, {name: compiler.status.get(name, "inductor") for name in names}
+
+
+class _GroupCompiler(SubmodCompiler):
+    """DDPOptimizer's submodule compiler plus per-group fallback and reuse of identical groups."""
+
+    def __init__(self, module: fx.GraphModule, compiler: Callable, fake_mode, describe,
+                 dedupe: bool, warn: bool) -> None:
+        super().__init__(module, compiler, fake_mode)
+        self.describe = describe
+        self.dedupe = dedupe
+        self.warn = warn
+        self.cache: dict[str, Any] = {}
+        self.status: dict[str, str] = {}
+        self.current = ""
+
+    def run_node(self, n: fx.Node) -> Any:
+        """Remember which group is being compiled, then compile and run it on fake inputs."""
+        self.current = str(n.target)
+        return super().run_node(n)
+
+    def compile_submod(self, input_mod: fx.GraphModule, args: list, kwargs: Any) -> Any:
+        """Compile one group, reusing an identical group's code, or fall back to eager."""
+        key = structural_key(input_mod, args) if self.dedupe else None
+        if key is not None and key in self.cache:
+            source, compiled = self.cache[key]
+            self.status[self.current] = f"inductor (shares code with {source})"
+            return compiled
+        pristine = copy.deepcopy(input_mod)
+        aot_count = counters["aot_autograd"]["total"]
+        try:
+            compiled = super().compile_submod(input_mod, args, kwargs)
+        except Exception as err:  # noqa: BLE001 - any compiler failure means: run this part eagerly
+            counters["aot_autograd"]["total"] = aot_count  # no AOT metadata to book for this part
+            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            self.status[self.current] = f"eager (fallback: {reason})"
+            if self.warn:
+                warnings.warn(f"fxscale: group {self.current} [{self.describe.get(self.current, '')}]"
+                              f" runs eagerly because Inductor failed on it: {reason}",
+                              stacklevel=2)
+            return pristine
+        if key is not None:
+            self.cache[key] = (self.current, compiled)
+        return compiled
+
+
+def structural_key(gm: fx.GraphModule, args: list) -> str:
+    """A key equal for graphs that differ only in node names (and so compile to the same code)."""
+    index: dict[fx.Node, int] = {}
+    lines = []
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        if node.op in ("get_attr", "call_module"):
+            target: Any = id(getattr(gm, str(node.target).split(".")[0], None))
+        else:
+            target = node.target if node.op != "placeholder" else ""
+        mapped = fx.node.map_arg((node.args, node.kwargs), lambda x: f"%{index[x]}")
+        lines.append(f"{node.op}|{target!r}|{mapped!r}")
+    lines.extend(_arg_signature(a) for a in args)
+    return "\n".join(lines)
+
+
+def _arg_signature(value: Any) -> str:
+    """Shape, stride, dtype, device and grad flag of an example input (symbolic where dynamic)."""
+    if isinstance(value, torch.Tensor):
+        return (f"T{tuple(map(str, value.shape))}{tuple(map(str, value.stride()))}"
+                f"{value.dtype}{value.device}{value.requires_grad}")
+    if isinstance(value, torch.SymInt):
+        return f"S{value.node.expr}"
+    return repr(value)

@@ -1,0 +1,1 @@
+"""fxscale.runtime: where operator groups live (executors, replica pools, autoscaler, simulator)."""
