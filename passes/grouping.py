@@ -160,15 +160,23 @@ def _operator_cuts(order, costs, symbols, env, live, start, end) -> dict[int, st
 
 
 def _is_anchor(cost: NodeCost) -> bool:
-    """Heavy operators that decide a group's character; light ones join a neighbour."""
+    """Heavy operators that decide a group's character; light ones join a neighbour.
+
+    Lookups whose indices do not come from the user's inputs (position embeddings, relative
+    position buckets) are light: they are shape-driven helpers of their consumers.
+    """
+    if cost.op_class == C.EMBEDDING:
+        return cost.reads_input
     return cost.op_class in ANCHOR_CLASSES
 
 
 def _label(cost: NodeCost, symbols: SymbolTable, env) -> tuple:
     """(resource class, family, batch exponent, length exponent) of an anchor."""
     family = {C.CONV: C.GEMM, C.KV_CACHE: C.ATTENTION}.get(cost.op_class, cost.op_class)
-    if cost.resource == C.STATEFUL:
-        return (C.STATEFUL, family, None, None)
+    if cost.resource != C.COMPUTE:
+        # Memory-bound and stateful operators are told apart by family alone; growth rates
+        # matter for where compute saturates.
+        return (cost.resource, family, None, None)
     measure = cost.flops if evaluate(cost.flops, env) else cost.bytes_total
     return (cost.resource, family, *sensitivity(measure, symbols, env))
 
