@@ -29,6 +29,13 @@ def explain(model: torch.nn.Module, *example_inputs: Any, granularity: str = "op
         graphs.append(analyse_graph(gm, options, model=type(module).__name__).group_graph)
         return gm.forward
 
+    notes = []
+    if _on_meta(module) and getattr(getattr(module, "config", None), "use_cache", False) \
+            and "use_cache" not in model_kwargs:
+        # Hugging Face caches start from a real empty tensor, which Dynamo cannot fake on
+        # the meta device; attention and its KV bytes per token are analysed all the same.
+        model_kwargs["use_cache"] = False
+        notes.append("meta device: analysed with use_cache=False (KV-cache update ops omitted)")
     if dynamic:
         for value in list(example_inputs) + list(model_kwargs.values()):
             _mark_token_dims(value)
@@ -39,7 +46,15 @@ def explain(model: torch.nn.Module, *example_inputs: Any, granularity: str = "op
     if not graphs:
         raise RuntimeError(f"Dynamo captured no graph of {type(module).__name__}: the forward "
                            "ran eagerly (see TORCH_LOGS=graph_breaks)")
-    return merge_graphs(graphs)
+    merged = merge_graphs(graphs)
+    merged.notes.extend(notes)
+    return merged
+
+
+def _on_meta(module: torch.nn.Module) -> bool:
+    """Whether the module's parameters live on the meta device."""
+    first = next(module.parameters(), None)
+    return first is not None and first.is_meta
 
 
 def _mark_token_dims(value: Any) -> None:

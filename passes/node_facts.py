@@ -64,6 +64,8 @@ def is_weight_placeholder(node: fx.Node) -> bool:
         return True
     if node.op != "placeholder":
         return False
+    if isinstance(node_value(node), torch.nn.Parameter):
+        return True
     source = getattr(node, "_dynamo_source", None)
     text = repr(source) if source is not None else node.name
     return "_parameters" in text or "_buffers" in text or "ParamBuffer" in text
@@ -78,6 +80,8 @@ def is_parameter_placeholder(node: fx.Node, gm: fx.GraphModule | None = None) ->
             return False
     if node.op != "placeholder":
         return False
+    if isinstance(node_value(node), torch.nn.Parameter):
+        return True
     source = getattr(node, "_dynamo_source", None)
     text = repr(source) if source is not None else node.name
     return "_parameters" in text

@@ -27,8 +27,9 @@ class SymbolTable:
         return next((name for name, r in self.roles.items() if r == role), None)
 
     def token_symbols(self) -> set[str]:
-        """Names of the symbols that count tokens (batch and length): dims carrying them are token dims."""
-        return {n for n, r in self.roles.items() if r in (BATCH, LENGTH)}
+        """Names of all shape symbols: a dim of symbolic size counts requests or tokens
+        (batch, length, context), never features, so ops reducing over it mix tokens."""
+        return set(self.roles)
 
     def env(self, batch: int | None = None, length: int | None = None,
             **overrides: int) -> dict[str, int]:

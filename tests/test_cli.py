@@ -1,0 +1,43 @@
+"""The command line: demo and explain, with conventional exit codes and JSON output."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fxscale.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fxscale", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_demo_runs_and_checks_against_eager():
+    result = run_cli("demo", "--lowering", "eager")
+    assert result.returncode == 0, result.stderr
+    assert "operator groups" in result.stdout and "-> OK" in result.stdout
+    assert "attention" in result.stdout
+
+
+def test_explain_json_to_stdout(capsys):
+    assert main(["explain", "--model", "gpt2", "--layers", "1", "--json", "-"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["granularity"] == "operator" and len(data["groups"]) >= 3
+
+
+def test_explain_meta_writes_file(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert main(["explain", "--model", "llama", "--meta", "--hidden", "128", "--json", str(out)]) == 0
+    assert "operator groups" in capsys.readouterr().out
+    assert json.loads(out.read_text())["groups"]
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--layers", "0"])
+    assert info.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
+    assert main([]) == 2
