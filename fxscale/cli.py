@@ -112,11 +112,15 @@ def _first_tensor(output):
 
 def _explain(args: argparse.Namespace) -> int:
     """Analyse a zoo model and print (or write) its GroupGraph."""
+    from rich.console import Console
+
     from . import explain, zoo
 
     entry = zoo.build(args.model, batch=args.batch, length=args.length, layers=args.layers,
                       hidden=args.hidden, device="meta" if args.meta else "cpu")
-    graph = explain(entry.model, *entry.args, granularity=args.granularity, **entry.kwargs)
+    with Console(stderr=True).status(f"capturing and grouping {args.model} "
+                                     f"({args.layers} layers)..."):
+        graph = explain(entry.model, *entry.args, granularity=args.granularity, **entry.kwargs)
     if args.json == "-":
         json.dump(graph.to_dict(), sys.stdout, indent=1)
         return 0

@@ -107,11 +107,7 @@ def _node_cost(gm, node, reads_input, weights, parameters, tokens) -> NodeCost:
     out_tensors = list(tensors_in(out))
     in_values = [(i, node_value(i)) for i in input_nodes(node)]
     in_tensors = [v for _, v in in_values if isinstance(v, torch.Tensor)]
-    op_class = C.classify_op(name, module_type_name(node))
-    if not out_tensors and not isinstance(out, torch.Tensor):
-        op_class = C.SCALAR if out is None or isinstance(out, (int, float, bool, torch.SymInt,
-                                                                  torch.SymFloat, torch.Size))\
-            else op_class
+    op_class = C.classify_op(name, module_type_name(node)) if out_tensors else C.SCALAR
     is_view = bool(out_tensors) and all(_is_view(t) for t in out_tensors) and op_class in (
         C.DATA_MOVEMENT, C.POINTWISE)
     cost = NodeCost(name=node.name, op=name, op_class=op_class, resource=C.MEMORY,
