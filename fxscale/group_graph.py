@@ -125,6 +125,7 @@ class GroupGraph:
         table = Table(title=title, title_justify="left")
         for col, justify in (("group", "left"), ("name", "left"), ("classes", "left"),
                              ("resource", "left"), ("MFLOPs", "right"), ("MB moved", "right"),
+                             ("FLOP/B", "right"),
                              ("params MB", "right"), ("in MB", "right"), ("out MB", "right"),
                              ("KV B/tok", "right"), ("batching", "left"), ("lowering", "left")):
             table.add_column(col, justify=justify)
@@ -133,9 +134,10 @@ class GroupGraph:
             moved = self.cost(g, "bytes_read", batch, length) + self.cost(
                 g, "bytes_written", batch, length)
             kv = self.cost(g, "kv_bytes_per_token", batch, length)
+            flops = self.cost(g, "flops", batch, length)
             table.add_row(g.id, g.name, ", ".join(g.classes[:4]), g.resource,
-                          f"{self.cost(g, 'flops', batch, length) / 1e6:,.2f}",
-                          f"{moved / 1e6:,.3f}", f"{g.param_bytes / 1e6:,.3f}",
+                          f"{flops / 1e6:,.2f}", f"{moved / 1e6:,.3f}",
+                          f"{flops / moved:,.1f}" if moved else "", f"{g.param_bytes / 1e6:,.3f}",
                           f"{incoming / 1e6:,.3f}", f"{outgoing / 1e6:,.3f}",
                           f"{kv:,.0f}" if kv else "",
                           "stateful" if g.stateful else ("row-wise" if g.row_wise else "whole"),

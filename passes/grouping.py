@@ -33,12 +33,6 @@ class Grouping:
 
     assignment: dict[fx.Node, int]
     reasons: dict[int, str] = field(default_factory=dict)
-    boundary_bytes: dict[int, float] = field(default_factory=dict)
-
-    @property
-    def num_groups(self) -> int:
-        """Number of groups."""
-        return len(set(self.assignment.values()))
 
 
 def group_nodes(gm: fx.GraphModule, costs: dict[fx.Node, NodeCost], symbols: SymbolTable,
@@ -60,15 +54,14 @@ def group_nodes(gm: fx.GraphModule, costs: dict[fx.Node, NodeCost], symbols: Sym
                 cuts.update(_operator_cuts(order, costs, symbols, env, live, start, end))
     cuts = {_valid_cut(p, valid): why for p, why in sorted(cuts.items())}
     cuts.pop(len(order) - 1, None)
-    assignment, reasons, boundary = {}, {0: "start of graph"}, {}
+    assignment, reasons = {}, {0: "start of graph"}
     group = 0
     for i, node in enumerate(order):
         assignment[node] = group
         if i in cuts:
             group += 1
             reasons[group] = cuts[i]
-            boundary[group] = live[i]
-    return Grouping(assignment, reasons, boundary)
+    return Grouping(assignment, reasons)
 
 
 def _starts_node_group(node: fx.Node, costs: dict[fx.Node, NodeCost]) -> bool:

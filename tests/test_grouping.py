@@ -95,3 +95,11 @@ def test_grouping_places_nodes_of_compute_ops_only():
     torch.compile(entry.model, backend=backend)(*entry.args)
     compute = {n.name for n in captured[0].graph.nodes if n.op in COMPUTE_OPS}
     assert len(names) == len(compute)
+
+
+def test_explain_accepts_a_compiled_model():
+    entry = zoo.build("gpt2", layers=1)
+    compiled = torch.compile(entry.model, backend="fxscale", options={"lowering": "eager"})
+    graph = fxscale.explain(compiled, *entry.args)
+    direct = fxscale.explain(entry.model, *entry.args)
+    assert [g.name for g in graph.groups] == [g.name for g in direct.groups]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close
+from helpers import assert_close
 from fxscale import backend, zoo
 
 

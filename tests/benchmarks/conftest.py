@@ -1,19 +1,8 @@
-"""Benchmark models: the 4-layer Llama (hidden 512) of the backend issue."""
+"""Benchmark fixtures; everything under tests/benchmarks carries the benchmark_suite marker."""
 from __future__ import annotations
 
 import pytest
-import torch
-
-
-def llama_4x512():
-    """A 4-layer Llama with hidden size 512 (random weights), in eval mode."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408,
-                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-                            max_position_embeddings=1024)
-    return tf.LlamaForCausalLM(config).eval()
+from bench_models import llama_4x512
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +11,7 @@ def llama_model():
 
 
 def pytest_collection_modifyitems(items):
-    """Everything under tests/benchmarks is a benchmark (deselected from the default run)."""
+    """Mark benchmark items so the default run (-m 'not benchmark_suite') deselects them."""
     for item in items:
         if "benchmarks" in str(item.fspath):
             item.add_marker(pytest.mark.benchmark_suite)

@@ -47,7 +47,7 @@ def test_steady_state_latency(benchmark, llama_model, name, batch):
 COMPILE_ONCE = """
 import json, sys, time, torch
 sys.path.insert(0, "tests/benchmarks")
-from conftest import llama_4x512
+from bench_models import llama_4x512
 from test_bench_backend import BACKENDS
 model = llama_4x512()
 x = torch.randint(0, 32000, (1, 128))

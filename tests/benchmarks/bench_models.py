@@ -1,0 +1,15 @@
+"""Benchmark models: the 4-layer Llama (hidden 512) of the backend issue."""
+from __future__ import annotations
+
+import torch
+
+
+def llama_4x512():
+    """A 4-layer Llama with hidden size 512 (random weights), in eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408,
+                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                            max_position_embeddings=1024)
+    return tf.LlamaForCausalLM(config).eval()

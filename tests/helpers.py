@@ -1,0 +1,23 @@
+"""Helpers shared by the tests: compare a model output with eager."""
+from __future__ import annotations
+
+import torch
+
+
+def main_tensor(output):
+    """The main tensor of a model output (logits, last hidden state, or the tensor itself)."""
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(output, name):
+            return getattr(output, name)
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+def assert_close(actual, expected, rtol):
+    """Relative error of the main output tensor, against max |expected|."""
+    a, e = main_tensor(actual), main_tensor(expected)
+    assert a.shape == e.shape
+    assert torch.isfinite(a).all()
+    err = ((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
+    assert err <= rtol, f"relative error {err:.2e} > {rtol:g}"
