@@ -87,12 +87,22 @@ def build_group_graph(gm: fx.GraphModule, costs: dict[fx.Node, NodeCost], symbol
     groups = [_group(gid, members[gid], costs, symbols, env, weight_bytes, leaving.get(gid, ZERO),
                      reasons.get(gid, ""), granularity)
               for gid in sorted(members)]
+    _number_names(groups)
     edges = [GroupEdge(f"g{a}", f"g{b}", str(expr)) for (a, b), expr in sorted(edge_bytes.items())]
     table = {name: {"role": role, "source": symbols.sources.get(name, ""),
                     "example": symbols.hints.get(name, 0)}
              for name, role in symbols.roles.items()}
     return GroupGraph(model=model, granularity=granularity, groups=groups, edges=edges,
                       symbols=table)
+
+
+def _number_names(groups: list[Group]) -> None:
+    """Make names unique and stable across captures: '<layer>#<k>/<class>', k-th group of the layer."""
+    seen: Counter = Counter()
+    for g in groups:
+        prefix, _, kind = g.name.partition("/")
+        g.name = f"{prefix}#{seen[prefix]}/{kind}" if kind else g.name
+        seen[prefix] += 1
 
 
 def _symbolic(t: torch.Tensor) -> bool:

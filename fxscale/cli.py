@@ -48,7 +48,34 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--meta", action="store_true", help="build the model on the meta device")
     explain.add_argument("--json", metavar="PATH", help="write the GroupGraph as JSON ('-': stdout)")
     explain.set_defaults(run=_explain)
+    prof = sub.add_parser("profile", help="measure every operator group over a (phase, batch, "
+                                          "length) grid, fit a latency model, compare with the "
+                                          "analytic CPU model")
+    _model_args(prof, [n for n in NAMES if n in ("llama", "mistral", "gpt2", "opt")],
+                default_layers=2)
+    prof.add_argument("--batches", type=_int_list, default=(1, 2, 4))
+    prof.add_argument("--lengths", type=_int_list, default=(16, 64, 256))
+    prof.add_argument("--phases", type=lambda t: tuple(t.split(",")), default=("prefill", "decode"))
+    prof.add_argument("--lowering", choices=LOWERINGS, default="inductor")
+    prof.add_argument("--granularity", choices=GRANULARITIES, default="operator")
+    prof.add_argument("--repeats", type=_positive, default=7)
+    prof.add_argument("--min-ms", type=float, default=1.0,
+                      help="error tables cover points of at least this measured latency")
+    prof.add_argument("--json", metavar="PATH", help="write the measured Profile (with fits) as JSON")
+    prof.add_argument("--markdown", metavar="PATH", help="write the error tables as Markdown")
+    prof.set_defaults(run=_profile)
     return parser
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated positive integers."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
+    return values
 
 
 def _model_args(parser: argparse.ArgumentParser, names: Sequence[str], default_layers: int) -> None:
@@ -75,7 +102,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from . import backend, zoo
 
-    console = Console()
+    console = Console(width=220)
     entry = zoo.build(args.model, batch=args.batch, length=args.length, layers=args.layers,
                       hidden=args.hidden)
     options = {"granularity": args.granularity, "lowering": args.lowering}
@@ -128,3 +155,64 @@ def _explain(args: argparse.Namespace) -> int:
     if args.json:
         graph.to_json(args.json)
     return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    """Measure, fit, compare with the analytic CPU model; print and write the results."""
+    import torch
+
+    from . import backend, zoo
+    from .analytic import analytic_profile, compare
+    from .profiling import Grid, profile
+    from .runtime.devices import load_device
+    from .runtime.fit import fit_profile
+
+    grid = Grid(batches=args.batches, lengths=args.lengths, phases=args.phases)
+    entry = zoo.build(args.model, layers=args.layers, hidden=args.hidden)
+    torch._dynamo.reset()
+    measured = profile(entry.model, grid, granularity=args.granularity, lowering=args.lowering,
+                       repeats=args.repeats)
+    stateful = {g.name for graph in backend.compiled_group_graphs for g in graph.groups
+                if g.stateful}
+    fit_profile(measured, stateful)
+    predicted = analytic_profile(entry.model, grid, load_device("cpu"), args.granularity)
+    rows = compare(measured, predicted, args.min_ms / 1e3)
+    text = profile_tables(measured, rows, args)
+    print(text)
+    if args.json:
+        measured.to_json(args.json)
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).write_text(text + "\n")
+    return 0
+
+
+def profile_tables(measured, rows, args) -> str:
+    """Markdown tables: fit error per group and phase; analytic CPU model vs measurement."""
+    min_s = args.min_ms / 1e3
+    lines = [f"Model `{args.model}` ({args.layers} layers, hidden {args.hidden}), "
+             f"{measured.device}, {measured.threads} threads, lowering {args.lowering}; grid "
+             f"batches {list(args.batches)} x lengths {list(args.lengths)} x {list(args.phases)}.",
+             "", f"Fitted model (`{(measured.groups[0].fit or {}).get('model', '')}`), "
+             f"leave-one-out median absolute percentage error:", "",
+             "| group | phase | median latency (ms) | held-out MAPE |", "|---|---|---|---|"]
+    fit_errors = []
+    for group in measured.groups:
+        for phase, fit in (group.fit or {}).get("phases", {}).items():
+            mape = fit["heldout_mape"]
+            lines.append(f"| {group.name} | {phase} | {fit['median_latency_s'] * 1e3:.3f} | "
+                         f"{'' if mape is None else f'{mape:.1%}'} |")
+            if mape is not None and fit["median_latency_s"] >= min_s:
+                fit_errors.append(mape)
+    if fit_errors:
+        fit_errors.sort()
+        lines += ["", f"Median over group-phases with median latency >= {args.min_ms:g} ms: "
+                  f"**{fit_errors[len(fit_errors) // 2]:.1%}** ({len(fit_errors)} group-phases)."]
+    lines += ["", f"Analytic CPU model (calibrated roofline) vs measurement, points >= "
+              f"{args.min_ms:g} ms:", "", "| group | phase | points | MAPE |", "|---|---|---|---|"]
+    lines += [f"| {r['group']} | {r['phase']} | {r['points']} | {r['mape']:.1%} |" for r in rows]
+    if rows:
+        errors = sorted(r["mape"] for r in rows)
+        lines += ["", f"Median over rows: **{errors[len(errors) // 2]:.1%}**."]
+    return "\n".join(lines)

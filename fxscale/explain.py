@@ -1,7 +1,7 @@
 """fxscale.explain: capture a model and return its GroupGraph without compiling anything."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -11,7 +11,7 @@ from .group_graph import COST_FIELDS, GroupGraph
 from .options import Options
 
 
-def explain(model: torch.nn.Module, *example_inputs: Any, granularity: str = "operator",
+def explain(model: torch.nn.Module | Callable, *example_inputs: Any, granularity: str = "operator",
             dynamic: bool = True, **model_kwargs: Any) -> GroupGraph:
     """Capture `model(*example_inputs, **model_kwargs)` and return its operator groups.
 
@@ -23,10 +23,12 @@ def explain(model: torch.nn.Module, *example_inputs: Any, granularity: str = "op
     """
     options = Options(granularity=granularity, lowering="eager")
     module = getattr(model, "_orig_mod", model)
+    name = type(module).__name__ if isinstance(module, torch.nn.Module) else \
+        getattr(module, "__name__", "function")
     graphs: list[GroupGraph] = []
 
     def capture(gm: torch.fx.GraphModule, inputs: list[Any]):
-        graphs.append(analyse_graph(gm, options, model=type(module).__name__).group_graph)
+        graphs.append(analyse_graph(gm, options, model=name).group_graph)
         return gm.forward
 
     notes = []
@@ -44,7 +46,7 @@ def explain(model: torch.nn.Module, *example_inputs: Any, granularity: str = "op
         torch.compile(module, backend=capture, dynamic=None)(*example_inputs, **model_kwargs)
     torch._dynamo.reset()
     if not graphs:
-        raise RuntimeError(f"Dynamo captured no graph of {type(module).__name__}: the forward "
+        raise RuntimeError(f"Dynamo captured no graph of {name}: the forward "
                            "ran eagerly (see TORCH_LOGS=graph_breaks)")
     merged = merge_graphs(graphs)
     merged.notes.extend(notes)
@@ -53,6 +55,8 @@ def explain(model: torch.nn.Module, *example_inputs: Any, granularity: str = "op
 
 def _on_meta(module: torch.nn.Module) -> bool:
     """Whether the module's parameters live on the meta device."""
+    if not isinstance(module, torch.nn.Module):
+        return False
     first = next(module.parameters(), None)
     return first is not None and first.is_meta
 

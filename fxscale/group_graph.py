@@ -112,7 +112,7 @@ class GroupGraph:
         return sum(self.cost(g, what, batch, length) for g in self.groups)
 
     # ---- presentation -----------------------------------------------------------------
-    def table(self, batch: int | None = None, length: int | None = None, width: int = 160) -> str:
+    def table(self, batch: int | None = None, length: int | None = None, width: int = 220) -> str:
         """A readable table of the groups with their costs at (batch, length)."""
         from rich.console import Console
         from rich.table import Table
@@ -128,7 +128,7 @@ class GroupGraph:
                              ("FLOP/B", "right"),
                              ("params MB", "right"), ("in MB", "right"), ("out MB", "right"),
                              ("KV B/tok", "right"), ("batching", "left"), ("lowering", "left")):
-            table.add_column(col, justify=justify)
+            table.add_column(col, justify=justify, no_wrap=col in ("group", "name"))
         for g in self.groups:
             incoming, outgoing = self.boundary_bytes(g.id, batch, length)
             moved = self.cost(g, "bytes_read", batch, length) + self.cost(

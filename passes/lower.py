@@ -65,7 +65,7 @@ class _GroupCompiler(SubmodCompiler):
         if key is not None and key in self.cache:
             source, compiled = self.cache[key]
             self.status[self.current] = f"inductor (shares code with {source})"
-            return compiled
+            return _SharedGroup(compiled)
         pristine = copy.deepcopy(input_mod)
         aot_count = counters["aot_autograd"]["total"]
         try:
@@ -82,6 +82,18 @@ class _GroupCompiler(SubmodCompiler):
         if key is not None:
             self.cache[key] = (self.current, compiled)
         return compiled
+
+
+class _SharedGroup(torch.nn.Module):
+    """A group that runs another group's compiled code: its own module, so per-group hooks
+    (profiling, metrics) see which group ran."""
+
+    def __init__(self, compiled: torch.nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args: Any) -> Any:
+        return self.compiled(*args)
 
 
 def structural_key(gm: fx.GraphModule, args: list) -> str:

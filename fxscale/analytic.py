@@ -1,0 +1,74 @@
+"""Analytic profiles: a group's latency from its FLOPs and bytes on a device model (roofline).
+
+Costs come from the same cost pass users get (`fxscale.explain`), captured at every grid point
+(prefill: a prompt of the stated length; decode: one token against a KV cache of that length),
+so analytic and measured profiles describe the same groups.
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from fxscale.runtime.devices import DeviceModel
+from fxscale.runtime.profile import GroupProfile, Profile, ProfilePoint
+
+from .explain import explain
+from .profiling import Grid, library_versions
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def analytic_profile(model: torch.nn.Module, grid: Grid, device: DeviceModel,
+                     granularity: str = "operator", dtype: str | None = None) -> Profile:
+    """The roofline latency of every group at every grid point on `device`."""
+    module = getattr(model, "_orig_mod", model).eval()
+    param = next(module.parameters())
+    dtype = dtype or DTYPE_NAMES.get(param.dtype, "fp32")
+    vocab = module.config.vocab_size
+    points: dict[str, list[ProfilePoint]] = {}
+    ids: dict[str, str] = {}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for phase, batch, length in grid.points():
+            prompt = torch.randint(0, vocab, (batch, length), generator=generator).to(param.device)
+            if phase == "prefill":
+                graph = explain(module, prompt, granularity=granularity, dynamic=False,
+                                use_cache=False)
+            else:
+                cache = module(prompt, use_cache=True).past_key_values
+                token = torch.randint(0, vocab, (batch, 1), generator=generator).to(param.device)
+                graph = explain(module, token, granularity=granularity, dynamic=False,
+                                past_key_values=cache, use_cache=True)
+            for group in graph.groups:
+                moved = graph.cost(group, "bytes_read") + graph.cost(group, "bytes_written")
+                seconds = device.latency(graph.cost(group, "flops"), moved, dtype)
+                ids.setdefault(group.name, group.id)
+                points.setdefault(group.name, []).append(ProfilePoint(
+                    phase, batch, length, seconds, seconds, seconds, 1))
+    return Profile(model=type(module).__name__, granularity=granularity, device=device.description,
+                   source=f"analytic:{device.name}", dtype=dtype, threads=torch.get_num_threads(),
+                   versions=library_versions(),
+                   groups=[GroupProfile(ids[name], name, pts) for name, pts in points.items()],
+                   notes=["roofline: overhead + max(compute time, memory time); "
+                          "see docs/devices.md"])
+
+
+def compare(measured: Profile, predicted: Profile, min_latency_s: float = 1e-3) -> list[dict]:
+    """Per group and phase: median absolute percentage error of `predicted` vs `measured`,
+    over grid points whose measured latency is at least `min_latency_s`."""
+    rows = []
+    for group in measured.groups:
+        other = next((g for g in predicted.groups if g.name == group.name), None)
+        if other is None:
+            continue
+        for phase in ("prefill", "decode"):
+            errors = []
+            for point in group.points:
+                match = other.at(point.phase, point.batch, point.length)
+                if point.phase == phase and match and point.median_s >= min_latency_s:
+                    errors.append(abs(match.median_s - point.median_s) / point.median_s)
+            if errors:
+                rows.append({"group": group.name, "phase": phase, "points": len(errors),
+                             "mape": statistics.median(errors)})
+    return rows

@@ -1,0 +1,200 @@
+"""fxscale.profile: measure every operator group's latency over a (phase, batch, length) grid.
+
+The model is compiled with the fxscale backend and run at every grid point; a forward
+pre-hook on each group records the inputs the group really receives there (prefill: the
+concatenated tokens of the batch; decode: one new token per request against a KV cache of
+the stated context length). Each group is then timed alone on those inputs: warm-up runs,
+repeated runs rotating over several independently drawn inputs (so caches do not flatter the
+numbers), median and 10th/90th percentiles. CUDA is timed with CUDA events.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import torch
+
+from fxscale.runtime.profile import GroupProfile, Profile, ProfilePoint
+
+from . import backend
+from .options import Options
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where to measure: batch sizes x lengths, for each phase."""
+
+    batches: tuple[int, ...] = (1, 2, 4)
+    lengths: tuple[int, ...] = (16, 32, 64)
+    phases: tuple[str, ...] = ("prefill", "decode")
+
+    def __post_init__(self) -> None:
+        for name in ("batches", "lengths"):
+            values = getattr(self, name)
+            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"grid {name} must be positive integers, got {values!r}")
+        unknown = set(self.phases) - {"prefill", "decode"}
+        if unknown or not self.phases:
+            raise ValueError(f"grid phases must be 'prefill' and/or 'decode', got {self.phases!r}")
+
+    def points(self) -> list[tuple[str, int, int]]:
+        """Every (phase, batch, length) of the grid."""
+        return [(p, b, n) for p in self.phases for b in self.batches for n in self.lengths]
+
+
+class _Recorder:
+    """Forward pre-hooks on group modules that keep the inputs each group receives."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.calls: dict[str, list[tuple[torch.nn.Module, tuple]]] = defaultdict(list)
+        self.hooked: set[int] = set()
+
+    def attach(self) -> None:
+        """Hook every group of every graph the backend compiled so far."""
+        for graph in backend.compiled_group_graphs:
+            for group in graph.groups:
+                module = group.callable
+                if isinstance(module, torch.nn.Module) and id(module) not in self.hooked:
+                    self.hooked.add(id(module))
+                    module.register_forward_pre_hook(partial(self._record, group.name))
+
+    def _record(self, name: str, module: torch.nn.Module, args: tuple) -> None:
+        if self.active:
+            self.calls[name].append((module, args))
+
+
+def profile(model: torch.nn.Module, grid: Grid = Grid(), *, granularity: str = "operator",
+            lowering: str = "inductor", repeats: int = 7, warmup: int = 2, rotations: int = 3,
+            seed: int = 0, progress: bool = True) -> Profile:
+    """Measure each operator group of a causal language model over `grid` on its device.
+
+    `model` is a Hugging Face-style causal LM (input_ids, past_key_values) or the result of
+    torch.compile on one; it is compiled again with the fxscale backend.
+    """
+    if repeats < 1 or warmup < 0 or rotations < 1:
+        raise ValueError(f"repeats and rotations must be >= 1 and warmup >= 0, got "
+                         f"repeats={repeats}, warmup={warmup}, rotations={rotations}")
+    module = getattr(model, "_orig_mod", model).eval()
+    options = Options(granularity=granularity, lowering=lowering)
+    compiled = torch.compile(module, backend=partial(backend.fxscale_backend, options=options))
+    vocab = getattr(getattr(module, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise ValueError("fxscale.profile needs a causal LM with config.vocab_size "
+                         "(Hugging Face style: model(input_ids, past_key_values=...))")
+    device = next(module.parameters()).device
+    recorder = _Recorder()
+    generator = torch.Generator().manual_seed(seed)
+    points: dict[str, list[ProfilePoint]] = defaultdict(list)
+    ids: dict[str, str] = {}
+    from rich.progress import Progress
+
+    with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("profiling operator groups", total=len(grid.points()))
+        for phase, batch, length in grid.points():
+            recorder.calls.clear()
+            for _ in range(rotations):
+                step = _decode_step if phase == "decode" else _prefill_step
+                step(module, compiled, recorder, vocab, batch, length, device, generator)
+            for name, calls in recorder.calls.items():
+                times = _time_group(calls, repeats, warmup, device)
+                points[name].append(ProfilePoint(
+                    phase=phase, batch=batch, length=length, median_s=statistics.median(times),
+                    p10_s=_quantile(times, 0.1), p90_s=_quantile(times, 0.9), repeats=len(times)))
+            for graph in backend.compiled_group_graphs:
+                ids.update({g.name: g.id for g in graph.groups})
+            bar.advance(task)
+    groups = [GroupProfile(group=ids.get(name, name), name=name, points=pts)
+              for name, pts in points.items()]
+    return Profile(model=type(module).__name__, granularity=granularity,
+                   device=device_description(device), source="measured",
+                   dtype=str(next(module.parameters()).dtype).replace("torch.", ""),
+                   threads=torch.get_num_threads(), versions=library_versions(), groups=groups,
+                   notes=[f"lowering={lowering}, repeats={repeats}, warmup={warmup}, "
+                          f"rotations={rotations}, seed={seed}"])
+
+
+def _run_recorded(recorder: _Recorder, fn: Callable[[], Any]) -> Any:
+    """Run once to compile (hooks attach to new graphs), then run again recording inputs."""
+    fn()
+    recorder.attach()
+    recorder.active = True
+    try:
+        return fn()
+    finally:
+        recorder.active = False
+
+
+def _prefill_step(module, compiled, recorder, vocab, batch, length, device, generator) -> None:
+    """One prefill forward of `batch` prompts of `length` tokens, recording group inputs."""
+    ids = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
+    _run_recorded(recorder, lambda: compiled(ids, use_cache=False))
+
+
+def _decode_step(module, compiled, recorder, vocab, batch, length, device, generator) -> None:
+    """One decode step (one new token per request) against a KV cache of `length` tokens."""
+    prompt = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
+    token = torch.randint(0, vocab, (batch, 1), generator=generator).to(device)
+
+    def step():
+        cache = module(prompt, use_cache=True).past_key_values  # eager prefill: fresh cache
+        return compiled(token, past_key_values=cache, use_cache=True)
+
+    _run_recorded(recorder, step)
+
+
+def _time_group(calls: list[tuple[torch.nn.Module, tuple]], repeats: int, warmup: int,
+                device: torch.device) -> list[float]:
+    """Seconds per call of one group, rotating over the recorded inputs."""
+    for i in range(warmup):
+        module, args = calls[i % len(calls)]
+        module(*args)
+    times = []
+    for i in range(repeats):
+        module, args = calls[i % len(calls)]
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            module(*args)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            module(*args)
+            times.append(time.perf_counter() - begin)
+    return times
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """The q-quantile (linear interpolation) of a list of values."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def device_description(device: torch.device) -> str:
+    """Human-readable description of the device measurements ran on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from fxscale.runtime.cpu_calibration import _cpu_name
+
+    return f"cpu: {_cpu_name()} ({os.cpu_count()} cores)"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that affect measured latency."""
+    import transformers
+
+    from . import __version__
+
+    return {"fxscale": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
