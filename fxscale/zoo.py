@@ -47,6 +47,10 @@ def build(name: str, batch: int = 2, length: int = 16, seed: int = 0, layers: in
             vocab_size=256, intermediate_size=2 * hidden, num_key_value_heads=max(heads // 2, 1),
             max_position_embeddings=512, sliding_window=None, **common)),
             (_tokens(256, batch, length, g),), {}),
+        "mixtral": lambda: (tf.MixtralForCausalLM(tf.MixtralConfig(
+            vocab_size=256, intermediate_size=2 * hidden, num_key_value_heads=max(heads // 2, 1),
+            num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
+            **common)), (_tokens(256, batch, length, g),), {}),
         "gpt2": lambda: (tf.GPT2LMHeadModel(tf.GPT2Config(
             vocab_size=256, n_positions=512, n_embd=hidden, n_layer=layers, n_head=heads)),
             (_tokens(256, batch, length, g),), {}),
@@ -83,4 +87,4 @@ def build(name: str, batch: int = 2, length: int = 16, seed: int = 0, layers: in
     return ZooModel(name, model.eval(), args, kwargs)
 
 
-NAMES = ("gpt2", "llama", "mistral", "opt", "bert", "t5", "vit", "whisper")
+NAMES = ("gpt2", "llama", "mistral", "mixtral", "opt", "bert", "t5", "vit", "whisper")

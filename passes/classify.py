@@ -10,13 +10,14 @@ SOFTMAX = "softmax"
 REDUCTION = "reduction"
 POINTWISE = "pointwise"
 ROUTING = "moe-routing"
+MOE_EXPERT = "moe-expert"
 DATA_MOVEMENT = "data-movement"
 KV_CACHE = "kv-cache"
 SCALAR = "scalar"
 OTHER = "other"
 
 OP_CLASSES = (GEMM, ATTENTION, CONV, EMBEDDING, NORM, SOFTMAX, REDUCTION, POINTWISE, ROUTING,
-              DATA_MOVEMENT, KV_CACHE, SCALAR, OTHER)
+              MOE_EXPERT, DATA_MOVEMENT, KV_CACHE, SCALAR, OTHER)
 
 # Resource classes the grouping pass keeps apart (DESIGN.md: compute-bound, memory-bound,
 # stateful attention with per-request KV state).
@@ -26,6 +27,8 @@ STATEFUL = "stateful"
 
 MATMUL_OPS = frozenset({"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "einsum",
                         "mv", "addmv", "dot"})
+# Expert GEMMs of mixture-of-experts layers: tokens sorted by expert, one GEMM per expert.
+GROUPED_MM_OPS = frozenset({"grouped_mm", "_grouped_mm", "grouped_mm_fallback"})
 ATTENTION_OPS = frozenset({"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                            "_scaled_dot_product_flash_attention_for_cpu",
                            "_scaled_dot_product_efficient_attention",
@@ -66,6 +69,8 @@ def classify_op(name: str, module_type: str) -> str:
         return ATTENTION
     if name in MATMUL_OPS:
         return GEMM
+    if name in GROUPED_MM_OPS:
+        return MOE_EXPERT
     if name in CONV_OPS:
         return CONV
     if name in EMBEDDING_OPS:
@@ -88,6 +93,6 @@ def resource_of(op_class: str) -> str:
     """The resource class an operator class belongs to."""
     if op_class in (ATTENTION, KV_CACHE):
         return STATEFUL
-    if op_class in (GEMM, CONV):
+    if op_class in (GEMM, CONV, MOE_EXPERT):
         return COMPUTE
     return MEMORY

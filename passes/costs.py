@@ -162,6 +162,8 @@ def _flops(node, name, op_class, in_values, outs) -> sympy.Expr:
     out_numel = sum((numel_expr(t) for t in outs), ZERO)
     if op_class in (C.GEMM, C.ATTENTION) and name in C.MATMUL_OPS:
         return _matmul_flops(node, name, ins, out_numel)
+    if op_class == C.MOE_EXPERT and ins:
+        return 2 * out_numel * shape_exprs(ins[0])[-1]  # every token meets its expert's weight
     if name in C.ATTENTION_OPS and len(ins) >= 3:
         q, k, v = (shape_exprs(t) for t in ins[:3])
         heads = sympy.Mul(*q[:-2])

@@ -24,7 +24,8 @@ from .costs import NodeCost
 from .node_facts import COMPUTE_OPS, node_value
 from .symbols import BATCH, LENGTH, SymbolTable
 
-ANCHOR_CLASSES = frozenset({C.GEMM, C.CONV, C.ATTENTION, C.KV_CACHE, C.EMBEDDING, C.ROUTING})
+ANCHOR_CLASSES = frozenset({C.GEMM, C.CONV, C.ATTENTION, C.KV_CACHE, C.EMBEDDING, C.ROUTING,
+                            C.MOE_EXPERT})
 
 
 @dataclass

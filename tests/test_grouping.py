@@ -103,3 +103,15 @@ def test_explain_accepts_a_compiled_model():
     graph = fxscale.explain(compiled, *entry.args)
     direct = fxscale.explain(entry.model, *entry.args)
     assert [g.name for g in graph.groups] == [g.name for g in direct.groups]
+
+
+def test_mixture_of_experts_splits_routing_from_experts():
+    graph = explain_zoo("mixtral", layers=1)
+    routing = next(g for g in graph.groups if g.classes[0] == "moe-routing")
+    experts = next(g for g in graph.groups if g.classes[0] == "moe-expert")
+    assert routing.resource == "memory" and experts.resource == "compute"
+    assert experts.param_bytes > 10 * routing.param_bytes
+    # gate/up and down expert GEMMs: every routed token (k=2 per token) meets its experts
+    tokens, hidden, ffn, k = 3 * 40, 64, 128, 2
+    expected = 2 * tokens * k * hidden * 2 * ffn + 2 * tokens * k * ffn * hidden
+    assert graph.cost(experts, "flops", batch=3, length=40) >= expected
