@@ -7,8 +7,9 @@ from .backend import compiled_group_graphs, fxscale_backend
 from .explain import explain
 from .group_graph import Group, GroupEdge, GroupGraph
 from .options import Options
+from .profiling import Grid, profile
 
 __version__ = "0.1.0"
 
-__all__ = ["Group", "GroupEdge", "GroupGraph", "Options", "compiled_group_graphs", "explain",
-           "fxscale_backend", "__version__"]
+__all__ = ["Grid", "Group", "GroupEdge", "GroupGraph", "Options", "compiled_group_graphs",
+           "explain", "fxscale_backend", "profile", "__version__"]

@@ -134,7 +134,7 @@ def _group(gid, nodes, costs, symbols, env, weight_bytes, leaving, reason, granu
     if granularity == "model":
         name = "model"
     else:
-        name = f"{layer or 'top'}/{C.ATTENTION if stateful else dominant}"
+        name = f"{layer or 'top'}/{C.ATTENTION if stateful and C.ATTENTION in classes else dominant}"
     b_flops, l_flops = sensitivity(flops, symbols, env)
     b_bytes, l_bytes = sensitivity(read + written, symbols, env)
     return Group(

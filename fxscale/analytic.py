@@ -15,43 +15,44 @@ from fxscale.runtime.profile import GroupProfile, Profile, ProfilePoint
 
 from .explain import explain
 from .profiling import Grid, library_versions
+from .workloads import inputs_for
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def analytic_profile(model: torch.nn.Module, grid: Grid, device: DeviceModel,
                      granularity: str = "operator", dtype: str | None = None) -> Profile:
-    """The roofline latency of every group at every grid point on `device`."""
+    """The roofline latency of every group at every grid point on `device` (the model may
+    live on the meta device: nothing is allocated)."""
     module = getattr(model, "_orig_mod", model).eval()
     param = next(module.parameters())
     dtype = dtype or DTYPE_NAMES.get(param.dtype, "fp32")
-    vocab = module.config.vocab_size
     points: dict[str, list[ProfilePoint]] = {}
     ids: dict[str, str] = {}
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for phase, batch, length in grid.points():
-            prompt = torch.randint(0, vocab, (batch, length), generator=generator).to(param.device)
-            if phase == "prefill":
-                graph = explain(module, prompt, granularity=granularity, dynamic=False,
-                                use_cache=False)
-            else:
-                cache = module(prompt, use_cache=True).past_key_values
-                token = torch.randint(0, vocab, (batch, 1), generator=generator).to(param.device)
-                graph = explain(module, token, granularity=granularity, dynamic=False,
-                                past_key_values=cache, use_cache=True)
-            for group in graph.groups:
-                moved = graph.cost(group, "bytes_read") + graph.cost(group, "bytes_written")
-                seconds = device.latency(graph.cost(group, "flops"), moved, dtype)
-                ids.setdefault(group.name, group.id)
-                points.setdefault(group.name, []).append(ProfilePoint(
-                    phase, batch, length, seconds, seconds, seconds, 1))
+    for (phase, batch, length), graph in group_graphs_over(module, grid, granularity):
+        for group in graph.groups:
+            moved = graph.cost(group, "bytes_read") + graph.cost(group, "bytes_written")
+            seconds = device.latency(graph.cost(group, "flops"), moved, dtype)
+            ids.setdefault(group.name, group.id)
+            points.setdefault(group.name, []).append(ProfilePoint(
+                phase, batch, length, seconds, seconds, seconds, 1))
     return Profile(model=type(module).__name__, granularity=granularity, device=device.description,
                    source=f"analytic:{device.name}", dtype=dtype, threads=torch.get_num_threads(),
                    versions=library_versions(),
                    groups=[GroupProfile(ids[name], name, pts) for name, pts in points.items()],
                    notes=["roofline: overhead + max(compute time, memory time); "
                           "see docs/devices.md"])
+
+
+def group_graphs_over(model: torch.nn.Module, grid: Grid, granularity: str):
+    """(grid point, GroupGraph captured at exactly that point) for every point of the grid."""
+    inputs = inputs_for(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for phase, batch, length in grid.points():
+            make = inputs.decode if phase == "decode" else inputs.prefill
+            yield (phase, batch, length), explain(model, granularity=granularity, dynamic=False,
+                                                  **make(batch, length, generator))
 
 
 def compare(measured: Profile, predicted: Profile, min_latency_s: float = 1e-3) -> list[dict]:

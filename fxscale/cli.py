@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="error tables cover points of at least this measured latency")
     prof.add_argument("--json", metavar="PATH", help="write the measured Profile (with fits) as JSON")
     prof.add_argument("--markdown", metavar="PATH", help="write the error tables as Markdown")
+    prof.add_argument("--report", metavar="DIR",
+                      help="instead: write the characterization report (Llama, Mixtral, Whisper; "
+                           "Markdown + PNG/SVG plots) into DIR")
+    prof.add_argument("--report-models", type=lambda t: tuple(t.split(",")),
+                      default=("llama", "mixtral", "whisper"))
     prof.set_defaults(run=_profile)
     return parser
 
@@ -167,6 +172,8 @@ def _profile(args: argparse.Namespace) -> int:
     from .runtime.devices import load_device
     from .runtime.fit import fit_profile
 
+    if args.report:
+        return _report(args)
     grid = Grid(batches=args.batches, lengths=args.lengths, phases=args.phases)
     entry = zoo.build(args.model, layers=args.layers, hidden=args.hidden)
     torch._dynamo.reset()
@@ -216,3 +223,20 @@ def profile_tables(measured, rows, args) -> str:
         errors = sorted(r["mape"] for r in rows)
         lines += ["", f"Median over rows: **{errors[len(errors) // 2]:.1%}**."]
     return "\n".join(lines)
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Write the characterization report, with progress on stderr."""
+    from rich.console import Console
+
+    from .characterize import FAMILIES, characterize
+
+    unknown = [m for m in args.report_models if m not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown report model(s) {unknown}; choose from {sorted(FAMILIES)}")
+    console = Console(stderr=True)
+    with console.status("characterizing...") as status:
+        path = characterize(args.report, args.report_models, repeats=args.repeats,
+                            progress=lambda message: status.update(message))
+    print(f"wrote {path} and its plots")
+    return 0

@@ -15,6 +15,7 @@ from typing import Any
 import sympy
 
 from .exprs import evaluate, parse_expr
+from .jsonio import read_json
 
 SCHEMA_VERSION = 1
 COST_FIELDS = ("flops", "bytes_read", "bytes_written", "activation_bytes", "kv_bytes_per_token")
@@ -192,16 +193,6 @@ class GroupGraph:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> GroupGraph:
-        """Load from JSON text or a path to a JSON file."""
-        where = "<json>"
-        text = str(text_or_path)
-        if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
-            where = text
-            text = Path(text_or_path).read_text()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON (line {err.lineno}, column {err.colno}): "
-                             f"{err.msg}") from None
-        return cls.from_dict(data, where)
+        """Load from JSON text or a path to a JSON file, checking every field."""
+        return cls.from_dict(*read_json(text_or_path))
 

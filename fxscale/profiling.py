@@ -24,6 +24,7 @@ from fxscale.runtime.profile import GroupProfile, Profile, ProfilePoint
 
 from . import backend
 from .options import Options
+from .workloads import inputs_for
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,10 @@ class _Recorder:
 def profile(model: torch.nn.Module, grid: Grid = Grid(), *, granularity: str = "operator",
             lowering: str = "inductor", repeats: int = 7, warmup: int = 2, rotations: int = 3,
             seed: int = 0, progress: bool = True) -> Profile:
-    """Measure each operator group of a causal language model over `grid` on its device.
+    """Measure each operator group of a model over `grid` on the device its weights are on.
 
-    `model` is a Hugging Face-style causal LM (input_ids, past_key_values) or the result of
-    torch.compile on one; it is compiled again with the fxscale backend.
+    `model` is a Hugging Face causal LM or Whisper-style encoder-decoder (or the result of
+    torch.compile on one); it is compiled again with the fxscale backend.
     """
     if repeats < 1 or warmup < 0 or rotations < 1:
         raise ValueError(f"repeats and rotations must be >= 1 and warmup >= 0, got "
@@ -84,10 +85,7 @@ def profile(model: torch.nn.Module, grid: Grid = Grid(), *, granularity: str = "
     module = getattr(model, "_orig_mod", model).eval()
     options = Options(granularity=granularity, lowering=lowering)
     compiled = torch.compile(module, backend=partial(backend.fxscale_backend, options=options))
-    vocab = getattr(getattr(module, "config", None), "vocab_size", None)
-    if vocab is None:
-        raise ValueError("fxscale.profile needs a causal LM with config.vocab_size "
-                         "(Hugging Face style: model(input_ids, past_key_values=...))")
+    inputs = inputs_for(module)
     device = next(module.parameters()).device
     recorder = _Recorder()
     generator = torch.Generator().manual_seed(seed)
@@ -100,8 +98,9 @@ def profile(model: torch.nn.Module, grid: Grid = Grid(), *, granularity: str = "
         for phase, batch, length in grid.points():
             recorder.calls.clear()
             for _ in range(rotations):
-                step = _decode_step if phase == "decode" else _prefill_step
-                step(module, compiled, recorder, vocab, batch, length, device, generator)
+                make = inputs.decode if phase == "decode" else inputs.prefill
+                # fresh inputs per call: a decode step appends to the cache it is given
+                _run_recorded(recorder, lambda: compiled(**make(batch, length, generator)))
             for name, calls in recorder.calls.items():
                 times = _time_group(calls, repeats, warmup, device)
                 points[name].append(ProfilePoint(
@@ -129,24 +128,6 @@ def _run_recorded(recorder: _Recorder, fn: Callable[[], Any]) -> Any:
         return fn()
     finally:
         recorder.active = False
-
-
-def _prefill_step(module, compiled, recorder, vocab, batch, length, device, generator) -> None:
-    """One prefill forward of `batch` prompts of `length` tokens, recording group inputs."""
-    ids = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
-    _run_recorded(recorder, lambda: compiled(ids, use_cache=False))
-
-
-def _decode_step(module, compiled, recorder, vocab, batch, length, device, generator) -> None:
-    """One decode step (one new token per request) against a KV cache of `length` tokens."""
-    prompt = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
-    token = torch.randint(0, vocab, (batch, 1), generator=generator).to(device)
-
-    def step():
-        cache = module(prompt, use_cache=True).past_key_values  # eager prefill: fresh cache
-        return compiled(token, past_key_values=cache, use_cache=True)
-
-    _run_recorded(recorder, step)
 
 
 def _time_group(calls: list[tuple[torch.nn.Module, tuple]], repeats: int, warmup: int,

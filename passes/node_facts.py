@@ -58,17 +58,18 @@ def input_nodes(node: fx.Node) -> list[fx.Node]:
     return list(dict.fromkeys(node.all_input_nodes))
 
 
+def _placeholder_source(node: fx.Node) -> str:
+    """Where Dynamo says a placeholder comes from (its source, else its name)."""
+    source = getattr(node, "_dynamo_source", None)
+    return repr(source) if source is not None else node.name
+
+
 def is_weight_placeholder(node: fx.Node) -> bool:
     """Whether a placeholder/get_attr is a module parameter or buffer rather than a user input."""
-    if node.op == "get_attr":
+    if node.op == "get_attr" or is_parameter_placeholder(node):
         return True
-    if node.op != "placeholder":
-        return False
-    if isinstance(node_value(node), torch.nn.Parameter):
-        return True
-    source = getattr(node, "_dynamo_source", None)
-    text = repr(source) if source is not None else node.name
-    return "_parameters" in text or "_buffers" in text or "ParamBuffer" in text
+    text = _placeholder_source(node) if node.op == "placeholder" else ""
+    return "_buffers" in text or "ParamBuffer" in text
 
 
 def is_parameter_placeholder(node: fx.Node, gm: fx.GraphModule | None = None) -> bool:
@@ -80,11 +81,8 @@ def is_parameter_placeholder(node: fx.Node, gm: fx.GraphModule | None = None) ->
             return False
     if node.op != "placeholder":
         return False
-    if isinstance(node_value(node), torch.nn.Parameter):
-        return True
-    source = getattr(node, "_dynamo_source", None)
-    text = repr(source) if source is not None else node.name
-    return "_parameters" in text
+    return isinstance(node_value(node), torch.nn.Parameter) or \
+        "_parameters" in _placeholder_source(node)
 
 
 _INDEX = re.compile(r"\[(\d+)\]")

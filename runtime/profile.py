@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fxscale.jsonio import read_json
+
 PROFILE_VERSION = 1
 PHASES = ("prefill", "decode")
 
@@ -79,17 +81,8 @@ class Profile:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> Profile:
-        """Load from JSON text or a file, checking every field."""
-        text = str(text_or_path)
-        where = "<json>"
-        if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
-            where, text = text, Path(text_or_path).read_text()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON (line {err.lineno}, column {err.colno}): "
-                             f"{err.msg}") from None
-        return cls.from_dict(data, where)
+        """Load from JSON text or a path to a JSON file, checking every field."""
+        return cls.from_dict(*read_json(text_or_path))
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "<dict>") -> Profile:
