@@ -257,28 +257,44 @@ def _findings(name, analytic, measured, cpu_costs, h100, cpu, h100_grid, cpu_gri
                  "holds": first == "memory" and (crossover is None or crossover > 1)})
     light = [c for c in ("norm", "pointwise", "softmax") if any(
         c in v for v in analytic.values())]
-    bounds = [bound_at(analytic, h100, "bf16", c, p, b, n) for c in light
-              for p in ("prefill", "decode") for b in h100_grid.batches for n in h100_grid.lengths]
-    bounds = [x for x in bounds if x]
+
+    def light_bounds(table, device, dtype, grid):
+        found = [bound_at(table, device, dtype, c, p, b, n) for c in light
+                 for p in ("prefill", "decode") for b in grid.batches for n in grid.lengths]
+        return [x for x in found if x]
+
+    bounds = light_bounds(analytic, h100, "bf16", h100_grid)
+    cpu_bounds = light_bounds(cpu_costs, cpu, "fp32", cpu_grid)
     rows.append({"finding": "norms and activations are memory-bound", "model": name,
                  "h100": f"{bounds.count('memory')}/{len(bounds)} class-points memory-bound "
                          f"({', '.join(light)})",
-                 "cpu": "–", "holds": bool(bounds) and bounds.count("memory") == len(bounds)})
-    compute_s, memory_s = [], []
-    for cls in _classes(analytic):
-        for phase in ("prefill", "decode"):
-            for axis in ("batch", "length"):
-                fs = slope(analytic, cls, "flops", phase, axis, h100_grid)
-                bs = slope(analytic, cls, "bytes", phase, axis, h100_grid)
-                if fs is not None and bs is not None:
-                    compute_s.append(fs)
-                    memory_s.append(bs)
-    r = _pearson(compute_s, memory_s)
+                 "cpu": f"{cpu_bounds.count('memory')}/{len(cpu_bounds)} (calibrated CPU roofline)",
+                 "holds": bool(bounds) and bounds.count("memory") == len(bounds)})
+    r, cases = _sensitivity_correlation(analytic, h100_grid)
+    r_cpu, _ = _sensitivity_correlation(measured, cpu_grid, cpu_costs)
     rows.append({"finding": "compute and memory sensitivity are uncorrelated", "model": name,
                  "h100": f"Pearson r = {_fmt(r)} between FLOPs and bytes growth exponents over "
-                         f"{len(compute_s)} (class, phase, axis) cases",
-                 "cpu": "–", "holds": r is not None and abs(r) < 0.5})
+                         f"{cases} (class, phase, axis) cases",
+                 "cpu": f"r = {_fmt(r_cpu)} between measured-latency and bytes growth exponents",
+                 "holds": r is not None and abs(r) < 0.5})
     return rows
+
+
+def _sensitivity_correlation(table: ClassTable, grid: Grid, costs: ClassTable | None = None
+                             ) -> tuple[float | None, int]:
+    """Correlation of compute growth (FLOPs, or measured seconds) with bytes growth."""
+    costs = costs or table
+    metric = "seconds" if costs is not table else "flops"
+    xs, ys = [], []
+    for cls in _classes(costs):
+        for phase in ("prefill", "decode"):
+            for axis in ("batch", "length"):
+                fs = slope(table, cls, metric, phase, axis, grid)
+                bs = slope(costs, cls, "bytes", phase, axis, grid)
+                if fs is not None and bs is not None:
+                    xs.append(fs)
+                    ys.append(bs)
+    return _pearson(xs, ys), len(xs)
 
 
 def _pearson(xs: list[float], ys: list[float]) -> float | None:

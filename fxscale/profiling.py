@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any, Callable
 
 import torch
+from rich.progress import Progress
 
 from fxscale.runtime.profile import GroupProfile, Profile, ProfilePoint
 
@@ -55,16 +56,23 @@ class _Recorder:
     def __init__(self) -> None:
         self.active = False
         self.calls: dict[str, list[tuple[torch.nn.Module, tuple]]] = defaultdict(list)
-        self.hooked: set[int] = set()
+        self.hooks: dict[int, Any] = {}
 
     def attach(self) -> None:
         """Hook every group of every graph the backend compiled so far."""
         for graph in backend.compiled_group_graphs:
             for group in graph.groups:
                 module = group.callable
-                if isinstance(module, torch.nn.Module) and id(module) not in self.hooked:
-                    self.hooked.add(id(module))
-                    module.register_forward_pre_hook(partial(self._record, group.name))
+                if isinstance(module, torch.nn.Module) and id(module) not in self.hooks:
+                    self.hooks[id(module)] = module.register_forward_pre_hook(
+                        partial(self._record, group.name))
+
+    def detach(self) -> None:
+        """Remove the hooks and drop the recorded inputs."""
+        for handle in self.hooks.values():
+            handle.remove()
+        self.hooks.clear()
+        self.calls.clear()
 
     def _record(self, name: str, module: torch.nn.Module, args: tuple) -> None:
         if self.active:
@@ -91,24 +99,26 @@ def profile(model: torch.nn.Module, grid: Grid = Grid(), *, granularity: str = "
     generator = torch.Generator().manual_seed(seed)
     points: dict[str, list[ProfilePoint]] = defaultdict(list)
     ids: dict[str, str] = {}
-    from rich.progress import Progress
-
-    with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("profiling operator groups", total=len(grid.points()))
-        for phase, batch, length in grid.points():
-            recorder.calls.clear()
-            for _ in range(rotations):
-                make = inputs.decode if phase == "decode" else inputs.prefill
-                # fresh inputs per call: a decode step appends to the cache it is given
-                _run_recorded(recorder, lambda: compiled(**make(batch, length, generator)))
-            for name, calls in recorder.calls.items():
-                times = _time_group(calls, repeats, warmup, device)
-                points[name].append(ProfilePoint(
-                    phase=phase, batch=batch, length=length, median_s=statistics.median(times),
-                    p10_s=_quantile(times, 0.1), p90_s=_quantile(times, 0.9), repeats=len(times)))
-            for graph in backend.compiled_group_graphs:
-                ids.update({g.name: g.id for g in graph.groups})
-            bar.advance(task)
+    try:
+        with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("profiling operator groups", total=len(grid.points()))
+            for phase, batch, length in grid.points():
+                recorder.calls.clear()
+                for _ in range(rotations):
+                    make = inputs.decode if phase == "decode" else inputs.prefill
+                    # fresh inputs per call: a decode step appends to the cache it is given
+                    _run_recorded(recorder, lambda: compiled(**make(batch, length, generator)))
+                for name, calls in recorder.calls.items():
+                    times = _time_group(calls, repeats, warmup, device)
+                    points[name].append(ProfilePoint(
+                        phase=phase, batch=batch, length=length,
+                        median_s=statistics.median(times), p10_s=_quantile(times, 0.1),
+                        p90_s=_quantile(times, 0.9), repeats=len(times)))
+                for graph in backend.compiled_group_graphs:
+                    ids.update({g.name: g.id for g in graph.groups})
+                bar.advance(task)
+    finally:
+        recorder.detach()  # even when a step fails: no hooks left behind
     groups = [GroupProfile(group=ids.get(name, name), name=name, points=pts)
               for name, pts in points.items()]
     return Profile(model=type(module).__name__, granularity=granularity,
