@@ -14,11 +14,8 @@ from fxscale.runtime.devices import DeviceModel
 from fxscale.runtime.profile import GroupProfile, Profile, ProfilePoint
 
 from .explain import explain
-from .profiling import Grid, library_versions
+from .profiling import Grid, dtype_name, library_versions
 from .workloads import inputs_for
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
 
 def analytic_profile(model: torch.nn.Module, grid: Grid, device: DeviceModel,
                      granularity: str = "operator", dtype: str | None = None) -> Profile:
@@ -26,20 +23,22 @@ def analytic_profile(model: torch.nn.Module, grid: Grid, device: DeviceModel,
     live on the meta device: nothing is allocated)."""
     module = getattr(model, "_orig_mod", model).eval()
     param = next(module.parameters())
-    dtype = dtype or DTYPE_NAMES.get(param.dtype, "fp32")
+    dtype = dtype or dtype_name(param.dtype)
     points: dict[str, list[ProfilePoint]] = {}
     ids: dict[str, str] = {}
+    stateful: dict[str, bool] = {}
     for (phase, batch, length), graph in group_graphs_over(module, grid, granularity):
         for group in graph.groups:
-            moved = graph.cost(group, "bytes_read") + graph.cost(group, "bytes_written")
-            seconds = device.latency(graph.cost(group, "flops"), moved, dtype)
+            seconds = device.latency(graph.cost(group, "flops"), graph.bytes_moved(group), dtype)
             ids.setdefault(group.name, group.id)
+            stateful[group.name] = group.stateful
             points.setdefault(group.name, []).append(ProfilePoint(
                 phase, batch, length, seconds, seconds, seconds, 1))
     return Profile(model=type(module).__name__, granularity=granularity, device=device.description,
                    source=f"analytic:{device.name}", dtype=dtype, threads=torch.get_num_threads(),
                    versions=library_versions(),
-                   groups=[GroupProfile(ids[name], name, pts) for name, pts in points.items()],
+                   groups=[GroupProfile(ids[name], name, pts, stateful[name])
+                           for name, pts in points.items()],
                    notes=["roofline: overhead + max(compute time, memory time); "
                           "see docs/devices.md"])
 
@@ -50,14 +49,16 @@ def group_graphs_over(model: torch.nn.Module, grid: Grid, granularity: str):
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for phase, batch, length in grid.points():
-            make = inputs.decode if phase == "decode" else inputs.prefill
-            yield (phase, batch, length), explain(model, granularity=granularity, dynamic=False,
-                                                  **make(batch, length, generator))
+            yield (phase, batch, length), explain(
+                model, granularity=granularity, dynamic=False,
+                **inputs.for_phase(phase, batch, length, generator))
 
 
 def compare(measured: Profile, predicted: Profile, min_latency_s: float = 1e-3) -> list[dict]:
     """Per group and phase: median absolute percentage error of `predicted` vs `measured`,
-    over grid points whose measured latency is at least `min_latency_s`."""
+    over grid points whose measured latency is at least `min_latency_s` (> 0)."""
+    if min_latency_s <= 0:
+        raise ValueError(f"min_latency_s must be positive, got {min_latency_s}")
     rows = []
     for group in measured.groups:
         other = next((g for g in predicted.groups if g.name == group.name), None)

@@ -9,6 +9,7 @@ Five published findings are checked against both; disagreements are reported as 
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import statistics
 import time
@@ -99,8 +100,7 @@ def analytic_classes(model: torch.nn.Module, grid: Grid, device: DeviceModel,
     for point, graph in group_graphs_over(model, grid, "node"):
         classes: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for group in graph.groups:
-            flops = graph.cost(group, "flops")
-            moved = graph.cost(group, "bytes_read") + graph.cost(group, "bytes_written")
+            flops, moved = graph.cost(group, "flops"), graph.bytes_moved(group)
             entry = classes[group.classes[0]]
             entry["flops"] += flops
             entry["bytes"] += moved
@@ -145,6 +145,13 @@ def characterize(out_dir: str | Path, models: tuple[str, ...] = tuple(FAMILIES),
                  cpu_grid: Grid = CPU_GRID, h100_grid: Grid = H100_GRID, repeats: int = 5,
                  progress: Callable[[str], None] = lambda message: None) -> Path:
     """Write report.md and plots (PNG and SVG) into out_dir; return the report's path."""
+    unknown = [m for m in models if m not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown report model(s) {unknown}; choose from {sorted(FAMILIES)}")
+    if importlib.util.find_spec("matplotlib") is None:  # fail before minutes of measuring
+        raise ValueError("the characterization report plots with matplotlib: "
+                         "pip install matplotlib")
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -159,7 +166,8 @@ def characterize(out_dir: str | Path, models: tuple[str, ...] = tuple(FAMILIES),
         small = family.small()
         cpu_costs = analytic_classes(small, cpu_grid, cpu, "fp32")
         measured = measured_classes(small, cpu_grid, repeats)
-        sections.append(_model_section(name, family, analytic, measured, h100_grid, cpu_grid))
+        sections.append(_model_section(name, family, analytic, measured, h100, h100_grid,
+                                       cpu_grid))
         findings.extend(_findings(name, analytic, measured, cpu_costs, h100, cpu, h100_grid,
                                   cpu_grid))
         _plots(out, name, analytic, measured, h100, h100_grid, cpu_grid)
@@ -183,7 +191,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _model_section(name, family, analytic, measured, h100_grid, cpu_grid) -> str:
+def _model_section(name, family, analytic, measured, h100, h100_grid, cpu_grid) -> str:
     """The per-class table of one model."""
     b, n = h100_grid.batches[-1], h100_grid.lengths[-1]
     lines = [f"## {name}: {family.description}", "",
@@ -193,7 +201,6 @@ def _model_section(name, family, analytic, measured, h100_grid, cpu_grid) -> str
              "| class | phase | GFLOPs | GB moved | FLOP/B | H100 bound | FLOPs~b | FLOPs~len | "
              "bytes~b | bytes~len | H100 t~len | CPU t~b | CPU t~len |",
              "|" + "---|" * 13]
-    h100 = load_device("h100")
     for phase in ("prefill", "decode"):
         for cls in _classes(analytic):
             entry = analytic.get((phase, b, n), {}).get(cls)
@@ -220,7 +227,7 @@ def _model_section(name, family, analytic, measured, h100_grid, cpu_grid) -> str
 def _findings(name, analytic, measured, cpu_costs, h100, cpu, h100_grid, cpu_grid) -> list[dict]:
     """The five published findings, checked on one model from both sources."""
     rows = []
-    big_b, big_n = h100_grid.batches[-1], h100_grid.lengths[-1]
+    big_n = h100_grid.lengths[-1]
     f_len = slope(analytic, "attention", "flops", "prefill", "length", h100_grid)
     t_len = slope(measured, "attention", "seconds", "prefill", "length", cpu_grid)
     note = (" (the class also holds encoder attention over fixed audio frames and cross-attention, "

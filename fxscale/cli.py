@@ -52,14 +52,14 @@ def _parser() -> argparse.ArgumentParser:
                                           "length) grid, fit a latency model, compare with the "
                                           "analytic CPU model")
     _model_args(prof, [n for n in NAMES if n in ("llama", "mistral", "gpt2", "opt")],
-                default_layers=2)
+                default_layers=2, example_shape=False)
     prof.add_argument("--batches", type=_int_list, default=(1, 2, 4))
     prof.add_argument("--lengths", type=_int_list, default=(16, 64, 256))
-    prof.add_argument("--phases", type=lambda t: tuple(t.split(",")), default=("prefill", "decode"))
+    prof.add_argument("--phases", type=_phases, default=("prefill", "decode"))
     prof.add_argument("--lowering", choices=LOWERINGS, default="inductor")
     prof.add_argument("--granularity", choices=GRANULARITIES, default="operator")
     prof.add_argument("--repeats", type=_positive, default=7)
-    prof.add_argument("--min-ms", type=float, default=1.0,
+    prof.add_argument("--min-ms", type=_positive_float, default=1.0,
                       help="error tables cover points of at least this measured latency")
     prof.add_argument("--json", metavar="PATH", help="write the measured Profile (with fits) as JSON")
     prof.add_argument("--markdown", metavar="PATH", help="write the error tables as Markdown")
@@ -83,13 +83,34 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _model_args(parser: argparse.ArgumentParser, names: Sequence[str], default_layers: int) -> None:
-    """Options that pick and size a zoo model."""
+def _phases(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated phases."""
+    phases = tuple(text.split(","))
+    if not phases or set(phases) - {"prefill", "decode"}:
+        raise argparse.ArgumentTypeError(f"phases are 'prefill' and/or 'decode', got {text!r}")
+    return phases
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a positive number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _model_args(parser: argparse.ArgumentParser, names: Sequence[str], default_layers: int,
+                example_shape: bool = True) -> None:
+    """Options that pick and size a zoo model (and the example input's shape)."""
     parser.add_argument("--model", choices=names, default="llama")
     parser.add_argument("--layers", type=_positive, default=default_layers)
     parser.add_argument("--hidden", type=_positive, default=64)
-    parser.add_argument("--batch", type=_positive, default=2)
-    parser.add_argument("--length", type=_positive, default=16)
+    if example_shape:
+        parser.add_argument("--batch", type=_positive, default=2)
+        parser.add_argument("--length", type=_positive, default=16)
 
 
 def _positive(text: str) -> int:
@@ -166,7 +187,7 @@ def _profile(args: argparse.Namespace) -> int:
     """Measure, fit, compare with the analytic CPU model; print and write the results."""
     import torch
 
-    from . import backend, zoo
+    from . import zoo
     from .analytic import analytic_profile, compare
     from .profiling import Grid, profile
     from .runtime.devices import load_device
@@ -177,14 +198,14 @@ def _profile(args: argparse.Namespace) -> int:
     grid = Grid(batches=args.batches, lengths=args.lengths, phases=args.phases)
     entry = zoo.build(args.model, layers=args.layers, hidden=args.hidden)
     torch._dynamo.reset()
-    measured = profile(entry.model, grid, granularity=args.granularity, lowering=args.lowering,
-                       repeats=args.repeats)
-    stateful = {g.name for graph in backend.compiled_group_graphs for g in graph.groups
-                if g.stateful}
-    fit_profile(measured, stateful)
+    measured = fit_profile(profile(entry.model, grid, granularity=args.granularity,
+                                   lowering=args.lowering, repeats=args.repeats))
     predicted = analytic_profile(entry.model, grid, load_device("cpu"), args.granularity)
-    rows = compare(measured, predicted, args.min_ms / 1e3)
-    text = profile_tables(measured, rows, args)
+    title = (f"Model `{args.model}` ({args.layers} layers, hidden {args.hidden}), "
+             f"{measured.device}, {measured.threads} threads, lowering {args.lowering}; grid "
+             f"batches {list(grid.batches)} x lengths {list(grid.lengths)} x {list(grid.phases)}.")
+    text = profile_tables(measured, compare(measured, predicted, args.min_ms / 1e3), title,
+                          args.min_ms, "Analytic CPU model (calibrated roofline)")
     print(text)
     if args.json:
         measured.to_json(args.json)
@@ -195,33 +216,30 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def profile_tables(measured, rows, args) -> str:
-    """Markdown tables: fit error per group and phase; analytic CPU model vs measurement."""
-    min_s = args.min_ms / 1e3
-    lines = [f"Model `{args.model}` ({args.layers} layers, hidden {args.hidden}), "
-             f"{measured.device}, {measured.threads} threads, lowering {args.lowering}; grid "
-             f"batches {list(args.batches)} x lengths {list(args.lengths)} x {list(args.phases)}.",
-             "", f"Fitted model (`{(measured.groups[0].fit or {}).get('model', '')}`), "
-             f"leave-one-out median absolute percentage error:", "",
+def profile_tables(measured, rows: list[dict], title: str, min_ms: float, analytic: str) -> str:
+    """Markdown tables: fit error per group and phase; an analytic model vs measurement."""
+    import statistics
+
+    fit_model = next((g.fit["model"] for g in measured.groups if g.fit), "")
+    lines = [title, "", f"Fitted model (`{fit_model}`), leave-one-out median absolute "
+             "percentage error:", "",
              "| group | phase | median latency (ms) | held-out MAPE |", "|---|---|---|---|"]
     fit_errors = []
     for group in measured.groups:
         for phase, fit in (group.fit or {}).get("phases", {}).items():
             mape = fit["heldout_mape"]
             lines.append(f"| {group.name} | {phase} | {fit['median_latency_s'] * 1e3:.3f} | "
-                         f"{'' if mape is None else f'{mape:.1%}'} |")
-            if mape is not None and fit["median_latency_s"] >= min_s:
+                         f"{'–' if mape is None else f'{mape:.1%}'} |")
+            if mape is not None and fit["median_latency_s"] >= min_ms / 1e3:
                 fit_errors.append(mape)
     if fit_errors:
-        fit_errors.sort()
-        lines += ["", f"Median over group-phases with median latency >= {args.min_ms:g} ms: "
-                  f"**{fit_errors[len(fit_errors) // 2]:.1%}** ({len(fit_errors)} group-phases)."]
-    lines += ["", f"Analytic CPU model (calibrated roofline) vs measurement, points >= "
-              f"{args.min_ms:g} ms:", "", "| group | phase | points | MAPE |", "|---|---|---|---|"]
+        lines += ["", f"Median over group-phases with median latency >= {min_ms:g} ms: "
+                  f"**{statistics.median(fit_errors):.1%}** ({len(fit_errors)} group-phases)."]
+    lines += ["", f"{analytic} vs measurement, points >= {min_ms:g} ms:", "",
+              "| group | phase | points | MAPE |", "|---|---|---|---|"]
     lines += [f"| {r['group']} | {r['phase']} | {r['points']} | {r['mape']:.1%} |" for r in rows]
     if rows:
-        errors = sorted(r["mape"] for r in rows)
-        lines += ["", f"Median over rows: **{errors[len(errors) // 2]:.1%}**."]
+        lines += ["", f"Median over rows: **{statistics.median(r['mape'] for r in rows):.1%}**."]
     return "\n".join(lines)
 
 
@@ -229,11 +247,8 @@ def _report(args: argparse.Namespace) -> int:
     """Write the characterization report, with progress on stderr."""
     from rich.console import Console
 
-    from .characterize import FAMILIES, characterize
+    from .characterize import characterize
 
-    unknown = [m for m in args.report_models if m not in FAMILIES]
-    if unknown:
-        raise ValueError(f"unknown report model(s) {unknown}; choose from {sorted(FAMILIES)}")
     console = Console(stderr=True)
     with console.status("characterizing...") as status:
         path = characterize(args.report, args.report_models, repeats=args.repeats,

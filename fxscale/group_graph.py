@@ -89,6 +89,12 @@ class GroupGraph:
             raise ValueError(f"unknown cost {what!r}; choose one of {list(COST_FIELDS)}")
         return evaluate(getattr(g, what), self.env(batch, length, **symbols))
 
+    def bytes_moved(self, group: Group | str, batch: int | None = None,
+                    length: int | None = None) -> float:
+        """Bytes a group reads plus bytes it writes."""
+        return (self.cost(group, "bytes_read", batch, length)
+                + self.cost(group, "bytes_written", batch, length))
+
     def edge_bytes(self, edge: GroupEdge, batch: int | None = None, length: int | None = None
                    ) -> float:
         """Bytes an edge carries at the given batch and length."""
@@ -132,8 +138,7 @@ class GroupGraph:
             table.add_column(col, justify=justify, no_wrap=col in ("group", "name"))
         for g in self.groups:
             incoming, outgoing = self.boundary_bytes(g.id, batch, length)
-            moved = self.cost(g, "bytes_read", batch, length) + self.cost(
-                g, "bytes_written", batch, length)
+            moved = self.bytes_moved(g, batch, length)
             kv = self.cost(g, "kv_bytes_per_token", batch, length)
             flops = self.cost(g, "flops", batch, length)
             table.add_row(g.id, g.name, ", ".join(g.classes[:4]), g.resource,

@@ -16,12 +16,11 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from rich.progress import Progress
 
-from fxscale.runtime.profile import GroupProfile, Profile, ProfilePoint
+from fxscale.runtime.profile import PHASES, GroupProfile, Profile, ProfilePoint
 
 from . import backend
 from .options import Options
@@ -34,16 +33,18 @@ class Grid:
 
     batches: tuple[int, ...] = (1, 2, 4)
     lengths: tuple[int, ...] = (16, 32, 64)
-    phases: tuple[str, ...] = ("prefill", "decode")
+    phases: tuple[str, ...] = PHASES
 
     def __post_init__(self) -> None:
         for name in ("batches", "lengths"):
             values = getattr(self, name)
             if not values or any(not isinstance(v, int) or v < 1 for v in values):
                 raise ValueError(f"grid {name} must be positive integers, got {values!r}")
-        unknown = set(self.phases) - {"prefill", "decode"}
+            # sorted and distinct: slopes and "largest" lookups rely on it
+            object.__setattr__(self, name, tuple(sorted(set(values))))
+        unknown = set(self.phases) - set(PHASES)
         if unknown or not self.phases:
-            raise ValueError(f"grid phases must be 'prefill' and/or 'decode', got {self.phases!r}")
+            raise ValueError(f"grid phases must be among {list(PHASES)}, got {self.phases!r}")
 
     def points(self) -> list[tuple[str, int, int]]:
         """Every (phase, batch, length) of the grid."""
@@ -57,10 +58,15 @@ class _Recorder:
         self.active = False
         self.calls: dict[str, list[tuple[torch.nn.Module, tuple]]] = defaultdict(list)
         self.hooks: dict[int, Any] = {}
+        self.first_graph = len(backend.compiled_group_graphs)
+
+    def graphs(self) -> list:
+        """The group graphs compiled since this recorder was made (this profile's model)."""
+        return backend.compiled_group_graphs[self.first_graph:]
 
     def attach(self) -> None:
-        """Hook every group of every graph the backend compiled so far."""
-        for graph in backend.compiled_group_graphs:
+        """Hook every group of every graph compiled for this profile."""
+        for graph in self.graphs():
             for group in graph.groups:
                 module = group.callable
                 if isinstance(module, torch.nn.Module) and id(module) not in self.hooks:
@@ -94,50 +100,48 @@ def profile(model: torch.nn.Module, grid: Grid = Grid(), *, granularity: str = "
     options = Options(granularity=granularity, lowering=lowering)
     compiled = torch.compile(module, backend=partial(backend.fxscale_backend, options=options))
     inputs = inputs_for(module)
+    limit = inputs.max_length()
+    if limit is not None and max(grid.lengths) + 1 > limit:
+        raise ValueError(f"grid lengths go up to {max(grid.lengths)}, but {type(module).__name__} "
+                         f"has {limit} positions (decode needs length + 1): lower the lengths")
     device = next(module.parameters()).device
     recorder = _Recorder()
+    from rich.progress import Progress  # imported here: `import fxscale` stays light
     generator = torch.Generator().manual_seed(seed)
     points: dict[str, list[ProfilePoint]] = defaultdict(list)
-    ids: dict[str, str] = {}
     try:
         with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task("profiling operator groups", total=len(grid.points()))
             for phase, batch, length in grid.points():
                 recorder.calls.clear()
+                # fresh inputs per call: a decode step appends to the cache it is given
+                compiled(**inputs.for_phase(phase, batch, length, generator))  # compiles
+                recorder.attach()
+                recorder.active = True
                 for _ in range(rotations):
-                    make = inputs.decode if phase == "decode" else inputs.prefill
-                    # fresh inputs per call: a decode step appends to the cache it is given
-                    _run_recorded(recorder, lambda: compiled(**make(batch, length, generator)))
+                    compiled(**inputs.for_phase(phase, batch, length, generator))
+                recorder.active = False
                 for name, calls in recorder.calls.items():
                     times = _time_group(calls, repeats, warmup, device)
                     points[name].append(ProfilePoint(
                         phase=phase, batch=batch, length=length,
                         median_s=statistics.median(times), p10_s=_quantile(times, 0.1),
                         p90_s=_quantile(times, 0.9), repeats=len(times)))
-                for graph in backend.compiled_group_graphs:
-                    ids.update({g.name: g.id for g in graph.groups})
                 bar.advance(task)
     finally:
         recorder.detach()  # even when a step fails: no hooks left behind
-    groups = [GroupProfile(group=ids.get(name, name), name=name, points=pts)
-              for name, pts in points.items()]
+    if not points:
+        raise RuntimeError(f"no operator group of {type(module).__name__} was recorded: the "
+                           "fxscale backend fell back to eager (see its warnings)")
+    known = {g.name: g for graph in recorder.graphs() for g in graph.groups}
+    groups = [GroupProfile(group=known[name].id, name=name, points=pts,
+                           stateful=known[name].stateful) for name, pts in points.items()]
     return Profile(model=type(module).__name__, granularity=granularity,
                    device=device_description(device), source="measured",
-                   dtype=str(next(module.parameters()).dtype).replace("torch.", ""),
+                   dtype=dtype_name(next(module.parameters()).dtype),
                    threads=torch.get_num_threads(), versions=library_versions(), groups=groups,
                    notes=[f"lowering={lowering}, repeats={repeats}, warmup={warmup}, "
                           f"rotations={rotations}, seed={seed}"])
-
-
-def _run_recorded(recorder: _Recorder, fn: Callable[[], Any]) -> Any:
-    """Run once to compile (hooks attach to new graphs), then run again recording inputs."""
-    fn()
-    recorder.attach()
-    recorder.active = True
-    try:
-        return fn()
-    finally:
-        recorder.active = False
 
 
 def _time_group(calls: list[tuple[torch.nn.Module, tuple]], repeats: int, warmup: int,
@@ -161,6 +165,18 @@ def _time_group(calls: list[tuple[torch.nn.Module, tuple]], repeats: int, warmup
             module(*args)
             times.append(time.perf_counter() - begin)
     return times
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+               torch.float64: "fp64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The device-model name of a torch dtype (fp32, bf16, ...)."""
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"no device-model rates for dtype {dtype}; use one of "
+                         f"{[str(d) for d in DTYPE_NAMES]}")
+    return DTYPE_NAMES[dtype]
 
 
 def _quantile(values: list[float], q: float) -> float:

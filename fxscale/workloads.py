@@ -18,6 +18,16 @@ class CausalLMInputs:
         ids = torch.randint(0, self.config.vocab_size, (batch, length), generator=generator)
         return ids.to(self.device)
 
+    def for_phase(self, phase: str, batch: int, length: int, generator: torch.Generator
+                  ) -> dict[str, Any]:
+        """Model inputs for one grid point of a phase."""
+        return (self.decode if phase == "decode" else self.prefill)(batch, length, generator)
+
+    def max_length(self) -> int | None:
+        """The longest sequence the model's position table allows, if it has one."""
+        cfg = self.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
     def prefill(self, batch: int, length: int, generator: torch.Generator) -> dict[str, Any]:
         """A batch of prompts, no cache kept."""
         return {"input_ids": self._ids(batch, length, generator), "use_cache": False}
@@ -58,6 +68,10 @@ class WhisperInputs(CausalLMInputs):
     def _kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
         cfg = self.config
         return batch, cfg.decoder_attention_heads, length, cfg.d_model // cfg.decoder_attention_heads
+
+    def max_length(self) -> int | None:
+        """Decoder positions available."""
+        return self.config.max_target_positions
 
     def _frames(self) -> int:
         return 2 * self.config.max_source_positions  # the conv stem halves the frames

@@ -150,7 +150,7 @@ def _is_view(t: torch.Tensor) -> bool:
 def _read_bytes(name: str, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> sympy.Expr:
     """Bytes a node reads: every input once; an embedding reads only the rows it gathers."""
     if name in C.EMBEDDING_OPS and len(ins) >= 2:
-        indices, _table = ins[0], ins[1]
+        indices = ins[0]
         gathered = sum((nbytes_expr(t) for t in outs), ZERO)
         return nbytes_expr(indices) + gathered
     return sum((nbytes_expr(t) for t in ins), ZERO)

@@ -65,7 +65,7 @@ class _GroupCompiler(SubmodCompiler):
         if key is not None and key in self.cache:
             source, compiled = self.cache[key]
             self.status[self.current] = f"inductor (shares code with {source})"
-            return _SharedGroup(compiled)
+            return _GroupModule(compiled)
         pristine = copy.deepcopy(input_mod)
         aot_count = counters["aot_autograd"]["total"]
         try:
@@ -81,12 +81,12 @@ class _GroupCompiler(SubmodCompiler):
             return pristine
         if key is not None:
             self.cache[key] = (self.current, compiled)
-        return compiled
+        return _GroupModule(compiled)
 
 
-class _SharedGroup(torch.nn.Module):
-    """A group that runs another group's compiled code: its own module, so per-group hooks
-    (profiling, metrics) see which group ran."""
+class _GroupModule(torch.nn.Module):
+    """One group's module around (possibly shared) compiled code: every group has its own,
+    so per-group hooks (profiling, metrics) see exactly which group ran."""
 
     def __init__(self, compiled: torch.nn.Module) -> None:
         super().__init__()

@@ -5,7 +5,9 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -92,10 +94,15 @@ def calibration(refresh: bool = False) -> dict:
         except (OSError, json.JSONDecodeError):
             pass  # unreadable cache: measure again and overwrite it
     result = measure()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp",
+                                         delete=False) as tmp:
+            tmp.write(json.dumps(result, indent=1))
+        os.replace(tmp.name, path)  # atomic: concurrent calibrations never see half a file
+    except OSError as err:
+        warnings.warn(f"fxscale: could not cache the CPU calibration at {path} ({err}); "
+                      "set FXSCALE_CACHE_DIR to a writable folder", stacklevel=2)
     return result
 
 

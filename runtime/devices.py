@@ -11,9 +11,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-DTYPE_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-
-
 @dataclass(frozen=True)
 class DeviceModel:
     """One device: peak rates per dtype (FLOP/s), memory bandwidth (B/s), capacity, power."""
@@ -63,11 +60,6 @@ class DeviceModel:
         """Arithmetic intensity (FLOP/B) where the roofline turns from memory- to compute-bound."""
         return (self.peak(dtype) * self.compute_efficiency) / (
             self.memory_bandwidth * self.memory_efficiency)
-
-    def energy_j(self, seconds: float, utilisation: float) -> float:
-        """Energy of running `seconds` at a utilisation in [0, 1] (linear idle-to-max power)."""
-        power = self.idle_power_w + (self.max_power_w - self.idle_power_w) * utilisation
-        return power * seconds
 
 
 def _ramp_time(work: float, rate: float, half_time: float) -> float:

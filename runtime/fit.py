@@ -75,6 +75,8 @@ def fit_group(group: GroupProfile, stateful: bool) -> dict:
         coef, knot = fit_points(pts, stateful)
         errors = []
         for i, held in enumerate(pts if len(pts) >= 4 else []):
+            if held.median_s <= 0:
+                continue  # a zero reading has no relative error
             train = pts[:i] + pts[i + 1:]
             c, k = fit_points(train, stateful)
             errors.append(abs(predict(c, k, held, stateful) - held.median_s) / held.median_s)
@@ -86,8 +88,8 @@ def fit_group(group: GroupProfile, stateful: bool) -> dict:
     return result
 
 
-def fit_profile(profile: Profile, stateful_groups: set[str]) -> Profile:
+def fit_profile(profile: Profile) -> Profile:
     """Attach a fitted model to every group of a profile (in place) and return it."""
     for group in profile.groups:
-        group.fit = fit_group(group, group.name in stateful_groups)
+        group.fit = fit_group(group, group.stateful)
     return profile

@@ -38,6 +38,7 @@ class GroupProfile:
     group: str
     name: str
     points: list[ProfilePoint]
+    stateful: bool = False
     fit: dict[str, Any] | None = None
 
     def at(self, phase: str, batch: int, length: int) -> ProfilePoint | None:
@@ -126,12 +127,24 @@ class Profile:
             fit = g.get("fit")
             if fit is not None:
                 check.kind(fit, dict, f"{at}fit")
+                check.kind(check.field(fit, "phases", dict, f"{at}fit."), dict, f"{at}fit.phases")
+            stateful = g.get("stateful", False)
+            check.kind(stateful, bool, f"{at}stateful")
             groups.append(GroupProfile(group=check.field(g, "group", str, at),
                                        name=check.field(g, "name", str, at), points=points,
-                                       fit=fit))
+                                       stateful=stateful, fit=fit))
         return cls(model=top["model"], granularity=top["granularity"], device=top["device"],
                    source=top["source"], dtype=top["dtype"], threads=top["threads"],
-                   versions=top["versions"], groups=groups, notes=list(data.get("notes", [])))
+                   versions=top["versions"], groups=groups, notes=_notes(data, check))
+
+
+def _notes(data: dict, check: _Checker) -> list[str]:
+    """The optional notes: a list of strings."""
+    notes = data.get("notes", [])
+    check.kind(notes, list, "field 'notes'")
+    for i, note in enumerate(notes):
+        check.kind(note, str, f"field 'notes[{i}]'")
+    return notes
 
 
 class _Checker:
@@ -141,11 +154,13 @@ class _Checker:
         self.where = where
 
     def kind(self, value: Any, kind: type | tuple, path: str) -> None:
+        """Raise unless value has the JSON type `kind`."""
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise ValueError(f"{self.where}: {path} must be a JSON "
                              f"{getattr(kind, '__name__', 'number')}, got {type(value).__name__}")
 
     def field(self, data: dict, name: str, kind: type | tuple, prefix: str) -> Any:
+        """The value of a required field of type `kind`."""
         if name not in data:
             raise ValueError(f"{self.where}: missing field '{prefix}{name}'")
         value = data[name]

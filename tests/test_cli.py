@@ -41,3 +41,25 @@ def test_bad_arguments_exit_2(capsys):
     assert info.value.code == 2
     assert "positive integer" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_profile_prints_fit_and_analytic_tables(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    code = main(["profile", "--model", "llama", "--layers", "1", "--hidden", "64",
+                 "--batches", "1,2", "--lengths", "8,16", "--lowering", "eager",
+                 "--repeats", "3", "--min-ms", "0.001", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "held-out MAPE" in text and "Analytic CPU model" in text
+    from fxscale.runtime.profile import Profile
+
+    assert any(g.fit for g in Profile.from_json(out).groups)
+
+
+@pytest.mark.parametrize("flag,value,message", [("--min-ms", "0", "must be positive"),
+                                                ("--phases", "train", "phases are"),
+                                                ("--lengths", "8,x", "comma-separated")])
+def test_profile_rejects_bad_flags(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as info:
+        main(["profile", flag, value])
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -37,6 +37,21 @@ def test_profile_covers_every_group_and_point(measured):
     assert {"torch", "fxscale", "transformers"} <= set(measured.versions)
 
 
+def test_stateful_groups_are_marked(measured):
+    assert [g.stateful for g in measured.groups] == ["attention" in g.name for g in measured.groups]
+
+
+def test_grid_is_sorted_and_checked():
+    grid = Grid(batches=(4, 1, 4), lengths=(64, 16))
+    assert grid.batches == (1, 4) and grid.lengths == (16, 64)
+    with pytest.raises(ValueError, match="grid phases"):
+        Grid(phases=("training",))
+    entry = zoo.build("gpt2", layers=1)  # 512 positions
+    with pytest.raises(ValueError, match="grid lengths go up to 512.*lower the lengths"):
+        profile(entry.model, Grid(batches=(1,), lengths=(512,)), lowering="eager",
+                progress=False)
+
+
 def test_profile_json_round_trip(measured, tmp_path):
     path = tmp_path / "profile.json"
     measured.to_json(path)
@@ -150,7 +165,7 @@ def test_fit_recovers_an_exact_model():
     coef, knot = fit_points(points, stateful=True)
     assert [coef[0], coef[1] + (coef[2] if knot < 16 else 0), coef[3]] == pytest.approx(
         [2e-5, 1e-7, 3e-10], rel=1e-4)
-    fit = fit_group(GroupProfile("g", "attention", points), stateful=True)
+    fit = fit_group(GroupProfile("g", "attention", points, stateful=True), stateful=True)
     assert fit["phases"]["prefill"]["heldout_mape"] < 1e-4
     assert predict(coef, knot, points[0], True) == pytest.approx(points[0].median_s)
     assert not math.isnan(fit["phases"]["prefill"]["median_latency_s"])
