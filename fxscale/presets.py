@@ -1,0 +1,89 @@
+"""Model presets from public configs, analysed on the meta device and cached as JSON.
+
+`preset_graph("llama-2-70b")` builds the model from its published config on the meta device
+(no weights), runs `fxscale.explain` on it (the same path users get) and caches the
+GroupGraph JSON, so the planner and simulator can read it without torch.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .group_graph import GroupGraph
+
+# Published configs (Hugging Face config.json of each model), fields that shape the graph.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-2-7b": ("LlamaForCausalLM", dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+        max_position_embeddings=4096)),
+    "llama-2-13b": ("LlamaForCausalLM", dict(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
+        max_position_embeddings=4096)),
+    "llama-2-70b": ("LlamaForCausalLM", dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+        max_position_embeddings=4096)),
+    "llama-3-8b": ("LlamaForCausalLM", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=8192, rope_theta=500000.0)),
+    "llama-3-70b": ("LlamaForCausalLM", dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=8192, rope_theta=500000.0)),
+    "mixtral-8x7b": ("MixtralForCausalLM", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+        num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=32768)),
+    "qwen2-7b": ("Qwen2ForCausalLM", dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+        max_position_embeddings=32768)),
+    "qwen2-57b-a14b": ("Qwen2MoeForCausalLM", dict(
+        hidden_size=3584, intermediate_size=18944, moe_intermediate_size=2560,
+        shared_expert_intermediate_size=20480, num_experts=64, num_experts_per_tok=8,
+        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        vocab_size=151936, max_position_embeddings=32768)),
+}
+
+
+def cache_dir() -> Path:
+    """Where analysed presets are cached ($FXSCALE_CACHE_DIR/presets, else ~/.cache/fxscale)."""
+    root = os.environ.get("FXSCALE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fxscale")
+    return Path(root) / "presets"
+
+
+def preset_model(name: str, layers: int | None = None) -> torch.nn.Module:
+    """The preset's model on the meta device in bf16 (optionally with fewer layers)."""
+    import transformers
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    class_name, fields = PRESETS[name]
+    model_class = getattr(transformers, class_name)
+    config = model_class.config_class(**{**fields, **(
+        {"num_hidden_layers": layers} if layers else {})})
+    with torch.device("meta"):
+        return model_class(config).to(torch.bfloat16).eval()
+
+
+def preset_graph(name: str, layers: int | None = None, refresh: bool = False) -> GroupGraph:
+    """The operator groups of a preset (cached JSON; analysed on first use)."""
+    path = cache_dir() / f"{name}{f'-{layers}l' if layers else ''}.json"
+    if path.exists() and not refresh:
+        return GroupGraph.from_json(path)
+    from .explain import explain
+
+    model = preset_model(name, layers)
+    ids = torch.zeros(1, 128, dtype=torch.long, device="meta")
+    graph = explain(model, ids)
+    graph.model = name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    graph.to_json(path)
+    return graph

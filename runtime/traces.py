@@ -1,0 +1,190 @@
+"""Request traces: arrival time, prompt tokens and output tokens per request.
+
+Loads the traces shipped with the package by name (`azure-conv`, `azure-code`,
+`mooncake-conversation`, `mooncake-synthetic`; sources and licences in trace_data/README.md)
+or a file in a supported format: Azure LLM inference CSV (`TIMESTAMP,ContextTokens,
+GeneratedTokens`, 2023 and 2024 timestamp styles) or Mooncake JSONL (`timestamp` in ms,
+`input_length`, `output_length`). A malformed file raises TraceError naming file, line and
+field. Pure Python: the planner and simulator use it without torch.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import statistics
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+SHIPPED = {
+    "azure-conv": ("azure_conv.csv", "Azure LLM inference trace 2023, conversation "
+                   "(Patel et al., Splitwise, ISCA 2024; CC-BY 4.0)"),
+    "azure-code": ("azure_code.csv", "Azure LLM inference trace 2023, code "
+                   "(Patel et al., Splitwise, ISCA 2024; CC-BY 4.0)"),
+    "mooncake-conversation": ("mooncake_conversation.jsonl", "Mooncake FAST'25 conversation "
+                              "trace (Kimi; Apache-2.0)"),
+    "mooncake-synthetic": ("mooncake_synthetic.jsonl", "Mooncake FAST'25 synthetic trace "
+                           "(Apache-2.0)"),
+}
+AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+_LONG_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be read: says which file, line and field."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of a trace."""
+
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass
+class Trace:
+    """Requests in arrival order, with where they came from."""
+
+    name: str
+    source: str
+    requests: list[Request]
+
+    def duration_s(self) -> float:
+        """Time from the first to the last arrival."""
+        return self.requests[-1].arrival_s - self.requests[0].arrival_s if self.requests else 0.0
+
+    def rate(self) -> float:
+        """Mean arrival rate (requests per second)."""
+        duration = self.duration_s()
+        return (len(self.requests) - 1) / duration if duration > 0 else 0.0
+
+    def window(self, start_s: float = 0.0, duration_s: float | None = None) -> Trace:
+        """The requests arriving in [start, start + duration), arrivals re-based to 0."""
+        if start_s < 0 or (duration_s is not None and duration_s <= 0):
+            raise ValueError(f"window start must be >= 0 and duration > 0, got start={start_s}, "
+                             f"duration={duration_s}")
+        end = float("inf") if duration_s is None else start_s + duration_s
+        kept = [r for r in self.requests if start_s <= r.arrival_s < end]
+        return Trace(f"{self.name}[{start_s:g}s+{duration_s if duration_s else 'end'}]",
+                     self.source, [Request(r.arrival_s - start_s, r.prompt_tokens,
+                                           r.output_tokens) for r in kept])
+
+    def scaled(self, rate_factor: float) -> Trace:
+        """The same requests arriving `rate_factor` times as fast (arrival times divided)."""
+        if not rate_factor > 0:
+            raise ValueError(f"rate factor must be positive, got {rate_factor}")
+        return Trace(f"{self.name}x{rate_factor:g}", self.source,
+                     [Request(r.arrival_s / rate_factor, r.prompt_tokens, r.output_tokens)
+                      for r in self.requests])
+
+    def summary(self) -> dict[str, float]:
+        """Count, duration, rate and token statistics."""
+        prompts = [r.prompt_tokens for r in self.requests]
+        outputs = [r.output_tokens for r in self.requests]
+        return {"requests": len(self.requests), "duration_s": self.duration_s(),
+                "rate_rps": self.rate(),
+                "prompt_mean": statistics.fmean(prompts) if prompts else 0.0,
+                "prompt_p50": statistics.median(prompts) if prompts else 0.0,
+                "output_mean": statistics.fmean(outputs) if outputs else 0.0,
+                "output_p50": statistics.median(outputs) if outputs else 0.0}
+
+
+def load_trace(name_or_path: str | Path, start_s: float = 0.0, duration_s: float | None = None,
+               rate_scale: float = 1.0) -> Trace:
+    """A shipped trace by name, or a trace file, optionally windowed and rate-scaled."""
+    text_name = str(name_or_path)
+    if text_name in SHIPPED:
+        filename, source = SHIPPED[text_name]
+        where = f"{text_name} ({filename})"
+        text = resources.files("fxscale.runtime").joinpath("trace_data", filename).read_text()
+        name = text_name
+    else:
+        path = Path(name_or_path)
+        if not path.exists():
+            raise FileNotFoundError(f"no trace {text_name!r}: not a shipped name "
+                                    f"({', '.join(SHIPPED)}) and no such file")
+        where, text, name, source = str(path), path.read_text(), path.stem, str(path)
+        filename = path.name
+    if filename.endswith(".csv"):
+        requests = parse_azure_csv(text, where)
+    elif filename.endswith((".jsonl", ".json")):
+        requests = parse_mooncake_jsonl(text.splitlines(), where)
+    else:
+        raise TraceError(f"{where}: unknown trace format; expected an Azure LLM .csv or a "
+                         "Mooncake .jsonl file")
+    if not requests:
+        raise TraceError(f"{where}: the trace has no requests")
+    trace = Trace(name, source, requests)
+    if start_s or duration_s is not None:
+        trace = trace.window(start_s, duration_s)
+    return trace.scaled(rate_scale) if rate_scale != 1.0 else trace
+
+
+def _count(value: str | int, where: str, line: int, field: str, minimum: int) -> int:
+    """A token count field as an int >= minimum, or a TraceError naming it."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise TraceError(f"{where}:{line}: field {field!r} is not an integer: {value!r}") from None
+    if number < minimum:
+        raise TraceError(f"{where}:{line}: field {field!r} must be >= {minimum}, got {number}")
+    return number
+
+
+def parse_azure_csv(text: str, where: str) -> list[Request]:
+    """Requests of an Azure LLM inference trace (CSV with a header line)."""
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in AZURE_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise TraceError(f"{where}:1: missing column(s) {missing}; an Azure LLM trace has "
+                         f"{list(AZURE_COLUMNS)}")
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        stamp = row["TIMESTAMP"] or ""
+        try:
+            moment = datetime.fromisoformat(_LONG_FRACTION.sub(r"\1", stamp.strip()))
+        except ValueError:
+            raise TraceError(f"{where}:{line}: field 'TIMESTAMP' is not a timestamp: "
+                             f"{stamp!r}") from None
+        rows.append((moment, _count(row["ContextTokens"], where, line, "ContextTokens", 1),
+                     _count(row["GeneratedTokens"], where, line, "GeneratedTokens", 0)))
+    return _relative(rows, lambda first, moment: (moment - first).total_seconds())
+
+
+def parse_mooncake_jsonl(lines: Iterable[str], where: str) -> list[Request]:
+    """Requests of a Mooncake trace (one JSON object per line, timestamp in ms)."""
+    rows = []
+    for line, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TraceError(f"{where}:{line}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise TraceError(f"{where}:{line}: expected a JSON object")
+        for field in ("timestamp", "input_length", "output_length"):
+            if field not in record:
+                raise TraceError(f"{where}:{line}: missing field {field!r}")
+        stamp = record["timestamp"]
+        if not isinstance(stamp, (int, float)) or isinstance(stamp, bool) or stamp < 0:
+            raise TraceError(f"{where}:{line}: field 'timestamp' must be milliseconds >= 0, "
+                             f"got {stamp!r}")
+        rows.append((stamp / 1e3, _count(record["input_length"], where, line, "input_length", 1),
+                     _count(record["output_length"], where, line, "output_length", 0)))
+    return _relative(rows, lambda first, moment: moment - first)
+
+
+def _relative(rows: list, offset) -> list[Request]:
+    """Requests sorted by arrival, with arrivals measured from the first one."""
+    if not rows:
+        return []
+    rows.sort(key=lambda r: r[0])
+    first = rows[0][0]
+    return [Request(offset(first, moment), prompt, output) for moment, prompt, output in rows]

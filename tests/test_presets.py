@@ -1,0 +1,36 @@
+"""Model presets: published configs analysed on the meta device, cached as JSON."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from fxscale.presets import PRESETS, preset_graph, preset_model
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_analyses_on_meta(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path))
+    graph = preset_graph(name, layers=2)
+    model = preset_model(name, layers=2)
+    assert next(model.parameters()).is_meta
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert sum(g.param_bytes for g in graph.groups) >= params  # tied weights count per use
+    per_layer = [g for g in graph.groups if g.layer and g.layer.endswith(".0")]
+    assert sum(g.stateful for g in per_layer) == 1
+    if "mixtral" in name or "a14b" in name:
+        assert {"moe-routing", "moe-expert"} <= {g.classes[0] for g in per_layer}
+    assert (tmp_path / "presets" / f"{name}-2l.json").exists()
+
+
+def test_preset_cache_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path))
+    first = preset_graph("llama-2-7b", layers=1)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached preset must not be analysed again")
+
+    monkeypatch.setattr(sys.modules["fxscale.explain"], "explain", fail)
+    assert preset_graph("llama-2-7b", layers=1) == first
+    with pytest.raises(ValueError, match="unknown model preset 'gpt-5'"):
+        preset_model("gpt-5")

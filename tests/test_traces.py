@@ -1,0 +1,77 @@
+"""Request traces: shipped copies load with their published statistics; bad files say where."""
+from __future__ import annotations
+
+import pytest
+
+from fxscale.runtime.traces import SHIPPED, TraceError, load_trace
+
+
+@pytest.mark.parametrize("name,count,minutes,prompt_mean,output_mean", [
+    ("azure-conv", 19366, 58.4, 1155, 211),
+    ("azure-code", 8819, 57.3, 2048, 28),
+    ("mooncake-conversation", 12031, 3537 / 60, 12035, 343),
+    ("mooncake-synthetic", 3993, 1022 / 60, 15325, 149),
+])
+def test_shipped_traces_match_their_published_statistics(name, count, minutes, prompt_mean,
+                                                          output_mean):
+    trace = load_trace(name)
+    summary = trace.summary()
+    assert summary["requests"] == count
+    assert summary["duration_s"] / 60 == pytest.approx(minutes, abs=0.1)
+    assert summary["prompt_mean"] == pytest.approx(prompt_mean, abs=1)
+    assert summary["output_mean"] == pytest.approx(output_mean, abs=1)
+    arrivals = [r.arrival_s for r in trace.requests]
+    assert arrivals[0] == 0 and arrivals == sorted(arrivals)
+    assert name in SHIPPED and ("Apache" in trace.source or "CC-BY" in trace.source)
+
+
+def test_window_and_rate_scaling():
+    trace = load_trace("azure-conv")
+    window = trace.window(600, 60)
+    assert window.requests and all(0 <= r.arrival_s < 60 for r in window.requests)
+    expected = [r for r in trace.requests if 600 <= r.arrival_s < 660]
+    assert [r.prompt_tokens for r in window.requests] == [r.prompt_tokens for r in expected]
+    fast = window.scaled(4)
+    assert fast.duration_s() == pytest.approx(window.duration_s() / 4)
+    assert fast.rate() == pytest.approx(window.rate() * 4)
+    same = load_trace("azure-conv", start_s=600, duration_s=60, rate_scale=4)
+    assert same.requests == fast.requests
+    with pytest.raises(ValueError, match="rate factor must be positive"):
+        trace.scaled(0)
+
+
+def test_files_in_both_formats(tmp_path):
+    csv_path = tmp_path / "week.csv"
+    csv_path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                        "2024-05-10 00:00:01.500000+00:00,100,7\n"
+                        "2024-05-10 00:00:00.009930+00:00,50,3\n")
+    trace = load_trace(csv_path)
+    assert [(r.arrival_s, r.prompt_tokens) for r in trace.requests] == [
+        (0.0, 50), (pytest.approx(1.49007), 100)]
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"timestamp": 1000, "input_length": 5, "output_length": 2}\n\n'
+                     '{"timestamp": 3500, "input_length": 9, "output_length": 1}\n')
+    assert [r.arrival_s for r in load_trace(jsonl).requests] == [0.0, 2.5]
+
+
+@pytest.mark.parametrize("filename,content,message", [
+    ("a.csv", "TIMESTAMP,ContextTokens\n2023-11-16 18:00:00,5\n", r"a.csv:1: missing column\(s\) \['GeneratedTokens'\]"),
+    ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00,5,1\nyesterday,5,1\n", r"a.csv:3: field 'TIMESTAMP' is not a timestamp"),
+    ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00,-5,1\n", r"a.csv:2: field 'ContextTokens' must be >= 1"),
+    ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00,5,many\n", r"a.csv:2: field 'GeneratedTokens' is not an integer"),
+    ("b.jsonl", '{"timestamp": 0, "input_length": 5}\n', r"b.jsonl:1: missing field 'output_length'"),
+    ("b.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 1}\n{oops\n', r"b.jsonl:2: not valid JSON"),
+    ("b.jsonl", '{"timestamp": -1, "input_length": 5, "output_length": 1}\n', r"b.jsonl:1: field 'timestamp' must be milliseconds"),
+    ("c.txt", "anything", r"c.txt: unknown trace format"),
+    ("d.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n", r"d.csv: the trace has no requests"),
+])
+def test_malformed_files_name_file_line_and_field(tmp_path, filename, content, message):
+    path = tmp_path / filename
+    path.write_text(content)
+    with pytest.raises(TraceError, match=message):
+        load_trace(path)
+
+
+def test_unknown_name_lists_the_shipped_traces():
+    with pytest.raises(FileNotFoundError, match="azure-conv"):
+        load_trace("azure-conversation")
