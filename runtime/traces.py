@@ -1,7 +1,8 @@
 """Request traces: arrival time, prompt tokens and output tokens per request.
 
 Loads the traces shipped with the package by name (`azure-conv`, `azure-code`,
-`mooncake-conversation`, `mooncake-synthetic`; sources and licences in trace_data/README.md)
+`mooncake-conversation`, `mooncake-synthetic`, and `servegen-mm-image`, sampled from
+ServeGen's distributions; sources and licences in trace_data/README.md)
 or a file in a supported format: Azure LLM inference CSV (`TIMESTAMP,ContextTokens,
 GeneratedTokens`, 2023 and 2024 timestamp styles) or Mooncake JSONL (`timestamp` in ms,
 `input_length`, `output_length`). A malformed file raises TraceError naming file, line and
@@ -30,6 +31,8 @@ SHIPPED = {
     "mooncake-synthetic": ("mooncake_synthetic.jsonl", "Mooncake FAST'25 synthetic trace "
                            "(Apache-2.0)"),
 }
+# Sampled from published distributions rather than read (runtime/servegen.py).
+SERVEGEN = "servegen-mm-image"
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 _LONG_FRACTION = re.compile(r"(\.\d{6})\d+")
 
@@ -99,6 +102,11 @@ def load_trace(name_or_path: str | Path, start_s: float = 0.0, duration_s: float
                rate_scale: float = 1.0) -> Trace:
     """A shipped trace by name, or a trace file, optionally windowed and rate-scaled."""
     text_name = str(name_or_path)
+    if text_name == SERVEGEN:
+        from .servegen import servegen_trace
+
+        trace = servegen_trace(start_s, duration_s or 3600.0)
+        return trace.scaled(rate_scale) if rate_scale != 1.0 else trace
     if text_name in SHIPPED:
         filename, source = SHIPPED[text_name]
         where = f"{text_name} ({filename})"
@@ -108,7 +116,7 @@ def load_trace(name_or_path: str | Path, start_s: float = 0.0, duration_s: float
         path = Path(name_or_path)
         if not path.exists():
             raise FileNotFoundError(f"no trace {text_name!r}: not a shipped name "
-                                    f"({', '.join(SHIPPED)}) and no such file")
+                                    f"({', '.join([*SHIPPED, SERVEGEN])}) and no such file")
         where, text, name, source = str(path), path.read_text(), path.stem, str(path)
         filename = path.name
     if filename.endswith(".csv"):

@@ -75,3 +75,35 @@ def test_malformed_files_name_file_line_and_field(tmp_path, filename, content, m
 def test_unknown_name_lists_the_shipped_traces():
     with pytest.raises(FileNotFoundError, match="azure-conv"):
         load_trace("azure-conversation")
+
+
+def test_servegen_sample_follows_the_published_rates_and_sizes():
+    import csv
+
+    from fxscale.runtime import servegen
+
+    trace = load_trace("servegen-mm-image", start_s=43200, duration_s=1800)
+    again = load_trace("servegen-mm-image", start_s=43200, duration_s=1800)
+    assert trace.requests == again.requests  # seeded
+    assert trace.requests and all(0 <= r.arrival_s < 1800 for r in trace.requests)
+    expected = 0.0
+    folder = servegen._files()
+    for client in servegen.clients():
+        rows = csv.reader(folder.joinpath(f"chunk-{client}-trace.csv").read_text().splitlines())
+        expected += sum(float(r[1]) * 600 for r in rows
+                        if r[3] and 43200 <= float(r[0]) < 45000)
+    assert len(trace.requests) == pytest.approx(expected, rel=0.1)
+    assert all(r.prompt_tokens >= 1 and r.output_tokens >= 0 for r in trace.requests)
+
+
+def test_servegen_bad_inputs():
+    import random
+
+    from fxscale.runtime import servegen
+
+    with pytest.raises(TraceError, match="unknown inter-arrival distribution 'Pareto'"):
+        servegen._gap_sampler("Pareto", 1.0, 1.0, 1.0, random.Random(0), "x.csv:3")
+    with pytest.raises(TraceError, match="not a PMF"):
+        servegen._pmf("{1: oops", "x.json")
+    with pytest.raises(ValueError, match="duration > 0"):
+        servegen.servegen_trace(duration_s=0)
