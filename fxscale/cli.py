@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per command."""
     from . import __version__
+    from .presets import PRESETS
     from .zoo import NAMES
 
     parser = argparse.ArgumentParser(prog="fxscale", description=__doc__)
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--granularity", choices=GRANULARITIES, default="operator")
     explain.add_argument("--meta", action="store_true", help="build the model on the meta device")
     explain.add_argument("--json", metavar="PATH", help="write the GroupGraph as JSON ('-': stdout)")
+    explain.add_argument("--preset", choices=sorted(PRESETS),
+                         help="instead of a zoo model: a published model config, analysed on the "
+                              "meta device (all its layers) and cached")
     explain.set_defaults(run=_explain)
     prof = sub.add_parser("profile", help="measure every operator group over a (phase, batch, "
                                           "length) grid, fit a latency model, compare with the "
@@ -168,12 +172,19 @@ def _explain(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from . import explain, zoo
+    from .presets import preset_graph
 
-    entry = zoo.build(args.model, batch=args.batch, length=args.length, layers=args.layers,
-                      hidden=args.hidden, device="meta" if args.meta else "cpu")
-    with Console(stderr=True).status(f"capturing and grouping {args.model} "
-                                     f"({args.layers} layers)..."):
-        graph = explain(entry.model, *entry.args, granularity=args.granularity, **entry.kwargs)
+    status = Console(stderr=True).status(f"capturing and grouping "
+                                         f"{args.preset or args.model}...")
+    with status:
+        if args.preset:
+            graph = preset_graph(args.preset)
+        else:
+            entry = zoo.build(args.model, batch=args.batch, length=args.length,
+                              layers=args.layers, hidden=args.hidden,
+                              device="meta" if args.meta else "cpu")
+            graph = explain(entry.model, *entry.args, granularity=args.granularity,
+                            **entry.kwargs)
     if args.json == "-":
         json.dump(graph.to_dict(), sys.stdout, indent=1)
         return 0

@@ -6,13 +6,14 @@ GroupGraph JSON, so the planner and simulator can read it without torch.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .group_graph import GroupGraph
+from .group_graph import SCHEMA_VERSION, GroupGraph
 
 # Published configs (Hugging Face config.json of each model), fields that shape the graph.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -59,12 +60,18 @@ def cache_dir() -> Path:
     return Path(root) / "presets"
 
 
-def preset_model(name: str, layers: int | None = None) -> torch.nn.Module:
-    """The preset's model on the meta device in bf16 (optionally with fewer layers)."""
-    import transformers
-
+def _check(name: str) -> None:
+    """Raise a ValueError listing the presets when `name` is not one."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+
+
+def preset_model(name: str, layers: int | None = None):
+    """The preset's model on the meta device in bf16 (optionally with fewer layers)."""
+    import torch
+    import transformers
+
+    _check(name)
     class_name, fields = PRESETS[name]
     model_class = getattr(transformers, class_name)
     config = model_class.config_class(**{**fields, **(
@@ -74,16 +81,30 @@ def preset_model(name: str, layers: int | None = None) -> torch.nn.Module:
 
 
 def preset_graph(name: str, layers: int | None = None, refresh: bool = False) -> GroupGraph:
-    """The operator groups of a preset (cached JSON; analysed on first use)."""
-    path = cache_dir() / f"{name}{f'-{layers}l' if layers else ''}.json"
+    """The operator groups of a preset (cached JSON; analysed on first use).
+
+    The cache key holds the GroupGraph schema, the fxscale version and a hash of the config,
+    so a changed preset or analysis is never read from a stale file."""
+    _check(name)
+    from . import __version__
+
+    digest = hashlib.sha256(json.dumps([PRESETS[name], SCHEMA_VERSION, __version__],
+                                       sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / f"{name}{f'-{layers}l' if layers else ''}-{digest}.json"
     if path.exists() and not refresh:
-        return GroupGraph.from_json(path)
+        try:
+            return GroupGraph.from_json(path)
+        except (OSError, ValueError):
+            pass  # unreadable cache entry: analyse again and overwrite it
+    import torch
+
     from .explain import explain
 
-    model = preset_model(name, layers)
-    ids = torch.zeros(1, 128, dtype=torch.long, device="meta")
-    graph = explain(model, ids)
+    graph = explain(preset_model(name, layers),
+                    torch.zeros(1, 128, dtype=torch.long, device="meta"))
     graph.model = name
     path.parent.mkdir(parents=True, exist_ok=True)
-    graph.to_json(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp.write(graph.to_json())
+    os.replace(tmp.name, path)  # atomic: a concurrent reader never sees half a file
     return graph

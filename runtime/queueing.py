@@ -55,8 +55,11 @@ def erlang_c_wait(servers: int, arrival_rate: float, service_rate: float,
 def replicas_for_wait(arrival_rate: float, service_rate: float, wait_budget_s: float,
                       percentile: float | None = None, limit: int = 100_000) -> int:
     """The fewest replicas whose waiting time (mean or percentile) stays within the budget."""
-    if wait_budget_s < 0:
-        raise ValueError(f"wait budget must be >= 0, got {wait_budget_s}")
+    if service_rate <= 0:
+        raise ValueError(f"service rate must be positive, got {service_rate}")
+    if wait_budget_s < 0 or (percentile is None and wait_budget_s == 0):
+        raise ValueError(f"wait budget must be >= 0 (> 0 for a mean wait, which is never 0), "
+                         f"got {wait_budget_s}")
     if arrival_rate <= 0:
         return 1
     servers = max(1, math.floor(arrival_rate / service_rate) + 1)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import statistics
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -34,7 +35,7 @@ SHIPPED = {
 # Sampled from published distributions rather than read (runtime/servegen.py).
 SERVEGEN = "servegen-mm-image"
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
-_LONG_FRACTION = re.compile(r"(\.\d{6})\d+")
+_FRACTION = re.compile(r"\.(\d+)")
 
 
 class TraceError(ValueError):
@@ -99,13 +100,16 @@ class Trace:
 
 
 def load_trace(name_or_path: str | Path, start_s: float = 0.0, duration_s: float | None = None,
-               rate_scale: float = 1.0) -> Trace:
-    """A shipped trace by name, or a trace file, optionally windowed and rate-scaled."""
+               rate_scale: float = 1.0, seed: int = 0) -> Trace:
+    """A shipped trace by name, or a trace file, optionally windowed and rate-scaled
+    (`seed` draws the sampled ServeGen trace)."""
     text_name = str(name_or_path)
     if text_name == SERVEGEN:
         from .servegen import servegen_trace
 
-        trace = servegen_trace(start_s, duration_s or 3600.0)
+        trace = servegen_trace(start_s, 3600.0 if duration_s is None else duration_s, seed)
+        if not trace.requests:
+            raise TraceError(f"{SERVEGEN}: no requests in [{start_s}, {start_s} + duration)")
         return trace.scaled(rate_scale) if rate_scale != 1.0 else trace
     if text_name in SHIPPED:
         filename, source = SHIPPED[text_name]
@@ -134,11 +138,18 @@ def load_trace(name_or_path: str | Path, start_s: float = 0.0, duration_s: float
     return trace.scaled(rate_scale) if rate_scale != 1.0 else trace
 
 
+def _six_digit_fraction(stamp: str) -> str:
+    """A timestamp with exactly six fractional digits (what datetime.fromisoformat accepts)."""
+    return _FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), stamp, count=1)
+
+
 def _count(value: str | int, where: str, line: int, field: str, minimum: int) -> int:
     """A token count field as an int >= minimum, or a TraceError naming it."""
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise TraceError(f"{where}:{line}: field {field!r} is not an integer: {value!r}")
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TraceError(f"{where}:{line}: field {field!r} is not an integer: {value!r}") from None
     if number < minimum:
         raise TraceError(f"{where}:{line}: field {field!r} must be >= {minimum}, got {number}")
@@ -153,13 +164,16 @@ def parse_azure_csv(text: str, where: str) -> list[Request]:
         raise TraceError(f"{where}:1: missing column(s) {missing}; an Azure LLM trace has "
                          f"{list(AZURE_COLUMNS)}")
     rows = []
-    for line, row in enumerate(reader, start=2):
+    for row in reader:
+        line = reader.line_num
         stamp = row["TIMESTAMP"] or ""
         try:
-            moment = datetime.fromisoformat(_LONG_FRACTION.sub(r"\1", stamp.strip()))
+            moment = datetime.fromisoformat(_six_digit_fraction(stamp.strip()))
         except ValueError:
             raise TraceError(f"{where}:{line}: field 'TIMESTAMP' is not a timestamp: "
                              f"{stamp!r}") from None
+        if moment.tzinfo is None:  # 2023 files are naive, 2024 files carry +00:00: both UTC
+            moment = moment.replace(tzinfo=timezone.utc)
         rows.append((moment, _count(row["ContextTokens"], where, line, "ContextTokens", 1),
                      _count(row["GeneratedTokens"], where, line, "GeneratedTokens", 0)))
     return _relative(rows, lambda first, moment: (moment - first).total_seconds())
@@ -181,7 +195,8 @@ def parse_mooncake_jsonl(lines: Iterable[str], where: str) -> list[Request]:
             if field not in record:
                 raise TraceError(f"{where}:{line}: missing field {field!r}")
         stamp = record["timestamp"]
-        if not isinstance(stamp, (int, float)) or isinstance(stamp, bool) or stamp < 0:
+        if not isinstance(stamp, (int, float)) or isinstance(stamp, bool) or \
+                not math.isfinite(stamp) or stamp < 0:
             raise TraceError(f"{where}:{line}: field 'timestamp' must be milliseconds >= 0, "
                              f"got {stamp!r}")
         rows.append((stamp / 1e3, _count(record["input_length"], where, line, "input_length", 1),

@@ -63,3 +63,11 @@ def test_profile_rejects_bad_flags(capsys, flag, value, message):
     with pytest.raises(SystemExit) as info:
         main(["profile", flag, value])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_explain_preset(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path))
+    assert main(["explain", "--preset", "llama-2-7b", "--json", "-"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == "llama-2-7b" and len(data["groups"]) == 3 * 32 + 2
+    assert list((tmp_path / "presets").glob("llama-2-7b-*.json"))
