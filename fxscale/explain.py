@@ -62,7 +62,13 @@ def _on_meta(module: torch.nn.Module) -> bool:
 
 
 def _mark_token_dims(value: Any) -> None:
-    """Mark batch (dim 0) and, for token-shaped inputs, length (dim 1) as dynamic if possible."""
+    """Mark batch (dim 0) and, for token-shaped inputs, length (dim 1) as dynamic if possible;
+    in a Hugging Face KV cache, batch and cached tokens (dim 2) of every layer's K and V."""
+    for layer in getattr(value, "layers", None) or []:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                torch._dynamo.maybe_mark_dynamic(tensor, 2)
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return
     torch._dynamo.maybe_mark_dynamic(value, 0)

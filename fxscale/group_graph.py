@@ -69,31 +69,31 @@ class GroupGraph:
     module: Any = field(default=None, repr=False, compare=False)
 
     # ---- evaluation -------------------------------------------------------------------
-    def env(self, batch: int | None = None, length: int | None = None, **symbols: int
-            ) -> dict[str, int]:
-        """Values for every shape symbol: batch/length where given, example values elsewhere."""
+    def env(self, batch: int | None = None, length: int | None = None,
+            context: int | None = None, **symbols: int) -> dict[str, int]:
+        """Values for every shape symbol: batch, length (new tokens) and context (tokens
+        already in the KV cache) where given, example values elsewhere."""
+        given = {"batch": batch, "length": length, "context": context}
         values = {name: info["example"] for name, info in self.symbols.items()}
         for name, info in self.symbols.items():
-            if info["role"] == "batch" and batch is not None:
-                values[name] = batch
-            if info["role"] == "length" and length is not None:
-                values[name] = length
+            if given.get(info["role"]) is not None:
+                values[name] = given[info["role"]]
         values.update(symbols)
         return values
 
     def cost(self, group: Group | str, what: str, batch: int | None = None,
-             length: int | None = None, **symbols: int) -> float:
-        """One cost of a group (flops, bytes_read, ...) at the given batch and length."""
+             length: int | None = None, context: int | None = None, **symbols: int) -> float:
+        """One cost of a group (flops, bytes_read, ...) at the given batch, length, context."""
         g = self.group(group) if isinstance(group, str) else group
         if what not in COST_FIELDS:
             raise ValueError(f"unknown cost {what!r}; choose one of {list(COST_FIELDS)}")
-        return evaluate(getattr(g, what), self.env(batch, length, **symbols))
+        return evaluate(getattr(g, what), self.env(batch, length, context, **symbols))
 
     def bytes_moved(self, group: Group | str, batch: int | None = None,
-                    length: int | None = None) -> float:
+                    length: int | None = None, context: int | None = None) -> float:
         """Bytes a group reads plus bytes it writes."""
-        return (self.cost(group, "bytes_read", batch, length)
-                + self.cost(group, "bytes_written", batch, length))
+        return (self.cost(group, "bytes_read", batch, length, context)
+                + self.cost(group, "bytes_written", batch, length, context))
 
     def edge_bytes(self, edge: GroupEdge, batch: int | None = None, length: int | None = None
                    ) -> float:

@@ -80,17 +80,22 @@ def preset_model(name: str, layers: int | None = None):
         return model_class(config).to(torch.bfloat16).eval()
 
 
-def preset_graph(name: str, layers: int | None = None, refresh: bool = False) -> GroupGraph:
-    """The operator groups of a preset (cached JSON; analysed on first use).
+def preset_graph(name: str, layers: int | None = None, refresh: bool = False,
+                 phase: str = "prefill") -> GroupGraph:
+    """The operator groups of a preset in a phase (cached JSON; analysed on first use).
 
-    The cache key holds the GroupGraph schema, the fxscale version and a hash of the config,
-    so a changed preset or analysis is never read from a stale file."""
+    prefill: a prompt, costs in (batch, length). decode: one new token per request against a
+    KV cache, costs in (batch, context). The cache key holds the phase, the GroupGraph schema,
+    the fxscale version and a hash of the config, so a changed preset or analysis is never read
+    from a stale file."""
     _check(name)
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     from . import __version__
 
     digest = hashlib.sha256(json.dumps([PRESETS[name], SCHEMA_VERSION, __version__],
                                        sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_dir() / f"{name}{f'-{layers}l' if layers else ''}-{digest}.json"
+    path = cache_dir() / f"{name}{f'-{layers}l' if layers else ''}-{phase}-{digest}.json"
     if path.exists() and not refresh:
         try:
             return GroupGraph.from_json(path)
@@ -99,9 +104,11 @@ def preset_graph(name: str, layers: int | None = None, refresh: bool = False) ->
     import torch
 
     from .explain import explain
+    from .workloads import inputs_for
 
-    graph = explain(preset_model(name, layers),
-                    torch.zeros(1, 128, dtype=torch.long, device="meta"))
+    model = preset_model(name, layers)
+    # example shape (batch 2, 128 tokens): symbolic, so costs evaluate at any shape
+    graph = explain(model, **inputs_for(model).for_phase(phase, 2, 128, torch.Generator()))
     graph.model = name
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:

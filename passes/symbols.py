@@ -11,6 +11,7 @@ from .node_facts import is_weight_placeholder, node_value
 
 BATCH = "batch"
 LENGTH = "length"
+CONTEXT = "context"  # tokens already in a KV cache (dim 2 of a (batch, heads, tokens, dim) input)
 OTHER = "other"
 
 
@@ -32,10 +33,10 @@ class SymbolTable:
         return set(self.roles)
 
     def env(self, batch: int | None = None, length: int | None = None,
-            **overrides: int) -> dict[str, int]:
-        """Values for every symbol: batch/length where given, else the example values."""
+            context: int | None = None, **overrides: int) -> dict[str, int]:
+        """Values for every symbol: batch/length/context where given, else the example values."""
         values = dict(self.hints)
-        for role, value in ((BATCH, batch), (LENGTH, length)):
+        for role, value in ((BATCH, batch), (LENGTH, length), (CONTEXT, context)):
             if value is not None:
                 for name, r in self.roles.items():
                     if r == role:
@@ -65,10 +66,12 @@ def symbols_of_graph(gm: fx.GraphModule) -> SymbolTable:
                 continue
             # Convention (documented in docs/costs.md): dim 0 of a user input is the batch,
             # dim 1 of the first input that has one is the sequence length.
-            if dim == 0 and table.symbol_of(BATCH) is None:
+            if dim == 0:
                 role = BATCH
             elif dim == 1 and table.symbol_of(LENGTH) is None and value.dim() in (2, 3):
                 role = LENGTH
+            elif dim == 2 and value.dim() == 4:
+                role = CONTEXT
             else:
                 role = OTHER
             table.roles[name] = role

@@ -70,4 +70,4 @@ def test_explain_preset(tmp_path, monkeypatch, capsys):
     assert main(["explain", "--preset", "llama-2-7b", "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["model"] == "llama-2-7b" and len(data["groups"]) == 3 * 32 + 2
-    assert list((tmp_path / "presets").glob("llama-2-7b-*.json"))
+    assert list((tmp_path / "presets").glob("llama-2-7b-prefill-*.json"))
