@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .group_graph import SCHEMA_VERSION, GroupGraph
+from .jsonio import cache_root, write_atomic
 
 # Published configs (Hugging Face config.json of each model), fields that shape the graph.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -54,10 +53,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def cache_dir() -> Path:
-    """Where analysed presets are cached ($FXSCALE_CACHE_DIR/presets, else ~/.cache/fxscale)."""
-    root = os.environ.get("FXSCALE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fxscale")
-    return Path(root) / "presets"
+    """Where analysed presets are cached (the presets folder of the fxscale cache)."""
+    return cache_root() / "presets"
 
 
 def _check(name: str) -> None:
@@ -110,8 +107,5 @@ def preset_graph(name: str, layers: int | None = None, refresh: bool = False,
     # example shape (batch 2, 128 tokens): symbolic, so costs evaluate at any shape
     graph = explain(model, **inputs_for(model).for_phase(phase, 2, 128, torch.Generator()))
     graph.model = name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp.write(graph.to_json())
-    os.replace(tmp.name, path)  # atomic: a concurrent reader never sees half a file
+    write_atomic(path, graph.to_json())
     return graph

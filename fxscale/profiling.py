@@ -192,9 +192,9 @@ def device_description(device: torch.device) -> str:
     """Human-readable description of the device measurements ran on."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from fxscale.runtime.cpu_calibration import _cpu_name
+    from fxscale.runtime.cpu_calibration import cpu_name
 
-    return f"cpu: {_cpu_name()} ({os.cpu_count()} cores)"
+    return f"cpu: {cpu_name()} ({os.cpu_count()} cores)"
 
 
 def library_versions() -> dict[str, str]:

@@ -14,10 +14,6 @@ MOE_EXPERT = "moe-expert"
 DATA_MOVEMENT = "data-movement"
 KV_CACHE = "kv-cache"
 SCALAR = "scalar"
-OTHER = "other"
-
-OP_CLASSES = (GEMM, ATTENTION, CONV, EMBEDDING, NORM, SOFTMAX, REDUCTION, POINTWISE, ROUTING,
-              MOE_EXPERT, DATA_MOVEMENT, KV_CACHE, SCALAR, OTHER)
 
 # Resource classes the grouping pass keeps apart (DESIGN.md: compute-bound, memory-bound,
 # stateful attention with per-request KV state).

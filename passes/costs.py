@@ -5,7 +5,7 @@ Costs are sympy expressions over the graph's shape symbols, so they can be evalu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy
 import torch
@@ -54,7 +54,6 @@ class NodeCost:
     reads_input: bool = False
     weight_like: bool = False
     mixes_tokens: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def bytes_total(self) -> sympy.Expr:
@@ -126,7 +125,6 @@ def _node_cost(gm, node, reads_input, weights, parameters, tokens) -> NodeCost:
             op_class = C.ATTENTION  # activation x activation: scores or attention-weighted values
         elif not param_operand or not any(operand_reads):
             op_class = C.POINTWISE  # a product of constants/buffers (e.g. rotary frequencies)
-            cost.notes.append("matmul without a parameter operand: counted as light")
         cost.op_class = op_class
     cost.resource = C.resource_of(op_class)
     if not is_view:

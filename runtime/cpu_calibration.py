@@ -5,11 +5,12 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Callable
+
+from fxscale.jsonio import cache_root, write_atomic
 
 from .devices import DeviceModel
 
@@ -21,20 +22,18 @@ IDLE_FRACTION = 0.3
 
 def cache_path() -> Path:
     """Where calibrations are cached ($FXSCALE_CACHE_DIR, else $XDG_CACHE_HOME/fxscale)."""
-    root = os.environ.get("FXSCALE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fxscale")
-    return Path(root) / "cpu-calibration.json"
+    return cache_root() / "cpu-calibration.json"
 
 
 def _cpu_key() -> str:
     """What a calibration depends on: processor, thread count, torch version."""
     import torch
 
-    return f"{platform.processor() or platform.machine()}|{_cpu_name()}|" \
+    return f"{platform.processor() or platform.machine()}|{cpu_name()}|" \
            f"threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     """The CPU model name from /proc/cpuinfo where available."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -77,7 +76,7 @@ def measure() -> dict:
     for numel in (4096, 65536):
         s, d = torch.empty(numel), torch.empty(numel)
         extra.append(_best_time(lambda: d.copy_(s), 20) - 8 * numel / bandwidth - overhead)
-    return {"version": CALIBRATION_VERSION, "key": _cpu_key(), "cpu": _cpu_name(),
+    return {"version": CALIBRATION_VERSION, "key": _cpu_key(), "cpu": cpu_name(),
             "threads": torch.get_num_threads(), "fp32_flops": matmul_rate,
             "memory_bandwidth": bandwidth, "launch_overhead_s": overhead,
             "half_time_s": max(statistics.median(extra), 0.0), "measured_at": time.time()}
@@ -95,11 +94,7 @@ def calibration(refresh: bool = False) -> dict:
             pass  # unreadable cache: measure again and overwrite it
     result = measure()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp",
-                                         delete=False) as tmp:
-            tmp.write(json.dumps(result, indent=1))
-        os.replace(tmp.name, path)  # atomic: concurrent calibrations never see half a file
+        write_atomic(path, json.dumps(result, indent=1))
     except OSError as err:
         warnings.warn(f"fxscale: could not cache the CPU calibration at {path} ({err}); "
                       "set FXSCALE_CACHE_DIR to a writable folder", stacklevel=2)
