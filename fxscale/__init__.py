@@ -2,14 +2,29 @@
 
     compiled = torch.compile(model, backend="fxscale", options={"granularity": "operator"})
     groups = fxscale.explain(model, *example_inputs)
+
+The names below load on first use, so the planner and simulator (fxscale.runtime) import
+without torch.
 """
-from .backend import compiled_group_graphs, fxscale_backend
-from .explain import explain
-from .group_graph import Group, GroupEdge, GroupGraph
-from .options import Options
-from .profiling import Grid, profile
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Grid", "Group", "GroupEdge", "GroupGraph", "Options", "compiled_group_graphs",
-           "explain", "fxscale_backend", "profile", "__version__"]
+# public name -> module that defines it
+_EXPORTS = {
+    "compiled_group_graphs": "backend", "fxscale_backend": "backend", "explain": "capture",
+    "Group": "group_graph", "GroupEdge": "group_graph", "GroupGraph": "group_graph",
+    "Options": "options", "Grid": "profiling", "profile": "profiling",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name from its module on first access (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fxscale' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

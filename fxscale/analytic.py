@@ -13,7 +13,7 @@ import torch
 from fxscale.runtime.devices import DeviceModel
 from fxscale.runtime.profile import GroupProfile, Profile, ProfilePoint
 
-from .explain import explain
+from .capture import explain
 from .profiling import Grid, dtype_name, library_versions
 from .workloads import inputs_for
 

@@ -100,7 +100,7 @@ def preset_graph(name: str, layers: int | None = None, refresh: bool = False,
             pass  # unreadable cache entry: analyse again and overwrite it
     import torch
 
-    from .explain import explain
+    from .capture import explain
     from .workloads import inputs_for
 
     model = preset_model(name, layers)
@@ -109,3 +109,12 @@ def preset_graph(name: str, layers: int | None = None, refresh: bool = False,
     graph.model = name
     write_atomic(path, graph.to_json())
     return graph
+
+
+def preset_service(name: str, device: str = "h100", layers: int | None = None):
+    """The service model (kinds with fast cost functions) of a preset on a device model."""
+    from .runtime.devices import load_device
+    from .runtime.service import service_model
+
+    return service_model(preset_graph(name, layers), preset_graph(name, layers, phase="decode"),
+                         load_device(device))

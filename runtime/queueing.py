@@ -50,22 +50,3 @@ def erlang_c_wait(servers: int, arrival_rate: float, service_rate: float,
         raise ValueError(f"percentile must be in (0, 1), got {percentile}")
     tail = 1.0 - percentile
     return 0.0 if waiting <= tail else math.log(waiting / tail) / drain
-
-
-def replicas_for_wait(arrival_rate: float, service_rate: float, wait_budget_s: float,
-                      percentile: float | None = None, limit: int = 100_000) -> int:
-    """The fewest replicas whose waiting time (mean or percentile) stays within the budget."""
-    if service_rate <= 0:
-        raise ValueError(f"service rate must be positive, got {service_rate}")
-    if wait_budget_s < 0 or (percentile is None and wait_budget_s == 0):
-        raise ValueError(f"wait budget must be >= 0 (> 0 for a mean wait, which is never 0), "
-                         f"got {wait_budget_s}")
-    if arrival_rate <= 0:
-        return 1
-    servers = max(1, math.floor(arrival_rate / service_rate) + 1)
-    while servers <= limit:
-        if erlang_c_wait(servers, arrival_rate, service_rate, percentile) <= wait_budget_s:
-            return servers
-        servers += 1
-    raise ValueError(f"no replica count up to {limit} meets a {wait_budget_s} s wait at "
-                     f"{arrival_rate} req/s and {service_rate} req/s per replica")

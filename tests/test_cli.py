@@ -71,3 +71,52 @@ def test_explain_preset(tmp_path, monkeypatch, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["model"] == "llama-2-7b" and len(data["groups"]) == 3 * 32 + 2
     assert list((tmp_path / "presets").glob("llama-2-7b-prefill-*.json"))
+
+
+SIMULATE_KEYS = {"gpu_hours", "energy_kwh", "slo_attainment", "ttft_p50", "ttft_p99", "tbt_p50",
+                 "tbt_p99", "throughput_tok_s", "max_rate_at_slo", "lower_bound_gpu_hours",
+                 "wall_s"}
+
+
+def test_simulate_one_policy_writes_the_documented_keys(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out.json"
+    assert main(["simulate", "--model", "llama-2-7b", "--layers", "2", "--trace", "azure-conv",
+                 "--duration", "120", "--rate-scale", "8", "--policy", "operator",
+                 "--slo-ttft", "0.5", "--slo-tbt", "0.01", "--headroom", "1.5",
+                 "--fixed-gpus", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert SIMULATE_KEYS <= set(data)
+    assert data["policy"] == "operator" and data["headroom"] == 1.5
+    assert 0 <= data["slo_attainment"] <= 1 and data["max_rate_at_slo"] > 0
+    assert data["lower_bound_gpu_hours"] <= data["gpu_hours"]
+    assert data["timeline"] and {"t", "devices", "rate_rps"} <= set(data["timeline"][0])
+    assert data["config"]["slo_tbt"] == 0.01
+    assert "operator" in capsys.readouterr().out
+
+
+def test_simulate_all_policies_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "all.json"
+    assert main(["simulate", "--model", "llama-2-7b", "--layers", "2", "--duration", "60",
+                 "--rate-scale", "8", "--policy", "all", "--slo-ttft", "0.5",
+                 "--slo-tbt", "0.01", "--headroom", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    for policy in ("static", "model", "phase", "operator"):
+        assert policy in table
+    data = json.loads(out.read_text())
+    assert set(data["policies"]) == {"static", "model", "phase", "operator"}
+    for run in data["policies"].values():
+        assert SIMULATE_KEYS <= set(run) and run["max_rate_at_slo"] is None
+
+
+def test_simulate_bad_input_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,x,3\n")
+    assert main(["simulate", "--trace", str(bad), "--layers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv:2: field 'ContextTokens'" in err
+    assert main(["simulate", "--trace", "no-such-trace", "--layers", "1"]) == 2
+    assert "no trace 'no-such-trace'" in capsys.readouterr().err
+    assert main(["simulate", "--attainment", "1.5", "--layers", "1"]) == 2
+    assert "attainment must be in (0, 1)" in capsys.readouterr().err

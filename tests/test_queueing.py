@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from fxscale.runtime.queueing import (erlang_b, erlang_c, erlang_c_wait, replicas_for_wait)
+from fxscale.runtime.queueing import erlang_b, erlang_c, erlang_c_wait
 
 
 def test_erlang_b_textbook_values():
@@ -48,11 +48,3 @@ def test_simulated_mmc_queue_agrees_with_erlang_c():
     assert sum(waits) / len(waits) == pytest.approx(erlang_c_wait(servers, lam, mu), rel=0.05)
     assert sorted(waits)[int(0.99 * len(waits))] == pytest.approx(
         erlang_c_wait(servers, lam, mu, percentile=0.99), rel=0.08)
-
-
-def test_fewest_replicas_for_a_wait_budget():
-    n = replicas_for_wait(40.0, 5.0, wait_budget_s=0.05, percentile=0.99)
-    assert erlang_c_wait(n, 40.0, 5.0, 0.99) <= 0.05 < erlang_c_wait(n - 1, 40.0, 5.0, 0.99)
-    assert replicas_for_wait(0.0, 5.0, 0.01) == 1
-    with pytest.raises(ValueError, match="wait budget must be >= 0"):
-        replicas_for_wait(1.0, 1.0, -1)

@@ -1,4 +1,4 @@
-"""fxscale.explain: capture a model and return its GroupGraph without compiling anything."""
+"""Capture a model and return its GroupGraph without compiling anything (`fxscale.explain`)."""
 from __future__ import annotations
 
 from typing import Any, Callable

@@ -1,0 +1,66 @@
+"""Planner vs simulator on steady Poisson load: a Markdown table of predicted and replayed p99.
+
+    python examples/planner_agreement.py [--model llama-2-70b] [--device h100] [--minutes 20]
+
+For each policy and rate the planner's plan is held fixed and replayed on Poisson arrivals
+whose prompt and output lengths are drawn from the Azure 2023 conversation trace.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+
+from fxscale.presets import preset_service
+from fxscale.runtime.evaluate import metrics
+from fxscale.runtime.planner import SLO, Workload, default_slo, plan
+from fxscale.runtime.simulator import simulate
+from fxscale.runtime.traces import Request, Trace, load_trace
+
+
+def poisson(base: Trace, rate: float, seconds: float, seed: int) -> Trace:
+    """Poisson arrivals at `rate` with lengths drawn from `base`."""
+    rng = random.Random(seed)
+    t, requests = 0.0, []
+    while (t := t + rng.expovariate(rate)) < seconds:
+        r = rng.choice(base.requests)
+        requests.append(Request(t, r.prompt_tokens, r.output_tokens))
+    return Trace(f"poisson-{rate:g}", "synthetic", requests)
+
+
+def main() -> None:
+    """Print the agreement table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-2-70b")
+    parser.add_argument("--device", default="h100")
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--rates", default="2,5,10")
+    args = parser.parse_args()
+    service = preset_service(args.model, args.device)
+    slo = SLO(*default_slo(service.weight_bytes / 2))
+    base = load_trace("azure-conv")
+    print("| policy | req/s | plan | devices | TTFT p99 planned / replayed | "
+          "TBT p99 planned / replayed | attainment |")
+    print("|---|---|---|---|---|---|---|")
+    for rate in map(float, args.rates.split(",")):
+        work = Workload.from_requests(base.requests, rate)
+        trace = poisson(base, rate, args.minutes * 60, seed=1)
+        for policy in ("model", "phase", "operator"):
+            p = plan(service, work, slo, policy)
+            m = metrics(simulate(service, trace, policy, slo, fixed=p, workload=work), slo)
+            shape = " + ".join(f"{e['count']}x {_shape(e['engine'])}" for e in p.engines)
+            print(f"| {policy} | {rate:g} | {shape} | {p.devices} | {p.ttft_p99:.3f} / "
+                  f"{m['ttft_p99']:.3f} s ({m['ttft_p99'] / p.ttft_p99 - 1:+.0%}) | "
+                  f"{p.tbt_p99 * 1e3:.1f} / {m['tbt_p99'] * 1e3:.1f} ms "
+                  f"({m['tbt_p99'] / p.tbt_p99 - 1:+.0%}) | {m['slo_attainment']:.2%} |")
+
+
+def _shape(engine: dict) -> str:
+    """A short name for an engine shape."""
+    if engine["type"] == "lockstep":
+        return f"{engine['role']} TP{engine['shards']}"
+    return (f"attention {engine['attention']} + dense {engine['dense_replicas']}x"
+            f"TP{engine['dense_shards']}")
+
+
+if __name__ == "__main__":
+    main()

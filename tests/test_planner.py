@@ -1,0 +1,225 @@
+"""Service model, planner and simulator: folding is exact, plans meet their SLOs when replayed,
+prediction and replay agree, the bound is below every policy, scaling delays hold."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+
+import pytest
+
+from fxscale.presets import preset_graph
+from fxscale.runtime.devices import load_device
+from fxscale.runtime.evaluate import compare, lower_bound, metrics, weighted_quantile
+from fxscale.runtime.planner import SLO, Plan, Workload, plan
+from fxscale.runtime.service import Batch, kind_name, service_model
+from fxscale.runtime.simulator import ScalingConfig, Simulation, simulate
+from fxscale.runtime.traces import Request, Trace, load_trace
+
+SLO_TIGHT = SLO(ttft=0.1, tbt=0.004)  # scaled to a 4-layer model: a few ms per step
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    """Prefill and decode captures of a 4-layer Llama-2-70B (meta device, real shapes)."""
+    import os
+
+    old = os.environ.get("FXSCALE_CACHE_DIR")
+    os.environ["FXSCALE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield (preset_graph("llama-2-70b", layers=4),
+               preset_graph("llama-2-70b", layers=4, phase="decode"))
+    finally:
+        if old is None:
+            del os.environ["FXSCALE_CACHE_DIR"]
+        else:
+            os.environ["FXSCALE_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def service(graphs):
+    """The 4-layer model on an H100 whose memory is cut to 8 GB, so that its 7.9 GB of
+    weights need several devices (tensor parallelism and pools are exercised)."""
+    return service_model(*graphs, replace(load_device("h100"), memory_bytes=8e9))
+
+
+@pytest.fixture(scope="module")
+def azure():
+    """Token statistics of the Azure conversation trace."""
+    trace = load_trace("azure-conv")
+    return trace, Workload.from_requests(trace.requests, trace.rate())
+
+
+def poisson_trace(base: Trace, rate: float, seconds: float, seed: int) -> Trace:
+    """Poisson arrivals at `rate` with prompt/output lengths drawn from `base`."""
+    rng = random.Random(seed)
+    t, requests = 0.0, []
+    while True:
+        t += rng.expovariate(rate)
+        if t >= seconds:
+            return Trace(f"poisson{rate}", "synthetic", requests)
+        r = rng.choice(base.requests)
+        requests.append(Request(t, r.prompt_tokens, r.output_tokens))
+
+
+def test_kinds_fold_layers_and_reproduce_group_costs(graphs, service):
+    prefill, decode = graphs
+    assert {k.count for k in service.kinds if ".*#" in k.name} == {4}
+    assert sum(k.count for k in service.kinds) == len(prefill.groups)
+    assert kind_name("model.layers.17#2/gemm") == "model.layers.*#2/gemm"
+    assert service.weight_bytes == sum(g.param_bytes for g in prefill.groups)
+    # one 8-way GQA layer: K and V, 8 heads x 128, bf16 -> 4096 B per token per layer
+    assert service.kv_bytes_per_token == 4 * 4096
+    rng = random.Random(3)
+    for _ in range(5):
+        batch, length, context = rng.randint(1, 16), rng.randint(1, 3000), rng.randint(1, 3000)
+        for graph, work in ((prefill, Batch(batch, batch * length, batch * length ** 2)),
+                            (decode, Batch(decode_n=batch, decode_s1=batch * context))):
+            for kind in service.kinds:
+                flops, shared, variable = service.work(kind, work)
+                expect_flops = sum(graph.cost(g, "flops", batch=batch, length=length,
+                                              context=context) for g in kind_groups(graph, kind))
+                expect_bytes = sum(graph.bytes_moved(g, batch=batch, length=length,
+                                                     context=context)
+                                   for g in kind_groups(graph, kind))
+                assert flops == pytest.approx(expect_flops / kind.count, rel=1e-9)
+                assert shared + variable == pytest.approx(expect_bytes / kind.count, rel=1e-9)
+
+
+def kind_groups(graph, kind):
+    """The groups of a graph that a kind folds (matched by name)."""
+    names = {g.name for g in graph.groups if g.id in kind.group_ids}
+    return [g for g in graph.groups if g.name in names]
+
+
+def test_mixed_iteration_reads_weights_once(service):
+    gemm = next(k for k in service.kinds if k.name.endswith("#2/gemm"))  # MLP: 1.5 GB
+    prefill = Batch(1, 100, 100 ** 2)
+    decode = Batch(decode_n=8, decode_s1=8 * 500)
+    mixed = Batch(1, 100, 100 ** 2, 8, 8 * 500)
+    alone = sum(sum(service.work(gemm, b)[1:]) for b in (prefill, decode))
+    # the two phases' captures differ by a 1 KiB rotary buffer read
+    assert sum(service.work(gemm, mixed)[1:]) == pytest.approx(alone - gemm.param_bytes,
+                                                               abs=4096)
+
+
+@pytest.mark.parametrize("policy", ["model", "phase", "operator"])
+def test_plans_meet_their_slo_and_agree_with_the_replay(service, azure, policy):
+    base, workload = azure
+    rate = 100.0
+    p = plan(service, workload.at(rate), SLO_TIGHT, policy)
+    assert p.devices >= 2 and p.ttft_p99 <= SLO_TIGHT.ttft and p.tbt_p99 <= SLO_TIGHT.tbt
+    # every group is placed once per pool, and the groups' shares of a step add up to it
+    assert len(p.groups) == len(p.engines) * sum(k.count for k in service.kinds)
+    assert sum(g["device_fraction"] for g in p.groups) == pytest.approx(len(p.engines))
+    assert all(g["devices"] and g["max_batch"] >= 1 for g in p.groups)
+    json.dumps(p.to_dict())  # a plan is JSON
+    result = simulate(service, poisson_trace(base, rate, 60, seed=1), policy, SLO_TIGHT,
+                      fixed=p, workload=workload.at(rate))
+    m = metrics(result, SLO_TIGHT)
+    assert m["slo_attainment"] >= 0.99
+    # steady Poisson load: predicted and replayed p99 within 10%
+    assert m["tbt_p99"] == pytest.approx(p.tbt_p99, rel=0.10)
+    assert m["ttft_p99"] == pytest.approx(p.ttft_p99, rel=0.10)
+
+
+def test_planner_refuses_what_cannot_be_met(service, azure):
+    _, workload = azure
+    with pytest.raises(ValueError, match="no model deployment .* meets TTFT"):
+        plan(service, workload.at(40.0), SLO(ttft=0.25, tbt=1e-4), "model")
+    with pytest.raises(ValueError, match="within 1 devices"):
+        plan(service, workload.at(40.0), SLO_TIGHT, "model", max_devices=1)
+    with pytest.raises(ValueError, match="unknown policy"):
+        plan(service, workload, SLO_TIGHT, "magic")
+    with pytest.raises(ValueError, match="SLO ttft and tbt must be positive"):
+        SLO(ttft=0, tbt=0.1)
+
+
+def test_bound_is_below_every_policy(service, azure):
+    base, _ = azure
+    trace = base.window(0, 240).scaled(6.0)
+    outcome = compare(service, trace, ("static", "model", "phase", "operator"), SLO_TIGHT,
+                      ScalingConfig(interval_s=10), tune=False)
+    bound = outcome["bound"]
+    assert bound == lower_bound(service, trace, 10)
+    for row in outcome["rows"]:
+        assert bound["lower_bound_gpu_hours"] <= row["gpu_hours"]
+        assert bound["lower_bound_energy_kwh"] <= row["energy_kwh"]
+        assert row["requests"] == len(trace.requests)
+        result = row["result"]
+        finished = [f for f in result.ttft if f == f]
+        assert len(finished) == len(trace.requests)  # nothing lost
+
+
+def test_scaling_waits_for_start_up_and_weights(service, azure):
+    base, workload = azure
+    calm, burst = poisson_trace(base, 10.0, 60, 2), poisson_trace(base, 200.0, 30, 3)
+    trace = Trace("step", "synthetic", calm.requests + [
+        Request(r.arrival_s + 60, r.prompt_tokens, r.output_tokens) for r in burst.requests])
+    scaling = ScalingConfig(interval_s=10, startup_s=7.0, load_bandwidth=1e9)
+    for policy in ("model", "operator"):
+        sim = Simulation(service, trace, policy, SLO_TIGHT, workload, scaling)
+        sim.run()
+        grown = [d for d in sim.decisions if d["devices_after"] > d["devices_before"]]
+        assert grown, f"{policy}: the burst must trigger a scale-up"
+        assert grown[0]["action"] == "scale up" and "req/s" in grown[0]["reason"]
+        if policy == "model":
+            late = [e for e in sim.engines if e.requested_at > 0]
+            assert late
+            for engine in late:
+                load = service.weight_bytes / engine.spec.shards / 1e9
+                assert engine.ready_at == pytest.approx(engine.requested_at + 7.0 + load)
+        else:
+            # the resized operator engine serves at its new size only after the delay
+            assert sim.resizes and all(done - asked >= 7.0 for asked, done in sim.resizes)
+
+
+def test_same_seed_same_result(service):
+    slo = SLO(ttft=0.5, tbt=0.05)
+    runs = []
+    for seed in (4, 4, 5):
+        trace = load_trace("servegen-mm-image", duration_s=120, seed=seed)
+        result = simulate(service, trace, "operator", slo, ScalingConfig(interval_s=10))
+        runs.append((metrics(result, slo), result.timeline))
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_weighted_quantile():
+    samples = [(0.01, 90), (0.05, 9), (0.2, 1)]
+    assert weighted_quantile(samples, 0.5) == 0.01
+    assert weighted_quantile(samples, 0.95) == 0.05
+    assert weighted_quantile(samples, 0.999) == 0.2
+
+
+def test_plan_json_round_trip_and_errors(service, azure):
+    _, workload = azure
+    p = plan(service, workload.at(50.0), SLO_TIGHT, "operator")
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    broken = p.to_dict()
+    broken["devices"] = "four"
+    with pytest.raises(ValueError, match="field 'devices' must be a number"):
+        Plan.from_dict(broken)
+    del broken["devices"]
+    with pytest.raises(ValueError, match=r"missing \['devices'\]"):
+        Plan.from_dict(broken)
+
+
+def test_fewest_finds_the_smallest_passing_count():
+    from fxscale.runtime.planner import _fewest
+
+    for answer in (1, 2, 3, 7, 64, 100, 4096):
+        calls = []
+        assert _fewest(lambda n: calls.append(n) or n >= answer) == answer
+        assert len(calls) <= 2 * answer.bit_length() + 1
+    assert _fewest(lambda n: False, 1, 100) is None
+    assert _fewest(lambda n: n >= 5, 3, 100) == 5
+
+
+def test_planner_and_simulator_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, fxscale.runtime.evaluate, fxscale.runtime.simulator; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
