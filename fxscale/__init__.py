@@ -16,6 +16,8 @@ _EXPORTS = {
     "compiled_group_graphs": "backend", "fxscale_backend": "backend", "explain": "capture",
     "Group": "group_graph", "GroupEdge": "group_graph", "GroupGraph": "group_graph",
     "Options": "options", "Grid": "profiling", "profile": "profiling",
+    "serve": "serving", "Server": "serving", "OverloadError": "serving",
+    "SLO": "runtime.planner",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

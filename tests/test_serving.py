@@ -1,0 +1,165 @@
+"""fxscale.serve: per-group replica pools under concurrency, live scaling, faults, bad input."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import fxscale
+from fxscale import zoo
+from fxscale.runtime.replica_pool import GroupError
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return zoo.build("llama", layers=2, hidden=64).model.eval()
+
+
+@pytest.fixture(scope="module")
+def server(llama):
+    with fxscale.serve(llama, policy="operator", budget=2, slo=fxscale.SLO(5.0, 1.0)) as s:
+        yield s
+
+
+def prompt(seed: int, length: int | None = None) -> torch.Tensor:
+    """Fresh random token ids (vocabulary 256 in the zoo Llama)."""
+    g = torch.Generator().manual_seed(seed)
+    n = length or random.Random(seed).randint(2, 12)
+    return torch.randint(3, 256, (1, n), generator=g)
+
+
+def eager_tokens(model, ids, new):
+    """Hugging Face greedy generate: the reference."""
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new, do_sample=False)[0, ids.shape[1]:].tolist()
+
+
+def test_sixteen_clients_with_random_scale_events_match_eager(server, llama):
+    def client(i):
+        ids = prompt(1000 + i)
+        if i % 2:
+            return server.generate(ids, max_new_tokens=6).result(), eager_tokens(llama, ids, 6)
+        with torch.no_grad():
+            return server.submit(ids).result(), llama(ids, use_cache=False).logits
+
+    rng = random.Random(0)
+    with ThreadPoolExecutor(16) as clients:
+        futures = [clients.submit(client, i) for i in range(64)]
+        while not all(f.done() for f in futures):  # scale while requests flow
+            server.scale(rng.choice(sorted(server.pools)), rng.randint(1, 3))
+            time.sleep(0.01)
+        for i, future in enumerate(futures):
+            got, expected = future.result()
+            if i % 2:
+                assert got == expected, f"request {i}: generate differs from eager"
+            else:
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    stats = server.stats()
+    assert stats["requests"]["completed"] >= 64 and stats["requests"]["slo_attainment"] == 1.0
+    for name, group in stats["groups"].items():
+        assert group["completed"] > 0 and group["replicas"] >= 1, name
+
+
+def test_every_group_has_a_pool_and_new_replicas_copy_only_their_weights(server, llama):
+    assert {"model.layers.0#1/attention", "model.layers.1#2/gemm", "top#1/gemm"} <= \
+        set(server.pools)
+    server.scale("model.layers.1#2/gemm", 3)
+    server.generate(prompt(5), max_new_tokens=2).result()
+    stats = server.stats()["groups"]
+    mlp = stats["model.layers.1#2/gemm"]
+    layer = llama.model.layers[1]
+    own = sum(p.numel() * 4 for p in (*layer.self_attn.o_proj.parameters(),
+                                       *layer.post_attention_layernorm.parameters(),
+                                       *layer.mlp.parameters()))
+    assert mlp["replicas"] == 3 and mlp["weight_bytes_per_replica"] == own
+    assert stats["model.layers.1#1/attention"]["weight_bytes_per_replica"] == 0
+    server.scale("*", 1)
+
+
+def test_streaming_yields_tokens_as_generate_returns_them(server, llama):
+    ids = prompt(7, 5)
+    assert list(server.generate(ids, max_new_tokens=5, stream=True)) == eager_tokens(llama, ids, 5)
+
+
+def test_a_failing_replica_is_retried_once_then_reported(server, llama):
+    pool = server.pools["model.layers.0#2/gemm"]
+    pool.scale(2)
+    ids = prompt(11, 6)
+    live = [r for r in pool.replicas if not r.draining]
+    live[0].fail_next = 1  # idle queues tie: the call goes to the first, the retry elsewhere
+    with torch.no_grad():
+        torch.testing.assert_close(server.submit(ids).result(), llama(ids, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert live[0].fail_next == 0  # it did fail once
+    for replica in live:
+        replica.fail_next = 10
+    with pytest.raises(GroupError, match=r"group model\.layers\.0#2/gemm failed twice"):
+        server.submit(ids).result()
+    for replica in live:
+        replica.fail_next = 0
+    assert pool.stats()["retries"] >= 2
+    assert server.generate(ids, max_new_tokens=3).result() == eager_tokens(llama, ids, 3)
+
+
+def test_a_killed_replica_loses_nothing(server, llama):
+    pool = server.pools["model.layers.1#0/gemm"]
+    pool.scale(3)
+    with ThreadPoolExecutor(8) as clients:
+        futures = [clients.submit(lambda i=i: server.generate(prompt(200 + i), 4).result())
+                   for i in range(16)]
+        pool.kill(0)
+        pool.kill(0)
+        results = [f.result() for f in futures]
+    assert results == [eager_tokens(llama, prompt(200 + i), 4) for i in range(16)]
+    assert pool.stats()["replicas"] >= 1
+
+
+def test_bad_requests_fail_at_submit_and_affect_nothing(server, llama):
+    with pytest.raises(ValueError, match="torch.long"):
+        server.submit(torch.rand(1, 4))
+    with pytest.raises(ValueError, match=r"shape \[length\] or \[1, length\]"):
+        server.submit(torch.zeros(2, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 256\)"):
+        server.submit(torch.tensor([[1, 999]]))
+    limit = llama.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"exceeds the model's context of {limit}"):
+        server.generate(prompt(3, 4), max_new_tokens=limit)
+    with pytest.raises(ValueError, match="no group matches"):
+        server.scale("no/such/group", 2)
+    with pytest.raises(ValueError, match="replicas must be >= 1"):
+        server.scale("top#1/gemm", 0)
+    assert server.generate(prompt(9, 4), 3).result() == eager_tokens(llama, prompt(9, 4), 3)
+
+
+def test_back_pressure_raises_a_clear_overload_error(llama):
+    with fxscale.serve(llama, budget=1, max_pending=1, submit_timeout_s=0.05) as server:
+        gate = threading.Event()
+        pool = server.pools["top#1/gemm"]
+        original = pool.submit
+
+        def slow(call):
+            gate.wait(5)
+            return original(call)
+
+        pool.submit = slow
+        first = server.submit(prompt(1))
+        with pytest.raises(fxscale.OverloadError, match="1 requests in flight"):
+            server.submit(prompt(2))
+        gate.set()
+        pool.submit = original
+        assert first.result().shape[-1] == 256
+    with pytest.raises(RuntimeError, match="server is closed"):
+        server.submit(prompt(3))
+
+
+def test_model_policy_serves_the_whole_model_as_one_group(llama):
+    with fxscale.serve(llama, policy="model", budget=2) as server:
+        assert len(server.pools) == 1  # one group: the whole model
+        ids = prompt(21)
+        assert server.generate(ids, max_new_tokens=5).result() == eager_tokens(llama, ids, 5)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        fxscale.serve(llama, policy="phase")
