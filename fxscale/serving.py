@@ -48,7 +48,8 @@ class Server:
     def __init__(self, model: torch.nn.Module, policy: str = "operator", budget: int = 2,
                  slo: SLO | None = None, backend: str = "local", max_pending: int = 64,
                  submit_timeout_s: float = 10.0, lowering: str = "eager",
-                 warmup: bool = True) -> None:
+                 warmup: bool = True, metrics_port: int | None = None,
+                 metrics_host: str = "127.0.0.1") -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if backend != "local":
@@ -85,6 +86,11 @@ class Server:
         # Dynamo does not compile safely from several threads: from here on a call that
         # needs a new graph fails fast and is compiled alone (see _call)
         torch.compiler.set_stance("fail_on_recompile")
+        self.metrics = None
+        if metrics_port is not None:  # opt-in Prometheus endpoint (loopback by default)
+            from .metrics_endpoint import start_metrics
+
+            self.metrics = start_metrics(self.stats, metrics_port, metrics_host)
 
     # ---- compilation: bind every group call to its pool -----------------------------------
     def _backend(self, gm: fx.GraphModule, example_inputs: list) -> Any:
@@ -246,6 +252,9 @@ class Server:
         if self.closed:
             return
         self.closed = True
+        if self.metrics is not None:
+            self.metrics.shutdown()
+            self.metrics.server_close()
         self.requests.shutdown(wait=True)
         for pool in list(self.pools.values()):
             pool.close()

@@ -163,3 +163,18 @@ def test_model_policy_serves_the_whole_model_as_one_group(llama):
         assert server.generate(ids, max_new_tokens=5).result() == eager_tokens(llama, ids, 5)
     with pytest.raises(ValueError, match="policy must be one of"):
         fxscale.serve(llama, policy="phase")
+
+
+def test_prometheus_endpoint_is_opt_in_and_on_loopback(llama):
+    import urllib.request
+
+    with fxscale.serve(llama, budget=1, metrics_port=0) as server:
+        assert server.metrics.server_address[0] == "127.0.0.1"
+        port = server.metrics.server_address[1]
+        server.generate(prompt(31), max_new_tokens=3).result()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        text = text.decode()
+        assert 'fxscale_group_replicas{group="model.layers.0#1/attention"} 1.0' in text
+        assert "fxscale_requests_total" in text and "fxscale_request_ttft_p50_s" in text
+    with fxscale.serve(llama, budget=1) as server:
+        assert server.metrics is None
