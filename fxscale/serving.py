@@ -68,6 +68,7 @@ class Server:
         self.pools_lock = threading.Lock()
         self.submit_timeout_s = submit_timeout_s
         self.slots = threading.BoundedSemaphore(max_pending)
+        self.in_flight = 0  # requests admitted and not finished
         self.max_pending = max_pending
         self.requests = ThreadPoolExecutor(max_workers=max_pending,
                                            thread_name_prefix="fxscale-request")
@@ -161,6 +162,14 @@ class Server:
         if not self.slots.acquire(timeout=wait):
             raise OverloadError(f"fxscale server: {self.max_pending} requests in flight for "
                                 f"{wait:g} s; retry later, or raise max_pending or the budget")
+        with self.pools_lock:
+            self.in_flight += 1
+
+    def _release(self) -> None:
+        """Give back an in-flight slot."""
+        with self.pools_lock:
+            self.in_flight -= 1
+        self.slots.release()
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Run one forward pass in a request thread."""
@@ -172,7 +181,7 @@ class Server:
             self.finished.append({"e2e_s": time.perf_counter() - start})
             return logits
         finally:
-            self.slots.release()
+            self._release()
 
     def _generate(self, ids: torch.Tensor, new_tokens: int, tokens: queue.Queue | None
                   ) -> list[int]:
@@ -201,7 +210,7 @@ class Server:
                                   **({"tbt_s": sum(gaps) / len(gaps)} if gaps else {})})
             return out
         finally:
-            self.slots.release()
+            self._release()
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
         """Run the compiled model; a call that needs a new graph compiles while no other
@@ -243,7 +252,7 @@ class Server:
                 summary[f"{key[:-2]}_p99_s"] = values[min(len(values) - 1,
                                                           int(0.99 * len(values)))]
         return {"policy": self.policy, "budget": self.budget_size,
-                "in_flight": self.max_pending - self.slots._value,
+                "in_flight": self.in_flight,
                 "groups": {name: pool.stats() for name, pool in sorted(self.pools.items())},
                 "requests": summary}
 

@@ -120,7 +120,7 @@ class OperatorEngine:
         return max(0.0, free / service.kv_bytes_per_token)
 
     def dense_fits(self, service: ServiceModel) -> bool:
-        """Whether one dense shard's weights fit a device (next to its KV when co-located)."""
+        """Whether one dense shard's weights fit a device (the KV check is the planner's)."""
         usable = service.device.memory_bytes * (1 - MEMORY_HEADROOM)
         return service.weight_bytes / self.dense_shards <= usable
 

@@ -155,8 +155,7 @@ def poisson_quantile(mean: float, q: float) -> float:
     if mean <= 0:
         return 0.0
     if mean > 200:
-        return mean + 2.3263 * math.sqrt(mean) if q == 0.99 else \
-            mean + _normal_z(q) * math.sqrt(mean)
+        return mean + statistics.NormalDist().inv_cdf(q) * math.sqrt(mean)
     term = cumulative = math.exp(-mean)
     k = 0
     while cumulative < q:
@@ -164,11 +163,6 @@ def poisson_quantile(mean: float, q: float) -> float:
         term *= mean / k
         cumulative += term
     return float(k)
-
-
-def _normal_z(q: float) -> float:
-    """Standard normal quantile."""
-    return statistics.NormalDist().inv_cdf(q)
 
 
 def _decode_step(service: ServiceModel, engine, lam: float, work: Workload, chunk: int,
@@ -187,11 +181,10 @@ def _decode_step(service: ServiceModel, engine, lam: float, work: Workload, chun
     return step
 
 
-def _mean_batch(lam: float, step: float, work: Workload, prefill: bool, extra: float = 0.0
-                ) -> Batch:
-    """The mean iteration at step time `step`: Little's-law decode batch (plus `extra`
-    requests) and the prompt tokens arriving during one step."""
-    decoding = lam * work.output_mean * step + extra
+def _mean_batch(lam: float, step: float, work: Workload, prefill: bool) -> Batch:
+    """The mean iteration at step time `step`: Little's-law decode batch and the prompt
+    tokens arriving during one step."""
+    decoding = lam * work.output_mean * step
     arrivals = lam * step if prefill else 0.0
     return Batch(arrivals, arrivals * work.prompt_mean, arrivals * work.prompt_sq_mean,
                  decoding, decoding * work.context_mean)
@@ -330,10 +323,10 @@ def _meets(p: Prediction | None, slo: SLO) -> bool:
     return p is not None and p.tbt_p99 <= slo.tbt and p.ttft_p99 <= slo.ttft
 
 
-def _candidates_model(service, work, slo, role="model"):
+def _candidates_model(service, work, slo):
     """(devices, power, engines, predictions, chunk) for model-level replicas."""
     for shards in SHARDS:
-        engine = LockstepEngine(role, shards)
+        engine = LockstepEngine("model", shards)
         if engine.kv_capacity_tokens(service) <= work.prompt_mean + work.output_mean:
             continue
         for chunk in CHUNKS:
@@ -364,7 +357,9 @@ def _candidates_phase(service, work, slo):
         engine = LockstepEngine("decode", shards)
         if engine.kv_capacity_tokens(service) <= work.prompt_mean + work.output_mean:
             continue
-        transfer = kv_transfer_s(service, work.prompt_mean, shards)
+        # the cache crosses min(prefill, decode) network links
+        transfer = kv_transfer_s(service, work.prompt_mean, min(shards, best_prefill[2].shards)
+                                 if best_prefill else shards)
         budget = SLO(slo.ttft, slo.tbt - transfer / work.output_mean, slo.attainment)
         if budget.tbt <= 0:
             continue
@@ -450,7 +445,9 @@ def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
     first_device = 0
     for engine, count, pred in pools:
         decoding = max(1.0, pred.batch_p99)
-        batch = Batch(decode_n=decoding, decode_s1=decoding * work.context_mean)
+        prompts = chunk / work.prompt_mean
+        batch = Batch(decode_n=decoding, decode_s1=decoding * work.context_mean) \
+            if pred.batch_p99 else Batch(prompts, chunk, prompts * work.prompt_sq_mean)
         max_batch = math.ceil(pred.batch_p99) if pred.batch_p99 else \
             max(1, math.ceil(chunk / work.prompt_mean))
         devices = list(range(first_device, first_device + engine.devices * count))

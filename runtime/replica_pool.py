@@ -50,7 +50,8 @@ class Replica:
         self.wake = threading.Condition()
         self.draining = False
         self.dead = False
-        self.fail_next = 0                 # fault injection: raise on the next n calls
+        self.fail_next = 0   # fault injection: raise on the next n first attempts (transient)
+        self.broken = False  # fault injection: raise on every call
         self.busy_s = 0.0
         self.calls = 0
         start = time.perf_counter()
@@ -96,8 +97,8 @@ class Replica:
         with self.pool.budget:
             start = time.perf_counter()
             try:
-                if self.fail_next:
-                    self.fail_next -= 1
+                if self.broken or (self.fail_next and not call.attempts):
+                    self.fail_next -= not self.broken
                     raise RuntimeError(f"injected fault in replica {self.id}")
                 result = call.run(*self._own(call))
             except Exception as err:  # noqa: BLE001 - any failure is retried or reported

@@ -215,6 +215,9 @@ def service_model(prefill: GroupGraph, decode: GroupGraph, device: DeviceModel,
                       for g0, roles, phase in ((g, roles_p, "prefill"), (d, roles_d, "decode"))
                       for what, text in (("flops", g0.flops),
                                          ("bytes", f"({g0.bytes_read}) + ({g0.bytes_written})")))
+        if costs[2].per_request[2] or costs[3].per_request[2]:
+            raise ValueError(f"decode group {d.id}: a cost quadratic in the context is outside "
+                             "the service model (decode iterations track context sums only)")
         kv = parse_expr(d.kv_bytes_per_token)  # decode holds the real cache (no GQA repeat)
         key = (kind_name(g.name), costs, g.param_bytes, str(kv), g.stateful)
         entry = folded.setdefault(key, {"ids": [], "group": g, "costs": costs, "kv": float(kv)})

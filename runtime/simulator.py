@@ -57,6 +57,7 @@ class EngineState:
         self.ctx_sum = 0.0
         self.kv_reserved = 0.0
         self.backlog = 0.0  # prompt tokens routed here and not yet prefilled
+        self.incoming = 0.0  # KV tokens on their way here from prefill replicas
         self.iteration = 0
         self.running = False
         self.busy_device_s = 0.0
@@ -64,6 +65,7 @@ class EngineState:
         # device-seconds held: banked at each resize, plus (now - since) x current devices
         self.since, self.banked, self.extra_devices = requested_at, 0.0, 0
         self.pending_spec = None
+        self.first_step_at: float | None = None  # when it first served (tests: >= ready_at)
 
     def load(self, service: ServiceModel) -> tuple[bool, float, float]:
         """Routing key, fewer first: KV nearly full, prompt tokens still to prefill, KV held."""
@@ -117,7 +119,7 @@ class Simulation:
         self.lower_for = 0
 
     # ---- deployment ---------------------------------------------------------------------
-    def _plan(self, rate: float, now: float) -> Plan:
+    def _plan(self, rate: float) -> Plan:
         """The policy's plan for an observed rate (with the headroom, never below the floor)."""
         if self.fixed is not None:
             return self.fixed
@@ -165,7 +167,7 @@ class Simulation:
                     keep[engine.spec] -= 1
                     continue
                 if any(e is not engine and e.role == engine.role and not e.draining
-                       and e.retired_at is None for e in self.engines):
+                       and e.retired_at is None and e.ready_at <= now for e in self.engines):
                     engine.draining = True
                     self._retire_if_idle(engine, now)
             self.lower_for = 0
@@ -179,19 +181,29 @@ class Simulation:
             return
         engine = live[-1]
         current = engine.pending_spec or engine.spec
+        old = engine.spec
+        reshard = spec.dense_shards != old.dense_shards
         if spec == current:
             self.lower_for = 0
-        elif spec.devices >= engine.spec.devices:
-            reload = spec.dense_shards != engine.spec.dense_shards or \
-                spec.dense_replicas > engine.spec.dense_replicas
+        elif spec.devices >= old.devices or reshard:
+            if spec.devices < old.devices:  # a smaller re-sharded shape: after hysteresis
+                self.lower_for += 1
+                if self.lower_for < self.scaling.down_after:
+                    return
+            # new devices start; a re-sharded dense pool loads on new devices while the old
+            # one serves, and both are held until the switch
+            added = spec.devices - old.devices if not reshard else \
+                spec.dense_shards * spec.dense_replicas + max(0, spec.attention - old.attention)
+            reload = reshard or spec.dense_replicas > old.dense_replicas
             delay = self.scaling.startup_s + reload * spec.load_bytes_per_device(
                 self.service) / self.scaling.load_bandwidth
             self._close_account(engine, now)
             engine.pending_spec = spec
-            engine.extra_devices = spec.devices - engine.spec.devices
+            engine.extra_devices = max(0, added)
             self._push(now + delay, "resize", (engine, spec, p.chunk, now))
             self.lower_for = 0
-        else:
+        else:  # fewer dense replicas or attention devices, same sharding: after hysteresis,
+            # once the remaining devices hold every reserved KV token
             self.lower_for += 1
             if self.lower_for >= self.scaling.down_after and engine.pending_spec is None and \
                     spec.kv_capacity_tokens(self.service) >= engine.kv_reserved:
@@ -213,14 +225,14 @@ class Simulation:
         if not self.requests:
             raise ValueError(f"trace {self.trace.name} has no requests")
         first = self._first_rate()
-        self._apply(self._plan(first, 0.0), 0.0, warm=True)
+        self._apply(self._plan(first), 0.0, warm=True)
         self._record(0.0, first)
         for i, r in enumerate(self.requests):
             self._push(r.arrival_s, "arrive", i)
         self._push(self.scaling.interval_s, "tick", None)
         now = 0.0
         remaining = len(self.requests)
-        while self.events and remaining:
+        while self.events and remaining > 0:
             now, _, what, payload = heapq.heappop(self.events)
             if what == "arrive":
                 self.arrivals_seen += 1
@@ -235,12 +247,19 @@ class Simulation:
                 self._join(payload, now)
             elif what == "resize":
                 engine, grown, chunk, asked = payload
-                if engine.pending_spec == grown:  # a newer decision may have replaced it
+                if engine.pending_spec == grown and \
+                        grown.kv_capacity_tokens(self.service) < engine.kv_reserved:
+                    self._push(now + 1.0, "resize", payload)  # wait until the KV fits
+                elif engine.pending_spec == grown:  # a newer decision may have replaced it
                     self.resizes.append((asked, now))
                     self._close_account(engine, now)
                     engine.spec, engine.extra_devices, engine.pending_spec = grown, 0, None
                     engine.chunk = chunk * grown.prefill_lanes
                     self._wake(engine, now)
+        lost = [i for i, f in enumerate(self.finish) if f != f]
+        if remaining != 0 or lost:
+            raise RuntimeError(f"simulator bug: {len(lost)} requests unfinished, "
+                               f"{remaining} not accounted for (first: {lost[:3]})")
         return self._result(now)
 
     def _first_rate(self) -> float:
@@ -262,7 +281,7 @@ class Simulation:
             return
         self.rate_estimate = max(observed, self.scaling.ewma * self.rate_estimate
                                  + (1 - self.scaling.ewma) * observed)
-        p = self._plan(self.rate_estimate, now)
+        p = self._plan(self.rate_estimate)
         before = self._devices_now()
         self._apply(p, now)
         after = self._devices_now()
@@ -317,15 +336,28 @@ class Simulation:
         engine.backlog += self.requests[i].prompt_tokens
         self._wake(engine, now)
 
-    def _join(self, payload, now: float) -> None:
-        """A prefilled request's KV cache arrives: it joins the decode replica with most room."""
-        i = payload
+    def _send(self, i: int, source: EngineState, now: float) -> None:
+        """A prompt is prefilled: move its KV cache to the decode replica with most room
+        (counting caches already on their way), over min(prefill, decode) network links."""
+        r = self.requests[i]
         candidates = [e for e in self.engines if e.retired_at is None and not e.draining
                       and e.role == "decode"]
         ready = [e for e in candidates if e.ready_at <= now] or candidates
-        engine = min(ready, key=lambda e: (e.ready_at > now, e.kv_reserved))
-        engine.joining.append(i)
-        self._wake(engine, now)
+        target = min(ready, key=lambda e: (e.ready_at > now, e.kv_reserved + e.incoming))
+        target.incoming += r.prompt_tokens + r.output_tokens
+        links = min(source.spec.shards, target.spec.shards)
+        self._push(now + kv_transfer_s(self.service, r.prompt_tokens, links), "transfer",
+                   (i, source, target))
+
+    def _join(self, payload, now: float) -> None:
+        """A KV cache has arrived: the prefill replica frees it, the decode replica takes it."""
+        i, source, target = payload
+        r = self.requests[i]
+        source.kv_reserved -= r.prompt_tokens
+        target.incoming -= r.prompt_tokens + r.output_tokens
+        target.joining.append(i)
+        self._wake(target, now)
+        self._retire_if_idle(source, now)
 
     def _wake(self, engine: EngineState, now: float) -> None:
         """Start an iteration on an idle, ready engine that has work."""
@@ -378,6 +410,8 @@ class Simulation:
         if not chunks and not engine.decode_n:
             return
         seconds, busy = spec.step(service, batch)
+        if engine.first_step_at is None:
+            engine.first_step_at = now
         engine.running = True
         engine.busy_device_s += busy
         engine.pending = (chunks, engine.decode_n, seconds)
@@ -420,14 +454,12 @@ class Simulation:
             engine.prefilling.remove(entry)
             self.first_token[i] = now
             if engine.role == "prefill":
-                engine.kv_reserved -= r.prompt_tokens
                 if r.output_tokens <= 1:
+                    engine.kv_reserved -= r.prompt_tokens
                     self.finish[i] = now
                     finished += 1
-                else:
-                    shards = engine.spec.shards
-                    self._push(now + kv_transfer_s(self.service, r.prompt_tokens, shards),
-                               "transfer", i)
+                else:  # the cache stays reserved here until it has been sent
+                    self._send(i, engine, now)
             else:
                 self._begin_decode(engine, i)
                 finished += r.output_tokens <= 1
@@ -437,7 +469,7 @@ class Simulation:
     def _retire_if_idle(self, engine: EngineState, now: float) -> None:
         """Release a draining engine once it has nothing left to do."""
         if engine.draining and not engine.running and not engine.has_work() \
-                and engine.retired_at is None:
+                and engine.kv_reserved <= 0 and engine.retired_at is None:
             engine.retired_at = now
 
     def _result(self, end: float) -> Result:

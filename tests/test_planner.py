@@ -92,6 +92,25 @@ def kind_groups(graph, kind):
     return [g for g in graph.groups if g.name in names]
 
 
+def test_requests_of_different_lengths_cost_their_own_sum(graphs, service):
+    prefill, decode = graphs
+    lengths, contexts = (37, 900, 2048), (5, 1500)
+    mixed = Batch(len(lengths), sum(lengths), sum(n * n for n in lengths),
+                  len(contexts), sum(contexts))
+    # shared terms that grow with length (the embedding's position tensors) are evaluated at
+    # the batch's mean length; every other kind is exact
+    approximate = [k for k in service.kinds if any(k.prefill_flops.shared[1:])]
+    assert [k.name for k in approximate] == ["top#0/embedding"]
+    for kind in service.kinds:
+        if kind in approximate:
+            continue
+        groups = kind_groups(prefill, kind)
+        alone = [sum(graph.cost(g, "flops", batch=1, length=n, context=n)
+                     for g in kind_groups(graph, kind)) / kind.count
+                 for graph, values in ((prefill, lengths), (decode, contexts)) for n in values]
+        assert service.work(kind, mixed)[0] == pytest.approx(sum(alone), rel=1e-9), groups[0].name
+
+
 def test_mixed_iteration_reads_weights_once(service):
     gemm = next(k for k in service.kinds if k.name.endswith("#2/gemm"))  # MLP: 1.5 GB
     prefill = Batch(1, 100, 100 ** 2)
@@ -159,7 +178,7 @@ def test_scaling_waits_for_start_up_and_weights(service, azure):
     scaling = ScalingConfig(interval_s=10, startup_s=7.0, load_bandwidth=1e9)
     for policy in ("model", "operator"):
         sim = Simulation(service, trace, policy, SLO_TIGHT, workload, scaling)
-        sim.run()
+        result = sim.run()
         grown = [d for d in sim.decisions if d["devices_after"] > d["devices_before"]]
         assert grown, f"{policy}: the burst must trigger a scale-up"
         assert grown[0]["action"] == "scale up" and "req/s" in grown[0]["reason"]
@@ -169,6 +188,10 @@ def test_scaling_waits_for_start_up_and_weights(service, azure):
             for engine in late:
                 load = service.weight_bytes / engine.spec.shards / 1e9
                 assert engine.ready_at == pytest.approx(engine.requested_at + 7.0 + load)
+                # nothing is served before it is ready, and its start-up is billed
+                assert engine.first_step_at is None or engine.first_step_at >= engine.ready_at
+            billed = sum((e.ready_at - e.requested_at) * e.spec.devices for e in late)
+            assert result.device_seconds >= billed + 60 * sim.engines[0].spec.devices
         else:
             # the resized operator engine serves at its new size only after the delay
             assert sim.resizes and all(done - asked >= 7.0 for asked, done in sim.resizes)

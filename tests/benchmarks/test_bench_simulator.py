@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from fxscale.presets import preset_service
+from fxscale.runtime.evaluate import peak_rate
 from fxscale.runtime.planner import SLO, Workload, plan
 from fxscale.runtime.simulator import ScalingConfig, simulate
 from fxscale.runtime.traces import load_trace
@@ -43,9 +44,9 @@ def test_one_hour_replay(benchmark, service, policy, trace_name):
     benchmark.group = f"1-hour replay, llama-2-70b on h100, {trace_name}"
     trace = load_trace(trace_name)
     fixed = None
-    if policy == "static":
-        fixed = plan(service, Workload.from_requests(trace.requests, trace.rate() * 2),
-                     SLO_70B, "model")
+    if policy == "static":  # the static deployment: planned for the peak 30-s rate
+        fixed = plan(service, Workload.from_requests(trace.requests, peak_rate(trace, 30.0)),
+                     SLO_70B, "static")
     result = benchmark.pedantic(simulate, (service, trace, policy, SLO_70B, ScalingConfig(),
                                            fixed), rounds=3, iterations=1)
     assert len(result.ttft) == len(trace.requests)
