@@ -190,16 +190,17 @@ class Simulation:
                 self.lower_for += 1
                 if self.lower_for < self.scaling.down_after:
                     return
-            # new devices start; a re-sharded dense pool loads on new devices while the old
-            # one serves, and both are held until the switch
-            added = spec.devices - old.devices if not reshard else \
-                spec.dense_shards * spec.dense_replicas + max(0, spec.attention - old.attention)
+            # each pool's new devices start (a re-sharded dense pool loads entirely on new
+            # devices) while the old shape serves; all are held until the switch
+            dense, old_dense = (e.dense_shards * e.dense_replicas for e in (spec, old))
+            added = max(0, spec.attention - old.attention) + (
+                dense if reshard else max(0, dense - old_dense))
             reload = reshard or spec.dense_replicas > old.dense_replicas
             delay = self.scaling.startup_s + reload * spec.load_bytes_per_device(
                 self.service) / self.scaling.load_bandwidth
             self._close_account(engine, now)
             engine.pending_spec = spec
-            engine.extra_devices = max(0, added)
+            engine.extra_devices = added
             self._push(now + delay, "resize", (engine, spec, p.chunk, now))
             self.lower_for = 0
         else:  # fewer dense replicas or attention devices, same sharding: after hysteresis,
