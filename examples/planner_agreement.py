@@ -8,23 +8,12 @@ whose prompt and output lengths are drawn from the Azure 2023 conversation trace
 from __future__ import annotations
 
 import argparse
-import random
 
 from fxscale.presets import preset_service
 from fxscale.runtime.evaluate import metrics
 from fxscale.runtime.planner import SLO, Workload, default_slo, plan
 from fxscale.runtime.simulator import simulate
-from fxscale.runtime.traces import Request, Trace, load_trace
-
-
-def poisson(base: Trace, rate: float, seconds: float, seed: int) -> Trace:
-    """Poisson arrivals at `rate` with lengths drawn from `base`."""
-    rng = random.Random(seed)
-    t, requests = 0.0, []
-    while (t := t + rng.expovariate(rate)) < seconds:
-        r = rng.choice(base.requests)
-        requests.append(Request(t, r.prompt_tokens, r.output_tokens))
-    return Trace(f"poisson-{rate:g}", "synthetic", requests)
+from fxscale.runtime.traces import load_trace, poisson_resample
 
 
 def main() -> None:
@@ -43,7 +32,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for rate in map(float, args.rates.split(",")):
         work = Workload.from_requests(base.requests, rate)
-        trace = poisson(base, rate, args.minutes * 60, seed=1)
+        trace = poisson_resample(base, rate, args.minutes * 60, seed=1)
         for policy in ("model", "phase", "operator"):
             p = plan(service, work, slo, policy)
             m = metrics(simulate(service, trace, policy, slo, fixed=p, workload=work), slo)

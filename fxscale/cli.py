@@ -229,7 +229,12 @@ def _positive_float(text: str) -> float:
 
 def _non_negative_float(text: str) -> float:
     """argparse type: a number >= 0."""
-    value = _positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 

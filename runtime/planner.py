@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .engines import LockstepEngine, OperatorEngine
@@ -90,8 +90,7 @@ class Workload:
 
     def at(self, rate: float) -> Workload:
         """The same token statistics at another arrival rate."""
-        return Workload(rate, self.prompt_mean, self.prompt_sq_mean, self.prompt_quantiles,
-                        self.output_mean, self.context_mean, self.size_sq_mean)
+        return replace(self, rate=rate)
 
 
 @dataclass

@@ -99,6 +99,19 @@ class Trace:
                 "output_p50": statistics.median(outputs) if outputs else 0.0}
 
 
+def poisson_resample(base: Trace, rate: float, seconds: float, seed: int) -> Trace:
+    """Poisson arrivals at `rate` for `seconds`, with (prompt, output) lengths drawn from
+    `base`: a steady load with a real trace's length mix."""
+    import random
+
+    rng = random.Random(seed)
+    t, requests = 0.0, []
+    while (t := t + rng.expovariate(rate)) < seconds:
+        r = rng.choice(base.requests)
+        requests.append(Request(t, r.prompt_tokens, r.output_tokens))
+    return Trace(f"poisson-{rate:g}", f"Poisson resampling of {base.name}", requests)
+
+
 def load_trace(name_or_path: str | Path, start_s: float = 0.0, duration_s: float | None = None,
                rate_scale: float = 1.0, seed: int = 0) -> Trace:
     """A shipped trace by name, or a trace file, optionally windowed and rate-scaled

@@ -1,6 +1,9 @@
-"""Helpers shared by the tests: compare a model output with eager."""
+"""Helpers shared by the tests: compare a model output with eager; bad JSON files."""
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 
@@ -21,3 +24,14 @@ def assert_close(actual, expected, rtol):
     assert torch.isfinite(a).all()
     err = ((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
     assert err <= rtol, f"relative error {err:.2e} > {rtol:g}"
+
+
+def assert_bad_file_names_the_field(load, data, mutate, message, tmp_path):
+    """Break a JSON contract's dict with `mutate`, write it, and check that `load(path)`
+    raises a ValueError matching `message` that names the file."""
+    mutate(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message) as info:
+        load(path)
+    assert str(path) in str(info.value)

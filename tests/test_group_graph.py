@@ -7,6 +7,7 @@ import pytest
 
 import fxscale
 from fxscale import GroupGraph, zoo
+from helpers import assert_bad_file_names_the_field
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +43,8 @@ def test_table_lists_every_group(graph):
     (lambda d: d["groups"][0].pop("resource"), "resource"),
 ])
 def test_bad_files_name_the_field(graph, tmp_path, mutate, message):
-    data = graph.to_dict()
-    mutate(data)
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=message) as info:
-        GroupGraph.from_json(path)
-    assert str(path) in str(info.value)
+    assert_bad_file_names_the_field(GroupGraph.from_json, graph.to_dict(), mutate, message,
+                                    tmp_path)
 
 
 def test_not_json_gives_line_and_column(tmp_path):

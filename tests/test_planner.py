@@ -14,7 +14,7 @@ from fxscale.runtime.evaluate import compare, lower_bound, metrics, weighted_qua
 from fxscale.runtime.planner import SLO, Plan, Workload, plan
 from fxscale.runtime.service import Batch, kind_name, service_model
 from fxscale.runtime.simulator import ScalingConfig, Simulation, simulate
-from fxscale.runtime.traces import Request, Trace, load_trace
+from fxscale.runtime.traces import Request, Trace, load_trace, poisson_resample
 
 SLO_TIGHT = SLO(ttft=0.1, tbt=0.004)  # scaled to a 4-layer model: a few ms per step
 
@@ -48,18 +48,6 @@ def azure():
     """Token statistics of the Azure conversation trace."""
     trace = load_trace("azure-conv")
     return trace, Workload.from_requests(trace.requests, trace.rate())
-
-
-def poisson_trace(base: Trace, rate: float, seconds: float, seed: int) -> Trace:
-    """Poisson arrivals at `rate` with prompt/output lengths drawn from `base`."""
-    rng = random.Random(seed)
-    t, requests = 0.0, []
-    while True:
-        t += rng.expovariate(rate)
-        if t >= seconds:
-            return Trace(f"poisson{rate}", "synthetic", requests)
-        r = rng.choice(base.requests)
-        requests.append(Request(t, r.prompt_tokens, r.output_tokens))
 
 
 def test_kinds_fold_layers_and_reproduce_group_costs(graphs, service):
@@ -133,7 +121,7 @@ def test_plans_meet_their_slo_and_agree_with_the_replay(service, azure, policy):
     assert sum(g["device_fraction"] for g in p.groups) == pytest.approx(len(p.engines))
     assert all(g["devices"] and g["max_batch"] >= 1 for g in p.groups)
     json.dumps(p.to_dict())  # a plan is JSON
-    result = simulate(service, poisson_trace(base, rate, 60, seed=1), policy, SLO_TIGHT,
+    result = simulate(service, poisson_resample(base, rate, 60, seed=1), policy, SLO_TIGHT,
                       fixed=p, workload=workload.at(rate))
     m = metrics(result, SLO_TIGHT)
     assert m["slo_attainment"] >= 0.99
@@ -172,7 +160,7 @@ def test_bound_is_below_every_policy(service, azure):
 
 def test_scaling_waits_for_start_up_and_weights(service, azure):
     base, workload = azure
-    calm, burst = poisson_trace(base, 10.0, 60, 2), poisson_trace(base, 200.0, 30, 3)
+    calm, burst = poisson_resample(base, 10.0, 60, 2), poisson_resample(base, 200.0, 30, 3)
     trace = Trace("step", "synthetic", calm.requests + [
         Request(r.arrival_s + 60, r.prompt_tokens, r.output_tokens) for r in burst.requests])
     scaling = ScalingConfig(interval_s=10, startup_s=7.0, load_bandwidth=1e9)

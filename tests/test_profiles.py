@@ -1,7 +1,6 @@
 """Profiles: measurement, the Profile JSON contract, device models, the latency fit."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,6 +13,7 @@ from fxscale.runtime import cpu_calibration
 from fxscale.runtime.devices import device_names, load_device
 from fxscale.runtime.fit import fit_group, fit_points, predict
 from fxscale.runtime.profile import GroupProfile, Profile, ProfilePoint
+from helpers import assert_bad_file_names_the_field
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +85,8 @@ def good_profile():
     (lambda d: d.update(threads="two"), "field 'threads' must be int"),
 ])
 def test_bad_profile_file_names_the_field(tmp_path, mutate, message):
-    data = good_profile().to_dict()
-    mutate(data)
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=message) as info:
-        Profile.from_json(path)
-    assert str(path) in str(info.value)
+    assert_bad_file_names_the_field(Profile.from_json, good_profile().to_dict(), mutate,
+                                    message, tmp_path)
 
 
 def test_device_constants_load_with_sources():

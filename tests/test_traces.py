@@ -162,3 +162,14 @@ def test_servegen_bad_inputs():
         servegen._gap_sampler("Weibull", 0.0, 1.0, 1.0, random.Random(0), "x.csv:3")
     with pytest.raises(TraceError, match="weights must be >= 0"):
         servegen._pmf("{1: -0.5, 2: 0.5}", "x.json")
+
+
+def test_poisson_resample_keeps_the_length_mix_at_a_steady_rate():
+    from fxscale.runtime.traces import poisson_resample
+
+    base = load_trace("azure-conv")
+    steady = poisson_resample(base, 4.0, 600, seed=3)
+    assert abs(len(steady.requests) / 600 - 4.0) < 0.4
+    pairs = {(r.prompt_tokens, r.output_tokens) for r in base.requests}
+    assert all((r.prompt_tokens, r.output_tokens) in pairs for r in steady.requests)
+    assert steady.requests == poisson_resample(base, 4.0, 600, seed=3).requests
