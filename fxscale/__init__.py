@@ -17,7 +17,8 @@ _EXPORTS = {
     "Group": "group_graph", "GroupEdge": "group_graph", "GroupGraph": "group_graph",
     "Options": "options", "Grid": "profiling", "profile": "profiling",
     "serve": "serving", "Server": "serving", "OverloadError": "serving",
-    "SLO": "runtime.planner",
+    "SLO": "runtime.planner", "report": "reporting",
+    "export_onnx": "onnx_export", "OnnxExport": "onnx_export",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

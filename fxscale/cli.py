@@ -1,4 +1,4 @@
-"""The `fxscale` command line: demo, explain, profile and simulate."""
+"""The `fxscale` command line: demo, explain, profile, simulate, report, export-onnx, bench."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,9 @@ import sys
 import time
 from typing import Sequence
 
+from .cli_bench import add_bench_command
+from .cli_export import add_export_command
+from .cli_report import add_report_command
 from .options import GRANULARITIES, LOWERINGS
 from .runtime.planner import POLICIES
 
@@ -42,6 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--lowering", choices=LOWERINGS, default="inductor")
     demo.add_argument("--granularity", choices=GRANULARITIES, default="operator")
     demo.add_argument("--json", metavar="PATH", help="also write the GroupGraph as JSON")
+    demo.add_argument("--no-serve", dest="serve", action="store_false",
+                      help="skip serving the trace slice (compile check only)")
+    demo.add_argument("--serve-seconds", type=_positive_float, default=30.0,
+                      help="length of the served trace slice per policy, in seconds")
+    demo.add_argument("--speedup", type=_positive_float, default=2.0,
+                      help="trace seconds replayed per second")
+    demo.add_argument("--serve-hidden", type=_positive, default=2048,
+                      help="hidden size of the served 2-layer Llama")
+    demo.add_argument("--results", metavar="PATH",
+                      help="write the serving comparison as JSON ('-': stdout)")
     demo.set_defaults(run=_demo)
 
     explain = sub.add_parser("explain", help="analyse a zoo model (optionally on the meta device, "
@@ -106,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0, help="seed of sampled traces (ServeGen)")
     sim.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
     sim.set_defaults(run=_simulate)
+    add_report_command(sub)
+    add_export_command(sub)
+    add_bench_command(sub)
     return parser
 
 
@@ -141,14 +157,19 @@ def _simulate(args: argparse.Namespace) -> int:
         data = ({**runs[args.policy], "config": config} if args.policy != "all" else
                 {"policies": runs, **outcome["bound"], "wall_s": outcome["wall_s"],
                  "config": config})
-        text = json.dumps(data, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            from pathlib import Path
-
-            Path(args.json).write_text(text + "\n")
+        _write_json(data, args.json)
     return 0
+
+
+def _write_json(data: dict, target: str) -> None:
+    """Write JSON to a file, or to stdout when the target is '-'."""
+    text = json.dumps(data, indent=1)
+    if target == "-":
+        print(text)
+    else:
+        from pathlib import Path
+
+        Path(target).write_text(text + "\n")
 
 
 def _run_json(row: dict) -> dict:
@@ -288,7 +309,38 @@ def _demo(args: argparse.Namespace) -> int:
     console.print(f"compile + first run: {elapsed:.1f} s; output vs eager: max abs diff "
                   f"{diff:.2e} (tolerance {tolerance:g} x max |output| = {tolerance * scale:.2e}) "
                   f"-> {'OK' if ok else 'MISMATCH'}", markup=False, highlight=False)
+    if ok and args.serve:
+        _serve_demo(args, console)
     return 0 if ok else 1
+
+
+def _serve_demo(args: argparse.Namespace, console) -> None:
+    """Serve an Azure conversation slice with operator- and model-level autoscaling."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from .serving_demo import DemoConfig, replicas_table, serve_trace, summary_table
+
+    config = DemoConfig(seconds=args.serve_seconds, speedup=args.speedup,
+                        hidden=args.serve_hidden)
+    console.print(f"\nserving {config.seconds:g} s of the Azure conversation trace "
+                  f"({config.speedup:g}x speed) on a {config.layers}-layer Llama "
+                  f"(hidden {config.hidden}), budget {config.budget}, with operator-level and "
+                  "then model-level autoscaling", markup=False, highlight=False)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(policy: str, done: int, total: int) -> None:
+            if policy not in tasks:
+                tasks[policy] = bar.add_task(f"serving ({policy})", total=total)
+            bar.update(tasks[policy], completed=done)
+
+        results = serve_trace(config, progress=progress)
+    console.print(summary_table(results))
+    for policy, run in results["policies"].items():
+        console.print(replicas_table(policy, run))
+    if args.results:
+        _write_json(results, args.results)
 
 
 def _first_tensor(output):

@@ -8,15 +8,16 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 GROUP_GAUGES = (("replicas", "live replicas of the group"),
                 ("queue", "calls waiting in the group's replica queues"),
                 ("utilisation", "busy time over wall time per live replica"),
+                ("batch_mean", "calls per execution (selective batching)"),
                 ("latency_p50_s", "median queue + execution time of a group call"),
                 ("latency_p99_s", "99th percentile queue + execution time of a group call"))
-REQUEST_GAUGES = ("ttft_p50_s", "ttft_p99_s", "tbt_p50_s", "tbt_p99_s", "e2e_p50_s",
-                  "e2e_p99_s", "slo_attainment")
+REQUEST_GAUGES = tuple(f"{key}_p{q}_s" for key in ("ttft", "tbt", "e2e") for q in (50, 90, 99)) \
+    + ("slo_attainment",)
 
 
 class _StatsCollector:
@@ -39,6 +40,13 @@ class _StatsCollector:
         for name, values in groups.items():
             calls.add_metric([name], values["completed"])
         yield calls
+        latency = HistogramMetricFamily("fxscale_group_call_latency_seconds",
+                                        "queue + execution time of recent group calls",
+                                        labels=["group"])
+        for name, values in groups.items():
+            buckets = list(values["latency_histogram"].items())
+            latency.add_metric([name], buckets, sum_value=None)
+        yield latency
         requests = snapshot["requests"]
         yield CounterMetricFamily("fxscale_requests", "completed requests",
                                   value=requests["completed"])

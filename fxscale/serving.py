@@ -33,6 +33,10 @@ import torch.fx as fx
 from .backend import fxscale_backend
 from .passes.split import submodule_name
 from .runtime.planner import SLO
+from .runtime.quantile import quantile
+from .runtime.autoscaler import Autoscaler
+from .runtime.batching import signature
+from .runtime.budget import Budget
 from .runtime.replica_pool import Call, ReplicaPool
 
 POLICIES = ("operator", "model")
@@ -49,21 +53,27 @@ class Server:
                  slo: SLO | None = None, backend: str = "local", max_pending: int = 64,
                  submit_timeout_s: float = 10.0, lowering: str = "eager",
                  warmup: bool = True, metrics_port: int | None = None,
-                 metrics_host: str = "127.0.0.1") -> None:
+                 metrics_host: str = "127.0.0.1", max_batch: int = 16,
+                 autoscale: bool = False, autoscale_interval_s: float = 1.0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if autoscale and slo is None:
+            raise ValueError("autoscale=True needs an SLO to plan for: pass "
+                             "slo=fxscale.SLO(ttft=..., tbt=...)")
         if backend != "local":
             raise ValueError(f"backend {backend!r} is not available; this build serves on "
                              "the embedded local runtime: backend='local'")
-        if budget < 1 or max_pending < 1:
-            raise ValueError(f"budget and max_pending must be >= 1, got {budget}, {max_pending}")
+        if budget < 1 or max_pending < 1 or max_batch < 1:
+            raise ValueError(f"budget, max_pending and max_batch must be >= 1, got {budget}, "
+                             f"{max_pending}, {max_batch}")
         self.model, self.policy, self.budget_size, self.slo = model.eval(), policy, budget, slo
         self.config = getattr(model, "config", None)
         eos = getattr(self.config, "eos_token_id", None)
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.options = {"granularity": "operator" if policy == "operator" else "model",
                         "lowering": lowering}
-        self.budget = threading.Semaphore(budget)
+        self.budget = Budget(budget)
+        self.max_batch = max_batch
         self.pools: dict[str, ReplicaPool] = {}
         self.pools_lock = threading.Lock()
         self.submit_timeout_s = submit_timeout_s
@@ -87,6 +97,10 @@ class Server:
         # Dynamo does not compile safely from several threads: from here on a call that
         # needs a new graph fails fast and is compiled alone (see _call)
         torch.compiler.set_stance("fail_on_recompile")
+        self.autoscaler = None
+        if autoscale:
+            self.autoscaler = Autoscaler(lambda: dict(self.pools), slo, budget,
+                                         autoscale_interval_s).start()
         self.metrics = None
         if metrics_port is not None:  # opt-in Prometheus endpoint (loopback by default)
             from .metrics_endpoint import start_metrics
@@ -108,9 +122,10 @@ class Server:
             weights = tuple(i for i, a in enumerate(node.args)
                             if isinstance(a, fx.Node) and a.op == "placeholder"
                             and ("_parameters_" in a.name or "_buffers_" in a.name))
+            batch = self.max_batch if group.row_wise and not group.stateful else 1
             with self.pools_lock:
                 pool = self.pools.setdefault(group.name, ReplicaPool(
-                    group.name, group.stateful, self.budget))
+                    group.name, group.stateful, self.budget, max_batch=batch))
             lowered._modules[node.target] = _PoolCall(self, pool, getattr(lowered, node.target),
                                                       weights)
         return lowered
@@ -119,8 +134,9 @@ class Server:
     def submit(self, input_ids: torch.Tensor, timeout_s: float | None = None) -> Future:
         """One forward pass (no KV cache); the future holds the logits."""
         ids = self._check(input_ids, 0)
+        submitted = time.perf_counter()
         self._admit(timeout_s)
-        return self.requests.submit(self._forward, ids)
+        return self.requests.submit(self._forward, ids, submitted)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, stream: bool = False,
                  timeout_s: float | None = None) -> Future | Iterator[int]:
@@ -129,9 +145,11 @@ class Server:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = self._check(input_ids, max_new_tokens)
+        record = {"submitted_at": time.perf_counter()}
         self._admit(timeout_s)
         tokens: queue.Queue | None = queue.Queue() if stream else None
-        future = self.requests.submit(self._generate, ids, max_new_tokens, tokens)
+        future = self.requests.submit(self._generate, ids, max_new_tokens, tokens, record)
+        future.record = record  # the request's timings once it finishes (see _generate)
         return _stream(tokens, future) if stream else future
 
     def _check(self, input_ids: Any, new_tokens: int) -> torch.Tensor:
@@ -171,24 +189,24 @@ class Server:
             self.in_flight -= 1
         self.slots.release()
 
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, submitted: float) -> torch.Tensor:
         """Run one forward pass in a request thread."""
-        start = time.perf_counter()
         self.local.request = next(self.ids)
         try:
             with torch.no_grad():
                 logits = self._call(ids, use_cache=False).logits
-            self.finished.append({"e2e_s": time.perf_counter() - start})
+            self.finished.append({"e2e_s": time.perf_counter() - submitted})
             return logits
         finally:
             self._release()
 
-    def _generate(self, ids: torch.Tensor, new_tokens: int, tokens: queue.Queue | None
-                  ) -> list[int]:
-        """Greedy decoding in a request thread, pushing tokens to `tokens` when streaming."""
+    def _generate(self, ids: torch.Tensor, new_tokens: int, tokens: queue.Queue | None,
+                  record: dict[str, float]) -> list[int]:
+        """Greedy decoding in a request thread, pushing tokens to `tokens` when streaming;
+        fills `record` with its timings, measured from submission (waits included)."""
         from transformers import DynamicCache
 
-        start = time.perf_counter()
+        start = record["submitted_at"]
         self.local.request = next(self.ids)
         out: list[int] = []
         times: list[float] = []
@@ -205,9 +223,11 @@ class Server:
                         tokens.put(out[-1])
                     if out[-1] in self.eos:  # stop as Hugging Face generate does
                         break
-            gaps = [b - a for a, b in zip(times, times[1:])]
-            self.finished.append({"ttft_s": times[0] - start, "e2e_s": times[-1] - start,
-                                  **({"tbt_s": sum(gaps) / len(gaps)} if gaps else {})})
+            record.update(first_token_at=times[0], finished_at=times[-1], tokens=len(out),
+                          ttft_s=times[0] - start, e2e_s=times[-1] - start)
+            if len(times) > 1:
+                record["tbt_s"] = (times[-1] - times[0]) / (len(times) - 1)
+            self.finished.append(record)
             return out
         finally:
             self._release()
@@ -246,21 +266,22 @@ class Server:
                       and f.get("tbt_s", 0.0) <= self.slo.tbt)
             summary["slo_attainment"] = met / len(generated) if generated else None
         for key in ("ttft_s", "tbt_s", "e2e_s"):
-            values = sorted(f[key] for f in finished if key in f)
-            if values:
-                summary[f"{key[:-2]}_p50_s"] = values[len(values) // 2]
-                summary[f"{key[:-2]}_p99_s"] = values[min(len(values) - 1,
-                                                          int(0.99 * len(values)))]
+            values = [f[key] for f in finished if key in f]
+            for q in (50, 90, 99):
+                summary[f"{key[:-2]}_p{q}_s"] = quantile(values, q / 100)
         return {"policy": self.policy, "budget": self.budget_size,
                 "in_flight": self.in_flight,
                 "groups": {name: pool.stats() for name, pool in sorted(self.pools.items())},
-                "requests": summary}
+                "requests": summary,
+                "autoscaler": self.autoscaler.report() if self.autoscaler else None}
 
     def close(self) -> None:
         """Stop accepting requests, finish those in flight, drain every pool."""
         if self.closed:
             return
         self.closed = True
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
         if self.metrics is not None:
             self.metrics.shutdown()
             self.metrics.server_close()
@@ -324,7 +345,8 @@ class _PoolCall(torch.nn.Module):
 
     def forward(self, *args: Any) -> Any:
         request = getattr(self.server.local, "request", None)
-        return self.pool.submit(Call(self.inner, args, self.weights, request)).result()
+        key = signature(self.inner, args, self.weights) if self.pool.max_batch > 1 else None
+        return self.pool.submit(Call(self.inner, args, self.weights, request, key)).result()
 
 
 def _stream(tokens: queue.Queue, future: Future) -> Iterator[int]:

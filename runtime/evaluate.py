@@ -17,6 +17,7 @@ from typing import Callable
 
 from .planner import SLO, Plan, Workload, plan
 from .service import Batch, ServiceModel
+from .quantile import quantile
 from .simulator import Result, ScalingConfig, Simulation
 from .traces import Trace
 
@@ -46,13 +47,6 @@ def weighted_quantile(samples: list[tuple[float, int]], q: float) -> float:
         if running >= q * total:
             return value
     return ordered[-1][0]
-
-
-def quantile(values: list[float], q: float) -> float:
-    """Nearest-rank quantile."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] \
-        if ordered else math.nan
 
 
 def metrics(result: Result, slo: SLO) -> dict:

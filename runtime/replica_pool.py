@@ -8,17 +8,33 @@ groups keep each request on one replica (affinity). A replica that raises has it
 retried once on another replica; a second failure reaches the caller as a GroupError naming
 the group and the cause. Scale-down drains: a removed replica finishes its queue first.
 Execution threads are bounded by a shared budget (a semaphore): replicas are logical, the
-budget is what runs at once.
+budget is what runs at once. A row-wise group's replica takes every queued call whose
+signature matches the first, up to the pool's max batch, and runs them as one
+(runtime/batching.py); the first batch of each signature is checked against one-by-one
+execution, and a signature that fails to batch or disagrees runs one by one from then on.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
+
+from .batching import run_batched, same_results
+from .budget import Budget
+from .quantile import quantile
+
+log = logging.getLogger("fxscale.runtime")
+# Upper bounds (seconds) of the call-latency histogram in stats(), Prometheus style.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# A batch waits for more calls at most one mean execution of its pool (a late call would cost
+# about one more execution), and stops waiting once arrivals pause for a quarter of that.
+QUIET_FRACTION = 0.25
+MIN_QUIET_S = 0.0005
 
 
 class GroupError(RuntimeError):
@@ -33,6 +49,7 @@ class Call:
     args: tuple
     weights: tuple[int, ...]          # positions of weight tensors among args
     request: int | None
+    key: Hashable | None = None       # batching signature (None: runs alone)
     future: Future = field(default_factory=Future)
     attempts: int = 0
     queued_at: float = field(default_factory=time.perf_counter)
@@ -76,9 +93,54 @@ class Replica:
                     self.wake.wait()
                 if self.dead or (self.draining and not self.queue):
                     break
-                call = self.queue.popleft()
-            self._run(call)
+                self._gather()
+            # take the batch only once a budget slot is held: calls queue up while it waits
+            with self.pool.budget.slot(self):
+                with self.wake:
+                    calls = self._take() if self.queue and not self.dead else []
+                if calls:
+                    self._run(calls)
         self.pool.retired(self)
+
+    def _gather(self) -> None:
+        """Let a batchable queue fill (caller holds `wake`): wait while calls keep arriving,
+        at most one mean execution (and the pool's batch wait) after the oldest arrived."""
+        pool = self.pool
+        if pool.max_batch <= 1 or self.queue[0].key is None:
+            return
+        execution = pool.mean_execution_s()
+        deadline = self.queue[0].queued_at + min(pool.batch_wait_s, execution)
+        while self.queue and len(self.queue) < pool.max_batch and not self.dead:
+            now = time.perf_counter()
+            quiet = self.queue[-1].queued_at + max(MIN_QUIET_S, QUIET_FRACTION * execution)
+            if now >= deadline or now >= quiet:
+                return
+            self.wake.wait(min(deadline, quiet) - now)
+
+    def priority(self, now: float) -> float:
+        """What a budget slot would serve here: the calls a batch takes (one when calls do
+        not batch), plus one per mean execution time the oldest call has waited."""
+        queue = self.queue
+        try:
+            first = queue[0]
+        except IndexError:  # emptied by a crash (kill) while it waited
+            return -1.0
+        batches = first.key is not None and first.key not in self.pool.refused
+        served = min(len(queue), self.pool.max_batch) if batches else 1
+        return served + (now - first.queued_at) / self.pool.mean_execution_s()
+
+    def _take(self) -> list[Call]:
+        """The next call and the queued calls that batch with it (caller holds `wake`)."""
+        first = self.queue.popleft()
+        limit = self.pool.max_batch
+        if first.key is None or limit <= 1 or first.key in self.pool.refused:
+            return [first]
+        calls, rest = [first], deque()
+        while self.queue:
+            call = self.queue.popleft()
+            (calls if call.key == first.key and len(calls) < limit else rest).append(call)
+        self.queue = rest
+        return calls
 
     def _own(self, call: Call) -> list:
         """The call's arguments with this replica's weight copies in place of the originals."""
@@ -92,24 +154,48 @@ class Replica:
             args[position] = mine
         return args
 
-    def _run(self, call: Call) -> None:
-        """Execute one call under the execution budget; hand failures to the pool."""
-        with self.pool.budget:
-            start = time.perf_counter()
-            try:
-                if self.broken or (self.fail_next and not call.attempts):
-                    self.fail_next -= not self.broken
-                    raise RuntimeError(f"injected fault in replica {self.id}")
-                result = call.run(*self._own(call))
-            except Exception as err:  # noqa: BLE001 - any failure is retried or reported
+    def _run(self, calls: list[Call]) -> None:
+        """Execute calls (one, or a batch; the caller holds a budget slot); hand failures to
+        the pool, each call on its own."""
+        start = time.perf_counter()
+        try:
+            if self.broken or (self.fail_next and not any(c.attempts for c in calls)):
+                self.fail_next -= not self.broken
+                raise RuntimeError(f"injected fault in replica {self.id}")
+            results = self._execute(calls)
+        except Exception as err:  # noqa: BLE001 - any failure is retried or reported
+            for call in calls:
                 self.pool.failed(self, call, err)
-                return
-            finally:
-                elapsed = time.perf_counter() - start
-                self.busy_s += elapsed
-                self.calls += 1
-        self.pool.record(call, elapsed)
-        call.future.set_result(result)
+            return
+        finally:
+            elapsed = time.perf_counter() - start
+            self.busy_s += elapsed
+            self.calls += len(calls)
+        self.pool.record(calls, elapsed)
+        for call, result in zip(calls, results):
+            call.future.set_result(result)
+
+    def _execute(self, calls: list[Call]) -> list[Any]:
+        """Results of the calls: one execution for a batch, checked on its signature's first
+        use; one by one when the signature does not batch."""
+        owned = [self._own(call) for call in calls]
+        run = calls[0].run
+        if len(calls) == 1:
+            return [run(*owned[0])]
+        key = calls[0].key
+        try:
+            batched = run_batched(run, owned)
+        except Exception as err:  # noqa: BLE001 - an op vmap cannot batch: run one by one
+            single = [run(*args) for args in owned]
+            self.pool.refuse(key, f"{type(err).__name__}: {err}")
+            return single
+        if key not in self.pool.verified:
+            single = [run(*args) for args in owned]
+            if not same_results(batched, single):
+                self.pool.refuse(key, "batched results differ from one-by-one results")
+                return single
+            self.pool.verified.add(key)
+        return batched
 
     def kill(self) -> list[Call]:
         """Stop at once (a crash): return the calls it had not started."""
@@ -124,9 +210,18 @@ class Replica:
 class ReplicaPool:
     """A group's replicas and its dispatch, scaling, fault handling and metrics."""
 
-    def __init__(self, name: str, stateful: bool, budget: threading.Semaphore,
-                 replicas: int = 1) -> None:
+    def __init__(self, name: str, stateful: bool, budget: Budget,
+                 replicas: int = 1, max_batch: int = 1, batch_wait_s: float = 0.05) -> None:
         self.name, self.stateful, self.budget = name, stateful, budget
+        self.max_batch = max_batch        # > 1: row-wise calls from several requests batch
+        self.batch_wait_s = batch_wait_s
+        self.verified: set[Hashable] = set()
+        self.refused: set[Hashable] = set()
+        self.batch_sizes: Counter[int] = Counter()
+        self.executions: deque[tuple[int, float]] = deque(maxlen=512)  # (batch, seconds)
+        self.busy_s = 0.0                 # execution seconds of every replica, ever
+        self.execution_count = 0          # executions (calls or batches), ever
+        self.arrivals = 0
         self.lock = threading.Lock()
         self.replicas: list[Replica] = []
         self.weight_sources: dict[int, Any] = {}
@@ -141,10 +236,40 @@ class ReplicaPool:
     def submit(self, call: Call) -> Future:
         """Queue a call on the best replica; returns its future."""
         with self.lock:
+            self.arrivals += 1
             if not any(r for r in self.replicas if not r.draining and not r.dead):
                 self._grow(max(1, self.target))
             self._choose(call).put(call)
         return call.future
+
+    def execution_samples(self) -> list[tuple[int, float]]:
+        """(batch, seconds) of the most recent executions: the group's measured profile."""
+        with self.lock:
+            return list(self.executions)
+
+    def counters(self) -> dict[str, float]:
+        """Running totals the autoscaler differences: arrivals, completed calls, executions,
+        busy seconds; and the queue and live replicas now."""
+        with self.lock:
+            return {"arrivals": self.arrivals, "completed": self.completed,
+                    "executions": self.execution_count, "busy_s": self.busy_s,
+                    "queue": sum(len(r.queue) for r in self.replicas),
+                    "replicas": sum(1 for r in self.replicas if not r.draining and not r.dead)}
+
+    def mean_execution_s(self) -> float:
+        """Mean seconds of one execution (a call or a batch) so far; 1 ms before any."""
+        # plain attributes, read without the lock: the budget asks while holding its own
+        count = self.execution_count
+        return self.busy_s / count if count else 1e-3
+
+    def refuse(self, key: Hashable, reason: str) -> None:
+        """Stop batching calls of this signature (they run one by one), with a warning."""
+        with self.lock:
+            if key in self.refused:
+                return
+            self.refused.add(key)
+        log.warning("group %s: calls of one shape run one by one from now on (%s)",
+                    self.name, reason)
 
     def _choose(self, call: Call, avoid: Replica | None = None) -> Replica:
         """Affinity for stateful groups, else the shortest queue (capacity-weighted: every
@@ -229,32 +354,42 @@ class ReplicaPool:
             thread.join()
 
     # ---- metrics --------------------------------------------------------------------------
-    def record(self, call: Call, elapsed: float) -> None:
-        """Book one completed call."""
+    def record(self, calls: list[Call], elapsed: float) -> None:
+        """Book one completed execution (a call or a batch)."""
+        now = time.perf_counter()
         with self.lock:
-            self.completed += 1
-            self.latencies.append(time.perf_counter() - call.queued_at)
+            self.completed += len(calls)
+            self.busy_s += elapsed
+            self.batch_sizes[len(calls)] += 1
+            self.execution_count += 1
+            self.executions.append((len(calls), elapsed))
+            self.latencies.extend(now - call.queued_at for call in calls)
 
     def stats(self) -> dict[str, Any]:
         """Replicas, queue, utilisation, completed calls, latency percentiles, ready times."""
         with self.lock:
             live = [r for r in self.replicas if not r.draining and not r.dead]
-            latencies = sorted(self.latencies)
+            latencies = list(self.latencies)
             elapsed = max(1e-9, time.perf_counter() - self.created)
             return {
                 "replicas": len(live), "draining": len(self.replicas) - len(live),
                 "queue": sum(len(r.queue) for r in self.replicas),
                 "completed": self.completed, "retries": self.retries,
+                "batches": self.execution_count,
+                "batch_mean": self.completed / max(1, self.execution_count),
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "utilisation": sum(r.busy_s for r in self.replicas) / elapsed / max(1, len(live)),
-                "latency_p50_s": _quantile(latencies, 0.5),
-                "latency_p99_s": _quantile(latencies, 0.99),
+                "latency_p50_s": quantile(latencies, 0.5),
+                "latency_p99_s": quantile(latencies, 0.99),
+                "latency_histogram": _histogram(latencies),
                 "weight_bytes_per_replica": live[0].bytes if live else 0,
                 "replica_ready_s": [r.ready_s for r in live],
             }
 
 
-def _quantile(ordered: list[float], q: float) -> float | None:
-    """Nearest-rank quantile of sorted values (None when empty)."""
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+def _histogram(latencies: list[float]) -> dict[str, int]:
+    """Cumulative counts of latencies at or below each bucket bound (and +Inf)."""
+    counts = {f"{bound:g}": sum(1 for x in latencies if x <= bound) for bound in LATENCY_BUCKETS}
+    counts["+Inf"] = len(latencies)
+    return counts

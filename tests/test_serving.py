@@ -58,6 +58,9 @@ def test_sixteen_clients_with_random_scale_events_match_eager(server, llama):
                 assert got == expected, f"request {i}: generate differs from eager"
             else:
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    sizes = [int(size) for group in server.stats()["groups"].values()
+             for size in group["batch_sizes"]]
+    assert max(sizes) > 1, "row-wise calls of concurrent requests never batched"
     stats = server.stats()
     assert stats["requests"]["completed"] >= 64 and stats["requests"]["slo_attainment"] == 1.0
     for name, group in stats["groups"].items():
@@ -176,6 +179,11 @@ def test_prometheus_endpoint_is_opt_in_and_on_loopback(llama):
         text = text.decode()
         assert 'fxscale_group_replicas{group="model.layers.0#1/attention"} 1.0' in text
         assert "fxscale_requests_total" in text and "fxscale_request_ttft_p50_s" in text
+        calls = server.stats()["groups"]["top#1/gemm"]["completed"]
+        assert calls >= 4  # warm-up (forward, prefill, decode) and this request's prefill
+        assert (f'fxscale_group_call_latency_seconds_bucket{{group="top#1/gemm",le="+Inf"}} '
+                f'{calls:.1f}' in text)
+        assert "fxscale_group_batch_mean" in text
     with fxscale.serve(llama, budget=1) as server:
         assert server.metrics is None
 

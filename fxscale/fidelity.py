@@ -1,0 +1,166 @@
+"""Fidelity of the runtime model: predicted vs measured TTFT and TBT on one trace slice.
+
+For a policy: profile every group of the served model on this machine (eager lowering, one
+intra-op thread, as the server runs them) and fit each group's latency; serve the trace
+slice live with the autoscaler; then replay the same requests through the discrete-event
+model of the runtime (runtime/local_sim.py) with the fitted profiles, the same budget and
+the replica counts the live autoscaler chose over time. The per-call cost of the request
+thread (Python between group calls) is calibrated once from a single request served alone.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from .runtime.fit import fit_profile
+from .runtime.local_sim import LocalSimulation, SimGroup, SimRequest, fitted_latency
+from .runtime.planner import SLO
+from .runtime.profile import Profile
+from .runtime.quantile import quantile
+from .serving_demo import DemoConfig
+from .trace_replay import replay, scaled_slice
+
+DECODE_BATCHES = (1, 2, 4, 8, 16)
+PREFILL_BATCHES = (1, 2)
+HOP_SAMPLES = 3
+
+
+def measured_profile(model: torch.nn.Module, config: DemoConfig, granularity: str) -> Profile:
+    """Prefill and decode profiles of every group, fitted, with one intra-op thread."""
+    from .profiling import Grid, profile
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lengths = (8, 16, config.max_prompt)
+        contexts = (16, config.max_prompt, config.max_prompt + config.max_new)
+        kwargs = dict(granularity=granularity, lowering="eager", repeats=3, warmup=1,
+                      rotations=1, progress=False)
+        prefill = profile(model, Grid(PREFILL_BATCHES, lengths, ("prefill",)), **kwargs)
+        decode = profile(model, Grid(DECODE_BATCHES, contexts, ("decode",)), **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    by_name = {g.name: g for g in decode.groups}
+    for group in prefill.groups:
+        group.points += by_name[group.name].points
+    return fit_profile(prefill)
+
+
+def group_facts(profile: Profile, graphs: list) -> list[dict]:
+    """The profile's groups in pass order, with how each batches (from its GroupGraph)."""
+    known = {g.name: g for graph in graphs for g in graph.groups}
+    return [{"name": g.name, "batches": known[g.name].row_wise and not known[g.name].stateful,
+             "stateful": known[g.name].stateful,
+             "context_keyed": "embedding" in known[g.name].classes} for g in profile.groups]
+
+
+def replicas_timeline(timeline: list[dict]):
+    """Replica counts at any time, stepping as the live run's samples recorded them."""
+    def at(t: float) -> dict[str, int]:
+        current: dict[str, int] = {}
+        for row in timeline:
+            if row["t"] > t:
+                break
+            current = row["replicas"]
+        return current
+    return at
+
+
+def measure(config: DemoConfig, policy: str) -> dict[str, Any]:
+    """Profile the groups, calibrate the request thread's cost, serve the slice live:
+    everything the prediction needs and what it is compared with (JSON-ready)."""
+    import fxscale
+    from fxscale import backend, zoo
+
+    torch._dynamo.reset()  # a fresh cache: earlier compiles of this model class count
+    model = zoo.build("llama", layers=config.layers, hidden=config.hidden).model.eval()
+    profile = measured_profile(model, config, "operator" if policy == "operator" else "model")
+    slo = SLO(config.ttft, config.tbt)
+    first_graph = len(backend.compiled_group_graphs)
+    with fxscale.serve(model, policy=policy, slo=slo, budget=config.budget, autoscale=True,
+                       autoscale_interval_s=config.interval_s) as server:
+        facts = group_facts(profile, backend.compiled_group_graphs[first_graph:])
+        hop = _calibrate_hop(server, _sim_groups(profile, facts), config)
+        time.sleep(config.interval_s)  # the calibration request leaves the autoscaler's view
+        live = replay(server, _requests(config), slo, seed=config.seed)
+    return {"policy": policy, "config": asdict(config), "profile": profile.to_dict(),
+            "groups": facts, "hop_s": hop, "live": live}
+
+
+def predict(measured: dict[str, Any]) -> list[dict]:
+    """Per-request TTFT/TBT of the slice, predicted by the runtime model from `measure`."""
+    config = DemoConfig(**measured["config"])
+    profile = Profile.from_dict(measured["profile"])
+    requests = [SimRequest(r.arrival_s, r.prompt_tokens, r.new_tokens)
+                for r in _requests(config)]
+    token_times = LocalSimulation(_sim_groups(profile, measured["groups"]), requests,
+                                  config.budget,
+                                  replicas_timeline(measured["live"]["timeline"]),
+                                  hop_s=measured["hop_s"]).run()
+    return [{"ttft_s": times[0] - r.arrival_s,
+             **({"tbt_s": (times[-1] - times[0]) / (len(times) - 1)} if len(times) > 1 else {})}
+            for r, times in zip(requests, token_times)]
+
+
+def fidelity(config: DemoConfig, policy: str) -> dict[str, Any]:
+    """Predicted vs measured TTFT/TBT p50 and p90 for one policy on the config's slice."""
+    return compare(measure(config, policy))
+
+
+def compare(measured: dict[str, Any]) -> dict[str, Any]:
+    """The prediction's percentiles against the live run's, with relative errors."""
+    predicted = _percentiles(predict(measured))
+    live = _percentiles([r for r in measured["live"]["requests"] if r["outcome"] == "ok"])
+    return {"policy": measured["policy"], "hop_s": measured["hop_s"], "predicted": predicted,
+            "measured": live,
+            "relative_error": {k: abs(predicted[k] - live[k]) / live[k] for k in live if live[k]},
+            "live_summary": measured["live"]["summary"]}
+
+
+def _requests(config: DemoConfig):
+    """The config's scaled trace slice."""
+    return scaled_slice(config.trace, duration_s=config.seconds * config.speedup,
+                        speedup=config.speedup, prompt_divisor=config.prompt_divisor,
+                        output_divisor=config.output_divisor, max_prompt=config.max_prompt,
+                        max_new=config.max_new)
+
+
+def _sim_groups(profile: Profile, facts: list[dict]) -> list[SimGroup]:
+    """Simulation groups from the fitted profile and the groups' batching facts."""
+    by_name = {g.name: g for g in profile.groups}
+    return [SimGroup(f["name"], f["batches"], f["stateful"], f["context_keyed"],
+                     fitted_latency(by_name[f["name"]])) for f in facts]
+
+
+def _calibrate_hop(server: Any, groups: list[SimGroup], config: DemoConfig
+                   ) -> dict[str, float]:
+    """Request-thread seconds per group call in each phase: one request served alone,
+    measured minus modelled (the median of a few)."""
+    prompt, new = 16, config.max_new
+    g = torch.Generator().manual_seed(config.seed)
+    vocab = getattr(server.config, "vocab_size", 256)
+    ttft, tbt = [], []
+    for _ in range(HOP_SAMPLES):
+        future = server.generate(torch.randint(0, vocab, (1, prompt), generator=g),
+                                 max_new_tokens=new)
+        future.result()
+        ttft.append(future.record["ttft_s"])
+        tbt.append(future.record["tbt_s"])
+    prefill = sum(group.latency("prefill", 1, prompt) for group in groups)
+    decode = sum(group.latency("decode", 1, prompt + new // 2) for group in groups)
+    return {"prefill": max(0.0, (statistics.median(ttft) - prefill) / len(groups)),
+            "decode": max(0.0, (statistics.median(tbt) - decode) / len(groups))}
+
+
+def _percentiles(rows: list[dict]) -> dict[str, float | None]:
+    """TTFT and TBT p50 and p90 of request rows."""
+    out = {}
+    for key in ("ttft_s", "tbt_s"):
+        values = [r[key] for r in rows if key in r]
+        for q in (50, 90):
+            out[f"{key[:-2]}_p{q}_s"] = quantile(values, q / 100)
+    return out

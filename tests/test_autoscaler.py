@@ -1,0 +1,169 @@
+"""The local runtime's planner and autoscaler: replicas from measured load, hysteresis,
+decisions with reasons, and a live server that scales under load and back when idle."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import pytest
+import torch
+
+import fxscale
+from fxscale import zoo
+from fxscale.runtime.autoscaler import Autoscaler
+from fxscale.runtime.planner import SLO
+from fxscale.runtime.pool_planner import GroupLoad, fit_execution, group_state, plan_pools
+from fxscale.runtime.queueing import erlang_c_wait
+
+
+def load(name="g", rate=0.0, fixed=0.01, per_call=0.0, max_batch=1, queue=0, replicas=1):
+    return GroupLoad(name, rate, fixed, per_call, max_batch, queue, replicas)
+
+
+def test_fit_recovers_fixed_and_per_call_time_and_stays_non_negative():
+    samples = [(b, 0.004 + 0.0005 * b) for b in (1, 2, 4, 8, 16)]
+    fixed, per_call = fit_execution(samples)
+    assert math.isclose(fixed, 0.004, rel_tol=1e-9) and math.isclose(per_call, 0.0005,
+                                                                      rel_tol=1e-9)
+    assert fit_execution([(1, 0.01), (1, 0.03)]) == pytest.approx((0.02, 0.0))  # no slope
+    assert fit_execution([(1, 0.05), (4, 0.01)]) == pytest.approx((0.03, 0.0))  # flat
+    fixed, per_call = fit_execution([(1, 0.001), (10, 0.1)])         # through the origin
+    assert fixed == 0.0 and per_call > 0
+
+
+def test_a_queue_group_gets_the_fewest_replicas_that_meet_the_target():
+    slo = SLO(ttft=1.0, tbt=0.05)
+    g = load(rate=150.0, fixed=0.01)  # 1.5 Erlangs: unstable on one replica
+    plan = plan_pools([g], slo, budget=8, interval_s=1.0, headroom=0.2)
+    c = plan.replicas["g"]
+    assert plan.meets_slo and c >= 2
+    target = slo.tbt * 0.8
+    assert erlang_c_wait(c, 150.0, 100.0) + 0.01 <= target        # enough
+    assert erlang_c_wait(c - 1, 150.0, 100.0) + 0.01 > target     # and no more than enough
+    assert math.isclose(plan.tbt_s, erlang_c_wait(c, 150.0, 100.0) + 0.01)
+
+
+def test_light_load_plans_one_replica_per_group_and_meets_the_slo():
+    loads = [load("a", rate=5.0, fixed=0.002), load("b", rate=5.0, fixed=0.004, max_batch=16)]
+    plan = plan_pools(loads, SLO(1.0, 0.1), budget=2, interval_s=1.0)
+    assert plan.replicas == {"a": 1, "b": 1} and plan.meets_slo
+    assert "<=" in plan.reason
+
+
+def test_a_batching_group_gathers_a_batch_instead_of_asking_for_replicas():
+    g = load(rate=400.0, fixed=0.02, per_call=0.0005, max_batch=32)
+    latency, busy = group_state(g, 1, 1.0)
+    batch = 400 * 0.02 / (1 - 400 * 0.0005)                       # 10 calls per execution
+    assert math.isclose(latency, (0.02 + 0.0005 * batch) * 1.5) and busy == 1.0
+    plan = plan_pools([g], SLO(1.0, 0.1), budget=4, interval_s=1.0)
+    assert plan.replicas["g"] == 1 and plan.meets_slo
+    overloaded = load(rate=400.0, fixed=0.02, per_call=0.0005, max_batch=4)
+    assert group_state(overloaded, 1, 1.0)[0] == math.inf           # needs batches of 10
+
+
+def test_over_the_budget_the_plan_says_so_instead_of_pretending():
+    loads = [load(n, rate=300.0, fixed=0.01) for n in "abc"]      # 9 Erlangs on 2 slots
+    plan = plan_pools(loads, SLO(1.0, 0.1), budget=2, interval_s=1.0)
+    assert not plan.meets_slo and "budget" in plan.reason
+    assert all(1 <= r <= 2 for r in plan.replicas.values())
+    assert plan.to_dict()["tbt_s"] is None  # infinite becomes JSON null
+
+
+def test_bad_planner_input_is_named():
+    with pytest.raises(ValueError, match="budget"):
+        plan_pools([load()], SLO(1.0, 0.1), budget=0, interval_s=1.0)
+
+
+class FakePool:
+    """A pool whose measured load the test sets: arrivals per interval, execution time."""
+
+    def __init__(self, fixed_s: float, max_batch: int = 1) -> None:
+        self.arrivals, self.replicas, self.max_batch = 0, 1, max_batch
+        self.samples = [(1, fixed_s)] * 8
+        self.scaled_to: list[int] = []
+
+    def counters(self):
+        return {"arrivals": self.arrivals, "completed": self.arrivals, "executions": 0,
+                "busy_s": 0.0, "queue": 0, "replicas": self.replicas}
+
+    def execution_samples(self):
+        return list(self.samples)
+
+    def scale(self, n):
+        self.replicas = n
+        self.scaled_to.append(n)
+
+
+def stepped(pool: FakePool, down_after: int):
+    """An autoscaler on a fake clock, and a function that runs one interval of `calls`."""
+    clock = [0.0]
+    scaler = Autoscaler(lambda: {"g": pool}, SLO(1.0, 0.05), budget=4, interval_s=1.0,
+                        down_after=down_after, clock=lambda: clock[0])
+    scaler.last = {"g": (0.0, pool.counters())}
+
+    def interval(calls):
+        pool.arrivals += calls
+        clock[0] += 1.0
+        return scaler.step()
+
+    return scaler, interval
+
+
+def test_autoscaler_grows_at_once_shrinks_after_the_hysteresis_and_logs_why(caplog):
+    pool = FakePool(fixed_s=0.01)
+    scaler, interval = stepped(pool, down_after=3)
+
+    with caplog.at_level(logging.INFO, logger="fxscale.autoscaler"):
+        interval(250)                  # 2.5 Erlangs: grow now
+        assert pool.replicas >= 3 and scaler.decisions[-1].new == pool.replicas
+        grown = pool.replicas
+        interval(0)
+        interval(0)                    # two quiet intervals: not yet
+        assert pool.replicas == grown
+        interval(0)                    # the third: shrink
+        assert pool.replicas == 1
+    ups = [d for d in scaler.decisions if d.new > d.old]
+    downs = [d for d in scaler.decisions if d.new < d.old]
+    assert len(ups) == 1 and len(downs) == 1
+    assert ups[0].reason.startswith("up:") and "calls/s" in ups[0].reason
+    assert "3 intervals in a row" in downs[0].reason
+    assert "g: 1 -> " in caplog.text and "-> 1 replicas" in caplog.text
+    assert len(scaler.timeline) == 4 and scaler.report()["decisions"][0]["group"] == "g"
+
+
+def test_autoscaler_does_not_flap_on_a_load_at_the_threshold():
+    pool = FakePool(fixed_s=0.01)
+    scaler, interval = stepped(pool, down_after=2)
+    for calls in [176, 170, 176, 170, 176, 170, 170, 170]:  # 3 replicas, then 2 would do
+        interval(calls)
+    assert len(pool.scaled_to) == 1, f"flapped: {pool.scaled_to}"
+
+
+def test_autoscale_needs_an_slo():
+    with pytest.raises(ValueError, match="SLO"):
+        fxscale.serve(torch.nn.Linear(2, 2), autoscale=True)
+
+
+def test_live_server_scales_groups_under_load_and_back_when_idle():
+    model = zoo.build("llama", layers=1, hidden=64).model.eval()
+    slo = SLO(ttft=1.0, tbt=1e-4)  # unattainable: every group gets what the budget allows
+    with fxscale.serve(model, budget=2, slo=slo, autoscale=True,
+                       autoscale_interval_s=0.2) as server:
+        server.autoscaler.down_after = 2
+        ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False)[0, 6:].tolist()
+        deadline = time.perf_counter() + 60
+        while not any(d.new > d.old for d in server.autoscaler.decisions):
+            futures = [server.generate(ids, max_new_tokens=8) for _ in range(8)]
+            assert all(f.result() == expected for f in futures)
+            assert time.perf_counter() < deadline, "no scale-up under load"
+        grown = {n for n, p in server.pools.items() if p.counters()["replicas"] > 1}
+        assert grown
+        while not any(d.new < d.old for d in server.autoscaler.decisions):
+            time.sleep(0.2)            # idle: the plan asks for one replica per group
+            assert time.perf_counter() < deadline, "no scale-down when idle"
+        stats = server.stats()
+    decisions = stats["autoscaler"]["decisions"]
+    assert all(d["reason"] for d in decisions)
+    assert stats["autoscaler"]["timeline"]

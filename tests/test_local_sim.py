@@ -1,0 +1,78 @@
+"""The discrete-event model of the local runtime, on scenarios with known answers."""
+from __future__ import annotations
+
+import pytest
+
+from fxscale.runtime.local_sim import LocalSimulation, SimGroup, SimRequest, fitted_latency
+from fxscale.runtime.profile import GroupProfile, ProfilePoint
+from fxscale.runtime.fit import fit_group
+
+
+def group(name, latency, batches=False, stateful=False):
+    return SimGroup(name, batches=batches, stateful=stateful, context_keyed=False,
+                    latency=latency)
+
+
+def one_each(_t):
+    return {}
+
+
+def test_budget_of_one_serialises_calls():
+    g = group("g", lambda phase, b, n: 0.010)
+    requests = [SimRequest(0.0, 4, 1), SimRequest(0.0, 4, 1)]
+    times = LocalSimulation([g], requests, budget=1, replicas=one_each).run()
+    assert sorted(t[0] for t in times) == pytest.approx([0.010, 0.020])
+
+
+def test_row_wise_calls_arriving_together_run_as_one_batch():
+    g = group("g", lambda phase, b, n: 0.005 + 0.001 * b, batches=True)
+    requests = [SimRequest(0.0, 4, 1) for _ in range(4)]
+    times = LocalSimulation([g], requests, budget=1, replicas=one_each).run()
+    # gathered until arrivals pause (0.5 ms), then one execution of 4 calls (9 ms)
+    assert [t[0] for t in times] == pytest.approx([0.0095] * 4)
+
+
+def test_prefill_of_different_lengths_does_not_batch():
+    g = group("g", lambda phase, b, n: 0.001 * n, batches=True)
+    requests = [SimRequest(0.0, 4, 1), SimRequest(0.0, 8, 1)]
+    times = LocalSimulation([g], requests, budget=2, replicas=one_each).run()
+    assert sorted(t[0] for t in times) == pytest.approx([0.0005 + 0.004, 0.0005 + 0.004 + 0.008])
+
+
+def test_a_request_passes_every_group_once_per_token_with_the_hop_cost():
+    a = group("a", lambda phase, b, n: 0.002 if phase == "prefill" else 0.001)
+    s = group("s", lambda phase, b, n: 0.003, stateful=True)
+    times = LocalSimulation([a, s], [SimRequest(1.0, 4, 3)], budget=2, replicas=one_each,
+                            hop_s={"prefill": 0.0002, "decode": 0.0001}).run()[0]
+    prefill = 0.002 + 0.0002 + 0.003
+    decode = 0.0001 + 0.001 + 0.0001 + 0.003
+    assert times == pytest.approx([1.0 + prefill, 1.0 + prefill + decode,
+                                   1.0 + prefill + 2 * decode])
+
+
+def test_more_replicas_from_the_timeline_run_calls_side_by_side():
+    g = group("g", lambda phase, b, n: 0.010)
+    requests = [SimRequest(0.0, 4, 1), SimRequest(0.0, 4, 1)]
+    times = LocalSimulation([g], requests, budget=2, replicas=lambda t: {"g": 2}).run()
+    assert [t[0] for t in times] == pytest.approx([0.010, 0.010])
+
+
+def test_fitted_latency_reproduces_the_profile_it_was_fitted_to():
+    points = [ProfilePoint("decode", b, n, 0.002 + 0.0005 * b, 0, 0, 3)
+              for b in (1, 2, 4, 8) for n in (16, 32)]
+    profile = GroupProfile("g1", "gemm", points)
+    profile.fit = fit_group(profile, stateful=False)
+    latency = fitted_latency(profile)
+    assert latency("decode", 4, 16) == pytest.approx(0.004, rel=1e-6)
+    with pytest.raises(ValueError, match="no prefill points"):
+        latency("prefill", 1, 16)
+    with pytest.raises(ValueError, match="no fit"):
+        fitted_latency(GroupProfile("g2", "x", points))
+
+
+def test_executions_share_the_cores_they_run_on():
+    g = group("g", lambda phase, b, n: 0.010)
+    requests = [SimRequest(0.0, 4, 1), SimRequest(0.0, 4, 1)]
+    one_core = LocalSimulation([g], requests, budget=2, replicas=lambda t: {"g": 2},
+                               cores=1).run()
+    assert [t[0] for t in one_core] == pytest.approx([0.020, 0.020])  # both at half speed
