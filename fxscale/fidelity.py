@@ -70,9 +70,10 @@ def replicas_timeline(timeline: list[dict]):
     return at
 
 
-def measure(config: DemoConfig, policy: str) -> dict[str, Any]:
+def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[str, Any]:
     """Profile the groups, calibrate the request thread's cost, serve the slice live:
-    everything the prediction needs and what it is compared with (JSON-ready)."""
+    everything the prediction needs and what it is compared with (JSON-ready). Without the
+    autoscaler, operator groups keep one replica each and the model keeps one per slot."""
     import fxscale
     from fxscale import backend, zoo
 
@@ -81,10 +82,12 @@ def measure(config: DemoConfig, policy: str) -> dict[str, Any]:
     profile = measured_profile(model, config, "operator" if policy == "operator" else "model")
     slo = SLO(config.ttft, config.tbt)
     first_graph = len(backend.compiled_group_graphs)
-    with fxscale.serve(model, policy=policy, slo=slo, budget=config.budget, autoscale=True,
-                       autoscale_interval_s=config.interval_s) as server:
+    with fxscale.serve(model, policy=policy, slo=slo, budget=config.budget,
+                       autoscale=autoscale, autoscale_interval_s=config.interval_s) as server:
         facts = group_facts(profile, backend.compiled_group_graphs[first_graph:])
         hop = _calibrate_hop(server, _sim_groups(profile, facts), config)
+        if policy == "model" and not autoscale:
+            server.scale("model", config.budget)
         time.sleep(config.interval_s)  # the calibration request leaves the autoscaler's view
         live = replay(server, _requests(config), slo, seed=config.seed)
     return {"policy": policy, "config": asdict(config), "profile": profile.to_dict(),

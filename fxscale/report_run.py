@@ -67,6 +67,8 @@ def _add_row(run: Run, row: Any, at: str) -> None:
         if name in _RATE:
             run.rate.append((t, _number(value, f"{at}.{name}'")))
         elif name == _ATTAINMENT:
+            if value is None:  # no request finished in this window: nothing to plot
+                continue
             fraction = _number(value, f"{at}.{name}'")
             if not 0 <= fraction <= 1:
                 raise ValueError(f"{at}.{name}' must be a fraction in [0, 1], got {fraction}")

@@ -13,7 +13,9 @@ group in the prefill and decode graphs shares replicas and weights. A request ru
 graph in a request thread; each group call is dispatched to its pool (runtime/replica_pool.py)
 and executed there. `policy="model"` compiles the whole model as one group: the model-level
 baseline on the same code path. Intra-op threads are set to 1 while the server runs: `budget`
-is the number of group calls that execute at once.
+is the number of group calls that execute at once. Row-wise groups batch the calls of
+different requests (runtime/batching.py, up to `max_batch`); `autoscale=True` plans and
+applies replicas per group every interval (runtime/autoscaler.py).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import contextlib
 import fnmatch
 import itertools
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -32,14 +35,15 @@ import torch.fx as fx
 
 from .backend import fxscale_backend
 from .passes.split import submodule_name
-from .runtime.planner import SLO
-from .runtime.quantile import quantile
 from .runtime.autoscaler import Autoscaler
 from .runtime.batching import signature
 from .runtime.budget import Budget
+from .runtime.planner import SLO
+from .runtime.quantile import quantile
 from .runtime.replica_pool import Call, ReplicaPool
 
 POLICIES = ("operator", "model")
+SWITCH_INTERVAL_S = 0.0005  # the interpreter's default is 5 ms (see Server.__init__)
 
 
 class OverloadError(RuntimeError):
@@ -88,6 +92,10 @@ class Server:
         self.closed = False
         self.threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        # request and replica threads hand work over through the interpreter lock: a short
+        # switch interval keeps a replica from waiting out whole 5 ms slices to start a call
+        self.switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.compiled = torch.compile(self.model, backend=self._backend, dynamic=True)
         self.gate = _CompileGate()
         if warmup:  # capture the forward, prefill and decode graphs before traffic arrives
@@ -289,6 +297,7 @@ class Server:
         for pool in list(self.pools.values()):
             pool.close()
         torch.set_num_threads(self.threads)
+        sys.setswitchinterval(self.switch_interval)
         torch.compiler.set_stance("default")
 
     def __enter__(self) -> Server:

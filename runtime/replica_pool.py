@@ -106,7 +106,8 @@ class Replica:
         """Let a batchable queue fill (caller holds `wake`): wait while calls keep arriving,
         at most one mean execution (and the pool's batch wait) after the oldest arrived."""
         pool = self.pool
-        if pool.max_batch <= 1 or self.queue[0].key is None:
+        key = self.queue[0].key
+        if pool.max_batch <= 1 or key is None or key in pool.refused:
             return
         execution = pool.mean_execution_s()
         deadline = self.queue[0].queued_at + min(pool.batch_wait_s, execution)

@@ -332,3 +332,12 @@ def test_report_opens_in_chromium(graph80, browser, tmp_path):
     browser.js(f"document.querySelector('[data-group-id={member.id}]').click()")
     assert browser.js("document.querySelector('#panel-body h3').textContent") == member.name
     assert browser.errors() == []
+
+
+def test_a_serving_run_window_with_no_finished_request_is_not_plotted():
+    from fxscale.report_run import load_runs
+
+    rows = [{"t": 1.0, "rate": 2.0, "attainment": None, "replicas": {"top#1/gemm": 1}},
+            {"t": 2.0, "rate": 3.0, "attainment": 0.5, "replicas": {"top#1/gemm": 2}}]
+    (run,) = load_runs({"policy": "operator", "timeline": rows})
+    assert run.attainment == [(2.0, 0.5)] and run.replicas["top#1/gemm"] == [(1.0, 1), (2.0, 2)]
