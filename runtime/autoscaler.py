@@ -72,7 +72,11 @@ class Autoscaler:
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.interval_s):
-            self.step()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - one bad interval must not end autoscaling
+                log.exception("autoscaler step failed; replicas unchanged, next interval "
+                              "plans again")
 
     def measure(self, name: str, pool: Any, now: float) -> GroupLoad:
         """A pool's load since the last measurement."""

@@ -167,3 +167,27 @@ def test_live_server_scales_groups_under_load_and_back_when_idle():
     decisions = stats["autoscaler"]["decisions"]
     assert all(d["reason"] for d in decisions)
     assert stats["autoscaler"]["timeline"]
+
+
+def test_a_failing_interval_is_logged_and_the_next_one_plans_again(caplog):
+    pool = FakePool(fixed_s=0.01)
+    broken = [True]
+    original = pool.counters
+
+    def counters():
+        if broken[0]:
+            broken[0] = False
+            raise RuntimeError("counters unavailable")
+        return original()
+
+    pool.counters = counters
+    scaler = Autoscaler(lambda: {"g": pool}, SLO(1.0, 0.05), budget=4, interval_s=0.05)
+    scaler.last = {"g": (scaler.clock(), original())}
+    with caplog.at_level(logging.ERROR, logger="fxscale.autoscaler"):
+        scaler.thread.start()
+        deadline = time.perf_counter() + 10
+        while len(scaler.timeline) < 2:
+            assert time.perf_counter() < deadline, "autoscaler stopped after a failure"
+            time.sleep(0.01)
+        scaler.stop()
+    assert "counters unavailable" in caplog.text
