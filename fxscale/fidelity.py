@@ -4,8 +4,9 @@ For a policy: profile every group of the served model on this machine (eager low
 intra-op thread, as the server runs them) and fit each group's latency; serve the trace
 slice live with the autoscaler; then replay the same requests through the discrete-event
 model of the runtime (runtime/local_sim.py) with the fitted profiles, the same budget and
-the replica counts the live autoscaler chose over time. The per-call cost of the request
-thread (Python between group calls) is calibrated once from a single request served alone.
+the replica counts the live run had over time. The per-call cost of the request thread
+(Python between group calls) is calibrated from a request served alone: what it measured
+beyond what the model gives it without that cost.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .trace_replay import replay, scaled_slice
 DECODE_BATCHES = (1, 2, 4, 8, 16)
 PREFILL_BATCHES = (1, 2)
 HOP_SAMPLES = 3
+ALONE_PROMPT = 16
 
 
 def measured_profile(model: torch.nn.Module, config: DemoConfig, granularity: str) -> Profile:
@@ -80,30 +82,31 @@ def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[st
     torch._dynamo.reset()  # a fresh cache: earlier compiles of this model class count
     model = zoo.build("llama", layers=config.layers, hidden=config.hidden).model.eval()
     profile = measured_profile(model, config, "operator" if policy == "operator" else "model")
+    torch._dynamo.reset()  # the server compiles afresh: the profiler's graphs would stay
+    # in the model's cache and every serving call would check their guards too
     slo = SLO(config.ttft, config.tbt)
     first_graph = len(backend.compiled_group_graphs)
     with fxscale.serve(model, policy=policy, slo=slo, budget=config.budget,
                        autoscale=autoscale, autoscale_interval_s=config.interval_s) as server:
         facts = group_facts(profile, backend.compiled_group_graphs[first_graph:])
-        hop = _calibrate_hop(server, _sim_groups(profile, facts), config)
+        alone = _serve_alone(server, config)
         if policy == "model" and not autoscale:
             server.scale("model", config.budget)
         time.sleep(config.interval_s)  # the calibration request leaves the autoscaler's view
         live = replay(server, _requests(config), slo, seed=config.seed)
     return {"policy": policy, "config": asdict(config), "profile": profile.to_dict(),
-            "groups": facts, "hop_s": hop, "live": live}
+            "groups": facts, "alone": alone, "live": live}
 
 
 def predict(measured: dict[str, Any]) -> list[dict]:
     """Per-request TTFT/TBT of the slice, predicted by the runtime model from `measure`."""
     config = DemoConfig(**measured["config"])
-    profile = Profile.from_dict(measured["profile"])
+    groups = _sim_groups(Profile.from_dict(measured["profile"]), measured["groups"])
     requests = [SimRequest(r.arrival_s, r.prompt_tokens, r.new_tokens)
                 for r in _requests(config)]
-    token_times = LocalSimulation(_sim_groups(profile, measured["groups"]), requests,
-                                  config.budget,
+    token_times = LocalSimulation(groups, requests, config.budget,
                                   replicas_timeline(measured["live"]["timeline"]),
-                                  hop_s=measured["hop_s"]).run()
+                                  hop_s=hop_costs(groups, measured["alone"], config)).run()
     return [{"ttft_s": times[0] - r.arrival_s,
              **({"tbt_s": (times[-1] - times[0]) / (len(times) - 1)} if len(times) > 1 else {})}
             for r, times in zip(requests, token_times)]
@@ -118,8 +121,8 @@ def compare(measured: dict[str, Any]) -> dict[str, Any]:
     """The prediction's percentiles against the live run's, with relative errors."""
     predicted = _percentiles(predict(measured))
     live = _percentiles([r for r in measured["live"]["requests"] if r["outcome"] == "ok"])
-    return {"policy": measured["policy"], "hop_s": measured["hop_s"], "predicted": predicted,
-            "measured": live,
+    return {"policy": measured["policy"], "alone": measured["alone"],
+            "predicted": predicted, "measured": live,
             "relative_error": {k: abs(predicted[k] - live[k]) / live[k] for k in live if live[k]},
             "live_summary": measured["live"]["summary"]}
 
@@ -139,24 +142,29 @@ def _sim_groups(profile: Profile, facts: list[dict]) -> list[SimGroup]:
                      fitted_latency(by_name[f["name"]])) for f in facts]
 
 
-def _calibrate_hop(server: Any, groups: list[SimGroup], config: DemoConfig
-                   ) -> dict[str, float]:
-    """Request-thread seconds per group call in each phase: one request served alone,
-    measured minus modelled (the median of a few)."""
-    prompt, new = 16, config.max_new
+def _serve_alone(server: Any, config: DemoConfig) -> dict[str, float]:
+    """TTFT and TBT of one request served alone (the median of a few)."""
     g = torch.Generator().manual_seed(config.seed)
     vocab = getattr(server.config, "vocab_size", 256)
     ttft, tbt = [], []
     for _ in range(HOP_SAMPLES):
-        future = server.generate(torch.randint(0, vocab, (1, prompt), generator=g),
-                                 max_new_tokens=new)
+        future = server.generate(torch.randint(0, vocab, (1, ALONE_PROMPT), generator=g),
+                                 max_new_tokens=config.max_new)
         future.result()
         ttft.append(future.record["ttft_s"])
         tbt.append(future.record["tbt_s"])
-    prefill = sum(group.latency("prefill", 1, prompt) for group in groups)
-    decode = sum(group.latency("decode", 1, prompt + new // 2) for group in groups)
-    return {"prefill": max(0.0, (statistics.median(ttft) - prefill) / len(groups)),
-            "decode": max(0.0, (statistics.median(tbt) - decode) / len(groups))}
+    return {"ttft_s": statistics.median(ttft), "tbt_s": statistics.median(tbt)}
+
+
+def hop_costs(groups: list[SimGroup], alone: dict[str, float], config: DemoConfig
+              ) -> dict[str, float]:
+    """Request-thread seconds per group call in each phase: what a request served alone
+    measured beyond what the model gives it without them (executions and batch gathering)."""
+    times = LocalSimulation(groups, [SimRequest(0.0, ALONE_PROMPT, config.max_new)],
+                            config.budget, lambda t: {}).run()[0]
+    modelled_tbt = (times[-1] - times[0]) / (len(times) - 1)
+    return {"prefill": max(0.0, (alone["ttft_s"] - times[0]) / len(groups)),
+            "decode": max(0.0, (alone["tbt_s"] - modelled_tbt) / len(groups))}
 
 
 def _percentiles(rows: list[dict]) -> dict[str, float | None]:

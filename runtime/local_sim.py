@@ -163,8 +163,8 @@ class LocalSimulation:
 
     def run(self) -> list[list[float]]:
         """Token times of every request (seconds from the start)."""
-        for i, r in enumerate(self.requests):
-            self._at(r.arrival_s, lambda now, i=i: self._visit(i, now))
+        for i, r in enumerate(self.requests):  # arrival: its thread's Python, then a call
+            self._at(r.arrival_s, lambda now, i=i: self._hop(i, now))
         while self.events:
             now, _, what = heapq.heappop(self.events)
             what(now)
@@ -195,6 +195,10 @@ class LocalSimulation:
             if pass_index + 1 >= self.requests[i].new_tokens:
                 return
             self.position[i] = (pass_index + 1, 0)
+        self._hop(i, now)
+
+    def _hop(self, i: int, now: float) -> None:
+        """Queue request i's Python before its next call for the interpreter lock."""
         self.hops.append((i, self.hop_s["prefill" if self.position[i][0] == 0 else "decode"]))
         self._next_hop(now)
 

@@ -44,7 +44,7 @@ def test_a_request_passes_every_group_once_per_token_with_the_hop_cost():
     s = group("s", lambda phase, b, n: 0.003, stateful=True)
     times = LocalSimulation([a, s], [SimRequest(1.0, 4, 3)], budget=2, replicas=one_each,
                             hop_s={"prefill": 0.0002, "decode": 0.0001}).run()[0]
-    prefill = 0.002 + 0.0002 + 0.003
+    prefill = 0.0002 + 0.002 + 0.0002 + 0.003
     decode = 0.0001 + 0.001 + 0.0001 + 0.003
     assert times == pytest.approx([1.0 + prefill, 1.0 + prefill + decode,
                                    1.0 + prefill + 2 * decode])
@@ -76,3 +76,34 @@ def test_executions_share_the_cores_they_run_on():
     one_core = LocalSimulation([g], requests, budget=2, replicas=lambda t: {"g": 2},
                                cores=1).run()
     assert [t[0] for t in one_core] == pytest.approx([0.020, 0.020])  # both at half speed
+
+
+def test_fidelity_compares_the_model_with_the_live_run_it_is_given():
+    """compare() on a synthetic measurement: one non-batching group of 10 ms per call, and a
+    live run that measured exactly what the model must predict for a lone request."""
+    from fxscale.fidelity import _requests, compare
+    from fxscale.runtime.fit import fit_profile
+    from fxscale.runtime.profile import Profile
+    from fxscale.serving_demo import DemoConfig
+
+    points = [ProfilePoint(phase, b, n, 0.010, 0.010, 0.010, 3)
+              for phase in ("prefill", "decode") for b in (1, 2, 4) for n in (8, 16, 32)]
+    profile = fit_profile(Profile("m", "model", "cpu", "measured", "fp32", 1, {},
+                                  [GroupProfile("g0", "model", points, stateful=True)]))
+    config = DemoConfig(seconds=0.5, speedup=1.0, max_new=4)
+    requests = _requests(config)
+    assert requests, "the first half second of the trace has requests"
+    live_rows = [{"arrival_s": r.arrival_s, "outcome": "ok", "ttft_s": 0.012,
+                  "tbt_s": 0.011} for r in requests]
+    measured = {"policy": "model", "config": vars(config), "profile": profile.to_dict(),
+                "groups": [{"name": "model", "batches": False, "stateful": True,
+                            "context_keyed": True}],
+                "alone": {"ttft_s": 0.012, "tbt_s": 0.011},   # 2 ms and 1 ms of Python
+                "live": {"requests": live_rows, "timeline": [{"t": 0.0,
+                                                              "replicas": {"model": 2}}],
+                         "summary": {}}}
+    report = compare(measured)
+    assert report["predicted"]["ttft_p50_s"] == pytest.approx(0.012, rel=0.05)
+    assert report["relative_error"]["tbt_p50_s"] < 0.05
+    measured["live"]["requests"] = [dict(r, tbt_s=0.022) for r in live_rows]
+    assert compare(measured)["relative_error"]["tbt_p50_s"] == pytest.approx(0.5, rel=0.05)
