@@ -2,11 +2,11 @@
 
 For a policy: profile every group of the served model on this machine (eager lowering, one
 intra-op thread, as the server runs them) and fit each group's latency; serve the trace
-slice live with the autoscaler; then replay the same requests through the discrete-event
-model of the runtime (runtime/local_sim.py) with the fitted profiles, the same budget and
-the replica counts the live run had over time. The per-call cost of the request thread
-(Python between group calls) is calibrated from a request served alone: what it measured
-beyond what the model gives it without that cost.
+slice live (fixed replicas, or the autoscaler's with `measure(autoscale=True)`); then replay
+the same requests through the discrete-event model of the runtime (runtime/local_sim.py)
+with the fitted profiles, the same budget and the replica counts the live run had over
+time. The per-call cost of the request thread (Python between group calls) is calibrated
+from requests served alone: what they measured beyond what the model gives them without it.
 """
 from __future__ import annotations
 
@@ -119,8 +119,9 @@ def fidelity(config: DemoConfig, policy: str) -> dict[str, Any]:
 
 def compare(measured: dict[str, Any]) -> dict[str, Any]:
     """The prediction's percentiles against the live run's, with relative errors."""
-    predicted = _percentiles(predict(measured))
-    live = _percentiles([r for r in measured["live"]["requests"] if r["outcome"] == "ok"])
+    ok = [r["outcome"] == "ok" for r in measured["live"]["requests"]]
+    predicted = _percentiles([p for p, kept in zip(predict(measured), ok) if kept])
+    live = _percentiles([r for r, kept in zip(measured["live"]["requests"], ok) if kept])
     return {"policy": measured["policy"], "alone": measured["alone"],
             "predicted": predicted, "measured": live,
             "relative_error": {k: abs(predicted[k] - live[k]) / live[k] for k in live if live[k]},
@@ -149,7 +150,7 @@ def _serve_alone(server: Any, config: DemoConfig) -> dict[str, float]:
     ttft, tbt = [], []
     for _ in range(HOP_SAMPLES):
         future = server.generate(torch.randint(0, vocab, (1, ALONE_PROMPT), generator=g),
-                                 max_new_tokens=config.max_new)
+                                 max_new_tokens=config.max_new, ignore_eos=True)
         future.result()
         ttft.append(future.record["ttft_s"])
         tbt.append(future.record["tbt_s"])

@@ -89,6 +89,7 @@ class Server:
         self.local = threading.local()
         self.ids = itertools.count()
         self.finished: deque[dict[str, float]] = deque(maxlen=100_000)
+        self.completed = 0  # requests finished, ever (`finished` keeps the latest only)
         self.closed = False
         self.threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -130,12 +131,14 @@ class Server:
             weights = tuple(i for i, a in enumerate(node.args)
                             if isinstance(a, fx.Node) and a.op == "placeholder"
                             and ("_parameters_" in a.name or "_buffers_" in a.name))
-            batch = self.max_batch if group.row_wise and not group.stateful else 1
+            batches = group.row_wise and not group.stateful  # in this graph
             with self.pools_lock:
                 pool = self.pools.setdefault(group.name, ReplicaPool(
-                    group.name, group.stateful, self.budget, max_batch=batch))
+                    group.name, group.stateful, self.budget))
+                if batches:  # a group may be row-wise in one graph only (the embedding)
+                    pool.max_batch = self.max_batch
             lowered._modules[node.target] = _PoolCall(self, pool, getattr(lowered, node.target),
-                                                      weights)
+                                                      weights, batches)
         return lowered
 
     # ---- requests ---------------------------------------------------------------------------
@@ -147,16 +150,19 @@ class Server:
         return self.requests.submit(self._forward, ids, submitted)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, stream: bool = False,
-                 timeout_s: float | None = None) -> Future | Iterator[int]:
-        """Greedy decoding with a KV cache, stopping at the end-of-sequence token: a future of
-        the new token ids, or (stream=True) an iterator that yields each token as produced."""
+                 timeout_s: float | None = None, ignore_eos: bool = False
+                 ) -> Future | Iterator[int]:
+        """Greedy decoding with a KV cache, stopping at the end-of-sequence token (unless
+        ignore_eos, as benchmarks replaying a trace's lengths want): a future of the new
+        token ids, or (stream=True) an iterator that yields each token as produced."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = self._check(input_ids, max_new_tokens)
         record = {"submitted_at": time.perf_counter()}
         self._admit(timeout_s)
         tokens: queue.Queue | None = queue.Queue() if stream else None
-        future = self.requests.submit(self._generate, ids, max_new_tokens, tokens, record)
+        future = self.requests.submit(self._generate, ids, max_new_tokens, tokens, record,
+                                      set() if ignore_eos else self.eos)
         future.record = record  # the request's timings once it finishes (see _generate)
         return _stream(tokens, future) if stream else future
 
@@ -203,13 +209,13 @@ class Server:
         try:
             with torch.no_grad():
                 logits = self._call(ids, use_cache=False).logits
-            self.finished.append({"e2e_s": time.perf_counter() - submitted})
+            self._finish({"e2e_s": time.perf_counter() - submitted})
             return logits
         finally:
             self._release()
 
     def _generate(self, ids: torch.Tensor, new_tokens: int, tokens: queue.Queue | None,
-                  record: dict[str, float]) -> list[int]:
+                  record: dict[str, float], stop: set[int]) -> list[int]:
         """Greedy decoding in a request thread, pushing tokens to `tokens` when streaming;
         fills `record` with its timings, measured from submission (waits included)."""
         from transformers import DynamicCache
@@ -229,16 +235,22 @@ class Server:
                     times.append(time.perf_counter())
                     if tokens is not None:
                         tokens.put(out[-1])
-                    if out[-1] in self.eos:  # stop as Hugging Face generate does
+                    if out[-1] in stop:  # stop as Hugging Face generate does
                         break
             record.update(first_token_at=times[0], finished_at=times[-1], tokens=len(out),
                           ttft_s=times[0] - start, e2e_s=times[-1] - start)
             if len(times) > 1:
                 record["tbt_s"] = (times[-1] - times[0]) / (len(times) - 1)
-            self.finished.append(record)
+            self._finish(record)
             return out
         finally:
             self._release()
+
+    def _finish(self, record: dict[str, float]) -> None:
+        """Keep a finished request's timings and count it."""
+        with self.pools_lock:
+            self.finished.append(record)
+            self.completed += 1
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
         """Run the compiled model; a call that needs a new graph compiles while no other
@@ -267,7 +279,7 @@ class Server:
     def stats(self) -> dict[str, Any]:
         """Per group: replicas, queue, utilisation, latency; per request: TTFT, TBT, e2e."""
         finished = list(self.finished)
-        summary: dict[str, Any] = {"completed": len(finished)}
+        summary: dict[str, Any] = {"completed": self.completed}
         if self.slo is not None:
             generated = [f for f in finished if "ttft_s" in f]
             met = sum(1 for f in generated if f["ttft_s"] <= self.slo.ttft
@@ -348,13 +360,14 @@ class _PoolCall(torch.nn.Module):
     """Stands in for a group's submodule: hands each call to the group's pool and waits."""
 
     def __init__(self, server: Server, pool: ReplicaPool, inner: Any,
-                 weights: tuple[int, ...]) -> None:
+                 weights: tuple[int, ...], batches: bool) -> None:
         super().__init__()
         self.server, self.pool, self.inner, self.weights = server, pool, inner, weights
+        self.batches = batches  # row-wise in this graph: its calls may batch
 
     def forward(self, *args: Any) -> Any:
         request = getattr(self.server.local, "request", None)
-        key = signature(self.inner, args, self.weights) if self.pool.max_batch > 1 else None
+        key = signature(self.inner, args, self.weights) if self.batches else None
         return self.pool.submit(Call(self.inner, args, self.weights, request, key)).result()
 
 

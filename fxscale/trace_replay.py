@@ -3,7 +3,8 @@
 The slice is scaled to a small model on this machine: arrivals are sped up `speedup` times,
 prompt and output lengths are divided and clipped (a real trace's prompts of thousands of
 tokens become tens). Each request is submitted at its scaled arrival time with random token
-ids; its TTFT and mean time between tokens are measured from that moment, so waits for
+ids, generating exactly the trace's output length (the end-of-sequence token does not stop
+it); its TTFT and mean time between tokens are measured from that moment, so waits for
 admission count. A sampler records, every `sample_s`, the request rate, the replicas of every
 group and the SLO attainment of the requests finished in that window.
 """
@@ -55,7 +56,8 @@ def replay(server: Server, requests: list[ScaledRequest], slo: SLO, seed: int = 
     start = time.perf_counter()
     futures: list[Any] = [None] * len(requests)
     done = threading.Event()
-    timeline: list[dict] = []
+    timeline: list[dict] = [{"t": 0.0, "rate": 0.0, "finished": 0, "attainment": None,
+                             "replicas": _replicas(server)}]
     sampler = threading.Thread(target=_sample, daemon=True,
                                args=(server, requests, futures, slo, start, sample_s, done,
                                      timeline))
@@ -66,7 +68,8 @@ def replay(server: Server, requests: list[ScaledRequest], slo: SLO, seed: int = 
             if delay > 0:
                 time.sleep(delay)
             try:
-                futures[i] = server.generate(ids, max_new_tokens=request.new_tokens)
+                futures[i] = server.generate(ids, max_new_tokens=request.new_tokens,
+                                             ignore_eos=True)  # the trace's output length
             except OverloadError as err:
                 futures[i] = err
             if progress:
@@ -130,10 +133,14 @@ def _sample(server: Server, requests: list[ScaledRequest], futures: list, slo: S
         arrived = sum(1 for r in requests if now - sample_s <= r.arrival_s < now)
         finished = [_timing(r, f, start) for r, f in zip(requests, futures)
                     if f is not None and not isinstance(f, Exception) and f.done()]
-        window = [r for r in finished if r.get("finished_s", now) > now - sample_s]
+        window = [r for r in finished if r["outcome"] == "ok" and r["finished_s"] > now - sample_s]
         timeline.append({
             "t": now, "rate": arrived / sample_s, "finished": len(finished) - seen,
             "attainment": sum(meets(r, slo) for r in window) / len(window) if window else None,
-            "replicas": {name: pool.counters()["replicas"]
-                         for name, pool in sorted(server.pools.items())}})
+            "replicas": _replicas(server)})
         seen = len(finished)
+
+
+def _replicas(server: Server) -> dict[str, int]:
+    """Live replicas of every group now."""
+    return {name: pool.counters()["replicas"] for name, pool in sorted(server.pools.items())}

@@ -2,7 +2,8 @@
 (runtime/pool_planner.py) and apply the plan.
 
 Hysteresis, so it does not oscillate: a group grows as soon as the plan asks for more, and
-shrinks only after the plan has asked for fewer for `down_after` intervals in a row. Every
+shrinks only after a plan with more headroom has asked for fewer for `down_after` intervals
+in a row (to the most those intervals asked for). Every
 change is a decision with its reason, kept in order and logged to "fxscale.autoscaler".
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any, Callable
 from .planner import SLO
 from .pool_planner import GroupLoad, PoolPlan, fit_execution, plan_pools
 
-# Shrinking must also meet a target this much tighter than growing does (a band, so a
-# group whose load sits at a threshold does not flap).
+# Shrinking plans with this much more headroom than growing (0.6 of the TBT instead of 0.8
+# by default): a band, so a group whose load sits at a threshold does not flap.
 DOWN_BAND = 0.2
 
 log = logging.getLogger("fxscale.autoscaler")
@@ -50,6 +51,7 @@ class Autoscaler:
         self.start_time = clock()
         self.last: dict[str, tuple[float, dict]] = {}
         self.below: Counter[str] = Counter()
+        self.shrink_to: dict[str, int] = {}
         self.decisions: list[Decision] = []
         self.timeline: list[dict] = []
         self.stopped = threading.Event()
@@ -84,10 +86,12 @@ class Autoscaler:
         then, before = self.last.get(name, (self.start_time, dict.fromkeys(counters, 0)))
         self.last[name] = (now, counters)
         elapsed = max(now - then, 1e-9)
-        fixed, per_call = fit_execution(pool.execution_samples())
+        samples = pool.execution_samples()
+        fixed, per_call = fit_execution(samples)
+        # a group that has only ever run calls alone is planned as a queue, not as a batcher
+        batches = pool.max_batch if any(b > 1 for b, _ in samples) else 1
         return GroupLoad(name, (counters["arrivals"] - before["arrivals"]) / elapsed, fixed,
-                         per_call, pool.max_batch, int(counters["queue"]),
-                         int(counters["replicas"]))
+                         per_call, batches, int(counters["queue"]), int(counters["replicas"]))
 
     def step(self) -> PoolPlan:
         """Measure, plan and apply once."""
@@ -104,20 +108,25 @@ class Autoscaler:
                                                      tight.replicas[load.name])
             if up > have:
                 self.below[load.name] = 0
+                self.shrink_to.pop(load.name, None)
                 self._apply(pools[load.name], Decision(t, load.name, have, up, (
                     f"up: {load.demand(self.interval_s):.1f} calls/s, "
                     f"{load.fixed_s * 1e3:.2f} ms + {load.per_call_s * 1e3:.2f} ms per call "
                     f"per execution; {plan.reason}")))
             elif down < have:
                 self.below[load.name] += 1
+                # shrink to the most any of those intervals asked for
+                down = self.shrink_to[load.name] = max(self.shrink_to.get(load.name, 0), down)
                 if self.below[load.name] >= self.down_after:
                     self.below[load.name] = 0
+                    del self.shrink_to[load.name]
                     self._apply(pools[load.name], Decision(t, load.name, have, down, (
-                        f"down: {down} replicas met a target {DOWN_BAND:.0%} tighter for "
+                        f"down: {down} replicas met the SLO with {DOWN_BAND:.0%} more headroom for "
                         f"{self.down_after} intervals in a row "
                         f"({load.demand(self.interval_s):.1f} calls/s); {tight.reason}")))
             else:
                 self.below[load.name] = 0
+                self.shrink_to.pop(load.name, None)
         self.timeline.append({"t": t, "replicas": {name: pool.counters()["replicas"]
                                                    for name, pool in sorted(pools.items())},
                               "predicted_tbt_s": plan.to_dict()["tbt_s"],

@@ -26,16 +26,22 @@ def signature(run: Callable[..., Any], args: tuple, weights: tuple[int, ...]
             key.append("w")
         elif isinstance(arg, torch.Tensor):
             if arg.dim() == 0:  # lifted scalars (eps, scaling) are read with .item()
-                key.append(("scalar", arg.dtype, arg.item()))
+                key.append(("scalar", arg.dtype, repr(arg.item())))
             else:
                 key.append(("tensor", tuple(arg.shape), arg.dtype, arg.device))
+        elif _plain(arg):  # by repr: 1, 1.0 and True, or 0.0 and -0.0, must not match
+            key.append(("value", repr(arg)))
         else:
-            try:
-                hash(arg)
-            except TypeError:
-                return None
-            key.append(("value", arg))
+            return None
     return tuple(key)
+
+
+def _plain(value: Any) -> bool:
+    """Whether a value is plain data a signature can hold (no tensors inside)."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype,
+                                                torch.device))
 
 
 def run_batched(run: Callable[..., Any], calls_args: list[list]) -> list[Any]:
@@ -55,9 +61,23 @@ def run_batched(run: Callable[..., Any], calls_args: list[list]) -> list[Any]:
             stacked.append(torch.stack(column))
     if all(d is None for d in dims):  # every call passes the same objects: one result
         out = run(*stacked)
-        return [out] * len(calls_args)
+        return [out] + [tree_map(_own_copy, out) for _ in calls_args[1:]]
     out = torch.func.vmap(run, in_dims=tuple(dims))(*stacked)
-    return [tree_map(lambda t, i=i: t[i], out) for i in range(len(calls_args))]
+    return [tree_map(lambda t, i=i: _part(t, i), out) for i in range(len(calls_args))]
+
+
+def _part(batched: Any, i: int) -> Any:
+    """Call i's slice of a batched output; its own memory when the slices would share it
+    (an output vmap broadcast), so one request's in-place update cannot reach another's."""
+    if not isinstance(batched, torch.Tensor):
+        return batched
+    piece = batched[i]
+    return piece.clone() if batched.dim() and batched.stride(0) == 0 else piece
+
+
+def _own_copy(value: Any) -> Any:
+    """A tensor's copy (other values as they are)."""
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def same_results(batched: list[Any], single: list[Any]) -> bool:

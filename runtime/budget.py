@@ -13,6 +13,12 @@ import threading
 import time
 from typing import Iterator, Protocol
 
+# A batching replica gathers calls before it asks for a slot: at most one mean execution of
+# its pool (a late call would cost about one more execution), and no longer once arrivals
+# pause for a quarter of that (0.5 ms at least). The server and its model both use these.
+QUIET_FRACTION = 0.25
+MIN_QUIET_S = 0.0005
+
 
 class Waiter(Protocol):
     """What the budget asks of a replica waiting for a slot."""

@@ -23,11 +23,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .budget import MIN_QUIET_S, QUIET_FRACTION
 from .fit import predict
 from .profile import GroupProfile, ProfilePoint
-
-MIN_QUIET_S = 0.0005
-QUIET_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -218,7 +216,8 @@ class LocalSimulation:
 
     # ---- pools -----------------------------------------------------------------------------
     def _resize(self, g: int, now: float) -> None:
-        """Follow the replica timeline (removed replicas finish their queues elsewhere)."""
+        """Follow the replica timeline; a replica to remove stays until it is idle (the
+        server's drains its queue first)."""
         want = max(1, self.replicas_at(now).get(self.groups[g].name, 1))
         pool = self.pools[g]
         while len(pool) < want:

@@ -6,7 +6,7 @@ its pool timed: a weight-bound group has a large fixed part, so batching is near
   that gathers during one execution is b = lam fixed_s / (1 - lam per_call_s) (at least 1,
   at most max_batch; beyond it the group is unstable). A call waits on average half an
   execution for the batch in progress (while the replica is busy), then its own execution.
-  A replica is busy lam (fixed_s + per_call_s b) / b of the time: all of it once b >= 1.
+  A replica is busy lam (fixed_s + per_call_s b) / b of the time: all of it once b > 1.
 - A group that does not batch is an M/M/c queue (runtime/queueing.py).
 A token passes every group once, so its time between tokens is the sum of the groups'
 latencies. The plan starts from one replica per group (more where a group is unstable),

@@ -7,14 +7,15 @@ its time to ready is the time to copy its group's bytes) and runs the callable. 
 groups keep each request on one replica (affinity). A replica that raises has its call
 retried once on another replica; a second failure reaches the caller as a GroupError naming
 the group and the cause. Scale-down drains: a removed replica finishes its queue first.
-Execution threads are bounded by a shared budget (a semaphore): replicas are logical, the
-budget is what runs at once. A row-wise group's replica takes every queued call whose
+Execution threads are bounded by a shared budget (runtime/budget.py): replicas are logical,
+the budget is what runs at once. A row-wise group's replica takes every queued call whose
 signature matches the first, up to the pool's max batch, and runs them as one
 (runtime/batching.py); the first batch of each signature is checked against one-by-one
 execution, and a signature that fails to batch or disagrees runs one by one from then on.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import threading
@@ -25,16 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
 from .batching import run_batched, same_results
-from .budget import Budget
+from .budget import MIN_QUIET_S, QUIET_FRACTION, Budget
 from .quantile import quantile
 
 log = logging.getLogger("fxscale.runtime")
 # Upper bounds (seconds) of the call-latency histogram in stats(), Prometheus style.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-# A batch waits for more calls at most one mean execution of its pool (a late call would cost
-# about one more execution), and stops waiting once arrivals pause for a quarter of that.
-QUIET_FRACTION = 0.25
-MIN_QUIET_S = 0.0005
 
 
 class GroupError(RuntimeError):
@@ -70,7 +67,7 @@ class Replica:
         self.fail_next = 0   # fault injection: raise on the next n first attempts (transient)
         self.broken = False  # fault injection: raise on every call
         self.busy_s = 0.0
-        self.calls = 0
+        self.running = 0     # calls taken from the queue and executing now
         start = time.perf_counter()
         self.weights = {key: t.clone() for key, t in weights.items()}
         self.ready_s = time.perf_counter() - start
@@ -78,6 +75,10 @@ class Replica:
         self.thread = threading.Thread(target=self._loop, name=f"{pool.name}#{self.id}",
                                        daemon=True)
         self.thread.start()
+
+    def load(self) -> int:
+        """Calls queued or executing here: what shortest-queue dispatch compares."""
+        return len(self.queue) + self.running
 
     def put(self, call: Call) -> None:
         """Queue a call."""
@@ -94,12 +95,16 @@ class Replica:
                 if self.dead or (self.draining and not self.queue):
                     break
                 self._gather()
+                if self.dead:  # killed while it gathered: its calls moved elsewhere
+                    break
             # take the batch only once a budget slot is held: calls queue up while it waits
             with self.pool.budget.slot(self):
                 with self.wake:
                     calls = self._take() if self.queue and not self.dead else []
+                    self.running = len(calls)
                 if calls:
                     self._run(calls)
+                self.running = 0
         self.pool.retired(self)
 
     def _gather(self) -> None:
@@ -156,47 +161,68 @@ class Replica:
         return args
 
     def _run(self, calls: list[Call]) -> None:
-        """Execute calls (one, or a batch; the caller holds a budget slot); hand failures to
-        the pool, each call on its own."""
+        """Execute calls (one, or a batch; the caller holds a budget slot); each call's
+        failure goes to the pool on its own, its result to its future."""
         start = time.perf_counter()
         try:
             if self.broken or (self.fail_next and not any(c.attempts for c in calls)):
                 self.fail_next -= not self.broken
                 raise RuntimeError(f"injected fault in replica {self.id}")
-            results = self._execute(calls)
+            outcomes = self._execute(calls)
         except Exception as err:  # noqa: BLE001 - any failure is retried or reported
-            for call in calls:
-                self.pool.failed(self, call, err)
-            return
+            outcomes = [err] * len(calls)
         finally:
-            elapsed = time.perf_counter() - start
-            self.busy_s += elapsed
-            self.calls += len(calls)
-        self.pool.record(calls, elapsed)
-        for call, result in zip(calls, results):
-            call.future.set_result(result)
+            self.busy_s += time.perf_counter() - start
+        self.pool.record_done([c for c, o in zip(calls, outcomes)
+                               if not isinstance(o, Exception)])
+        for call, outcome in zip(calls, outcomes):
+            if isinstance(outcome, Exception):
+                self.pool.failed(self, call, outcome)
+            else:
+                call.future.set_result(outcome)
 
     def _execute(self, calls: list[Call]) -> list[Any]:
-        """Results of the calls: one execution for a batch, checked on its signature's first
-        use; one by one when the signature does not batch."""
+        """Each call's result or exception: one execution for a batch, checked on its
+        signature's first use; one by one when the batch fails or disagrees (a signature is
+        refused only when its calls succeed one by one)."""
         owned = [self._own(call) for call in calls]
         run = calls[0].run
         if len(calls) == 1:
-            return [run(*owned[0])]
+            return [self._timed(run, owned[0], 1)]
         key = calls[0].key
         try:
-            batched = run_batched(run, owned)
-        except Exception as err:  # noqa: BLE001 - an op vmap cannot batch: run one by one
-            single = [run(*args) for args in owned]
-            self.pool.refuse(key, f"{type(err).__name__}: {err}")
+            batched = self._timed(run_batched, (run, owned), len(calls))
+        except Exception as err:  # noqa: BLE001 - vmap cannot run it, or a call is bad
+            single = self._one_by_one(run, owned)
+            if not any(isinstance(o, Exception) for o in single):
+                self.pool.refuse(key, f"{type(err).__name__}: {err}")
             return single
         if key not in self.pool.verified:
-            single = [run(*args) for args in owned]
+            single = self._one_by_one(run, owned)
+            if any(isinstance(o, Exception) for o in single):
+                return single
             if not same_results(batched, single):
                 self.pool.refuse(key, "batched results differ from one-by-one results")
                 return single
             self.pool.verified.add(key)
         return batched
+
+    def _one_by_one(self, run: Callable[..., Any], owned: list[list]) -> list[Any]:
+        """Each call run alone: its result, or the exception it raised."""
+        outcomes: list[Any] = []
+        for args in owned:
+            try:
+                outcomes.append(self._timed(run, args, 1))
+            except Exception as err:  # noqa: BLE001 - this call's own failure
+                outcomes.append(err)
+        return outcomes
+
+    def _timed(self, function: Callable[..., Any], args: Any, batch: int) -> Any:
+        """Call `function(*args)` and book it as one execution of `batch` calls."""
+        start = time.perf_counter()
+        result = function(*args)
+        self.pool.record_execution(batch, time.perf_counter() - start)
+        return result
 
     def kill(self) -> list[Call]:
         """Stop at once (a crash): return the calls it had not started."""
@@ -220,6 +246,7 @@ class ReplicaPool:
         self.refused: set[Hashable] = set()
         self.batch_sizes: Counter[int] = Counter()
         self.executions: deque[tuple[int, float]] = deque(maxlen=512)  # (batch, seconds)
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, ever
         self.busy_s = 0.0                 # execution seconds of every replica, ever
         self.execution_count = 0          # executions (calls or batches), ever
         self.arrivals = 0
@@ -284,10 +311,10 @@ class ReplicaPool:
                 return pinned
             # first call, or its replica is draining/dead: (re)pin; the KV cache lives with
             # the request, so moving it is a pointer change
-            pinned = min(live, key=lambda r: len(r.queue))
+            pinned = min(live, key=Replica.load)
             self.affinity[call.request] = pinned
             return pinned
-        return min(live, key=lambda r: len(r.queue))
+        return min(live, key=Replica.load)
 
     # ---- faults ---------------------------------------------------------------------------
     def failed(self, replica: Replica, call: Call, err: Exception) -> None:
@@ -327,7 +354,7 @@ class ReplicaPool:
             if replicas > len(live):
                 self._grow(replicas - len(live))
             surplus = max(0, len(live) - replicas)
-            for replica in sorted(live, key=lambda r: len(r.queue))[:surplus]:
+            for replica in sorted(live, key=Replica.load)[:surplus]:
                 with replica.wake:
                     replica.draining = True
                     replica.wake.notify()
@@ -355,16 +382,33 @@ class ReplicaPool:
             thread.join()
 
     # ---- metrics --------------------------------------------------------------------------
-    def record(self, calls: list[Call], elapsed: float) -> None:
-        """Book one completed execution (a call or a batch)."""
+    def record_execution(self, batch: int, seconds: float) -> None:
+        """Book one execution (a call or a batch): the group's measured profile."""
+        with self.lock:
+            self.busy_s += seconds
+            self.batch_sizes[batch] += 1
+            self.execution_count += 1
+            self.executions.append((batch, seconds))
+
+    def record_done(self, calls: list[Call]) -> None:
+        """Book completed calls: their count and queue + execution latency."""
         now = time.perf_counter()
         with self.lock:
+            for call in calls:
+                latency = now - call.queued_at
+                self.latencies.append(latency)
+                self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
             self.completed += len(calls)
-            self.busy_s += elapsed
-            self.batch_sizes[len(calls)] += 1
-            self.execution_count += 1
-            self.executions.append((len(calls), elapsed))
-            self.latencies.extend(now - call.queued_at for call in calls)
+
+    def _histogram(self) -> dict[str, int]:
+        """Cumulative counts of every call's latency at or below each bound (and +Inf), as
+        Prometheus histograms are: they only grow (caller holds the lock)."""
+        running, counts = 0, {}
+        for bound, count in zip([*(f"{b:g}" for b in LATENCY_BUCKETS), "+Inf"],
+                                self.latency_counts):
+            running += count
+            counts[bound] = running
+        return counts
 
     def stats(self) -> dict[str, Any]:
         """Replicas, queue, utilisation, completed calls, latency percentiles, ready times."""
@@ -377,20 +421,15 @@ class ReplicaPool:
                 "queue": sum(len(r.queue) for r in self.replicas),
                 "completed": self.completed, "retries": self.retries,
                 "batches": self.execution_count,
-                "batch_mean": self.completed / max(1, self.execution_count),
+                "batch_mean": sum(b * n for b, n in self.batch_sizes.items())
+                / max(1, self.execution_count),
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "utilisation": sum(r.busy_s for r in self.replicas) / elapsed / max(1, len(live)),
                 "latency_p50_s": quantile(latencies, 0.5),
                 "latency_p99_s": quantile(latencies, 0.99),
-                "latency_histogram": _histogram(latencies),
+                "latency_histogram": self._histogram(),
                 "weight_bytes_per_replica": live[0].bytes if live else 0,
                 "replica_ready_s": [r.ready_s for r in live],
             }
 
 
-
-def _histogram(latencies: list[float]) -> dict[str, int]:
-    """Cumulative counts of latencies at or below each bucket bound (and +Inf)."""
-    counts = {f"{bound:g}": sum(1 for x in latencies if x <= bound) for bound in LATENCY_BUCKETS}
-    counts["+Inf"] = len(latencies)
-    return counts

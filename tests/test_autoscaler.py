@@ -132,6 +132,14 @@ def test_autoscaler_grows_at_once_shrinks_after_the_hysteresis_and_logs_why(capl
     assert len(scaler.timeline) == 4 and scaler.report()["decisions"][0]["group"] == "g"
 
 
+def test_autoscaler_shrinks_to_the_most_the_quiet_intervals_asked_for():
+    pool = FakePool(fixed_s=0.01)
+    scaler, interval = stepped(pool, down_after=3)
+    for calls in (250, 150, 150, 0):  # 3 replicas; then 2, 2 and 1 would do
+        interval(calls)
+    assert pool.scaled_to == [3, 2], pool.scaled_to
+
+
 def test_autoscaler_does_not_flap_on_a_load_at_the_threshold():
     pool = FakePool(fixed_s=0.01)
     scaler, interval = stepped(pool, down_after=2)

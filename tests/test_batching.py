@@ -4,12 +4,13 @@ from __future__ import annotations
 import logging
 import threading
 
+import pytest
 import torch
 from torch.testing import assert_close
 
 from fxscale.runtime.batching import run_batched, signature
 from fxscale.runtime.budget import Budget
-from fxscale.runtime.replica_pool import Call, ReplicaPool
+from fxscale.runtime.replica_pool import Call, GroupError, ReplicaPool
 
 
 def heads_projection(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> tuple:
@@ -42,7 +43,9 @@ def test_signature_separates_graphs_shapes_and_values():
     assert key != signature(lambda *a: a, (x, w, eps), (1,))          # another graph
     assert key != signature(heads_projection, (fresh(2, 4), w, eps), (1,))  # another length
     assert key != signature(heads_projection, (x, w, torch.tensor(1e-5)), (1,))
-    assert signature(heads_projection, (x, w, [1, 2]), (1,)) is None  # unhashable: alone
+    assert signature(heads_projection, (x, w, (torch.ones(1),)), (1,)) is None  # alone
+    values = [signature(heads_projection, (x, w, v), (1,)) for v in (1, 1.0, True, 0.0, -0.0)]
+    assert len(set(values)) == 5  # equal in Python, different to a graph
 
 
 def gathered_pool(run, args_list, max_batch=8) -> tuple[ReplicaPool, list]:
@@ -61,7 +64,7 @@ def test_pool_batches_queued_calls_and_splits_them_back():
     eps = torch.tensor(1e-6)
     args = [[fresh(10 + i), weight, eps] for i in range(6)]
     pool, results = gathered_pool(heads_projection, args)
-    assert pool.stats()["batch_sizes"] == {"6": 1}
+    assert pool.stats()["batch_sizes"]["6"] == 1  # (and 6 one-by-one checks of the first)
     for a, (q, total) in zip(args, results):  # the pool's own weight copy equals `weight`
         expected = heads_projection(*a)
         assert_close(q, expected[0], rtol=1e-5, atol=1e-6)
@@ -122,3 +125,39 @@ def test_budget_hands_a_freed_slot_to_the_longest_batchable_queue():
     for t in threads:
         t.join(timeout=10)
     assert order == [5, 3, 1]
+
+
+def test_outputs_that_slices_would_share_are_each_requests_own():
+    def constant_and_row(x, w, eps):  # the first output does not depend on the batched input
+        return w.sum(0), x * 2
+
+    weight = torch.randn(16, 16)
+    args = [[fresh(40 + i), weight, torch.tensor(0.0)] for i in range(3)]
+    results = run_batched(constant_and_row, args)
+    results[0][0].add_(100.0)  # one request updates its output in place
+    assert_close(results[1][0], weight.sum(0))
+    same = run_batched(constant_and_row, [args[0], list(args[0])])  # the very same objects
+    same[0][1].add_(1.0)
+    assert_close(same[1][1], args[0][0] * 2)
+
+
+def test_one_bad_call_fails_alone_and_its_batch_mates_succeed():
+    def rejects_negative_first(x, w, eps):
+        if bool((x[..., 0] < -5).any()):  # data-dependent: vmap cannot batch it either
+            raise ValueError("bad row")
+        return x @ w
+
+    weight = torch.randn(16, 16)
+    good = [[fresh(50 + i), weight, torch.tensor(0.0)] for i in range(3)]
+    bad = [fresh(60).index_fill(-1, torch.tensor([0]), -10.0), weight, torch.tensor(0.0)]
+    budget = Budget(1)
+    pool = ReplicaPool("g", stateful=False, budget=budget, max_batch=8)
+    with budget.slot(threading.Event()):
+        futures = [pool.submit(Call(rejects_negative_first, tuple(a), (1,), i,
+                                    signature(rejects_negative_first, tuple(a), (1,))))
+                   for i, a in enumerate([*good, bad])]
+    for a, future in zip(good, futures):
+        assert_close(future.result(timeout=30), a[0] @ weight)
+    with pytest.raises(GroupError, match="bad row"):
+        futures[-1].result(timeout=30)
+    assert not pool.refused  # the signature is fine: one call was bad
