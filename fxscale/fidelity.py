@@ -21,14 +21,15 @@ from .runtime.fit import fit_profile
 from .runtime.local_sim import LocalSimulation, SimGroup, SimRequest, fitted_latency
 from .runtime.planner import SLO
 from .runtime.profile import Profile
-from .runtime.quantile import quantile
+from .runtime.quantile import percentiles
 from .serving_demo import DemoConfig
-from .trace_replay import replay, scaled_slice
+from .trace_replay import replay
 
 DECODE_BATCHES = (1, 2, 4, 8, 16)
 PREFILL_BATCHES = (1, 2)
 HOP_SAMPLES = 3
 ALONE_PROMPT = 16
+KEYS, LEVELS = ("ttft_s", "tbt_s"), (50, 90)  # what is compared
 
 
 def measured_profile(model: torch.nn.Module, config: DemoConfig, granularity: str) -> Profile:
@@ -77,10 +78,10 @@ def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[st
     everything the prediction needs and what it is compared with (JSON-ready). Without the
     autoscaler, operator groups keep one replica each and the model keeps one per slot."""
     import fxscale
-    from fxscale import backend, zoo
+    from fxscale import backend
 
     torch._dynamo.reset()  # a fresh cache: earlier compiles of this model class count
-    model = zoo.build("llama", layers=config.layers, hidden=config.hidden).model.eval()
+    model = config.model()
     profile = measured_profile(model, config, "operator" if policy == "operator" else "model")
     torch._dynamo.reset()  # the server compiles afresh: the profiler's graphs would stay
     # in the model's cache and every serving call would check their guards too
@@ -93,7 +94,7 @@ def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[st
         if policy == "model" and not autoscale:
             server.scale("model", config.budget)
         time.sleep(config.interval_s)  # the calibration request leaves the autoscaler's view
-        live = replay(server, _requests(config), slo, seed=config.seed)
+        live = replay(server, config.requests(), slo, seed=config.seed)
     return {"policy": policy, "config": asdict(config), "profile": profile.to_dict(),
             "groups": facts, "alone": alone, "live": live}
 
@@ -103,7 +104,7 @@ def predict(measured: dict[str, Any]) -> list[dict]:
     config = DemoConfig(**measured["config"])
     groups = _sim_groups(Profile.from_dict(measured["profile"]), measured["groups"])
     requests = [SimRequest(r.arrival_s, r.prompt_tokens, r.new_tokens)
-                for r in _requests(config)]
+                for r in config.requests()]
     token_times = LocalSimulation(groups, requests, config.budget,
                                   replicas_timeline(measured["live"]["timeline"]),
                                   hop_s=hop_costs(groups, measured["alone"], config)).run()
@@ -120,20 +121,13 @@ def fidelity(config: DemoConfig, policy: str) -> dict[str, Any]:
 def compare(measured: dict[str, Any]) -> dict[str, Any]:
     """The prediction's percentiles against the live run's, with relative errors."""
     ok = [r["outcome"] == "ok" for r in measured["live"]["requests"]]
-    predicted = _percentiles([p for p, kept in zip(predict(measured), ok) if kept])
-    live = _percentiles([r for r, kept in zip(measured["live"]["requests"], ok) if kept])
+    predicted = percentiles([p for p, kept in zip(predict(measured), ok) if kept], KEYS, LEVELS)
+    live = percentiles([r for r, kept in zip(measured["live"]["requests"], ok) if kept], KEYS,
+                       LEVELS)
     return {"policy": measured["policy"], "alone": measured["alone"],
             "predicted": predicted, "measured": live,
             "relative_error": {k: abs(predicted[k] - live[k]) / live[k] for k in live if live[k]},
             "live_summary": measured["live"]["summary"]}
-
-
-def _requests(config: DemoConfig):
-    """The config's scaled trace slice."""
-    return scaled_slice(config.trace, duration_s=config.seconds * config.speedup,
-                        speedup=config.speedup, prompt_divisor=config.prompt_divisor,
-                        output_divisor=config.output_divisor, max_prompt=config.max_prompt,
-                        max_new=config.max_new)
 
 
 def _sim_groups(profile: Profile, facts: list[dict]) -> list[SimGroup]:
@@ -167,12 +161,3 @@ def hop_costs(groups: list[SimGroup], alone: dict[str, float], config: DemoConfi
     return {"prefill": max(0.0, (alone["ttft_s"] - times[0]) / len(groups)),
             "decode": max(0.0, (alone["tbt_s"] - modelled_tbt) / len(groups))}
 
-
-def _percentiles(rows: list[dict]) -> dict[str, float | None]:
-    """TTFT and TBT p50 and p90 of request rows."""
-    out = {}
-    for key in ("ttft_s", "tbt_s"):
-        values = [r[key] for r in rows if key in r]
-        for q in (50, 90):
-            out[f"{key[:-2]}_p{q}_s"] = quantile(values, q / 100)
-    return out

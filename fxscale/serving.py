@@ -39,7 +39,7 @@ from .runtime.autoscaler import Autoscaler
 from .runtime.batching import signature
 from .runtime.budget import Budget
 from .runtime.planner import SLO
-from .runtime.quantile import quantile
+from .runtime.quantile import percentiles
 from .runtime.replica_pool import Call, ReplicaPool
 
 POLICIES = ("operator", "model")
@@ -285,10 +285,7 @@ class Server:
             met = sum(1 for f in generated if f["ttft_s"] <= self.slo.ttft
                       and f.get("tbt_s", 0.0) <= self.slo.tbt)
             summary["slo_attainment"] = met / len(generated) if generated else None
-        for key in ("ttft_s", "tbt_s", "e2e_s"):
-            values = [f[key] for f in finished if key in f]
-            for q in (50, 90, 99):
-                summary[f"{key[:-2]}_p{q}_s"] = quantile(values, q / 100)
+        summary.update(percentiles(finished, ("ttft_s", "tbt_s", "e2e_s")))
         return {"policy": self.policy, "budget": self.budget_size,
                 "in_flight": self.in_flight,
                 "groups": {name: pool.stats() for name, pool in sorted(self.pools.items())},

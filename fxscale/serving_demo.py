@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from .runtime.planner import SLO
-from .trace_replay import replay, scaled_slice
+from .trace_replay import ScaledRequest, replay, scaled_slice
 
 
 @dataclass(frozen=True)
@@ -35,18 +35,26 @@ class DemoConfig:
     max_new: int = 16
     seed: int = 0
 
+    def model(self) -> Any:
+        """The served Llama (random weights, eval mode)."""
+        from fxscale import zoo
+
+        return zoo.build("llama", layers=self.layers, hidden=self.hidden).model.eval()
+
+    def requests(self) -> list[ScaledRequest]:
+        """The scaled trace slice."""
+        return scaled_slice(self.trace, duration_s=self.seconds * self.speedup,
+                            speedup=self.speedup, prompt_divisor=self.prompt_divisor,
+                            output_divisor=self.output_divisor, max_prompt=self.max_prompt,
+                            max_new=self.max_new)
+
 
 def serve_trace(config: DemoConfig, policies: tuple[str, ...] = ("operator", "model"),
                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Serve the slice once per policy; the replays, with each server's final stats."""
     import fxscale
-    from fxscale import zoo
 
-    model = zoo.build("llama", layers=config.layers, hidden=config.hidden).model.eval()
-    requests = scaled_slice(config.trace, duration_s=config.seconds * config.speedup,
-                            speedup=config.speedup, prompt_divisor=config.prompt_divisor,
-                            output_divisor=config.output_divisor, max_prompt=config.max_prompt,
-                            max_new=config.max_new)
+    model, requests = config.model(), config.requests()
     slo = SLO(config.ttft, config.tbt)
     results: dict[str, Any] = {"config": asdict(config), "requests": len(requests),
                                "policies": {}}

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .runtime.planner import SLO
-from .runtime.quantile import quantile
+from .runtime.quantile import percentiles
 from .runtime.traces import load_trace
 from .serving import OverloadError, Server
 
@@ -117,11 +117,7 @@ def summarize(rows: list[dict], slo: SLO, seconds: float) -> dict:
         "slo_attainment": sum(meets(r, slo) for r in rows) / len(rows) if rows else None,
         "tokens_per_s": sum(r["tokens"] for r in ok) / seconds,
         "requests_per_s": len(ok) / seconds, "seconds": seconds}
-    for key in ("ttft_s", "tbt_s"):
-        values = [r[key] for r in ok if key in r]
-        for q in (50, 90, 99):
-            summary[f"{key[:-2]}_p{q}_s"] = quantile(values, q / 100)
-    return summary
+    return {**summary, **percentiles(ok, ("ttft_s", "tbt_s"))}
 
 
 def _sample(server: Server, requests: list[ScaledRequest], futures: list, slo: SLO,

@@ -10,3 +10,14 @@ def quantile(values: list[float], q: float) -> float | None:
     if not ordered:
         return None
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def percentiles(rows: list[dict], keys: tuple[str, ...],
+                levels: tuple[int, ...] = (50, 90, 99)) -> dict[str, float | None]:
+    """`<name>_p<level>_s` of each `<name>_s` key over the rows that have it (None if none)."""
+    out: dict[str, float | None] = {}
+    for key in keys:
+        values = [row[key] for row in rows if key in row]
+        for level in levels:
+            out[f"{key[:-2]}_p{level}_s"] = quantile(values, level / 100)
+    return out

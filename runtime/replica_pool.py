@@ -276,11 +276,10 @@ class ReplicaPool:
             return list(self.executions)
 
     def counters(self) -> dict[str, float]:
-        """Running totals the autoscaler differences: arrivals, completed calls, executions,
-        busy seconds; and the queue and live replicas now."""
+        """What the autoscaler reads each interval: arrivals so far (it differences them),
+        and the queue and live replicas now."""
         with self.lock:
-            return {"arrivals": self.arrivals, "completed": self.completed,
-                    "executions": self.execution_count, "busy_s": self.busy_s,
+            return {"arrivals": self.arrivals,
                     "queue": sum(len(r.queue) for r in self.replicas),
                     "replicas": sum(1 for r in self.replicas if not r.draining and not r.dead)}
 

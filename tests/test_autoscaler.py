@@ -84,8 +84,7 @@ class FakePool:
         self.scaled_to: list[int] = []
 
     def counters(self):
-        return {"arrivals": self.arrivals, "completed": self.arrivals, "executions": 0,
-                "busy_s": 0.0, "queue": 0, "replicas": self.replicas}
+        return {"arrivals": self.arrivals, "queue": 0, "replicas": self.replicas}
 
     def execution_samples(self):
         return list(self.samples)

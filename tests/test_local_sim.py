@@ -81,7 +81,7 @@ def test_executions_share_the_cores_they_run_on():
 def test_fidelity_compares_the_model_with_the_live_run_it_is_given():
     """compare() on a synthetic measurement: one non-batching group of 10 ms per call, and a
     live run that measured exactly what the model must predict for a lone request."""
-    from fxscale.fidelity import _requests, compare
+    from fxscale.fidelity import compare
     from fxscale.runtime.fit import fit_profile
     from fxscale.runtime.profile import Profile
     from fxscale.serving_demo import DemoConfig
@@ -91,7 +91,7 @@ def test_fidelity_compares_the_model_with_the_live_run_it_is_given():
     profile = fit_profile(Profile("m", "model", "cpu", "measured", "fp32", 1, {},
                                   [GroupProfile("g0", "model", points, stateful=True)]))
     config = DemoConfig(seconds=0.5, speedup=1.0, max_new=4)
-    requests = _requests(config)
+    requests = config.requests()
     assert requests, "the first half second of the trace has requests"
     live_rows = [{"arrival_s": r.arrival_s, "outcome": "ok", "ttft_s": 0.012,
                   "tbt_s": 0.011} for r in requests]
