@@ -1,16 +1,20 @@
 """Fidelity of the runtime model: predicted vs measured TTFT and TBT on one trace slice.
 
 For a policy: profile every group of the served model on this machine (eager lowering, one
-intra-op thread, as the server runs them) and fit each group's latency; serve the trace
-slice live (fixed replicas, or the autoscaler's with `measure(autoscale=True)`); then replay
-the same requests through the discrete-event model of the runtime (runtime/local_sim.py)
-with the fitted profiles, the same budget and the replica counts the live run had over
-time. The per-call cost of the request thread (Python between group calls) is calibrated
-from requests served alone: what they measured beyond what the model gives them without it.
+intra-op thread, as the server runs them) and fit each group's latency; measure the
+machine's capacity for jobs at once (its cores share memory bandwidth); serve the slice live
+(fixed replicas, or the autoscaler's with `measure(autoscale=True)`); then replay the same
+requests through the discrete-event model of the runtime (runtime/local_sim.py) with the
+fitted profiles, the same budget and the replica counts the live run had over time. The
+per-call cost of the request thread ("hops": Python between group calls, thread wake-ups) is
+calibrated from requests served alone: what they measured beyond what the model gives them
+without it; the share of it that holds the interpreter lock is the Python CPU those requests
+cost (request thread plus replica threads outside the group callables) over the hop seconds.
 """
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -74,15 +78,17 @@ def replicas_timeline(timeline: list[dict]):
 
 
 def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[str, Any]:
-    """Profile the groups, calibrate the request thread's cost, serve the slice live:
-    everything the prediction needs and what it is compared with (JSON-ready). Without the
-    autoscaler, operator groups keep one replica each and the model keeps one per slot."""
+    """Profile the groups, measure the machine's capacity, calibrate the request thread's
+    cost, serve the slice live: everything the prediction needs and what it is compared with
+    (JSON-ready). Without the autoscaler, operator groups keep one replica each and the model
+    keeps one per slot."""
     import fxscale
     from fxscale import backend
 
     torch._dynamo.reset()  # a fresh cache: earlier compiles of this model class count
     model = config.model()
     profile = measured_profile(model, config, "operator" if policy == "operator" else "model")
+    capacity = machine_capacity(config.hidden)
     torch._dynamo.reset()  # the server compiles afresh: the profiler's graphs would stay
     # in the model's cache and every serving call would check their guards too
     slo = SLO(config.ttft, config.tbt)
@@ -90,27 +96,29 @@ def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[st
     with fxscale.serve(model, policy=policy, slo=slo, budget=config.budget,
                        autoscale=autoscale, autoscale_interval_s=config.interval_s) as server:
         facts = group_facts(profile, backend.compiled_group_graphs[first_graph:])
-        alone = _serve_alone(server, config)
         if policy == "model" and not autoscale:
             server.scale("model", config.budget)
-        time.sleep(config.interval_s)  # the calibration request leaves the autoscaler's view
+        alone = _serve_alone(server, config)
+        time.sleep(config.interval_s)  # the calibration requests leave the autoscaler's view
         live = replay(server, config.requests(), slo, seed=config.seed)
+        pools = server.stats()["groups"]
     return {"policy": policy, "config": asdict(config), "profile": profile.to_dict(),
-            "groups": facts, "alone": alone, "live": live}
+            "groups": facts, "capacity": capacity, "alone": alone, "live": live,
+            "pools": pools}
 
 
-def predict(measured: dict[str, Any]) -> list[dict]:
-    """Per-request TTFT/TBT of the slice, predicted by the runtime model from `measure`."""
+def predict(measured: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
+    """Per-request TTFT/TBT of the slice, predicted by the runtime model from `measure`, and
+    the calibration it used."""
     config = DemoConfig(**measured["config"])
     groups = _sim_groups(Profile.from_dict(measured["profile"]), measured["groups"])
+    calibration = calibrate(groups, measured, config)
     requests = [SimRequest(r.arrival_s, r.prompt_tokens, r.new_tokens)
                 for r in config.requests()]
     token_times = LocalSimulation(groups, requests, config.budget,
                                   replicas_timeline(measured["live"]["timeline"]),
-                                  hop_s=hop_costs(groups, measured["alone"], config)).run()
-    return [{"ttft_s": times[0] - r.arrival_s,
-             **({"tbt_s": (times[-1] - times[0]) / (len(times) - 1)} if len(times) > 1 else {})}
-            for r, times in zip(requests, token_times)]
+                                  **calibration).run()
+    return _timings(requests, token_times), calibration
 
 
 def fidelity(config: DemoConfig, policy: str) -> dict[str, Any]:
@@ -121,10 +129,12 @@ def fidelity(config: DemoConfig, policy: str) -> dict[str, Any]:
 def compare(measured: dict[str, Any]) -> dict[str, Any]:
     """The prediction's percentiles against the live run's, with relative errors."""
     ok = [r["outcome"] == "ok" for r in measured["live"]["requests"]]
-    predicted = percentiles([p for p, kept in zip(predict(measured), ok) if kept], KEYS, LEVELS)
+    rows, calibration = predict(measured)
+    predicted = percentiles([p for p, kept in zip(rows, ok) if kept], KEYS, LEVELS)
     live = percentiles([r for r, kept in zip(measured["live"]["requests"], ok) if kept], KEYS,
                        LEVELS)
     return {"policy": measured["policy"], "alone": measured["alone"],
+            "calibration": calibration,
             "predicted": predicted, "measured": live,
             "relative_error": {k: abs(predicted[k] - live[k]) / live[k] for k in live if live[k]},
             "live_summary": measured["live"]["summary"]}
@@ -137,27 +147,92 @@ def _sim_groups(profile: Profile, facts: list[dict]) -> list[SimGroup]:
                      fitted_latency(by_name[f["name"]])) for f in facts]
 
 
+def _timings(requests: list[SimRequest], token_times: list[list[float]]) -> list[dict]:
+    """TTFT (and TBT, past one token) of each simulated request."""
+    return [{"ttft_s": times[0] - r.arrival_s,
+             **({"tbt_s": (times[-1] - times[0]) / (len(times) - 1)} if len(times) > 1 else {})}
+            for r, times in zip(requests, token_times)]
+
+
 def _serve_alone(server: Any, config: DemoConfig) -> dict[str, float]:
-    """TTFT and TBT of one request served alone (the median of a few)."""
+    """Medians over requests served alone: TTFT, TBT, the request thread's CPU, and the
+    replica threads' Python CPU per request (both hold the interpreter lock)."""
     g = torch.Generator().manual_seed(config.seed)
     vocab = getattr(server.config, "vocab_size", 256)
-    ttft, tbt = [], []
+    records = []
     for _ in range(HOP_SAMPLES):
+        before = _replica_python_s(server)
         future = server.generate(torch.randint(0, vocab, (1, ALONE_PROMPT), generator=g),
                                  max_new_tokens=config.max_new, ignore_eos=True)
         future.result()
-        ttft.append(future.record["ttft_s"])
-        tbt.append(future.record["tbt_s"])
-    return {"ttft_s": statistics.median(ttft), "tbt_s": statistics.median(tbt)}
+        records.append(dict(future.record, replica_python_s=_replica_python_s(server) - before))
+    return {key: statistics.median(r[key] for r in records)
+            for key in ("ttft_s", "tbt_s", "thread_cpu_s", "replica_python_s")}
 
 
-def hop_costs(groups: list[SimGroup], alone: dict[str, float], config: DemoConfig
-              ) -> dict[str, float]:
+def _replica_python_s(server: Any) -> float:
+    """The replica threads' Python CPU so far, over all groups."""
+    groups = server.stats()["groups"].values()
+    if any(g["python_cpu_s"] is None for g in groups):
+        raise RuntimeError("fidelity needs per-thread CPU clocks (time.pthread_getcpuclockid),"
+                           " which this platform lacks; run it on Linux")
+    return sum(g["python_cpu_s"] for g in groups)
+
+
+def machine_capacity(hidden: int, jobs: int = 3, seconds: float = 0.3) -> list[float]:
+    """Throughput of 1..jobs weight-bound jobs at once (one thread each) relative to one:
+    what the cores give together when they share memory bandwidth, as decode does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    weights = [torch.randn(hidden, 4 * hidden) for _ in range(jobs)]
+    x = torch.randn(1, hidden)
+
+    def rate(n: int) -> float:
+        done = [0] * n
+        stop = time.perf_counter() + seconds
+
+        def work(k: int) -> None:
+            while time.perf_counter() < stop:
+                x @ weights[k]
+                done[k] += 1
+
+        workers = [threading.Thread(target=work, args=(k,)) for k in range(n)]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return sum(done) / (time.perf_counter() - start)
+
+    try:
+        rate(1)  # warm up
+        rates = [rate(n) for n in range(1, jobs + 1)]
+    finally:
+        torch.set_num_threads(threads)
+    return [r / rates[0] for r in rates]
+
+
+def hop_costs(groups: list[SimGroup], alone: dict[str, float], config: DemoConfig,
+              capacity: tuple[float, ...]) -> dict[str, float]:
     """Request-thread seconds per group call in each phase: what a request served alone
     measured beyond what the model gives it without them (executions and batch gathering)."""
     times = LocalSimulation(groups, [SimRequest(0.0, ALONE_PROMPT, config.max_new)],
-                            config.budget, lambda t: {}).run()[0]
+                            config.budget, lambda t: {}, capacity=capacity).run()[0]
     modelled_tbt = (times[-1] - times[0]) / (len(times) - 1)
     return {"prefill": max(0.0, (alone["ttft_s"] - times[0]) / len(groups)),
             "decode": max(0.0, (alone["tbt_s"] - modelled_tbt) / len(groups))}
 
+
+def calibrate(groups: list[SimGroup], measured: dict[str, Any], config: DemoConfig
+              ) -> dict[str, Any]:
+    """The model's machine parameters: the measured capacity, the hop costs of requests
+    served alone, and the share of those hops that holds the interpreter lock: the CPU the
+    request thread and the replica threads' own Python spent on a lone request, over the
+    hops it took."""
+    capacity = tuple(measured["capacity"])
+    hops = hop_costs(groups, measured["alone"], config, capacity)
+    alone = measured["alone"]
+    hop_seconds = len(groups) * (hops["prefill"] + (config.max_new - 1) * hops["decode"])
+    python = alone["thread_cpu_s"] + alone["replica_python_s"]
+    share = min(1.0, python / hop_seconds) if hop_seconds else 1.0
+    return {"hop_s": hops, "capacity": capacity, "hop_locked": share}

@@ -221,6 +221,7 @@ class Server:
         from transformers import DynamicCache
 
         start = record["submitted_at"]
+        cpu_start = time.thread_time()  # this thread's own CPU: its Python, not the kernels
         self.local.request = next(self.ids)
         out: list[int] = []
         times: list[float] = []
@@ -238,7 +239,8 @@ class Server:
                     if out[-1] in stop:  # stop as Hugging Face generate does
                         break
             record.update(first_token_at=times[0], finished_at=times[-1], tokens=len(out),
-                          ttft_s=times[0] - start, e2e_s=times[-1] - start)
+                          ttft_s=times[0] - start, e2e_s=times[-1] - start,
+                          thread_cpu_s=time.thread_time() - cpu_start)
             if len(times) > 1:
                 record["tbt_s"] = (times[-1] - times[0]) / (len(times) - 1)
             self._finish(record)

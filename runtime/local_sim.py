@@ -7,12 +7,16 @@ at the group's pool (shortest queue; stateful groups keep a request on one repli
 row-wise groups gather a batch (until full, until arrivals pause for a quarter of a mean
 execution, at most one mean execution) and only calls of the same signature batch (same
 phase, same prompt length in prefill, same context for groups that read the cache length);
+a signature's first batch also runs its calls one by one (the server's check);
 `budget` slots run at once, a freed slot going to the waiting replica whose turn serves most
 (runtime/budget.py). An execution takes what the group's fitted profile (runtime/fit.py)
-gives for its phase, batch and length, and each visit costs the request thread `hop_s[phase]`
-of Python, run under the one interpreter lock: hops of different requests take turns. The
-machine has `cores`: executions and the interpreter's current hop share them (processor
-sharing), so with every slot busy a hop slows the executions down, as it does on the CPU.
+gives for its phase, batch and length (its mean, as the server's gathering reads it, is of
+wall times). Each visit costs the request thread `hop_s[phase]`, of which the `hop_locked`
+share is Python under the one interpreter lock (the rest is threads waking up): hops of
+different requests take turns, and a replica thread starts an execution only once it gets
+the lock too. Executions and the interpreter's current Python share the machine (processor
+sharing) as its measured `capacity` says: capacity[n-1] is the throughput of n jobs at once
+relative to one (at most the cores; less where they share memory bandwidth).
 Replica counts follow a given timeline (e.g. the live run's autoscaler decisions).
 """
 from __future__ import annotations
@@ -86,17 +90,21 @@ def fitted_latency(group: GroupProfile) -> Callable[[str, int, int], float]:
 
 
 class _Processors:
-    """Processor sharing: every running job progresses at min(1, cores / running jobs)."""
+    """Processor sharing: with n jobs running, each progresses at capacity[n-1] / n (at
+    most 1), capacity[n-1] being the machine's throughput with n jobs at once relative to one
+    (measured: cores share memory bandwidth, so two jobs on two cores are not 2x); past the
+    curve's end, its last value."""
 
-    def __init__(self, cores: int, schedule: Callable) -> None:
-        self.cores, self.schedule = cores, schedule
+    def __init__(self, capacity: tuple[float, ...], schedule: Callable) -> None:
+        self.capacity, self.schedule = capacity, schedule
         self.jobs: dict[int, list] = {}      # id -> [work left (s at full speed), on_done]
         self.ids = itertools.count()
         self.last = 0.0
         self.version = 0
 
     def _rate(self) -> float:
-        return min(1.0, self.cores / len(self.jobs)) if self.jobs else 1.0
+        n = len(self.jobs)
+        return min(1.0, self.capacity[min(n, len(self.capacity)) - 1] / n) if n else 1.0
 
     def _advance(self, now: float) -> None:
         rate = self._rate()
@@ -136,21 +144,24 @@ class LocalSimulation:
     def __init__(self, groups: list[SimGroup], requests: list[SimRequest], budget: int,
                  replicas: Callable[[float], dict[str, int]], max_batch: int = 16,
                  batch_wait_s: float = 0.05, hop_s: dict[str, float] | None = None,
-                 cores: int = 2) -> None:
+                 capacity: tuple[float, ...] = (1.0, 2.0), hop_locked: float = 1.0) -> None:
         self.groups, self.requests, self.budget = groups, requests, budget
         self.replicas_at, self.max_batch = replicas, max_batch
         self.batch_wait_s = batch_wait_s
         self.hop_s = hop_s or {"prefill": 0.0, "decode": 0.0}
+        self.hop_locked = hop_locked
         self.events: list = []
         self.order = itertools.count()
         self.free = budget
-        self.processors = _Processors(cores, self._at)
-        self.hops: deque[tuple[int, float]] = deque()  # (request, seconds): the lock's queue
-        self.hopping = False
+        self.processors = _Processors(capacity, self._at)
+        # (seconds, then): Python waiting for the interpreter lock, in turn
+        self.lock_queue: deque[tuple[float, Callable[[float], None]]] = deque()
+        self.interpreting = False
         self.waiting: list[_Replica] = []
         self.pools: list[list[_Replica]] = [[_Replica(i)] for i in range(len(groups))]
         self.pinned: dict[tuple[int, int], _Replica] = {}
         self.executions = [[0, 0.0] for _ in groups]  # count, seconds
+        self.verified: set[tuple[int, tuple]] = set()  # (group, signature) batched before
         n = len(requests)
         self.position = [(0, 0)] * n   # (pass, group index) of each request
         self.token_times: list[list[float]] = [[] for _ in range(n)]
@@ -196,23 +207,31 @@ class LocalSimulation:
         self._hop(i, now)
 
     def _hop(self, i: int, now: float) -> None:
-        """Queue request i's Python before its next call for the interpreter lock."""
-        self.hops.append((i, self.hop_s["prefill" if self.position[i][0] == 0 else "decode"]))
-        self._next_hop(now)
+        """Request i's Python before its next call: the locked share runs under the
+        interpreter lock, the rest (threads waking up) only takes time."""
+        seconds = self.hop_s["prefill" if self.position[i][0] == 0 else "decode"]
+        locked = seconds * self.hop_locked
+        self._interpret(now, locked, lambda t: self._at(t + seconds - locked,
+                                                        lambda v: self._visit(i, v)))
 
-    def _next_hop(self, now: float) -> None:
-        """Run the next request thread's Python under the interpreter lock."""
-        if self.hopping or not self.hops:
+    def _interpret(self, now: float, seconds: float, then: Callable[[float], None]) -> None:
+        """Queue `seconds` of Python for the interpreter lock; `then` runs once it is done."""
+        self.lock_queue.append((seconds, then))
+        self._next_python(now)
+
+    def _next_python(self, now: float) -> None:
+        """Run the next queued Python under the interpreter lock (one at a time)."""
+        if self.interpreting or not self.lock_queue:
             return
-        i, seconds = self.hops.popleft()
-        self.hopping = True
+        seconds, then = self.lock_queue.popleft()
+        self.interpreting = True
 
-        def hopped(t: float) -> None:
-            self.hopping = False
-            self._visit(i, t)
-            self._next_hop(t)
+        def done(t: float) -> None:
+            self.interpreting = False
+            then(t)
+            self._next_python(t)
 
-        self.processors.start(now, seconds, hopped)
+        self.processors.start(now, seconds, done)
 
     # ---- pools -----------------------------------------------------------------------------
     def _resize(self, g: int, now: float) -> None:
@@ -290,14 +309,24 @@ class LocalSimulation:
                  else rest).append(call)
             replica.queue = rest
         length = max(c.length for c in calls)
-        seconds = group.latency(first.phase, len(calls), length)
-        self.executions[replica.group][0] += 1
-        self.executions[replica.group][1] += seconds
+        seconds, executions = group.latency(first.phase, len(calls), length), 1
+        if len(calls) > 1 and (replica.group, first.key) not in self.verified:
+            # the server checks a signature's first batch against one-by-one execution
+            self.verified.add((replica.group, first.key))
+            seconds += len(calls) * group.latency(first.phase, 1, length)
+            executions += len(calls)
         replica.busy = True
-        self.processors.start(now, seconds, lambda t: self._finish(replica, calls, t))
+        # the replica thread starts once it gets the interpreter lock (its own Python is
+        # booked in the hops, per call), then its kernels run without it
+        self._interpret(now, 0.0, lambda t: self.processors.start(
+            t, seconds, lambda end: self._finish(replica, calls, now, end, executions)))
 
-    def _finish(self, replica: _Replica, calls: list[_Call], now: float) -> None:
+    def _finish(self, replica: _Replica, calls: list[_Call], started: float, now: float,
+                executions: int) -> None:
         replica.busy = False
+        # wall seconds (slowed by sharing and the lock) and executions, as the server books
+        self.executions[replica.group][0] += executions
+        self.executions[replica.group][1] += now - started
         for call in calls:
             self._done(call, now)
         if self.waiting:  # hand the slot over to the best waiter

@@ -67,6 +67,7 @@ class Replica:
         self.fail_next = 0   # fault injection: raise on the next n first attempts (transient)
         self.broken = False  # fault injection: raise on every call
         self.busy_s = 0.0
+        self.kernel_cpu_s = 0.0  # this thread's CPU inside the group's callable
         self.running = 0     # calls taken from the queue and executing now
         start = time.perf_counter()
         self.weights = {key: t.clone() for key, t in weights.items()}
@@ -219,10 +220,17 @@ class Replica:
 
     def _timed(self, function: Callable[..., Any], args: Any, batch: int) -> Any:
         """Call `function(*args)` and book it as one execution of `batch` calls."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         result = function(*args)
+        self.kernel_cpu_s += time.thread_time() - cpu
         self.pool.record_execution(batch, time.perf_counter() - start)
         return result
+
+    def python_cpu_s(self) -> float:
+        """CPU seconds this replica's thread spent outside the group's callable: the
+        server's own Python (gathering, dispatch, results), which holds the interpreter lock."""
+        clock = time.pthread_getcpuclockid(self.thread.ident)  # Linux and most Unixes
+        return time.clock_gettime(clock) - self.kernel_cpu_s
 
     def kill(self) -> list[Call]:
         """Stop at once (a crash): return the calls it had not started."""
@@ -422,6 +430,9 @@ class ReplicaPool:
                 "batches": self.execution_count,
                 "batch_mean": sum(b * n for b, n in self.batch_sizes.items())
                 / max(1, self.execution_count),
+                "execution_mean_s": self.mean_execution_s(),
+                "python_cpu_s": sum(r.python_cpu_s() for r in live)
+                if hasattr(time, "pthread_getcpuclockid") else None,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "utilisation": sum(r.busy_s for r in self.replicas) / elapsed / max(1, len(live)),
                 "latency_p50_s": quantile(latencies, 0.5),

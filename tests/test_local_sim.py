@@ -26,10 +26,14 @@ def test_budget_of_one_serialises_calls():
 
 def test_row_wise_calls_arriving_together_run_as_one_batch():
     g = group("g", lambda phase, b, n: 0.005 + 0.001 * b, batches=True)
-    requests = [SimRequest(0.0, 4, 1) for _ in range(4)]
+    requests = [SimRequest(at, 4, 1) for at in (0.0, 0.1) for _ in range(4)]
     times = LocalSimulation([g], requests, budget=1, replicas=one_each).run()
-    # gathered until arrivals pause (0.5 ms), then one execution of 4 calls (9 ms)
-    assert [t[0] for t in times] == pytest.approx([0.0095] * 4)
+    # gathered until arrivals pause (0.5 ms), then one execution of 4 calls (9 ms); the
+    # signature's first batch is also run one by one (4 x 6 ms), as the server checks it
+    assert [t[0] for t in times[:4]] == pytest.approx([0.0335] * 4)
+    # the second batch is not checked; it gathers for a quarter of the mean execution so
+    # far (33 ms over 5 executions)
+    assert [t[0] for t in times[4:]] == pytest.approx([0.1 + 0.25 * 0.0066 + 0.009] * 4)
 
 
 def test_prefill_of_different_lengths_does_not_batch():
@@ -70,12 +74,19 @@ def test_fitted_latency_reproduces_the_profile_it_was_fitted_to():
         fitted_latency(GroupProfile("g2", "x", points))
 
 
-def test_executions_share_the_cores_they_run_on():
+def test_executions_share_the_machine_as_its_capacity_says():
     g = group("g", lambda phase, b, n: 0.010)
     requests = [SimRequest(0.0, 4, 1), SimRequest(0.0, 4, 1)]
-    one_core = LocalSimulation([g], requests, budget=2, replicas=lambda t: {"g": 2},
-                               cores=1).run()
-    assert [t[0] for t in one_core] == pytest.approx([0.020, 0.020])  # both at half speed
+
+    def first_tokens(capacity):
+        return [t[0] for t in LocalSimulation([g], requests, budget=2,
+                                              replicas=lambda t: {"g": 2},
+                                              capacity=capacity).run()]
+
+    assert first_tokens((1.0,)) == pytest.approx([0.020, 0.020])  # one core: half speed each
+    assert first_tokens((1.0, 2.0)) == pytest.approx([0.010, 0.010])
+    # two cores that give 1.6x together (shared memory bandwidth): 0.8 speed each
+    assert first_tokens((1.0, 1.6)) == pytest.approx([0.0125, 0.0125])
 
 
 def test_fidelity_compares_the_model_with_the_live_run_it_is_given():
@@ -98,7 +109,9 @@ def test_fidelity_compares_the_model_with_the_live_run_it_is_given():
     measured = {"policy": "model", "config": vars(config), "profile": profile.to_dict(),
                 "groups": [{"name": "model", "batches": False, "stateful": True,
                             "context_keyed": True}],
-                "alone": {"ttft_s": 0.012, "tbt_s": 0.011},   # 2 ms and 1 ms of Python
+                "capacity": [1.0, 2.0],
+                "alone": {"ttft_s": 0.012, "tbt_s": 0.011,    # 2 ms and 1 ms of Python
+                          "thread_cpu_s": 0.001, "replica_python_s": 0.001},
                 "live": {"requests": live_rows, "timeline": [{"t": 0.0,
                                                               "replicas": {"model": 2}}],
                          "summary": {}}}
@@ -107,3 +120,46 @@ def test_fidelity_compares_the_model_with_the_live_run_it_is_given():
     assert report["relative_error"]["tbt_p50_s"] < 0.05
     measured["live"]["requests"] = [dict(r, tbt_s=0.022) for r in live_rows]
     assert compare(measured)["relative_error"]["tbt_p50_s"] == pytest.approx(0.5, rel=0.05)
+
+
+def test_calibration_takes_hops_from_the_lone_request_and_their_locked_share_from_cpu():
+    """A lone request timed by the model itself with known hop costs: calibrate() recovers
+    them, and the share of them under the interpreter lock is the measured Python CPU over
+    the hop seconds (capped at all of them)."""
+    from fxscale.fidelity import ALONE_PROMPT, _timings, calibrate
+    from fxscale.serving_demo import DemoConfig
+
+    config = DemoConfig(max_new=6)
+    groups = [group(f"g{i}", lambda phase, b, n: 0.002 + 0.0005 * b, batches=True)
+              for i in range(4)]
+    hops, capacity = {"prefill": 0.003, "decode": 0.001}, (1.0, 1.6, 1.5)
+    lone = [SimRequest(0.0, ALONE_PROMPT, config.max_new)]
+    alone = _timings(lone, LocalSimulation(groups, lone, config.budget, lambda t: {},
+                                           hop_s=hops, capacity=capacity).run())[0]
+    hop_seconds = 4 * (0.003 + 5 * 0.001)  # 4 groups, a prefill and 5 decodes
+    measured = {"capacity": list(capacity), "live": {"timeline": []},
+                "alone": dict(alone, thread_cpu_s=0.25 * hop_seconds,
+                              replica_python_s=0.15 * hop_seconds)}
+    calibration = calibrate(groups, measured, config)
+    assert calibration["hop_s"] == pytest.approx(hops, rel=0.02)
+    assert calibration["hop_locked"] == pytest.approx(0.4, rel=0.03)
+    assert calibration["capacity"] == capacity
+    measured["alone"]["thread_cpu_s"] = 2 * hop_seconds
+    assert calibrate(groups, measured, config)["hop_locked"] == 1.0
+
+
+def test_an_execution_waits_for_the_interpreter_lock_the_hops_hold():
+    """Two requests whose first hop (5 ms) is all Python take turns at the lock, and the
+    replica threads wait for it too; with none of it under the lock, they overlap."""
+    g = group("g", lambda phase, b, n: 0.001, stateful=True)
+    requests = [SimRequest(0.0, 4, 1), SimRequest(0.0, 4, 1)]
+
+    def first_tokens(share):
+        return sorted(t[0] for t in LocalSimulation(
+            [g], requests, budget=2, replicas=lambda t: {"g": 2},
+            hop_s={"prefill": 0.005, "decode": 0.0}, capacity=(1.0, 2.0, 2.0),
+            hop_locked=share).run())
+
+    assert first_tokens(0.0) == pytest.approx([0.006, 0.006])
+    # the second hop queued for the lock first: both executions start after it (FIFO)
+    assert first_tokens(1.0) == pytest.approx([0.011, 0.011])
