@@ -6,10 +6,12 @@ machine's capacity for jobs at once (its cores share memory bandwidth); serve th
 (fixed replicas, or the autoscaler's with `measure(autoscale=True)`); then replay the same
 requests through the discrete-event model of the runtime (runtime/local_sim.py) with the
 fitted profiles, the same budget and the replica counts the live run had over time. The
-per-call cost of the request thread ("hops": Python between group calls, thread wake-ups) is
-calibrated from requests served alone: what they measured beyond what the model gives them
-without it; the share of it that holds the interpreter lock is the Python CPU those requests
-cost (request thread plus replica threads outside the group callables) over the hop seconds.
+per-call work outside the group profiles ("hops": the request thread's Python between group
+calls, the replica's own Python, thread switches) is calibrated from requests served alone:
+what they measured beyond what the model gives them without it; the share of it that holds
+the interpreter lock is the Python CPU those requests cost (request thread plus replica
+threads outside the group callables) over the hop seconds. Groups are profiled with batches
+run as the server runs them (a vmap over single-request calls).
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ KEYS, LEVELS = ("ttft_s", "tbt_s"), (50, 90)  # what is compared
 
 
 def measured_profile(model: torch.nn.Module, config: DemoConfig, granularity: str) -> Profile:
-    """Prefill and decode profiles of every group, fitted, with one intra-op thread."""
+    """Prefill and decode profiles of every group, fitted, with one intra-op thread and
+    batches run as the server runs them (a vmap over single-request calls)."""
     from .profiling import Grid, profile
 
     threads = torch.get_num_threads()
@@ -46,7 +49,7 @@ def measured_profile(model: torch.nn.Module, config: DemoConfig, granularity: st
         lengths = (8, 16, config.max_prompt)
         contexts = (16, config.max_prompt, config.max_prompt + config.max_new)
         kwargs = dict(granularity=granularity, lowering="eager", repeats=3, warmup=1,
-                      rotations=1, progress=False)
+                      rotations=1, progress=False, batching="vmap")
         prefill = profile(model, Grid(PREFILL_BATCHES, lengths, ("prefill",)), **kwargs)
         decode = profile(model, Grid(DECODE_BATCHES, contexts, ("decode",)), **kwargs)
     finally:
@@ -88,7 +91,7 @@ def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[st
     torch._dynamo.reset()  # a fresh cache: earlier compiles of this model class count
     model = config.model()
     profile = measured_profile(model, config, "operator" if policy == "operator" else "model")
-    capacity = machine_capacity(config.hidden)
+    capacity_before = machine_capacity(config.hidden)
     torch._dynamo.reset()  # the server compiles afresh: the profiler's graphs would stay
     # in the model's cache and every serving call would check their guards too
     slo = SLO(config.ttft, config.tbt)
@@ -102,9 +105,14 @@ def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[st
         time.sleep(config.interval_s)  # the calibration requests leave the autoscaler's view
         live = replay(server, config.requests(), slo, seed=config.seed)
         pools = server.stats()["groups"]
+    # a cloud machine's memory bandwidth can change while it runs (where its cores are
+    # placed, its neighbours): the mean of the curves before and after the live run
+    capacity_after = machine_capacity(config.hidden)
+    capacity = [(a + b) / 2 for a, b in zip(capacity_before, capacity_after)]
     return {"policy": policy, "config": asdict(config), "profile": profile.to_dict(),
-            "groups": facts, "capacity": capacity, "alone": alone, "live": live,
-            "pools": pools}
+            "groups": facts, "capacity": capacity,
+            "capacity_before_after": [capacity_before, capacity_after], "alone": alone,
+            "live": live, "pools": pools}
 
 
 def predict(measured: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
@@ -135,6 +143,7 @@ def compare(measured: dict[str, Any]) -> dict[str, Any]:
                        LEVELS)
     return {"policy": measured["policy"], "alone": measured["alone"],
             "calibration": calibration,
+            "capacity_before_after": measured.get("capacity_before_after"),
             "predicted": predicted, "measured": live,
             "relative_error": {k: abs(predicted[k] - live[k]) / live[k] for k in live if live[k]},
             "live_summary": measured["live"]["summary"]}
@@ -179,9 +188,12 @@ def _replica_python_s(server: Any) -> float:
     return sum(g["python_cpu_s"] for g in groups)
 
 
-def machine_capacity(hidden: int, jobs: int = 3, seconds: float = 0.3) -> list[float]:
+def machine_capacity(hidden: int, jobs: int = 3, seconds: float = 0.3, rounds: int = 5
+                     ) -> list[float]:
     """Throughput of 1..jobs weight-bound jobs at once (one thread each) relative to one:
-    what the cores give together when they share memory bandwidth, as decode does."""
+    what the cores give together when they share memory bandwidth, as decode does. Job
+    counts take turns over `rounds`, and each keeps its median, so a passing disturbance
+    moves no ratio."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     weights = [torch.randn(hidden, 4 * hidden) for _ in range(jobs)]
@@ -206,9 +218,10 @@ def machine_capacity(hidden: int, jobs: int = 3, seconds: float = 0.3) -> list[f
 
     try:
         rate(1)  # warm up
-        rates = [rate(n) for n in range(1, jobs + 1)]
+        samples = [[rate(n) for n in range(1, jobs + 1)] for _ in range(rounds)]
     finally:
         torch.set_num_threads(threads)
+    rates = [statistics.median(column) for column in zip(*samples)]
     return [r / rates[0] for r in rates]
 
 

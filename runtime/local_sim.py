@@ -11,12 +11,13 @@ a signature's first batch also runs its calls one by one (the server's check);
 `budget` slots run at once, a freed slot going to the waiting replica whose turn serves most
 (runtime/budget.py). An execution takes what the group's fitted profile (runtime/fit.py)
 gives for its phase, batch and length (its mean, as the server's gathering reads it, is of
-wall times). Each visit costs the request thread `hop_s[phase]`, of which the `hop_locked`
-share is Python under the one interpreter lock (the rest is threads waking up): hops of
-different requests take turns, and a replica thread starts an execution only once it gets
-the lock too. Executions and the interpreter's current Python share the machine (processor
-sharing) as its measured `capacity` says: capacity[n-1] is the throughput of n jobs at once
-relative to one (at most the cores; less where they share memory bandwidth).
+wall times). Each visit also costs `hop_s[phase]` of work outside the group's profile (the
+request thread's Python between calls, the replica's own Python, thread switches), run on a
+core; its `hop_locked` share is Python that holds the one interpreter lock first: the
+locked parts of different requests take turns, and a replica thread starts an execution
+only once it gets the lock too. Executions and hops share the machine (processor sharing) as
+its measured `capacity` says: capacity[n-1] is the throughput of n jobs at once relative to
+one (at most the cores; less where they share memory bandwidth).
 Replica counts follow a given timeline (e.g. the live run's autoscaler decisions).
 """
 from __future__ import annotations
@@ -207,12 +208,12 @@ class LocalSimulation:
         self._hop(i, now)
 
     def _hop(self, i: int, now: float) -> None:
-        """Request i's Python before its next call: the locked share runs under the
-        interpreter lock, the rest (threads waking up) only takes time."""
+        """Request i's work before its next call: all of it needs a core, its locked share
+        (Python) the interpreter lock too."""
         seconds = self.hop_s["prefill" if self.position[i][0] == 0 else "decode"]
         locked = seconds * self.hop_locked
-        self._interpret(now, locked, lambda t: self._at(t + seconds - locked,
-                                                        lambda v: self._visit(i, v)))
+        self._interpret(now, locked, lambda t: self.processors.start(
+            t, seconds - locked, lambda v: self._visit(i, v)))
 
     def _interpret(self, now: float, seconds: float, then: Callable[[float], None]) -> None:
         """Queue `seconds` of Python for the interpreter lock; `then` runs once it is done."""

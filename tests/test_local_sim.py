@@ -150,7 +150,8 @@ def test_calibration_takes_hops_from_the_lone_request_and_their_locked_share_fro
 
 def test_an_execution_waits_for_the_interpreter_lock_the_hops_hold():
     """Two requests whose first hop (5 ms) is all Python take turns at the lock, and the
-    replica threads wait for it too; with none of it under the lock, they overlap."""
+    replica threads wait for it too; with none of it under the lock, they run side by side
+    on the two cores."""
     g = group("g", lambda phase, b, n: 0.001, stateful=True)
     requests = [SimRequest(0.0, 4, 1), SimRequest(0.0, 4, 1)]
 
@@ -161,5 +162,10 @@ def test_an_execution_waits_for_the_interpreter_lock_the_hops_hold():
             hop_locked=share).run())
 
     assert first_tokens(0.0) == pytest.approx([0.006, 0.006])
+    # one core for both: the hops and then the executions share it
+    assert sorted(t[0] for t in LocalSimulation(
+        [g], requests, budget=2, replicas=lambda t: {"g": 2},
+        hop_s={"prefill": 0.005, "decode": 0.0}, capacity=(1.0,), hop_locked=0.0).run()
+    ) == pytest.approx([0.012, 0.012])
     # the second hop queued for the lock first: both executions start after it (FIFO)
     assert first_tokens(1.0) == pytest.approx([0.011, 0.011])
