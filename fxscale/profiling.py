@@ -151,7 +151,7 @@ def profile(model: torch.nn.Module, grid: Grid = Grid(), *, granularity: str = "
                    dtype=dtype_name(next(module.parameters()).dtype),
                    threads=torch.get_num_threads(), versions=library_versions(), groups=groups,
                    notes=[f"lowering={lowering}, repeats={repeats}, warmup={warmup}, "
-                          f"rotations={rotations}, seed={seed}"])
+                          f"rotations={rotations}, seed={seed}, batching={batching}"])
 
 
 def _server_batches(compiled: Any, recorder: _Recorder, inputs_for_phase: Any,
