@@ -227,8 +227,9 @@ def machine_capacity(hidden: int, jobs: int = 3, seconds: float = 0.3, rounds: i
 
 def hop_costs(groups: list[SimGroup], alone: dict[str, float], config: DemoConfig,
               capacity: tuple[float, ...]) -> dict[str, float]:
-    """Request-thread seconds per group call in each phase: what a request served alone
-    measured beyond what the model gives it without them (executions and batch gathering)."""
+    """Seconds per group call in each phase outside the group profiles (the hops): what a
+    request served alone measured beyond what the model gives it without them (executions
+    and batch gathering)."""
     times = LocalSimulation(groups, [SimRequest(0.0, ALONE_PROMPT, config.max_new)],
                             config.budget, lambda t: {}, capacity=capacity).run()[0]
     modelled_tbt = (times[-1] - times[0]) / (len(times) - 1)
