@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .runtime.fit import fit_profile
-from .runtime.local_sim import LocalSimulation, SimGroup, SimRequest, fitted_latency
+from .runtime.local_sim import LocalSimulation, SimGroup, SimRequest, profile_latency
 from .runtime.planner import SLO
 from .runtime.profile import Profile
 from .runtime.quantile import percentiles
@@ -33,20 +33,22 @@ from .trace_replay import replay
 
 DECODE_BATCHES = (1, 2, 4, 8, 16)
 PREFILL_BATCHES = (1, 2)
-HOP_SAMPLES = 3
+HOP_SAMPLES = 5         # requests served alone, before and after the live run each
 ALONE_PROMPT = 16
 KEYS, LEVELS = ("ttft_s", "tbt_s"), (50, 90)  # what is compared
 
 
 def measured_profile(model: torch.nn.Module, config: DemoConfig, granularity: str) -> Profile:
-    """Prefill and decode profiles of every group, fitted, with one intra-op thread and
-    batches run as the server runs them (a vmap over single-request calls)."""
+    """Prefill (at the slice's prompt lengths) and decode profiles of every group, fitted,
+    with one intra-op thread and batches run as the server runs them (a vmap over
+    single-request calls)."""
     from .profiling import Grid, profile
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        lengths = (8, 16, config.max_prompt)
+        # every prompt length the slice has: prefill cost is not smooth in it on a CPU
+        lengths = tuple(sorted({r.prompt_tokens for r in config.requests()} | {ALONE_PROMPT}))
         contexts = (16, config.max_prompt, config.max_prompt + config.max_new)
         kwargs = dict(granularity=granularity, lowering="eager", repeats=3, warmup=1,
                       rotations=1, progress=False, batching="vmap")
@@ -81,10 +83,10 @@ def replicas_timeline(timeline: list[dict]):
 
 
 def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[str, Any]:
-    """Profile the groups, measure the machine's capacity, calibrate the request thread's
-    cost, serve the slice live: everything the prediction needs and what it is compared with
-    (JSON-ready). Without the autoscaler, operator groups keep one replica each and the model
-    keeps one per slot."""
+    """Profile the groups, measure the machine's capacity and serve requests alone (before
+    and after the live run), serve the slice live: everything the prediction needs and what
+    it is compared with (JSON-ready). Without the autoscaler, operator groups keep one
+    replica each and the model keeps one per slot."""
     import fxscale
     from fxscale import backend
 
@@ -101,18 +103,25 @@ def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[st
         facts = group_facts(profile, backend.compiled_group_graphs[first_graph:])
         if policy == "model" and not autoscale:
             server.scale("model", config.budget)
-        alone = _serve_alone(server, config)
+        alone_before = _serve_alone(server, config)
         time.sleep(config.interval_s)  # the calibration requests leave the autoscaler's view
         live = replay(server, config.requests(), slo, seed=config.seed)
         pools = server.stats()["groups"]
-    # a cloud machine's memory bandwidth can change while it runs (where its cores are
-    # placed, its neighbours): the mean of the curves before and after the live run
+        alone_after = _serve_alone(server, config)
+    # a cloud machine's speed can change while it runs (where its cores are placed, its
+    # neighbours): machine parameters are the means of those measured before and after
     capacity_after = machine_capacity(config.hidden)
-    capacity = [(a + b) / 2 for a, b in zip(capacity_before, capacity_after)]
     return {"policy": policy, "config": asdict(config), "profile": profile.to_dict(),
-            "groups": facts, "capacity": capacity,
-            "capacity_before_after": [capacity_before, capacity_after], "alone": alone,
-            "live": live, "pools": pools}
+            "groups": facts, "capacity": _mean(capacity_before, capacity_after),
+            "capacity_before_after": [capacity_before, capacity_after],
+            "alone": dict(zip(alone_before, _mean(alone_before.values(),
+                                                  alone_after.values()))),
+            "alone_before_after": [alone_before, alone_after], "live": live, "pools": pools}
+
+
+def _mean(before: Any, after: Any) -> list[float]:
+    """Element-wise mean of two measurements of the same quantities."""
+    return [(a + b) / 2 for a, b in zip(before, after)]
 
 
 def predict(measured: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
@@ -144,6 +153,7 @@ def compare(measured: dict[str, Any]) -> dict[str, Any]:
     return {"policy": measured["policy"], "alone": measured["alone"],
             "calibration": calibration,
             "capacity_before_after": measured.get("capacity_before_after"),
+            "alone_before_after": measured.get("alone_before_after"),
             "predicted": predicted, "measured": live,
             "relative_error": {k: abs(predicted[k] - live[k]) / live[k] for k in live if live[k]},
             "live_summary": measured["live"]["summary"]}
@@ -153,7 +163,7 @@ def _sim_groups(profile: Profile, facts: list[dict]) -> list[SimGroup]:
     """Simulation groups from the fitted profile and the groups' batching facts."""
     by_name = {g.name: g for g in profile.groups}
     return [SimGroup(f["name"], f["batches"], f["stateful"], f["context_keyed"],
-                     fitted_latency(by_name[f["name"]])) for f in facts]
+                     profile_latency(by_name[f["name"]])) for f in facts]
 
 
 def _timings(requests: list[SimRequest], token_times: list[list[float]]) -> list[dict]:

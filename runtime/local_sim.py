@@ -9,8 +9,8 @@ execution, at most one mean execution) and only calls of the same signature batc
 phase, same prompt length in prefill, same context for groups that read the cache length);
 a signature's first batch also runs its calls one by one (the server's check);
 `budget` slots run at once, a freed slot going to the waiting replica whose turn serves most
-(runtime/budget.py). An execution takes what the group's fitted profile (runtime/fit.py)
-gives for its phase, batch and length (its mean, as the server's gathering reads it, is of
+(runtime/budget.py). An execution takes what the group's profile measured at its phase,
+batch and length, or else what the profile's fit (runtime/fit.py) gives (its mean, as the server's gathering reads it, is of
 wall times). Each visit also costs `hop_s[phase]` of work outside the group's profile (the
 request thread's Python between calls, the replica's own Python, thread switches), run on a
 core; its `hop_locked` share is Python that holds the one interpreter lock first: the
@@ -71,14 +71,19 @@ class _Replica:
     check_at: float | None = None
 
 
-def fitted_latency(group: GroupProfile) -> Callable[[str, int, int], float]:
-    """A group's latency at (phase, batch, length) from its fitted profile (runtime/fit.py)."""
+def profile_latency(group: GroupProfile) -> Callable[[str, int, int], float]:
+    """A group's latency at (phase, batch, length): the profile's median where it measured
+    that point (CPU GEMMs have quirks a smooth fit misses: a 3-token prefill can cost more
+    than a 4-token one), its fit (runtime/fit.py) elsewhere."""
     if not group.fit:
         raise ValueError(f"group {group.name}: the profile has no fit; run "
                          "runtime.fit.fit_profile on it first")
     phases = group.fit["phases"]
+    measured = {(p.phase, p.batch, p.length): p.median_s for p in group.points}
 
     def latency(phase: str, batch: int, length: int) -> float:
+        if (phase, batch, length) in measured:
+            return measured[phase, batch, length]
         fit = phases.get(phase)
         if fit is None:
             raise ValueError(f"group {group.name}: no {phase} points in the profile")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fxscale.runtime.local_sim import LocalSimulation, SimGroup, SimRequest, fitted_latency
+from fxscale.runtime.local_sim import LocalSimulation, SimGroup, SimRequest, profile_latency
 from fxscale.runtime.profile import GroupProfile, ProfilePoint
 from fxscale.runtime.fit import fit_group
 
@@ -61,17 +61,21 @@ def test_more_replicas_from_the_timeline_run_calls_side_by_side():
     assert [t[0] for t in times] == pytest.approx([0.010, 0.010])
 
 
-def test_fitted_latency_reproduces_the_profile_it_was_fitted_to():
+def test_profile_latency_is_measured_where_measured_and_fitted_elsewhere():
     points = [ProfilePoint("decode", b, n, 0.002 + 0.0005 * b, 0, 0, 3)
               for b in (1, 2, 4, 8) for n in (16, 32)]
+    points[0] = ProfilePoint("decode", 1, 16, 0.004, 0, 0, 3)  # a quirk off the line
     profile = GroupProfile("g1", "gemm", points)
     profile.fit = fit_group(profile, stateful=False)
-    latency = fitted_latency(profile)
-    assert latency("decode", 4, 16) == pytest.approx(0.004, rel=1e-6)
+    latency = profile_latency(profile)
+    assert latency("decode", 1, 16) == 0.004
+    assert latency("decode", 4, 16) == 0.004  # measured, on the line
+    fitted = latency("decode", 3, 24)  # not measured: the fit, close to the line
+    assert fitted == pytest.approx(0.0035, rel=0.1) and fitted != 0.0035
     with pytest.raises(ValueError, match="no prefill points"):
         latency("prefill", 1, 16)
     with pytest.raises(ValueError, match="no fit"):
-        fitted_latency(GroupProfile("g2", "x", points))
+        profile_latency(GroupProfile("g2", "x", points))
 
 
 def test_executions_share_the_machine_as_its_capacity_says():
