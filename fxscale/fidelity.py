@@ -240,11 +240,11 @@ def hop_costs(groups: list[SimGroup], alone: dict[str, float], config: DemoConfi
     """Seconds per group call in each phase outside the group profiles (the hops): what a
     request served alone measured beyond what the model gives it without them (executions
     and batch gathering)."""
-    times = LocalSimulation(groups, [SimRequest(0.0, ALONE_PROMPT, config.max_new)],
-                            config.budget, lambda t: {}, capacity=capacity).run()[0]
-    modelled_tbt = (times[-1] - times[0]) / (len(times) - 1)
-    return {"prefill": max(0.0, (alone["ttft_s"] - times[0]) / len(groups)),
-            "decode": max(0.0, (alone["tbt_s"] - modelled_tbt) / len(groups))}
+    lone = [SimRequest(0.0, ALONE_PROMPT, config.max_new)]
+    modelled = _timings(lone, LocalSimulation(groups, lone, config.budget, lambda t: {},
+                                              capacity=capacity).run())[0]
+    return {phase: max(0.0, (alone[key] - modelled[key]) / len(groups))
+            for phase, key in (("prefill", "ttft_s"), ("decode", "tbt_s"))}
 
 
 def calibrate(groups: list[SimGroup], measured: dict[str, Any], config: DemoConfig

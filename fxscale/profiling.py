@@ -164,6 +164,9 @@ def _server_batches(compiled: Any, recorder: _Recorder, inputs_for_phase: Any,
     phase, batch, length = point
     compiled(**inputs_for_phase(phase, 1, length, generator))  # compiles the batch-1 graph
     recorder.attach()
+    # batched as the server decides it: per captured graph (group callable)
+    batchable = {id(g.callable) for graph in recorder.graphs() for g in graph.groups
+                 if g.row_wise and not g.stateful}
     batches: dict[str, list[tuple[Any, tuple]]] = defaultdict(list)
     for _ in range(rotations):
         recorder.calls.clear()
@@ -171,9 +174,6 @@ def _server_batches(compiled: Any, recorder: _Recorder, inputs_for_phase: Any,
         for _ in range(batch):
             compiled(**inputs_for_phase(phase, 1, length, generator))
         recorder.active = False
-        # batched as the server decides it: per captured graph (group callable)
-        batchable = {id(g.callable) for graph in recorder.graphs() for g in graph.groups
-                     if g.row_wise and not g.stateful}
         for name, calls in recorder.calls.items():
             if id(calls[0][0]) in batchable and len(calls) == batch:
                 batches[name].append((partial(run_batched, calls[0][0]),

@@ -10,8 +10,8 @@ phase, same prompt length in prefill, same context for groups that read the cach
 a signature's first batch also runs its calls one by one (the server's check);
 `budget` slots run at once, a freed slot going to the waiting replica whose turn serves most
 (runtime/budget.py). An execution takes what the group's profile measured at its phase,
-batch and length, or else what the profile's fit (runtime/fit.py) gives (its mean, as the server's gathering reads it, is of
-wall times). Each visit also costs `hop_s[phase]` of work outside the group's profile (the
+batch and length, or else what the profile's fit (runtime/fit.py) gives; its mean, which
+gathering reads, is of wall times, as on the server. Each visit also costs `hop_s[phase]` of work outside the group's profile (the
 request thread's Python between calls, the replica's own Python, thread switches), run on a
 core; its `hop_locked` share is Python that holds the one interpreter lock first: the
 locked parts of different requests take turns, and a replica thread starts an execution
