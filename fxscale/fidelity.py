@@ -5,21 +5,23 @@ intra-op thread, as the server runs them) and fit each group's latency; measure 
 machine's capacity for jobs at once (its cores share memory bandwidth); serve the slice live
 (fixed replicas, or the autoscaler's with `measure(autoscale=True)`); then replay the same
 requests through the discrete-event model of the runtime (runtime/local_sim.py) with the
-fitted profiles, the same budget and the replica counts the live run had over time. The
-per-call work outside the group profiles ("hops": the request thread's Python between group
-calls, the replica's own Python, thread switches) is calibrated from requests served alone:
-what they measured beyond what the model gives them without it; the share of it that holds
-the interpreter lock is the Python CPU those requests cost (request thread plus replica
-threads outside the group callables) over the hop seconds. Groups are profiled with batches
-run as the server runs them (a vmap over single-request calls).
+fitted profiles, the same budget and the replica counts the live run had over time.
+Requests served alone calibrate what the profiles miss: each group's executions on the
+server take longer than back to back in the profiler (the seconds beyond the profile are
+added to every execution), and the per-call work outside the executions ("hops": the
+request thread's Python between group calls, the replica's own Python, thread switches) is
+what those requests measured beyond what the model gives them without it; the share of it
+that holds the interpreter lock is the Python CPU those requests cost (request thread plus
+replica threads outside the group callables) over the hop seconds. Groups are profiled with
+batches run as the server runs them (a vmap over single-request calls).
 """
 from __future__ import annotations
 
 import statistics
 import threading
 import time
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, replace
+from typing import Any, Callable
 
 import torch
 
@@ -114,14 +116,18 @@ def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[st
     return {"policy": policy, "config": asdict(config), "profile": profile.to_dict(),
             "groups": facts, "capacity": _mean(capacity_before, capacity_after),
             "capacity_before_after": [capacity_before, capacity_after],
-            "alone": dict(zip(alone_before, _mean(alone_before.values(),
-                                                  alone_after.values()))),
+            "alone": _mean(alone_before, alone_after),
             "alone_before_after": [alone_before, alone_after], "live": live, "pools": pools}
 
 
-def _mean(before: Any, after: Any) -> list[float]:
-    """Element-wise mean of two measurements of the same quantities."""
-    return [(a + b) / 2 for a, b in zip(before, after)]
+def _mean(before: Any, after: Any) -> Any:
+    """The mean of two measurements of the same quantities (numbers, or lists or dicts of
+    them)."""
+    if isinstance(before, dict):
+        return {key: _mean(before[key], after[key]) for key in before}
+    if isinstance(before, list):
+        return [_mean(a, b) for a, b in zip(before, after)]
+    return (before + after) / 2
 
 
 def predict(measured: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
@@ -132,15 +138,41 @@ def predict(measured: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
     calibration = calibrate(groups, measured, config)
     requests = [SimRequest(r.arrival_s, r.prompt_tokens, r.new_tokens)
                 for r in config.requests()]
-    token_times = LocalSimulation(groups, requests, config.budget,
+    token_times = LocalSimulation(with_extra(groups, calibration["execution_extra_s"]),
+                                  requests, config.budget,
                                   replicas_timeline(measured["live"]["timeline"]),
-                                  **calibration).run()
+                                  hop_s=calibration["hop_s"], capacity=calibration["capacity"],
+                                  hop_locked=calibration["hop_locked"]).run()
     return _timings(requests, token_times), calibration
 
 
-def fidelity(config: DemoConfig, policy: str) -> dict[str, Any]:
-    """Predicted vs measured TTFT/TBT p50 and p90 for one policy on the config's slice."""
-    return compare(measure(config, policy))
+def fidelity(config: DemoConfig, policy: str, runs: int = 5,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Predicted vs measured TTFT/TBT p50 and p90 for one policy on the config's slice, over
+    `runs` independent runs (each measured and predicted on its own)."""
+    if runs < 1:
+        raise ValueError(f"runs={runs}: fidelity needs at least one run")
+    reports = []
+    for done in range(runs):
+        if progress:
+            progress(done, runs)
+        reports.append(compare(measure(config, policy)))
+    return compare_runs(reports)
+
+
+def compare_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The medians over runs of the predicted and of the measured percentiles, with their
+    relative errors, the range the live runs spanned and each run's report. Near saturation
+    a live run is not repeatable on a shared machine (its speed changes within minutes), so
+    one run measures the machine's moment as much as the model."""
+    keys = reports[0]["measured"]
+    predicted = {k: statistics.median(r["predicted"][k] for r in reports) for k in keys}
+    live = {k: statistics.median(r["measured"][k] for r in reports) for k in keys}
+    return {"policy": reports[0]["policy"], "predicted": predicted, "measured": live,
+            "relative_error": _relative_errors(predicted, live),
+            "measured_range": {k: [min(r["measured"][k] for r in reports),
+                                   max(r["measured"][k] for r in reports)] for k in keys},
+            "runs": reports}
 
 
 def compare(measured: dict[str, Any]) -> dict[str, Any]:
@@ -155,8 +187,13 @@ def compare(measured: dict[str, Any]) -> dict[str, Any]:
             "capacity_before_after": measured.get("capacity_before_after"),
             "alone_before_after": measured.get("alone_before_after"),
             "predicted": predicted, "measured": live,
-            "relative_error": {k: abs(predicted[k] - live[k]) / live[k] for k in live if live[k]},
+            "relative_error": _relative_errors(predicted, live),
             "live_summary": measured["live"]["summary"]}
+
+
+def _relative_errors(predicted: dict[str, float], live: dict[str, float]) -> dict[str, float]:
+    """|predicted - measured| / measured, for every measured figure that is not zero."""
+    return {k: abs(predicted[k] - live[k]) / live[k] for k in live if live[k]}
 
 
 def _sim_groups(profile: Profile, facts: list[dict]) -> list[SimGroup]:
@@ -173,20 +210,33 @@ def _timings(requests: list[SimRequest], token_times: list[list[float]]) -> list
             for r, times in zip(requests, token_times)]
 
 
-def _serve_alone(server: Any, config: DemoConfig) -> dict[str, float]:
-    """Medians over requests served alone: TTFT, TBT, the request thread's CPU, and the
-    replica threads' Python CPU per request (both hold the interpreter lock)."""
+def _serve_alone(server: Any, config: DemoConfig) -> dict[str, Any]:
+    """Medians over requests served alone: TTFT, TBT, the request thread's CPU, the replica
+    threads' Python CPU per request (both hold the interpreter lock), and each group's
+    execution seconds per request."""
     g = torch.Generator().manual_seed(config.seed)
     vocab = getattr(server.config, "vocab_size", 256)
     records = []
     for _ in range(HOP_SAMPLES):
-        before = _replica_python_s(server)
+        python_before, executions_before = _replica_python_s(server), _execution_s(server)
         future = server.generate(torch.randint(0, vocab, (1, ALONE_PROMPT), generator=g),
                                  max_new_tokens=config.max_new, ignore_eos=True)
         future.result()
-        records.append(dict(future.record, replica_python_s=_replica_python_s(server) - before))
-    return {key: statistics.median(r[key] for r in records)
-            for key in ("ttft_s", "tbt_s", "thread_cpu_s", "replica_python_s")}
+        executions = _execution_s(server)
+        records.append(dict(future.record,
+                            replica_python_s=_replica_python_s(server) - python_before,
+                            execution_s={name: seconds - executions_before[name]
+                                         for name, seconds in executions.items()}))
+    medians = {key: statistics.median(r[key] for r in records)
+               for key in ("ttft_s", "tbt_s", "thread_cpu_s", "replica_python_s")}
+    medians["execution_s"] = {name: statistics.median(r["execution_s"][name] for r in records)
+                              for name in records[0]["execution_s"]}
+    return medians
+
+
+def _execution_s(server: Any) -> dict[str, float]:
+    """Each group's execution seconds so far."""
+    return {name: g["execution_s"] for name, g in server.stats()["groups"].items()}
 
 
 def _replica_python_s(server: Any) -> float:
@@ -235,7 +285,31 @@ def machine_capacity(hidden: int, jobs: int = 3, seconds: float = 0.3, rounds: i
     return [r / rates[0] for r in rates]
 
 
-def hop_costs(groups: list[SimGroup], alone: dict[str, float], config: DemoConfig,
+def execution_extra(groups: list[SimGroup], alone: dict[str, Any], config: DemoConfig
+                    ) -> dict[str, float]:
+    """Seconds each execution of a group took on the server beyond its profile, from the
+    requests served alone: the server runs a group between the others (its data out of the
+    caches), the profiler runs it back to back. They hold a slot, as the execution does."""
+    if "execution_s" not in alone:
+        raise ValueError("this measurement's requests served alone have no execution seconds "
+                         "(it predates them): take it again with fxscale.fidelity.measure")
+    extra = {}
+    for group in groups:
+        profiled = group.latency("prefill", 1, ALONE_PROMPT) + sum(
+            group.latency("decode", 1, ALONE_PROMPT + step) for step in range(1, config.max_new))
+        extra[group.name] = max(0.0, (alone["execution_s"][group.name] - profiled)
+                                / config.max_new)
+    return extra
+
+
+def with_extra(groups: list[SimGroup], extra_s: dict[str, float]) -> list[SimGroup]:
+    """The groups with each execution taking its extra seconds too."""
+    def plus(latency: Callable[[str, int, int], float], seconds: float) -> Callable:
+        return lambda phase, batch, length: latency(phase, batch, length) + seconds
+    return [replace(g, latency=plus(g.latency, extra_s[g.name])) for g in groups]
+
+
+def hop_costs(groups: list[SimGroup], alone: dict[str, Any], config: DemoConfig,
               capacity: tuple[float, ...]) -> dict[str, float]:
     """Seconds per group call in each phase outside the group profiles (the hops): what a
     request served alone measured beyond what the model gives it without them (executions
@@ -249,14 +323,16 @@ def hop_costs(groups: list[SimGroup], alone: dict[str, float], config: DemoConfi
 
 def calibrate(groups: list[SimGroup], measured: dict[str, Any], config: DemoConfig
               ) -> dict[str, Any]:
-    """The model's machine parameters: the measured capacity, the hop costs of requests
-    served alone, and the share of those hops that holds the interpreter lock: the CPU the
-    request thread and the replica threads' own Python spent on a lone request, over the
-    hops it took."""
+    """The model's machine parameters: the measured capacity; each group's execution seconds
+    beyond its profile, then the hop costs, of requests served alone; and the share of those
+    hops that holds the interpreter lock: the CPU the request thread and the replica threads'
+    own Python spent on a lone request, over the hops it took."""
     capacity = tuple(measured["capacity"])
-    hops = hop_costs(groups, measured["alone"], config, capacity)
     alone = measured["alone"]
+    extra = execution_extra(groups, alone, config)
+    hops = hop_costs(with_extra(groups, extra), alone, config, capacity)
     hop_seconds = len(groups) * (hops["prefill"] + (config.max_new - 1) * hops["decode"])
     python = alone["thread_cpu_s"] + alone["replica_python_s"]
     share = min(1.0, python / hop_seconds) if hop_seconds else 1.0
-    return {"hop_s": hops, "capacity": capacity, "hop_locked": share}
+    return {"execution_extra_s": extra, "hop_s": hops, "capacity": capacity,
+            "hop_locked": share}

@@ -11,13 +11,15 @@ a signature's first batch also runs its calls one by one (the server's check);
 `budget` slots run at once, a freed slot going to the waiting replica whose turn serves most
 (runtime/budget.py). An execution takes what the group's profile measured at its phase,
 batch and length, or else what the profile's fit (runtime/fit.py) gives; its mean, which
-gathering reads, is of wall times, as on the server. Each visit also costs `hop_s[phase]` of work outside the group's profile (the
-request thread's Python between calls, the replica's own Python, thread switches), run on a
-core; its `hop_locked` share is Python that holds the one interpreter lock first: the
-locked parts of different requests take turns, and a replica thread starts an execution
-only once it gets the lock too. Executions and hops share the machine (processor sharing) as
-its measured `capacity` says: capacity[n-1] is the throughput of n jobs at once relative to
-one (at most the cores; less where they share memory bandwidth).
+gathering reads, is of wall times, as on the server; what an execution takes on the server
+beyond its profile can be added to the group's latency (fxscale/fidelity.py measures it).
+Each visit also costs `hop_s[phase]` of work outside the executions (the request thread's
+Python between calls, the replica's own Python, thread switches), run on a core; its
+`hop_locked` share is Python that holds the one interpreter lock first: the locked parts of
+different requests take turns, and a replica thread starts an execution only once it gets
+the lock too. Executions and hops share the machine (processor sharing) as its measured
+`capacity` says: capacity[n-1] is the throughput of n jobs at once relative to one (at most
+the cores; less where they share memory bandwidth).
 Replica counts follow a given timeline (e.g. the live run's autoscaler decisions).
 """
 from __future__ import annotations

@@ -431,6 +431,7 @@ class ReplicaPool:
                 "batch_mean": sum(b * n for b, n in self.batch_sizes.items())
                 / max(1, self.execution_count),
                 "execution_mean_s": self.mean_execution_s(),
+                "execution_s": self.busy_s,
                 "python_cpu_s": sum(r.python_cpu_s() for r in live)
                 if hasattr(time, "pthread_getcpuclockid") else None,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},

@@ -64,7 +64,10 @@ def test_pool_batches_queued_calls_and_splits_them_back():
     eps = torch.tensor(1e-6)
     args = [[fresh(10 + i), weight, eps] for i in range(6)]
     pool, results = gathered_pool(heads_projection, args)
-    assert pool.stats()["batch_sizes"]["6"] == 1  # (and 6 one-by-one checks of the first)
+    stats = pool.stats()
+    assert stats["batch_sizes"]["6"] == 1  # (and 6 one-by-one checks of the first)
+    assert stats["batches"] == 7 and stats["execution_s"] > 0
+    assert stats["execution_s"] == pytest.approx(7 * stats["execution_mean_s"])
     for a, (q, total) in zip(args, results):  # the pool's own weight copy equals `weight`
         expected = heads_projection(*a)
         assert_close(q, expected[0], rtol=1e-5, atol=1e-6)

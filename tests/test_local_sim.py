@@ -93,10 +93,9 @@ def test_executions_share_the_machine_as_its_capacity_says():
     assert first_tokens((1.0, 1.6)) == pytest.approx([0.0125, 0.0125])
 
 
-def test_fidelity_compares_the_model_with_the_live_run_it_is_given():
-    """compare() on a synthetic measurement: one non-batching group of 10 ms per call, and a
-    live run that measured exactly what the model must predict for a lone request."""
-    from fxscale.fidelity import compare
+def synthetic_measurement(live_tbt_s=0.011):
+    """A measurement of one non-batching group of 10 ms per call, whose live run measured
+    TTFT 12 ms (what the model must predict for a lone request) and the given TBT."""
     from fxscale.runtime.fit import fit_profile
     from fxscale.runtime.profile import Profile
     from fxscale.serving_demo import DemoConfig
@@ -109,21 +108,51 @@ def test_fidelity_compares_the_model_with_the_live_run_it_is_given():
     requests = config.requests()
     assert requests, "the first half second of the trace has requests"
     live_rows = [{"arrival_s": r.arrival_s, "outcome": "ok", "ttft_s": 0.012,
-                  "tbt_s": 0.011} for r in requests]
-    measured = {"policy": "model", "config": vars(config), "profile": profile.to_dict(),
-                "groups": [{"name": "model", "batches": False, "stateful": True,
-                            "context_keyed": True}],
-                "capacity": [1.0, 2.0],
-                "alone": {"ttft_s": 0.012, "tbt_s": 0.011,    # 2 ms and 1 ms of Python
-                          "thread_cpu_s": 0.001, "replica_python_s": 0.001},
-                "live": {"requests": live_rows, "timeline": [{"t": 0.0,
-                                                              "replicas": {"model": 2}}],
-                         "summary": {}}}
-    report = compare(measured)
+                  "tbt_s": live_tbt_s} for r in requests]
+    return {"policy": "model", "config": vars(config), "profile": profile.to_dict(),
+            "groups": [{"name": "model", "batches": False, "stateful": True,
+                        "context_keyed": True}],
+            "capacity": [1.0, 2.0],
+            "alone": {"ttft_s": 0.012, "tbt_s": 0.011,    # 2 ms and 1 ms of Python
+                      "thread_cpu_s": 0.001, "replica_python_s": 0.001,
+                      "execution_s": {"model": 0.040}},  # as profiled: 4 calls of 10 ms
+            "live": {"requests": live_rows, "timeline": [{"t": 0.0, "replicas": {"model": 2}}],
+                     "summary": {}}}
+
+
+def test_fidelity_compares_the_model_with_the_live_run_it_is_given():
+    """compare() on a synthetic measurement: the model's lone-request timings against a live
+    run that measured them, then against one whose TBT is twice the model's."""
+    from fxscale.fidelity import compare
+
+    report = compare(synthetic_measurement())
     assert report["predicted"]["ttft_p50_s"] == pytest.approx(0.012, rel=0.05)
     assert report["relative_error"]["tbt_p50_s"] < 0.05
-    measured["live"]["requests"] = [dict(r, tbt_s=0.022) for r in live_rows]
-    assert compare(measured)["relative_error"]["tbt_p50_s"] == pytest.approx(0.5, rel=0.05)
+    report = compare(synthetic_measurement(live_tbt_s=0.022))
+    assert report["relative_error"]["tbt_p50_s"] == pytest.approx(0.5, rel=0.05)
+
+
+def test_fidelity_over_runs_compares_the_medians_of_each_side(monkeypatch):
+    """Three runs whose live TBT was 11, 22 and 44 ms against a model that predicts 11 ms
+    each time: the live median (22 ms) is 50% off, the range spans the runs, and each run's
+    own report is kept."""
+    import fxscale.fidelity as fidelity
+
+    live = iter([0.011, 0.044, 0.022])
+    monkeypatch.setattr(fidelity, "measure",
+                        lambda config, policy: synthetic_measurement(next(live)))
+    seen = []
+    report = fidelity.fidelity(None, "model", runs=3,
+                               progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 3), (1, 3), (2, 3)]
+    assert [r["measured"]["tbt_p50_s"] for r in report["runs"]] == \
+        pytest.approx([0.011, 0.044, 0.022])
+    assert report["measured"]["tbt_p50_s"] == pytest.approx(0.022)
+    assert report["measured_range"]["tbt_p50_s"] == pytest.approx([0.011, 0.044])
+    assert report["predicted"]["tbt_p50_s"] == pytest.approx(0.011, rel=0.05)
+    assert report["relative_error"]["tbt_p50_s"] == pytest.approx(0.5, rel=0.05)
+    with pytest.raises(ValueError, match="runs=0"):
+        fidelity.fidelity(None, "model", runs=0)
 
 
 def test_calibration_takes_hops_from_the_lone_request_and_their_locked_share_from_cpu():
@@ -141,15 +170,42 @@ def test_calibration_takes_hops_from_the_lone_request_and_their_locked_share_fro
     alone = _timings(lone, LocalSimulation(groups, lone, config.budget, lambda t: {},
                                            hop_s=hops, capacity=capacity).run())[0]
     hop_seconds = 4 * (0.003 + 5 * 0.001)  # 4 groups, a prefill and 5 decodes
+    as_profiled = {g.name: 6 * 0.0025 for g in groups}
     measured = {"capacity": list(capacity), "live": {"timeline": []},
                 "alone": dict(alone, thread_cpu_s=0.25 * hop_seconds,
-                              replica_python_s=0.15 * hop_seconds)}
+                              replica_python_s=0.15 * hop_seconds, execution_s=as_profiled)}
     calibration = calibrate(groups, measured, config)
+    assert calibration["execution_extra_s"] == pytest.approx({g.name: 0.0 for g in groups})
     assert calibration["hop_s"] == pytest.approx(hops, rel=0.02)
     assert calibration["hop_locked"] == pytest.approx(0.4, rel=0.03)
     assert calibration["capacity"] == capacity
     measured["alone"]["thread_cpu_s"] = 2 * hop_seconds
     assert calibrate(groups, measured, config)["hop_locked"] == 1.0
+
+
+def test_executions_slower_on_the_server_than_profiled_take_their_extra_from_the_hops():
+    """A lone request whose executions each took 1 ms beyond the profile: calibrate() books
+    that 1 ms on every execution (where it holds a slot) and no longer in the hops."""
+    from fxscale.fidelity import ALONE_PROMPT, _timings, calibrate, with_extra
+    from fxscale.serving_demo import DemoConfig
+
+    config = DemoConfig(max_new=6)
+    groups = [group(f"g{i}", lambda phase, b, n: 0.002, stateful=True) for i in range(3)]
+    slower = with_extra(groups, {g.name: 0.001 for g in groups})
+    assert slower[0].latency("decode", 1, 20) == pytest.approx(0.003)
+    hops = {"prefill": 0.002, "decode": 0.0005}
+    lone = [SimRequest(0.0, ALONE_PROMPT, config.max_new)]
+    alone = _timings(lone, LocalSimulation(slower, lone, config.budget, lambda t: {},
+                                           hop_s=hops).run())[0]
+    measured = {"capacity": [1.0, 2.0], "live": {"timeline": []},
+                "alone": dict(alone, thread_cpu_s=0.001, replica_python_s=0.001,
+                              execution_s={g.name: 6 * 0.003 for g in groups})}
+    calibration = calibrate(groups, measured, config)
+    assert calibration["execution_extra_s"] == pytest.approx({g.name: 0.001 for g in groups})
+    assert calibration["hop_s"] == pytest.approx(hops, rel=0.02)
+    del measured["alone"]["execution_s"]  # a measurement saved before they were recorded
+    with pytest.raises(ValueError, match="take it again"):
+        calibrate(groups, measured, config)
 
 
 def test_an_execution_waits_for_the_interpreter_lock_the_hops_hold():

@@ -80,6 +80,7 @@ def test_runtime_model_fidelity(benchmark, policy):
 
     benchmark.group = "runtime model: predicted vs measured on the Azure slice"
     report = benchmark.pedantic(fidelity, args=(DemoConfig(), policy), rounds=1, iterations=1)
-    benchmark.extra_info.update({k: report[k] for k in ("predicted", "measured",
-                                                         "relative_error", "alone",
-                                                         "calibration")})
+    benchmark.extra_info.update(
+        {k: report[k] for k in ("predicted", "measured", "relative_error", "measured_range")},
+        runs=[{k: run[k] for k in ("relative_error", "alone", "calibration")}
+              for run in report["runs"]])
