@@ -1,4 +1,5 @@
-"""The `fxscale` command line: demo, explain, profile, simulate, report, export-onnx, bench."""
+"""The `fxscale` command line: demo, explain, profile, simulate, report, export-onnx, bench,
+fidelity."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from typing import Sequence
 
 from .cli_bench import add_bench_command
 from .cli_export import add_export_command
+from .cli_fidelity import add_fidelity_command
 from .cli_report import add_report_command
 from .options import GRANULARITIES, LOWERINGS
 from .runtime.planner import POLICIES
@@ -122,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     add_report_command(sub)
     add_export_command(sub)
     add_bench_command(sub)
+    add_fidelity_command(sub)
     return parser
 
 

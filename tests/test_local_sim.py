@@ -229,3 +229,27 @@ def test_an_execution_waits_for_the_interpreter_lock_the_hops_hold():
     ) == pytest.approx([0.012, 0.012])
     # the second hop queued for the lock first: both executions start after it (FIFO)
     assert first_tokens(1.0) == pytest.approx([0.011, 0.011])
+
+
+def test_fidelity_command_prints_the_medians_and_writes_every_run(monkeypatch, tmp_path,
+                                                                   capsys):
+    """`fxscale fidelity` over two synthetic runs whose live TBT is twice the model's: a
+    table with the medians and how many runs met the goal, and JSON with every run."""
+    import json
+
+    import fxscale.fidelity as fidelity
+    from fxscale.cli import main
+
+    monkeypatch.setattr(fidelity, "measure",
+                        lambda config, policy: synthetic_measurement(live_tbt_s=0.022))
+    out = tmp_path / "fidelity.json"
+    assert main(["fidelity", "--policy", "model", "--runs", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "TBT p50" in printed and "0 of 2 runs within 15%" in printed
+    data = json.loads(out.read_text())
+    assert data["config"]["speedup"] == 2.0 and list(data["policies"]) == ["model"]
+    report = data["policies"]["model"]
+    assert len(report["runs"]) == 2
+    assert report["relative_error"]["tbt_p50_s"] == pytest.approx(0.5, rel=0.05)
+    with pytest.raises(SystemExit):  # argparse refuses it before anything runs
+        main(["fidelity", "--runs", "0"])
