@@ -64,8 +64,9 @@ def fidelity_table(policy: str, report: dict[str, Any]) -> Any:
 
     runs = report["runs"]
     met = sum(all(e <= GOAL for e in run["relative_error"].values()) for run in runs)
-    table = Table(title=f"{policy}: runtime model vs {len(runs)} live runs (medians)",
-                  caption=f"{met} of {len(runs)} runs within {GOAL:.0%} on every figure")
+    count = f"{len(runs)} live run{'s' if len(runs) > 1 else ''}"
+    table = Table(title=f"{policy}: runtime model vs {count} (medians)",
+                  caption=f"{met} of {count} within {GOAL:.0%} on every figure")
     for column in ("figure", "predicted s", "measured s", "error", "live runs s",
                    "worst run error"):
         table.add_column(column, justify="left" if column == "figure" else "right")

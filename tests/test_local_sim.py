@@ -245,7 +245,7 @@ def test_fidelity_command_prints_the_medians_and_writes_every_run(monkeypatch, t
     out = tmp_path / "fidelity.json"
     assert main(["fidelity", "--policy", "model", "--runs", "2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "TBT p50" in printed and "0 of 2 runs within 15%" in printed
+    assert "TBT p50" in printed and "0 of 2 live runs within 15%" in printed
     data = json.loads(out.read_text())
     assert data["config"]["speedup"] == 2.0 and list(data["policies"]) == ["model"]
     report = data["policies"]["model"]
