@@ -49,10 +49,12 @@ def _fidelity_command(args: argparse.Namespace) -> int:
             reports[policy] = fidelity(
                 config, policy, runs=args.runs,
                 progress=lambda done, total, task=task: bar.update(task, completed=done))
+            if args.json and args.json != "-":  # a later failure loses no finished policy
+                _write_json({"config": asdict(config), "policies": reports}, args.json)
     console = Console(stderr=args.json == "-")  # keep stdout for the JSON
     for policy, report in reports.items():
         console.print(fidelity_table(policy, report))
-    if args.json:
+    if args.json == "-":
         _write_json({"config": asdict(config), "policies": reports}, args.json)
     return 0
 

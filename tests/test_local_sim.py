@@ -253,3 +253,23 @@ def test_fidelity_command_prints_the_medians_and_writes_every_run(monkeypatch, t
     assert report["relative_error"]["tbt_p50_s"] == pytest.approx(0.5, rel=0.05)
     with pytest.raises(SystemExit):  # argparse refuses it before anything runs
         main(["fidelity", "--runs", "0"])
+
+
+def test_fidelity_command_keeps_a_finished_policy_when_a_later_one_fails(monkeypatch,
+                                                                         tmp_path):
+    """The operator policy's runs are on disk before the model policy's first run fails."""
+    import json
+
+    import fxscale.fidelity as fidelity
+    from fxscale.cli import main
+
+    def measure(config, policy):
+        if policy == "model":
+            raise RuntimeError("the machine went away")
+        return synthetic_measurement()
+
+    monkeypatch.setattr(fidelity, "measure", measure)
+    out = tmp_path / "fidelity.json"
+    with pytest.raises(RuntimeError, match="went away"):
+        main(["fidelity", "--runs", "1", "--json", str(out)])
+    assert list(json.loads(out.read_text())["policies"]) == ["operator"]
