@@ -3,8 +3,8 @@
     python examples/small_batch_linear.py [IN_FEATURES OUT_FEATURES]
 
 One intra-op thread, as a replica runs. Columns: `x @ W.T` (what the served groups run; MKL
-on x86 builds) and oneDNN's linear with the weight packed once for that batch size (what
-Inductor's CPU freezing path uses). Each is checked against a float64 product first.
+on x86 builds) and oneDNN's linear with the weight packed once for that batch size. Each is
+checked against a float64 product first.
 """
 from __future__ import annotations
 
