@@ -157,6 +157,7 @@ class Replica:
             mine = self.weights.get(id(source))
             if mine is None:  # a weight first seen after this replica was created
                 mine = self.weights[id(source)] = source.clone()
+                self.bytes += mine.numel() * mine.element_size()
                 self.pool.weight_sources[id(source)] = source
             args[position] = mine
         return args

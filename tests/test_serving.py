@@ -74,11 +74,16 @@ def test_every_group_has_a_pool_and_new_replicas_copy_only_their_weights(server,
     server.generate(prompt(5), max_new_tokens=2).result()
     stats = server.stats()["groups"]
     mlp = stats["model.layers.1#2/gemm"]
-    layer = llama.model.layers[1]
-    own = sum(p.numel() * 4 for p in (*layer.self_attn.o_proj.parameters(),
-                                       *layer.post_attention_layernorm.parameters(),
-                                       *layer.mlp.parameters()))
-    assert mlp["replicas"] == 3 and mlp["weight_bytes_per_replica"] == own
+
+    def own(layer):
+        return sum(p.numel() * 4 for p in (*layer.self_attn.o_proj.parameters(),
+                                            *layer.post_attention_layernorm.parameters(),
+                                            *layer.mlp.parameters()))
+
+    assert mlp["replicas"] == 3 and mlp["weight_bytes_per_replica"] == own(llama.model.layers[1])
+    # a replica that copied its weights on first use (created before any call) counts them too
+    assert stats["model.layers.0#2/gemm"]["weight_bytes_per_replica"] == \
+        own(llama.model.layers[0])
     assert stats["model.layers.1#1/attention"]["weight_bytes_per_replica"] == 0
     server.scale("*", 1)
 
