@@ -8,6 +8,7 @@ from .options import GRANULARITIES
 
 def add_export_command(sub: argparse._SubParsersAction) -> None:
     """Register the export-onnx subcommand on the CLI's subparsers."""
+    from .cli import _positive  # the CLI's argument type (cli imports us)
     from .zoo import NAMES
 
     parser = sub.add_parser("export-onnx", help="export every operator group of a zoo model to "
@@ -40,11 +41,3 @@ def _export(args: argparse.Namespace) -> int:
     for group, reason in result.skipped.items():
         print(f"skipped {group}: {reason}")
     return 1 if result.skipped else 0
-
-
-def _positive(text: str) -> int:
-    """argparse type: a positive integer."""
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
