@@ -62,9 +62,21 @@ def test_sixteen_clients_with_random_scale_events_match_eager(server, llama):
              for size in group["batch_sizes"]]
     assert max(sizes) > 1, "row-wise calls of concurrent requests never batched"
     stats = server.stats()
-    assert stats["requests"]["completed"] >= 64 and stats["requests"]["slo_attainment"] == 1.0
+    assert stats["requests"]["completed"] >= 64  # attainment is timing: see the test below
     for name, group in stats["groups"].items():
         assert group["completed"] > 0 and group["replicas"] >= 1, name
+
+
+def test_slo_attainment_is_the_share_of_generated_requests_within_the_slo(server):
+    server.generate(prompt(21, 4), max_new_tokens=3).result()
+    slo = server.slo
+    try:
+        server.slo = fxscale.SLO(ttft=1e9, tbt=1e9)
+        assert server.stats()["requests"]["slo_attainment"] == 1.0
+        server.slo = fxscale.SLO(ttft=1e-12, tbt=1e9)  # a first token takes longer than that
+        assert server.stats()["requests"]["slo_attainment"] == 0.0
+    finally:
+        server.slo = slo
 
 
 def test_every_group_has_a_pool_and_new_replicas_copy_only_their_weights(server, llama):
