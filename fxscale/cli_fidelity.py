@@ -67,8 +67,13 @@ def fidelity_table(policy: str, report: dict[str, Any]) -> Any:
     runs = report["runs"]
     met = sum(all(e <= GOAL for e in run["relative_error"].values()) for run in runs)
     count = f"{len(runs)} live run{'s' if len(runs) > 1 else ''}"
-    table = Table(title=f"{policy}: runtime model vs {count} (medians)",
-                  caption=f"{met} of {count} within {GOAL:.0%} on every figure")
+    caption = f"{met} of {count} within {GOAL:.0%} on every figure"
+    machine = report.get("machine")
+    if machine:  # on a shared machine this moves the live runs more than anything else
+        low, high = machine["capacity_2_jobs"]
+        caption += (f"; two jobs at once ran {low:.2f}-{high:.2f}x one job's throughput, "
+                    f"changing within {machine['changed_runs']} of the runs")
+    table = Table(title=f"{policy}: runtime model vs {count} (medians)", caption=caption)
     for column in ("figure", "predicted s", "measured s", "error", "live runs s",
                    "worst run error"):
         table.add_column(column, justify="left" if column == "figure" else "right")

@@ -38,6 +38,7 @@ PREFILL_BATCHES = (1, 2)
 HOP_SAMPLES = 5         # requests served alone, before and after the live run each
 ALONE_PROMPT = 16
 KEYS, LEVELS = ("ttft_s", "tbt_s"), (50, 90)  # what is compared
+MACHINE_CHANGE = 0.10   # a run whose two-job capacity moved more saw the machine change
 
 
 def measured_profile(model: torch.nn.Module, config: DemoConfig, granularity: str) -> Profile:
@@ -172,7 +173,21 @@ def compare_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "relative_error": _relative_errors(predicted, live),
             "measured_range": {k: [min(r["measured"][k] for r in reports),
                                    max(r["measured"][k] for r in reports)] for k in keys},
-            "runs": reports}
+            "machine": machine_stability(reports), "runs": reports}
+
+
+def machine_stability(reports: list[dict[str, Any]], change: float = MACHINE_CHANGE
+                      ) -> dict[str, Any] | None:
+    """How the machine's throughput with two jobs at once moved over the runs: its range over
+    every capacity measurement, and the runs whose measurements before and after differ by
+    more than `change` (the machine changed while they ran: the model saw neither state
+    alone). None for runs measured without capacities."""
+    pairs = [r.get("capacity_before_after") for r in reports]
+    if not all(pairs):
+        return None
+    two_jobs = [[before[1], after[1]] for before, after in pairs]
+    return {"capacity_2_jobs": [min(map(min, two_jobs)), max(map(max, two_jobs))],
+            "changed_runs": sum(abs(a - b) > change * min(a, b) for a, b in two_jobs)}
 
 
 def compare(measured: dict[str, Any]) -> dict[str, Any]:

@@ -93,9 +93,10 @@ def test_executions_share_the_machine_as_its_capacity_says():
     assert first_tokens((1.0, 1.6)) == pytest.approx([0.0125, 0.0125])
 
 
-def synthetic_measurement(live_tbt_s=0.011):
+def synthetic_measurement(live_tbt_s=0.011, two_jobs=(2.0, 2.0)):
     """A measurement of one non-batching group of 10 ms per call, whose live run measured
-    TTFT 12 ms (what the model must predict for a lone request) and the given TBT."""
+    TTFT 12 ms (what the model must predict for a lone request) and the given TBT, on a
+    machine whose two-job capacity was `two_jobs` before and after it."""
     from fxscale.runtime.fit import fit_profile
     from fxscale.runtime.profile import Profile
     from fxscale.serving_demo import DemoConfig
@@ -113,6 +114,7 @@ def synthetic_measurement(live_tbt_s=0.011):
             "groups": [{"name": "model", "batches": False, "stateful": True,
                         "context_keyed": True}],
             "capacity": [1.0, 2.0],
+            "capacity_before_after": [[1.0, two_jobs[0]], [1.0, two_jobs[1]]],
             "alone": {"ttft_s": 0.012, "tbt_s": 0.011,    # 2 ms and 1 ms of Python
                       "thread_cpu_s": 0.001, "replica_python_s": 0.001,
                       "execution_s": {"model": 0.040}},  # as profiled: 4 calls of 10 ms
@@ -151,8 +153,23 @@ def test_fidelity_over_runs_compares_the_medians_of_each_side(monkeypatch):
     assert report["measured_range"]["tbt_p50_s"] == pytest.approx([0.011, 0.044])
     assert report["predicted"]["tbt_p50_s"] == pytest.approx(0.011, rel=0.05)
     assert report["relative_error"]["tbt_p50_s"] == pytest.approx(0.5, rel=0.05)
+    assert report["machine"] == {"capacity_2_jobs": [2.0, 2.0], "changed_runs": 0}
     with pytest.raises(ValueError, match="runs=0"):
         fidelity.fidelity(None, "model", runs=0)
+
+
+def test_fidelity_counts_the_runs_in_which_the_machine_changed():
+    """Two-job capacities of 1.5 then 2.0 (a third more) within a run count as a change,
+    1.9 then 2.0 (5%) do not; the range spans every measurement; runs saved without
+    capacities give no machine summary."""
+    from fxscale.fidelity import compare, compare_runs, machine_stability
+
+    runs = [{"capacity_before_after": [[1.0, a], [1.0, b]]} for a, b in
+            ((1.5, 2.0), (1.9, 2.0), (2.0, 2.0), (2.1, 1.6))]
+    assert machine_stability(runs) == {"capacity_2_jobs": [1.5, 2.1], "changed_runs": 2}
+    assert machine_stability(runs + [{"capacity_before_after": None}]) is None
+    report = compare_runs([compare(synthetic_measurement(two_jobs=(1.5, 2.0)))])
+    assert report["machine"] == {"capacity_2_jobs": [1.5, 2.0], "changed_runs": 1}
 
 
 def test_calibration_takes_hops_from_the_lone_request_and_their_locked_share_from_cpu():
@@ -246,6 +263,8 @@ def test_fidelity_command_prints_the_medians_and_writes_every_run(monkeypatch, t
     assert main(["fidelity", "--policy", "model", "--runs", "2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "TBT p50" in printed and "0 of 2 live runs within 15%" in printed
+    assert "2.00-2.00x one job's throughput, changing within 0 of the runs" in \
+        " ".join(printed.split())
     data = json.loads(out.read_text())
     assert data["config"]["speedup"] == 2.0 and list(data["policies"]) == ["model"]
     report = data["policies"]["model"]
