@@ -29,7 +29,7 @@ from .runtime.fit import fit_profile
 from .runtime.local_sim import LocalSimulation, SimGroup, SimRequest, profile_latency
 from .runtime.planner import SLO
 from .runtime.profile import Profile
-from .runtime.quantile import percentiles
+from .runtime.quantile import percentiles, token_timings
 from .serving_demo import DemoConfig
 from .trace_replay import replay
 
@@ -150,14 +150,15 @@ def predict(measured: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
 def fidelity(config: DemoConfig, policy: str, runs: int = 5,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Predicted vs measured TTFT/TBT p50 and p90 for one policy on the config's slice, over
-    `runs` independent runs (each measured and predicted on its own)."""
+    `runs` independent runs (each measured and predicted on its own); `progress(finished,
+    runs)` after each."""
     if runs < 1:
         raise ValueError(f"runs={runs}: fidelity needs at least one run")
     reports = []
-    for done in range(runs):
-        if progress:
-            progress(done, runs)
+    for _ in range(runs):
         reports.append(compare(measure(config, policy)))
+        if progress:
+            progress(len(reports), runs)
     return compare_runs(reports)
 
 
@@ -220,9 +221,7 @@ def _sim_groups(profile: Profile, facts: list[dict]) -> list[SimGroup]:
 
 def _timings(requests: list[SimRequest], token_times: list[list[float]]) -> list[dict]:
     """TTFT (and TBT, past one token) of each simulated request."""
-    return [{"ttft_s": times[0] - r.arrival_s,
-             **({"tbt_s": (times[-1] - times[0]) / (len(times) - 1)} if len(times) > 1 else {})}
-            for r, times in zip(requests, token_times)]
+    return [token_timings(r.arrival_s, times) for r, times in zip(requests, token_times)]
 
 
 def _serve_alone(server: Any, config: DemoConfig) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from .runtime.autoscaler import Autoscaler
 from .runtime.batching import signature
 from .runtime.budget import Budget
 from .runtime.planner import SLO
-from .runtime.quantile import percentiles
+from .runtime.quantile import percentiles, token_timings
 from .runtime.replica_pool import Call, ReplicaPool
 
 POLICIES = ("operator", "model")
@@ -238,11 +238,9 @@ class Server:
                         tokens.put(out[-1])
                     if out[-1] in stop:  # stop as Hugging Face generate does
                         break
-            record.update(first_token_at=times[0], finished_at=times[-1], tokens=len(out),
-                          ttft_s=times[0] - start, e2e_s=times[-1] - start,
+            record.update(token_timings(start, times), first_token_at=times[0],
+                          finished_at=times[-1], tokens=len(out), e2e_s=times[-1] - start,
                           thread_cpu_s=time.thread_time() - cpu_start)
-            if len(times) > 1:
-                record["tbt_s"] = (times[-1] - times[0]) / (len(times) - 1)
             self._finish(record)
             return out
         finally:

@@ -1,4 +1,5 @@
-"""The one percentile definition the simulator, the pools and the server report with."""
+"""The one percentile and token-timing definition the simulator, the pools and the server
+report with."""
 from __future__ import annotations
 
 import math
@@ -21,3 +22,11 @@ def percentiles(rows: list[dict], keys: tuple[str, ...],
         for level in levels:
             out[f"{key[:-2]}_p{level}_s"] = quantile(values, level / 100)
     return out
+
+
+def token_timings(arrival: float, token_times: list[float]) -> dict[str, float]:
+    """A request's TTFT and, past one token, its TBT: the mean gap between its tokens."""
+    timings = {"ttft_s": token_times[0] - arrival}
+    if len(token_times) > 1:
+        timings["tbt_s"] = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
+    return timings

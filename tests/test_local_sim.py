@@ -122,6 +122,16 @@ def synthetic_measurement(live_tbt_s=0.011, two_jobs=(2.0, 2.0)):
                      "summary": {}}}
 
 
+def test_token_timings_are_first_token_latency_and_the_mean_gap_after_it():
+    """The one TTFT/TBT definition the server and the model share: tokens at 1.5, 2.0, 2.1
+    and 2.7 s of a request that arrived at 1.0 s; a single token has no TBT."""
+    from fxscale.runtime.quantile import token_timings
+
+    assert token_timings(1.0, [1.5, 2.0, 2.1, 2.7]) == pytest.approx({"ttft_s": 0.5,
+                                                                      "tbt_s": 0.4})
+    assert token_timings(1.0, [1.25]) == {"ttft_s": 0.25}
+
+
 def test_fidelity_compares_the_model_with_the_live_run_it_is_given():
     """compare() on a synthetic measurement: the model's lone-request timings against a live
     run that measured them, then against one whose TBT is twice the model's."""
@@ -146,7 +156,7 @@ def test_fidelity_over_runs_compares_the_medians_of_each_side(monkeypatch):
     seen = []
     report = fidelity.fidelity(None, "model", runs=3,
                                progress=lambda done, total: seen.append((done, total)))
-    assert seen == [(0, 3), (1, 3), (2, 3)]
+    assert seen == [(1, 3), (2, 3), (3, 3)]  # runs finished
     assert [r["measured"]["tbt_p50_s"] for r in report["runs"]] == \
         pytest.approx([0.011, 0.044, 0.022])
     assert report["measured"]["tbt_p50_s"] == pytest.approx(0.022)

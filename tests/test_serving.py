@@ -68,13 +68,17 @@ def test_sixteen_clients_with_random_scale_events_match_eager(server, llama):
 
 
 def test_slo_attainment_is_the_share_of_generated_requests_within_the_slo(server):
-    server.generate(prompt(21, 4), max_new_tokens=3).result()
+    """SLOs every request meets, that every first token misses, and that this request's
+    token gaps miss (TTFT and TBT both count)."""
+    server.generate(prompt(21, 4), max_new_tokens=3, ignore_eos=True).result()
     slo = server.slo
     try:
         server.slo = fxscale.SLO(ttft=1e9, tbt=1e9)
         assert server.stats()["requests"]["slo_attainment"] == 1.0
         server.slo = fxscale.SLO(ttft=1e-12, tbt=1e9)  # a first token takes longer than that
         assert server.stats()["requests"]["slo_attainment"] == 0.0
+        server.slo = fxscale.SLO(ttft=1e9, tbt=1e-12)  # so do its two later tokens' gaps
+        assert server.stats()["requests"]["slo_attainment"] < 1.0
     finally:
         server.slo = slo
 
