@@ -12,40 +12,22 @@ speed stays put (docs/runtime.md, "Fidelity of the runtime model").
 from __future__ import annotations
 
 import sys
-import threading
 import time
 
 import torch
 import torch.nn.functional as F
 
+from fxscale.fidelity import concurrent_rates
+
 HIDDEN, INTERMEDIATE = 2048, 5632  # the demo's Llama
-
-
-def rates(jobs: dict, seconds: float = 0.4) -> dict[str, float]:
-    """Calls per second of each job, all running at once on their own threads."""
-    counts = dict.fromkeys(jobs, 0)
-    stop = time.perf_counter() + seconds
-
-    def work(name: str) -> None:
-        while time.perf_counter() < stop:
-            jobs[name]()
-            counts[name] += 1
-
-    threads = [threading.Thread(target=work, args=(name,)) for name in jobs]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
-    return {name: count / elapsed for name, count in counts.items()}
+PROBE_S = 0.4                      # seconds each rate is measured over
 
 
 def pair_ratio(make) -> float:
     """Throughput of two copies of a job at once over one copy alone."""
     first, second = make(), make()
-    alone = rates({"a": first})["a"]
-    return sum(rates({"a": first, "b": second}).values()) / alone
+    alone = concurrent_rates({"a": first}, PROBE_S)["a"]
+    return sum(concurrent_rates({"a": first, "b": second}, PROBE_S).values()) / alone
 
 
 def gemv():
@@ -76,8 +58,9 @@ def main(seconds: float = 60.0) -> None:
     while time.time() < end:
         ratios = {"gemv": pair_ratio(gemv), "mlp 1 row": pair_ratio(lambda: mlp(1)),
                   "mlp 2 rows": pair_ratio(lambda: mlp(2))}
-        python, alone = rates({"py": python_loop})["py"], rates({"gemv": job})["gemv"]
-        beside = rates({"py": python_loop, "gemv": job})
+        python = concurrent_rates({"py": python_loop}, PROBE_S)["py"]
+        alone = concurrent_rates({"gemv": job}, PROBE_S)["gemv"]
+        beside = concurrent_rates({"py": python_loop, "gemv": job}, PROBE_S)
         print(time.strftime("%H:%M:%S"), "two jobs / one:",
               "  ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items()),
               f"| beside each other: python {beside['py'] / python:.2f}, "

@@ -21,6 +21,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -262,6 +263,28 @@ def _replica_python_s(server: Any) -> float:
     return sum(g["python_cpu_s"] for g in groups)
 
 
+def concurrent_rates(jobs: dict[Any, Callable[[], Any]], seconds: float
+                     ) -> dict[Any, float]:
+    """Calls per second of each job, all called in a loop at once, each on its own thread,
+    for `seconds`."""
+    counts = dict.fromkeys(jobs, 0)
+    stop = time.perf_counter() + seconds
+
+    def work(name: Any) -> None:
+        while time.perf_counter() < stop:
+            jobs[name]()
+            counts[name] += 1
+
+    workers = [threading.Thread(target=work, args=(name,)) for name in jobs]
+    start = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    elapsed = time.perf_counter() - start
+    return {name: count / elapsed for name, count in counts.items()}
+
+
 def machine_capacity(hidden: int, jobs: int = 3, seconds: float = 0.3, rounds: int = 5
                      ) -> list[float]:
     """Throughput of 1..jobs weight-bound jobs at once (one thread each) relative to one:
@@ -274,21 +297,8 @@ def machine_capacity(hidden: int, jobs: int = 3, seconds: float = 0.3, rounds: i
     x = torch.randn(1, hidden)
 
     def rate(n: int) -> float:
-        done = [0] * n
-        stop = time.perf_counter() + seconds
-
-        def work(k: int) -> None:
-            while time.perf_counter() < stop:
-                x @ weights[k]
-                done[k] += 1
-
-        workers = [threading.Thread(target=work, args=(k,)) for k in range(n)]
-        start = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return sum(done) / (time.perf_counter() - start)
+        jobs = {k: partial(torch.matmul, x, weights[k]) for k in range(n)}
+        return sum(concurrent_rates(jobs, seconds).values())
 
     try:
         rate(1)  # warm up

@@ -1,6 +1,8 @@
 """The discrete-event model of the local runtime, on scenarios with known answers."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from fxscale.runtime.local_sim import LocalSimulation, SimGroup, SimRequest, profile_latency
@@ -130,6 +132,26 @@ def test_token_timings_are_first_token_latency_and_the_mean_gap_after_it():
     assert token_timings(1.0, [1.5, 2.0, 2.1, 2.7]) == pytest.approx({"ttft_s": 0.5,
                                                                       "tbt_s": 0.4})
     assert token_timings(1.0, [1.25]) == {"ttft_s": 0.25}
+
+
+def test_concurrent_rates_run_the_jobs_side_by_side_and_count_their_calls():
+    """Two jobs that sleep 10 ms per call for 0.3 s: both run all the time (about 30 calls
+    each; taking turns, they would make 15), and each rate is its calls over the same elapsed
+    time."""
+    from fxscale.fidelity import concurrent_rates
+
+    calls = {"a": 0, "b": 0}
+
+    def job(name):
+        def call():
+            calls[name] += 1
+            time.sleep(0.01)
+        return call
+
+    rates = concurrent_rates({"a": job("a"), "b": job("b")}, seconds=0.3)
+    assert min(calls.values()) >= 20
+    elapsed = [calls[name] / rates[name] for name in calls]
+    assert elapsed[0] == pytest.approx(elapsed[1]) and elapsed[0] >= 0.3
 
 
 def test_fidelity_compares_the_model_with_the_live_run_it_is_given():
