@@ -23,6 +23,7 @@ from fxscale import zoo
 from fxscale.analytic import analytic_profile, compare
 from fxscale.characterize import characterize
 from fxscale.cli import profile_tables
+from fxscale.jsonio import write_atomic
 from fxscale.runtime.devices import load_device
 from fxscale.runtime.fit import fit_profile
 
@@ -38,8 +39,8 @@ def main(out_dir: str) -> None:
     model = load_device("h100" if device == "cuda" else "cpu")
     rows = compare(measured, analytic_profile(entry.model, grid, model))
     title = f"Llama, 2 layers, hidden 1024, on {measured.device}"
-    (out / "profile-llama.md").write_text(
-        profile_tables(measured, rows, title, 1.0, f"Analytic {model.description} model") + "\n")
+    write_atomic(out / "profile-llama.md", profile_tables(
+        measured, rows, title, 1.0, f"Analytic {model.description} model") + "\n")
     print(characterize(out / "characterization", progress=print))
     print(f"wrote {out}")
 

@@ -13,10 +13,12 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "compiled_group_graphs": "backend", "fxscale_backend": "backend", "explain": "capture",
+    "Backend": "backend", "fxscale_backend": "backend", "explain": "capture",
+    "InputError": "errors",
     "Group": "group_graph", "GroupEdge": "group_graph", "GroupGraph": "group_graph",
     "Options": "options", "Grid": "profiling", "profile": "profiling",
     "serve": "serving", "Server": "serving", "OverloadError": "serving",
+    "ServerClosedError": "serving",
     "SLO": "runtime.planner", "report": "reporting",
     "export_onnx": "onnx_export", "OnnxExport": "onnx_export",
 }

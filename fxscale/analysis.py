@@ -8,7 +8,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fxscale.exprs import evaluate
+from fxscale.exprs import evaluate, to_text
 from fxscale.passes import classify as C
 from fxscale.passes.convexity import ensure_convex, graph_dag
 from fxscale.passes.costs import NodeCost, annotate_costs
@@ -88,7 +88,7 @@ def build_group_graph(gm: fx.GraphModule, costs: dict[fx.Node, NodeCost], symbol
                      reasons.get(gid, ""), granularity)
               for gid in sorted(members)]
     _number_names(groups)
-    edges = [GroupEdge(f"g{a}", f"g{b}", str(expr)) for (a, b), expr in sorted(edge_bytes.items())]
+    edges = [GroupEdge(f"g{a}", f"g{b}", to_text(expr)) for (a, b), expr in sorted(edge_bytes.items())]
     table = {name: {"role": role, "source": symbols.sources.get(name, ""),
                     "example": symbols.hints.get(name, 0)}
              for name, role in symbols.roles.items()}
@@ -139,9 +139,9 @@ def _group(gid, nodes, costs, symbols, env, weight_bytes, leaving, reason, granu
     b_bytes, l_bytes = sensitivity(read + written, symbols, env)
     return Group(
         id=f"g{gid}", name=name, nodes=[n.name for n in nodes], classes=classes,
-        resource=resource, flops=str(flops), bytes_read=str(read), bytes_written=str(written),
-        activation_bytes=str(leaving), param_bytes=sum(weight_bytes.get(p, 0) for p in params),
-        kv_bytes_per_token=str(kv), row_wise=not any(c.mixes_tokens for c in member_costs),
+        resource=resource, flops=to_text(flops), bytes_read=to_text(read),
+        bytes_written=to_text(written), activation_bytes=to_text(leaving),
+        param_bytes=sum(weight_bytes.get(p, 0) for p in params), kv_bytes_per_token=to_text(kv), row_wise=not any(c.mixes_tokens for c in member_costs),
         stateful=stateful, layer=layer, split_reason=reason,
         sensitivity={"flops_batch": b_flops, "flops_length": l_flops,
                      "bytes_batch": b_bytes, "bytes_length": l_bytes},

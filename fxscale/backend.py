@@ -5,16 +5,45 @@ import warnings
 from typing import Any, Callable
 
 import torch.fx as fx
+from torch._dynamo.exc import ShortenTraceback
 
 from fxscale.passes.lower import lower_groups
 from fxscale.passes.split import split_groups, submodule_name
 
 from .analysis import analyse_graph, describe_groups
+from .errors import InputError
 from .group_graph import GroupGraph
 from .options import Options
 
-# The GroupGraph of every graph this process compiled, newest last (for inspection and reports).
-compiled_group_graphs: list[GroupGraph] = []
+
+class OptionsError(InputError, ShortenTraceback):
+    """Bad backend options: a ValueError that Dynamo hands to the caller as it is (it wraps
+    any other backend error in BackendCompilerFailed, a RuntimeError)."""
+
+    def __init__(self, message: str) -> None:
+        ShortenTraceback.__init__(self, message, first_useful_frame=None)
+
+
+class Backend:
+    """The fxscale backend as an object that keeps the GroupGraphs it compiled, newest last:
+
+        backend = fxscale.Backend({"lowering": "eager"})
+        compiled = torch.compile(model, backend=backend)
+        compiled(input_ids); backend.group_graphs[-1]
+
+    (`backend="fxscale"` keeps nothing: each compiled graph module carries its own
+    `group_graph`.) Bad options raise a ValueError here, before anything compiles."""
+
+    def __init__(self, options: Options | dict | None = None) -> None:
+        self.options = Options.from_user(options)
+        self.group_graphs: list[GroupGraph] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        lowered = fxscale_backend(gm, example_inputs, self.options)
+        graph = getattr(lowered, "group_graph", None)
+        if graph is not None:
+            self.group_graphs.append(graph)
+        return lowered
 
 
 def fxscale_backend(gm: fx.GraphModule, example_inputs: list[Any],
@@ -24,7 +53,10 @@ def fxscale_backend(gm: fx.GraphModule, example_inputs: list[Any],
     Bad options raise a ValueError naming the option. If grouping fails the graph runs
     eagerly as a whole, with a warning; if lowering a group fails that group runs eagerly.
     """
-    opts = Options.from_user(options)
+    try:
+        opts = Options.from_user(options)
+    except (ValueError, TypeError) as err:
+        raise OptionsError(str(err)) from None
     try:
         analysis = analyse_graph(gm, opts, model=_model_name(gm))
         split = split_groups(gm, analysis.assignment)
@@ -52,7 +84,6 @@ def fxscale_backend(gm: fx.GraphModule, example_inputs: list[Any],
         group.callable = _submodule(lowered, name)
     graph.module = lowered
     lowered.group_graph = graph
-    compiled_group_graphs.append(graph)
     return lowered
 
 

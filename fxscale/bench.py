@@ -20,6 +20,7 @@ from typing import Any, Callable
 from .bench_families import (CompileConfig, ProfileConfig, RuntimeConfig, SimulatorConfig,
                              compile_latency, group_profiles, runtime_local, simulator_policies)
 from .bench_report import page, write_plots
+from .jsonio import output_folder, replace_folder
 
 # Bump when a key of results.json changes meaning or goes away (tests/test_bench.py checks it).
 SCHEMA_VERSION = 1
@@ -54,8 +55,7 @@ def run_bench(out_dir: str | Path, quick: bool = False, progress: Progress | Non
     results.md and the plots into `out_dir`; `progress(message, done, total)` is called
     before each unit of work and once at the end. Returns what results.json holds."""
     config = config or (QUICK if quick else FULL)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    target = output_folder(out_dir, bench_file, "benchmark results")  # before the work
     total = sum(getattr(config, name).units() for name in FAMILIES)
     done = 0
 
@@ -79,10 +79,16 @@ def run_bench(out_dir: str | Path, quick: bool = False, progress: Progress | Non
                "config": asdict(config), "families": families}
     if progress:
         progress("writing results", total, total)
-    results["plots"] = write_plots(results, out)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(page(results))
+    with replace_folder(target, bench_file, "benchmark results") as out:
+        results["plots"] = write_plots(results, out)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out / "results.md").write_text(page(results))
     return results
+
+
+def bench_file(name: str) -> bool:
+    """Whether a file is one `fxscale bench` writes: results.json, results.md, the plots."""
+    return name in ("results.json", "results.md") or name.endswith((".png", ".svg"))
 
 
 def machine() -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any, Callable
 import torch
 
 from .analysis import analyse_graph
-from .exprs import parse_expr
+from .exprs import parse_expr, to_text
 from .group_graph import COST_FIELDS, GroupGraph
 from .options import Options
 
@@ -105,4 +105,5 @@ def merge_graphs(graphs: list[GroupGraph]) -> GroupGraph:
 def _rename(expr: str, rename: dict[str, str]) -> str:
     """Rename the symbols of a stored expression."""
     parsed = parse_expr(expr)
-    return str(parsed.xreplace({s: type(s)(rename.get(s.name, s.name)) for s in parsed.free_symbols}))
+    return to_text(parsed.xreplace({s: type(s)(rename.get(s.name, s.name))
+                                    for s in parsed.free_symbols}))

@@ -23,6 +23,7 @@ import torch
 from fxscale.runtime.devices import DeviceModel, load_device
 
 from .analytic import group_graphs_over
+from .jsonio import output_folder, replace_folder
 from .profiling import Grid, profile
 
 LIGHT = ("data-movement", "scalar")
@@ -152,29 +153,34 @@ def characterize(out_dir: str | Path, models: tuple[str, ...] = tuple(FAMILIES),
         raise ValueError("the characterization report plots with matplotlib: "
                          "pip install matplotlib")
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    target = output_folder(out_dir, _report_file, "characterization report")
     start = time.perf_counter()
     h100 = load_device("h100")
     cpu = load_device("cpu")
     sections, findings = [], []
-    for name in models:
-        family = FAMILIES[name]
-        progress(f"{name}: H100 model at published dimensions")
-        analytic = analytic_classes(family.large(), h100_grid, h100, "bf16")
-        progress(f"{name}: measuring every operator on this CPU")
-        small = family.small()
-        cpu_costs = analytic_classes(small, cpu_grid, cpu, "fp32")
-        measured = measured_classes(small, cpu_grid, repeats)
-        sections.append(_model_section(name, family, analytic, measured, h100, h100_grid,
-                                       cpu_grid))
-        findings.extend(_findings(name, analytic, measured, cpu_costs, h100, cpu, h100_grid,
-                                  cpu_grid))
-        _plots(out, name, analytic, measured, h100, h100_grid, cpu_grid)
-    report = out / "report.md"
-    report.write_text(_report(sections, findings, time.perf_counter() - start, cpu,
-                              h100_grid, cpu_grid))
-    return report
+    # the report and its plots replace the folder's earlier ones together, when all are done
+    with replace_folder(target, _report_file, "characterization report") as out:
+        for name in models:
+            family = FAMILIES[name]
+            progress(f"{name}: H100 model at published dimensions")
+            analytic = analytic_classes(family.large(), h100_grid, h100, "bf16")
+            progress(f"{name}: measuring every operator on this CPU")
+            small = family.small()
+            cpu_costs = analytic_classes(small, cpu_grid, cpu, "fp32")
+            measured = measured_classes(small, cpu_grid, repeats)
+            sections.append(_model_section(name, family, analytic, measured, h100, h100_grid,
+                                           cpu_grid))
+            findings.extend(_findings(name, analytic, measured, cpu_costs, h100, cpu,
+                                      h100_grid, cpu_grid))
+            _plots(out, name, analytic, measured, h100, h100_grid, cpu_grid)
+        (out / "report.md").write_text(_report(sections, findings, time.perf_counter() - start,
+                                               cpu, h100_grid, cpu_grid))
+    return target / "report.md"
+
+
+def _report_file(name: str) -> bool:
+    """Whether a file is part of a characterization report: report.md and its plots."""
+    return name == "report.md" or name.endswith((".png", ".svg"))
 
 
 def _classes(table: ClassTable) -> list[str]:

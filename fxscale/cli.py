@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import signal
 import sys
+import threading
 import time
 from typing import Sequence
 
+from .cli_args import (fraction, hidden, int_list, json_target, layers, non_negative_float,
+                       positive, positive_float, write_json, file_target)
 from .cli_bench import add_bench_command
 from .cli_export import add_export_command
 from .cli_fidelity import add_fidelity_command
@@ -24,11 +28,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    # SIGTERM unwinds like Ctrl-C, so a command that is writing files cleans up what it
+    # started and leaves the previous results in place
+    previous = signal.signal(signal.SIGTERM, _terminate) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
         print(f"fxscale {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fxscale {args.command}: interrupted; nothing was left half-written",
+              file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM handler: raise KeyboardInterrupt in the main thread."""
+    raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,16 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(demo, NAMES, default_layers=2)
     demo.add_argument("--lowering", choices=LOWERINGS, default="inductor")
     demo.add_argument("--granularity", choices=GRANULARITIES, default="operator")
-    demo.add_argument("--json", metavar="PATH", help="also write the GroupGraph as JSON")
+    demo.add_argument("--json", metavar="PATH", type=file_target,
+                      help="also write the GroupGraph as JSON")
     demo.add_argument("--no-serve", dest="serve", action="store_false",
                       help="skip serving the trace slice (compile check only)")
-    demo.add_argument("--serve-seconds", type=_positive_float, default=30.0,
+    demo.add_argument("--serve-seconds", type=positive_float, default=30.0,
                       help="length of the served trace slice per policy, in seconds")
-    demo.add_argument("--speedup", type=_positive_float, default=2.0,
+    demo.add_argument("--speedup", type=positive_float, default=2.0,
                       help="trace seconds replayed per second")
-    demo.add_argument("--serve-hidden", type=_positive, default=2048,
+    demo.add_argument("--serve-hidden", type=positive, default=2048,
                       help="hidden size of the served 2-layer Llama")
-    demo.add_argument("--results", metavar="PATH",
+    demo.add_argument("--results", metavar="PATH", type=json_target,
                       help="write the serving comparison as JSON ('-': stdout)")
     demo.set_defaults(run=_demo)
 
@@ -64,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(explain, NAMES, default_layers=2)
     explain.add_argument("--granularity", choices=GRANULARITIES, default="operator")
     explain.add_argument("--meta", action="store_true", help="build the model on the meta device")
-    explain.add_argument("--json", metavar="PATH", help="write the GroupGraph as JSON ('-': stdout)")
+    explain.add_argument("--json", metavar="PATH", type=json_target,
+                         help="write the GroupGraph as JSON ('-': stdout)")
     explain.add_argument("--preset", choices=sorted(PRESETS),
                          help="instead of a zoo model: a published model config, analysed on the "
                               "meta device (all its layers) and cached")
@@ -74,16 +96,18 @@ def _parser() -> argparse.ArgumentParser:
                                           "analytic CPU model")
     _model_args(prof, [n for n in NAMES if n in ("llama", "mistral", "gpt2", "opt")],
                 default_layers=2, example_shape=False)
-    prof.add_argument("--batches", type=_int_list, default=(1, 2, 4))
-    prof.add_argument("--lengths", type=_int_list, default=(16, 64, 256))
+    prof.add_argument("--batches", type=int_list, default=(1, 2, 4))
+    prof.add_argument("--lengths", type=int_list, default=(16, 64, 256))
     prof.add_argument("--phases", type=_phases, default=("prefill", "decode"))
     prof.add_argument("--lowering", choices=LOWERINGS, default="inductor")
     prof.add_argument("--granularity", choices=GRANULARITIES, default="operator")
-    prof.add_argument("--repeats", type=_positive, default=7)
-    prof.add_argument("--min-ms", type=_positive_float, default=1.0,
+    prof.add_argument("--repeats", type=positive, default=7)
+    prof.add_argument("--min-ms", type=positive_float, default=1.0,
                       help="error tables cover points of at least this measured latency")
-    prof.add_argument("--json", metavar="PATH", help="write the measured Profile (with fits) as JSON")
-    prof.add_argument("--markdown", metavar="PATH", help="write the error tables as Markdown")
+    prof.add_argument("--json", metavar="PATH", type=file_target,
+                      help="write the measured Profile (with fits) as JSON")
+    prof.add_argument("--markdown", metavar="PATH", type=file_target,
+                      help="write the error tables as Markdown")
     prof.add_argument("--report", metavar="DIR",
                       help="instead: write the characterization report (Llama, Mixtral, Whisper; "
                            "Markdown + PNG/SVG plots) into DIR")
@@ -95,31 +119,32 @@ def _parser() -> argparse.ArgumentParser:
                                           "autoscaling policies and report GPU-hours, energy "
                                           "and SLO attainment")
     sim.add_argument("--model", choices=sorted(PRESETS), default="llama-2-70b")
-    sim.add_argument("--layers", type=_positive,
+    sim.add_argument("--layers", type=positive,
                      help="analyse only this many layers (quick runs; default: all)")
     sim.add_argument("--device", default="h100", help="h100, h200, a100, l4 (default h100)")
     sim.add_argument("--trace", default="azure-conv",
                      help="a shipped trace (azure-conv, azure-code, mooncake-conversation, "
                           "mooncake-synthetic, servegen-mm-image) or a trace file path")
-    sim.add_argument("--start", type=_non_negative_float, default=0.0, help="window start (s)")
-    sim.add_argument("--duration", type=_positive_float, help="window length (s)")
-    sim.add_argument("--rate-scale", type=_positive_float, default=1.0,
+    sim.add_argument("--start", type=non_negative_float, default=0.0, help="window start (s)")
+    sim.add_argument("--duration", type=positive_float, help="window length (s)")
+    sim.add_argument("--rate-scale", type=positive_float, default=1.0,
                      help="replay the trace this many times faster")
     sim.add_argument("--policy", choices=(*POLICIES, "all"), default="operator")
-    sim.add_argument("--slo-ttft", type=_positive_float,
+    sim.add_argument("--slo-ttft", type=positive_float,
                      help="TTFT target in seconds (default by model size, see docs)")
-    sim.add_argument("--slo-tbt", type=_positive_float,
+    sim.add_argument("--slo-tbt", type=positive_float,
                      help="mean time between tokens target in seconds (default by model size)")
-    sim.add_argument("--attainment", type=_positive_float, default=0.99,
+    sim.add_argument("--attainment", type=fraction, default=0.99,
                      help="fraction of requests that must meet both targets (default 0.99)")
-    sim.add_argument("--interval", type=_positive_float, default=30.0,
+    sim.add_argument("--interval", type=positive_float, default=30.0,
                      help="autoscaler decision interval in seconds")
-    sim.add_argument("--headroom", type=_positive_float,
+    sim.add_argument("--headroom", type=positive_float,
                      help="plan for this multiple of the observed rate (default: searched)")
-    sim.add_argument("--fixed-gpus", type=_positive, metavar="N",
+    sim.add_argument("--fixed-gpus", type=positive, metavar="N",
                      help="also find the highest rate each policy serves on N devices")
     sim.add_argument("--seed", type=int, default=0, help="seed of sampled traces (ServeGen)")
-    sim.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
+    sim.add_argument("--json", metavar="PATH", type=json_target,
+                     help="write the results as JSON ('-': stdout)")
     sim.set_defaults(run=_simulate)
     add_report_command(sub)
     add_export_command(sub)
@@ -160,19 +185,9 @@ def _simulate(args: argparse.Namespace) -> int:
         data = ({**runs[args.policy], "config": config} if args.policy != "all" else
                 {"policies": runs, **outcome["bound"], "wall_s": outcome["wall_s"],
                  "config": config})
-        _write_json(data, args.json)
+        write_json(data, args.json)
     return 0
 
-
-def _write_json(data: dict, target: str) -> None:
-    """Write JSON to a file, or to stdout when the target is '-'."""
-    text = json.dumps(data, indent=1)
-    if target == "-":
-        print(text)
-    else:
-        from pathlib import Path
-
-        Path(target).write_text(text + "\n")
 
 
 def _run_json(row: dict) -> dict:
@@ -221,16 +236,6 @@ def simulate_table(runs: dict, config: dict) -> str:
     return buffer.getvalue()
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    """argparse type: comma-separated positive integers."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
-    return values
-
 
 def _phases(text: str) -> tuple[str, ...]:
     """argparse type: comma-separated phases."""
@@ -240,45 +245,19 @@ def _phases(text: str) -> tuple[str, ...]:
     return phases
 
 
-def _positive_float(text: str) -> float:
-    """argparse type: a positive number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    """argparse type: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _model_args(parser: argparse.ArgumentParser, names: Sequence[str], default_layers: int,
                 example_shape: bool = True) -> None:
     """Options that pick and size a zoo model (and the example input's shape)."""
     parser.add_argument("--model", choices=names, default="llama")
-    parser.add_argument("--layers", type=_positive, default=default_layers)
-    parser.add_argument("--hidden", type=_positive, default=64)
+    parser.add_argument("--layers", type=layers, default=default_layers)
+    parser.add_argument("--hidden", type=hidden, default=64,
+                        help="hidden size, a multiple of 16 (default 64)")
     if example_shape:
-        parser.add_argument("--batch", type=_positive, default=2)
-        parser.add_argument("--length", type=_positive, default=16)
+        parser.add_argument("--batch", type=positive, default=2)
+        parser.add_argument("--length", type=positive, default=16)
 
-
-def _positive(text: str) -> int:
-    """argparse type: a positive integer."""
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -286,20 +265,21 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
-    from . import backend, zoo
+    from . import zoo
+    from .backend import Backend
 
     console = Console(width=220)
     entry = zoo.build(args.model, batch=args.batch, length=args.length, layers=args.layers,
                       hidden=args.hidden)
-    options = {"granularity": args.granularity, "lowering": args.lowering}
+    compiler = Backend({"granularity": args.granularity, "lowering": args.lowering})
     with torch.no_grad():
         expected = _first_tensor(entry.run())
-        compiled = torch.compile(entry.model, backend="fxscale", options=options)
+        compiled = torch.compile(entry.model, backend=compiler)
         start = time.perf_counter()
         with console.status(f"compiling {args.model} with fxscale ({args.lowering} lowering)..."):
             actual = _first_tensor(entry.run(compiled))
         elapsed = time.perf_counter() - start
-    graph = backend.compiled_group_graphs[-1]
+    graph = compiler.group_graphs[-1]
     console.print(graph.table(), markup=False, highlight=False)
     for group in graph.groups:
         console.print(f"  {group.id}: {group.split_reason}", markup=False, highlight=False)
@@ -343,7 +323,7 @@ def _serve_demo(args: argparse.Namespace, console) -> None:
     for policy, run in results["policies"].items():
         console.print(replicas_table(policy, run))
     if args.results:
-        _write_json(results, args.results)
+        write_json(results, args.results)
 
 
 def _first_tensor(output):
@@ -410,7 +390,9 @@ def _profile(args: argparse.Namespace) -> int:
     if args.markdown:
         from pathlib import Path
 
-        Path(args.markdown).write_text(text + "\n")
+        from .jsonio import write_atomic
+
+        write_atomic(Path(args.markdown), text + "\n")
     return 0
 
 

@@ -31,6 +31,9 @@ def _bench_command(args: argparse.Namespace) -> int:
 
     from . import bench
     from .bench_report import tables
+    from .jsonio import output_folder, write_atomic
+
+    output_folder(args.output, bench.bench_file, "benchmark results")  # fail before the run
 
     readme = Path(args.readme) if args.readme else None
     if readme:
@@ -47,7 +50,7 @@ def _bench_command(args: argparse.Namespace) -> int:
     print(f"wrote {Path(args.output) / 'results.json'}, results.md and "
           f"{len(results['plots'])} plots in {results['wall_s']:.0f} s")
     if readme:
-        readme.write_text(splice(readme.read_text(), tables(results, level=3), readme))
+        write_atomic(readme, splice(readme.read_text(), tables(results, level=3), readme))
         print(f"rewrote the results section of {readme}")
     return 0
 

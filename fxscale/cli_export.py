@@ -3,25 +3,25 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_args import hidden, layers, positive
 from .options import GRANULARITIES
 
 
 def add_export_command(sub: argparse._SubParsersAction) -> None:
     """Register the export-onnx subcommand on the CLI's subparsers."""
-    from .cli import _positive  # the CLI's argument type (cli imports us)
     from .zoo import NAMES
 
     parser = sub.add_parser("export-onnx", help="export every operator group of a zoo model to "
                                                 "ONNX, with a manifest and a combined model")
     parser.add_argument("out", metavar="OUT", help="directory to write (created if missing)")
     parser.add_argument("--model", choices=NAMES, default="llama")
-    parser.add_argument("--layers", type=_positive, default=2)
-    parser.add_argument("--hidden", type=_positive, default=64)
-    parser.add_argument("--batch", type=_positive, default=2, help="example batch (stays dynamic)")
-    parser.add_argument("--length", type=_positive, default=16,
+    parser.add_argument("--layers", type=layers, default=2)
+    parser.add_argument("--hidden", type=hidden, default=64)
+    parser.add_argument("--batch", type=positive, default=2, help="example batch (stays dynamic)")
+    parser.add_argument("--length", type=positive, default=16,
                         help="example length (stays dynamic)")
     parser.add_argument("--granularity", choices=GRANULARITIES, default="operator")
-    parser.add_argument("--opset", type=_positive, default=18)
+    parser.add_argument("--opset", type=positive, default=18)
     parser.set_defaults(run=_export)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .cli_args import json_target, positive, positive_float, write_json
+
 GOAL = 0.15  # the relative error the runtime model aims to stay within
 FIGURES = {"ttft_p50_s": "TTFT p50", "ttft_p90_s": "TTFT p90", "tbt_p50_s": "TBT p50",
            "tbt_p90_s": "TBT p90"}
@@ -12,19 +14,17 @@ FIGURES = {"ttft_p50_s": "TTFT p50", "ttft_p90_s": "TTFT p90", "tbt_p50_s": "TBT
 
 def add_fidelity_command(sub: argparse._SubParsersAction) -> None:
     """Register `fxscale fidelity` on the command line's subparsers."""
-    from .cli import _positive, _positive_float  # the CLI's argument types (cli imports us)
-
     parser = sub.add_parser("fidelity", help="serve the demo's trace slice live several times and "
                                              "compare each run with the runtime model's "
                                              "prediction of its TTFT and TBT (p50, p90)")
     parser.add_argument("--policy", choices=("operator", "model", "both"), default="both")
-    parser.add_argument("--runs", type=_positive, default=5,
+    parser.add_argument("--runs", type=positive, default=5,
                         help="independent runs per policy (about 75 s each; default 5)")
-    parser.add_argument("--speedup", type=_positive_float, default=2.0,
+    parser.add_argument("--speedup", type=positive_float, default=2.0,
                         help="trace seconds replayed per second (default 2: the demo's slice)")
-    parser.add_argument("--seconds", type=_positive_float, default=30.0,
+    parser.add_argument("--seconds", type=positive_float, default=30.0,
                         help="length of the served slice in seconds (default 30)")
-    parser.add_argument("--json", metavar="PATH",
+    parser.add_argument("--json", metavar="PATH", type=json_target,
                         help="write every run and the medians as JSON ('-': stdout)")
     parser.set_defaults(run=_fidelity_command)
 
@@ -36,7 +36,6 @@ def _fidelity_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from .cli import _write_json
     from .fidelity import fidelity
     from .serving_demo import DemoConfig
 
@@ -50,12 +49,12 @@ def _fidelity_command(args: argparse.Namespace) -> int:
                 config, policy, runs=args.runs,
                 progress=lambda done, total, task=task: bar.update(task, completed=done))
             if args.json and args.json != "-":  # a later failure loses no finished policy
-                _write_json({"config": asdict(config), "policies": reports}, args.json)
+                write_json({"config": asdict(config), "policies": reports}, args.json)
     console = Console(stderr=args.json == "-")  # keep stdout for the JSON
     for policy, report in reports.items():
         console.print(fidelity_table(policy, report))
     if args.json == "-":
-        _write_json({"config": asdict(config), "policies": reports}, args.json)
+        write_json({"config": asdict(config), "policies": reports}, args.json)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cli_args import file_target, positive
 from .reporting import FORMATS
 
 
@@ -15,18 +16,19 @@ def add_report_command(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("source", metavar="MODEL_OR_PRESET_OR_JSON",
                      help="a GroupGraph JSON file (fxscale explain --json), a preset (analysed "
                           "on the meta device, cached) or a zoo model (built on the meta device)")
-    rep.add_argument("-o", "--output", required=True, metavar="PATH", help="file to write")
+    rep.add_argument("-o", "--output", required=True, metavar="PATH", type=file_target,
+                     help="file to write")
     rep.add_argument("--plan", metavar="JSON", help="a Plan (runtime.planner) as JSON")
     # dest differs from "run": main() dispatches through args.run
     rep.add_argument("--run", dest="run_json", metavar="JSON",
                      help="a simulation or serving run with a 'timeline' (docs/report.md)")
     rep.add_argument("--profile", metavar="JSON", help="a Profile written by fxscale profile")
     rep.add_argument("--format", choices=FORMATS, default="html")
-    rep.add_argument("--layers", type=int, help="layers of a preset (default: all) or zoo model "
+    rep.add_argument("--layers", type=positive, help="layers of a preset (default: all) or zoo model "
                                                 "(default: 2)")
-    rep.add_argument("--batch", type=int, help="batch the costs are shown at (default: the "
+    rep.add_argument("--batch", type=positive, help="batch the costs are shown at (default: the "
                                                "capture's example)")
-    rep.add_argument("--length", type=int, help="length the costs are shown at")
+    rep.add_argument("--length", type=positive, help="length the costs are shown at")
     rep.set_defaults(run=_report_command)
 
 
@@ -50,7 +52,7 @@ def _graph(source: str, layers: int | None):
     from .presets import PRESETS, preset_graph
     from .zoo import NAMES
 
-    if Path(source).is_file():
+    if Path(source).exists():
         return GroupGraph.from_json(Path(source))
     if source in PRESETS:
         return preset_graph(source, layers)

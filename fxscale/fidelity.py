@@ -92,7 +92,6 @@ def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[st
     it is compared with (JSON-ready). Without the autoscaler, operator groups keep one
     replica each and the model keeps one per slot."""
     import fxscale
-    from fxscale import backend
 
     torch._dynamo.reset()  # a fresh cache: earlier compiles of this model class count
     model = config.model()
@@ -101,10 +100,9 @@ def measure(config: DemoConfig, policy: str, autoscale: bool = False) -> dict[st
     torch._dynamo.reset()  # the server compiles afresh: the profiler's graphs would stay
     # in the model's cache and every serving call would check their guards too
     slo = SLO(config.ttft, config.tbt)
-    first_graph = len(backend.compiled_group_graphs)
     with fxscale.serve(model, policy=policy, slo=slo, budget=config.budget,
                        autoscale=autoscale, autoscale_interval_s=config.interval_s) as server:
-        facts = group_facts(profile, backend.compiled_group_graphs[first_graph:])
+        facts = group_facts(profile, server.group_graphs)
         if policy == "model" and not autoscale:
             server.scale("model", config.budget)
         alone_before = _serve_alone(server, config)

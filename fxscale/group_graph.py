@@ -1,21 +1,20 @@
 """The GroupGraph contract: operator groups of a captured graph, their costs and their DAG.
 
-Costs are expressions over the graph's shape symbols (strings in sympy syntax), evaluated at
+Costs are expressions over the graph's shape symbols (text in the grammar of exprs.py), evaluated at
 any (batch, length) with `GroupGraph.cost`. Serialises to JSON (never pickle); the lowered
 callables and the split module are run-time attributes that are not serialised.
 """
 from __future__ import annotations
 
+import graphlib
 import io
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import sympy
-
-from .exprs import evaluate, parse_expr
-from .jsonio import read_json
+from .exprs import ExprError, check_symbols, evaluate
+from .jsonio import Checker, read_json, write_atomic
 
 SCHEMA_VERSION = 1
 COST_FIELDS = ("flops", "bytes_read", "bytes_written", "activation_bytes", "kv_bytes_per_token")
@@ -168,36 +167,130 @@ class GroupGraph:
         """Serialise to JSON text; also write it to `path` when given."""
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            Path(path).write_text(text)
+            write_atomic(Path(path), text)
         return text
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "<dict>") -> GroupGraph:
-        """Rebuild from `to_dict` output, with errors that name the bad field."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: a GroupGraph must be a JSON object, got {type(data).__name__}")
-        version = data.get("version")
+    def from_dict(cls, data: Any, where: str = "<dict>") -> GroupGraph:
+        """Rebuild from `to_dict` output, checking every field; an InputError names the file
+        and the field (cost expressions are parsed with the whitelist grammar of exprs.py)."""
+        check = Checker(where, "a GroupGraph")
+        check.object(data, "")
+        version = check.get(data, "version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"{where}: field 'version' is {version!r}; this fxscale reads "
-                             f"version {SCHEMA_VERSION} (re-run fxscale explain to regenerate)")
-        try:
-            groups = [Group(**g) for g in data["groups"]]
-            edges = [GroupEdge(**e) for e in data["edges"]]
-            rest = {k: v for k, v in data.items() if k not in ("groups", "edges")}
-            graph = cls(groups=groups, edges=edges, **rest)
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{where}: malformed GroupGraph: {err}") from None
-        for g in graph.groups:
-            for name in COST_FIELDS:
-                try:
-                    parse_expr(getattr(g, name))
-                except (sympy.SympifyError, TypeError):
-                    raise ValueError(f"{where}: group {g.id} field {name!r} is not a cost "
-                                     f"expression: {getattr(g, name)!r}") from None
-        return graph
+            check.fail("version", f"is {version!r}; this fxscale reads version "
+                                  f"{SCHEMA_VERSION} (re-run fxscale explain to regenerate)")
+        check.unknown(data, {f.name for f in fields(cls)} - {"module"})
+        symbols = _symbols(check, check.get(data, "symbols", default={}))
+        groups = [_group(check, g, f"groups[{i}]", symbols)
+                  for i, g in enumerate(check.array(check.get(data, "groups"), "groups",
+                                                    nonempty=True))]
+        ids = [g.id for g in groups]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            check.fail("groups", f"has duplicate group id(s) {duplicates}")
+        edges = [_edge(check, e, f"edges[{i}]", set(ids), symbols)
+                 for i, e in enumerate(check.array(check.get(data, "edges"), "edges"))]
+        _acyclic(check, ids, edges)
+        notes = check.array(check.get(data, "notes", default=[]), "notes")
+        for i, note in enumerate(notes):
+            check.string(note, f"notes[{i}]")
+        return cls(model=check.string(check.get(data, "model"), "model"),
+                   granularity=check.string(check.get(data, "granularity"), "granularity"),
+                   groups=groups, edges=edges, symbols=symbols, notes=notes, version=version)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> GroupGraph:
         """Load from JSON text or a path to a JSON file, checking every field."""
         return cls.from_dict(*read_json(text_or_path))
 
+
+
+SYMBOL_ROLES = ("batch", "length", "context", "other")
+_GROUP_FIELDS = {f.name for f in fields(Group)} - {"callable"}
+
+
+def _symbols(check: Checker, data: Any) -> dict[str, dict[str, Any]]:
+    """The shape symbols: {name: {role, source, example}}."""
+    check.object(data, "symbols")
+    for name, info in data.items():
+        at = f"symbols.{name}"
+        if not name.isidentifier() or name.startswith("_"):
+            check.fail(at, "is not a symbol name (letters, digits, underscores)")
+        check.object(info, at)
+        check.unknown(info, {"role", "source", "example"}, f"{at}.")
+        check.string(check.get(info, "role", f"{at}."), f"{at}.role", SYMBOL_ROLES)
+        check.string(check.get(info, "source", f"{at}.", ""), f"{at}.source")
+        check.number(check.get(info, "example", f"{at}."), f"{at}.example", 0, integer=True)
+    return data
+
+
+def _cost(check: Checker, text: Any, at: str, symbols: dict[str, dict[str, Any]]) -> str:
+    """A cost expression over the graph's symbols that is finite and >= 0 at their example
+    values."""
+    check.string(text, at)
+    try:
+        expr = check_symbols(text, symbols)
+        value = evaluate(expr, {name: info["example"] for name, info in symbols.items()})
+    except ExprError as err:
+        check.fail(at, f"is not a cost expression: {err}")
+    if value < 0:
+        check.fail(at, f"is negative ({value:g}) at the symbols' example values")
+    return text
+
+
+def _group(check: Checker, data: Any, at: str, symbols: dict[str, dict[str, Any]]) -> Group:
+    """One group, every field checked."""
+    check.object(data, at)
+    check.unknown(data, _GROUP_FIELDS, f"{at}.")
+    get = lambda name, default=...: check.get(data, name, f"{at}.", default)  # noqa: E731
+    for name in ("id", "name", "resource", "split_reason", "lowering"):
+        check.string(get(name, "" if name in ("split_reason", "lowering") else ...),
+                     f"{at}.{name}")
+    for name in ("nodes", "classes"):
+        for i, item in enumerate(check.array(get(name), f"{at}.{name}")):
+            check.string(item, f"{at}.{name}[{i}]")
+    costs = {name: _cost(check, get(name), f"{at}.{name}", symbols) for name in COST_FIELDS}
+    layer = get("layer", None)
+    if layer is not None:
+        check.string(layer, f"{at}.layer")
+    sensitivity = check.object(get("sensitivity", {}), f"{at}.sensitivity")
+    for key, value in sensitivity.items():
+        if value is not None:
+            check.number(value, f"{at}.sensitivity.{key}")
+    return Group(id=get("id"), name=get("name"), nodes=get("nodes"), classes=get("classes"),
+                 resource=get("resource"), **costs,
+                 param_bytes=int(check.number(get("param_bytes"), f"{at}.param_bytes", 0,
+                                              integer=True)),
+                 row_wise=check.boolean(get("row_wise"), f"{at}.row_wise"),
+                 stateful=check.boolean(get("stateful"), f"{at}.stateful"), layer=layer,
+                 split_reason=get("split_reason", ""), sensitivity=sensitivity,
+                 lowering=get("lowering", "not lowered"),
+                 graph=int(check.number(get("graph", 0), f"{at}.graph", 0, integer=True)))
+
+
+def _edge(check: Checker, data: Any, at: str, ids: set[str],
+          symbols: dict[str, dict[str, Any]]) -> GroupEdge:
+    """One edge between two groups of the graph."""
+    check.object(data, at)
+    check.unknown(data, {"src", "dst", "bytes"}, f"{at}.")
+    ends = [check.string(check.get(data, name, f"{at}."), f"{at}.{name}")
+            for name in ("src", "dst")]
+    for name, end in zip(("src", "dst"), ends):
+        if end not in ids:
+            check.fail(f"{at}.{name}", f"names no group: {end!r}")
+    if ends[0] == ends[1]:
+        check.fail(at, f"is a loop from group {ends[0]} to itself")
+    return GroupEdge(*ends, _cost(check, check.get(data, "bytes", f"{at}."), f"{at}.bytes",
+                                  symbols))
+
+
+def _acyclic(check: Checker, ids: list[str], edges: list[GroupEdge]) -> None:
+    """Groups run in an order: their edges must not form a cycle."""
+    sorter = graphlib.TopologicalSorter({i: set() for i in ids})
+    for edge in edges:
+        sorter.add(edge.dst, edge.src)
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as err:
+        check.fail("edges", f"form a cycle: {' -> '.join(err.args[1])}")

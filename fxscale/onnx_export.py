@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 import torch
@@ -18,7 +18,7 @@ import torch
 from fxscale.passes.node_facts import node_value
 
 from .group_graph import COST_FIELDS, Group
-from .jsonio import read_json, write_atomic
+from .jsonio import output_folder, read_json, replace_folder, write_atomic
 from .onnx_capture import GroupCapture, capture_groups
 from .onnx_combine import combine
 from .onnx_group import (dtype_name, export_group, group_inputs, output_nodes, rename_symbols,
@@ -61,38 +61,41 @@ def export_onnx(model: torch.nn.Module, directory: str | Path, *example_inputs: 
                          "export_onnx(model, 'out', input_ids)")
     if opset < MIN_OPSET:
         raise ValueError(f"export_onnx: opset {opset} is too old; use {MIN_OPSET} or newer")
-    out = _prepare(Path(directory))
+    target = output_folder(directory, _previous_export(Path(directory)), "ONNX export")
     capture = capture_groups(module, example_inputs, model_kwargs, granularity)
     manifest = _manifest(capture, opset, granularity)
     models, skipped = {}, {}
-    for group in capture.graph.groups:
-        entries = group_inputs(capture, group.id)
-        path = out / f"{group.id}.onnx"
-        try:
-            models[group.id] = export_group(capture, group, entries, opset)
-            save_model(models[group.id], path)
-            onnx.checker.check_model(str(path), full_check=True)
-            mismatch = eager_mismatch(str(path), entries, capture.example.args[group.id],
-                                      capture.example.outputs[group.id], TOLERANCE)
-            if mismatch:
-                raise ValueError(f"on the example inputs, ONNX {mismatch}")
-        except Exception as err:  # noqa: BLE001 - any failure means: this group is not exported
-            skipped[group.id] = _reason(err)
-            models.pop(group.id, None)
-            _remove(path)
-        manifest["groups"].append(_group_entry(capture, group, entries, models.get(group.id),
-                                               path.name))
-    manifest["skipped"] = [{"id": g, "name": capture.graph.group(g).name, "reason": r}
-                           for g, r in skipped.items()]
-    if skipped:
-        manifest["notes"].append("no combined model: not every group was exported")
-    else:
-        save_model(combine(manifest, models), out / COMBINED)
-        onnx.checker.check_model(str(out / COMBINED))
-        manifest["combined"] = COMBINED
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
-    return OnnxExport(out, list(models), skipped, out / MANIFEST,
-                      None if skipped else out / COMBINED, capture)
+    # everything is written into a new folder that replaces the old export only when done:
+    # an interrupted export leaves the previous one whole
+    with replace_folder(target, _previous_export(target), "ONNX export") as out:
+        for group in capture.graph.groups:
+            entries = group_inputs(capture, group.id)
+            path = out / f"{group.id}.onnx"
+            try:
+                models[group.id] = export_group(capture, group, entries, opset)
+                save_model(models[group.id], path)
+                onnx.checker.check_model(str(path), full_check=True)
+                mismatch = eager_mismatch(str(path), entries, capture.example.args[group.id],
+                                          capture.example.outputs[group.id], TOLERANCE)
+                if mismatch:
+                    raise ValueError(f"on the example inputs, ONNX {mismatch}")
+            except Exception as err:  # noqa: BLE001 - any failure means: this group is not exported
+                skipped[group.id] = _reason(err)
+                models.pop(group.id, None)
+                _remove(path)
+            manifest["groups"].append(_group_entry(capture, group, entries,
+                                                   models.get(group.id), path.name))
+        manifest["skipped"] = [{"id": g, "name": capture.graph.group(g).name, "reason": r}
+                               for g, r in skipped.items()]
+        if skipped:
+            manifest["notes"].append("no combined model: not every group was exported")
+        else:
+            save_model(combine(manifest, models), out / COMBINED)
+            onnx.checker.check_model(str(out / COMBINED))
+            manifest["combined"] = COMBINED
+        write_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
+    return OnnxExport(target, list(models), skipped, target / MANIFEST,
+                      None if skipped else target / COMBINED, capture)
 
 
 def _module(model: Any) -> torch.nn.Module:
@@ -107,21 +110,20 @@ def _module(model: Any) -> torch.nn.Module:
     return module
 
 
-def _prepare(directory: Path) -> Path:
-    """Create the output directory, removing the files of an earlier export there."""
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"export_onnx: {directory} is a file; give a directory "
-                         "(created if missing)")
-    directory.mkdir(parents=True, exist_ok=True)
-    if (directory / MANIFEST).is_file():
+def _previous_export(directory: Path) -> Callable[[str], bool]:
+    """Which names in `directory` an export may replace: the files its manifest lists (with
+    their external weights) and the manifest; nothing when there is no readable manifest."""
+    names: set[str] = set()
+    try:
         old, _ = read_json(directory / MANIFEST)
-        old = old if isinstance(old, dict) else {}
-        files = [g.get("file") for g in old.get("groups", []) if isinstance(g, dict)]
-        for name in files + [old.get("combined")]:
-            # only plain .onnx names: a manifest must not make us delete files elsewhere
-            if isinstance(name, str) and name.endswith(".onnx") and Path(name).name == name:
-                _remove(directory / name)
-    return directory
+    except (OSError, ValueError):
+        return names.__contains__
+    old = old if isinstance(old, dict) else {}
+    groups = old.get("groups") if isinstance(old.get("groups"), list) else []
+    for name in [g.get("file") for g in groups if isinstance(g, dict)] + [old.get("combined")]:
+        if isinstance(name, str) and name.endswith(".onnx") and Path(name).name == name:
+            names |= {name, f"{name}.data"}
+    return (names | {MANIFEST}).__contains__
 
 
 def _remove(path: Path) -> None:

@@ -15,7 +15,7 @@ from torch.export import Dim
 
 from fxscale.passes.node_facts import as_expr, node_value
 
-from .exprs import parse_expr
+from .exprs import parse_expr, to_text
 from .group_graph import COST_FIELDS, Group
 from .onnx_capture import GroupCapture
 
@@ -68,8 +68,8 @@ def shape_names(shape: Any, dims: dict[str, str]) -> list[int | str]:
 def rename_symbols(expr: str | sympy.Expr, dims: dict[str, str]) -> str:
     """An expression over shape symbols (text or sympy) rewritten over dim names (s33 -> batch)."""
     parsed = parse_expr(expr) if isinstance(expr, str) else expr
-    return str(parsed.xreplace({s: sympy.Symbol(dims.get(s.name, s.name))
-                                for s in parsed.free_symbols}))
+    return to_text(parsed.xreplace({s: sympy.Symbol(dims.get(s.name, s.name))
+                                    for s in parsed.free_symbols}))
 
 
 def export_group(capture: GroupCapture, group: Group, entries: list[dict], opset: int

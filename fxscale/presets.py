@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
 from .group_graph import SCHEMA_VERSION, GroupGraph
 from .jsonio import cache_root, write_atomic
 
@@ -57,10 +58,15 @@ def cache_dir() -> Path:
     return cache_root() / "presets"
 
 
-def _check(name: str) -> None:
-    """Raise a ValueError listing the presets when `name` is not one."""
+def _check(name: str, layers: int | None = None) -> None:
+    """Raise an InputError when `name` is not a preset or `layers` is not 1 to its layers."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise InputError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    total = PRESETS[name][1]["num_hidden_layers"]
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int)
+                               or not 1 <= layers <= total):
+        raise InputError(f"{name} has {total} layers; layers must be 1 to {total}, "
+                         f"got {layers!r}")
 
 
 def preset_model(name: str, layers: int | None = None):
@@ -68,7 +74,7 @@ def preset_model(name: str, layers: int | None = None):
     import torch
     import transformers
 
-    _check(name)
+    _check(name, layers)
     class_name, fields = PRESETS[name]
     model_class = getattr(transformers, class_name)
     config = model_class.config_class(**{**fields, **(
@@ -85,7 +91,7 @@ def preset_graph(name: str, layers: int | None = None, refresh: bool = False,
     KV cache, costs in (batch, context). The cache key holds the phase, the GroupGraph schema,
     the fxscale version and a hash of the config, so a changed preset or analysis is never read
     from a stale file."""
-    _check(name)
+    _check(name, layers)
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     from . import __version__

@@ -54,15 +54,15 @@ class Grid:
 class _Recorder:
     """Forward pre-hooks on group modules that keep the inputs each group receives."""
 
-    def __init__(self) -> None:
+    def __init__(self, compiler: backend.Backend) -> None:
         self.active = False
         self.calls: dict[str, list[tuple[torch.nn.Module, tuple]]] = defaultdict(list)
         self.hooks: dict[int, Any] = {}
-        self.first_graph = len(backend.compiled_group_graphs)
+        self.compiler = compiler
 
     def graphs(self) -> list:
-        """The group graphs compiled since this recorder was made (this profile's model)."""
-        return backend.compiled_group_graphs[self.first_graph:]
+        """The group graphs compiled for this profile's model."""
+        return self.compiler.group_graphs
 
     def attach(self) -> None:
         """Hook every group of every graph compiled for this profile."""
@@ -102,15 +102,15 @@ def profile(model: torch.nn.Module, grid: Grid = Grid(), *, granularity: str = "
     if batching not in ("native", "vmap"):
         raise ValueError(f"batching must be 'native' or 'vmap', got {batching!r}")
     module = getattr(model, "_orig_mod", model).eval()
-    options = Options(granularity=granularity, lowering=lowering)
-    compiled = torch.compile(module, backend=partial(backend.fxscale_backend, options=options))
+    compiler = backend.Backend(Options(granularity=granularity, lowering=lowering))
+    compiled = torch.compile(module, backend=compiler)
     inputs = inputs_for(module)
     limit = inputs.max_length()
     if limit is not None and max(grid.lengths) + 1 > limit:
         raise ValueError(f"grid lengths go up to {max(grid.lengths)}, but {type(module).__name__} "
                          f"has {limit} positions (decode needs length + 1): lower the lengths")
     device = next(module.parameters()).device
-    recorder = _Recorder()
+    recorder = _Recorder(compiler)
     from rich.progress import Progress  # imported here: `import fxscale` stays light
     generator = torch.Generator().manual_seed(seed)
     points: dict[str, list[ProfilePoint]] = defaultdict(list)

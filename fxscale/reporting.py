@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from .group_graph import GroupGraph
-from .jsonio import read_json
+from .errors import InputError
+from .jsonio import output_file, read_json, write_atomic
 from .report_dot import dot_svg, to_dot
 from .report_details import Facts
 from .report_html import page
@@ -29,9 +30,15 @@ def report(model_or_graph: Any, path: str | Path, *example_inputs: Any, plan: An
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
+    for name, value in (("batch", batch), ("length", length)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    out = output_file(path, "report")
     graph = load_graph(model_or_graph, example_inputs)
     if format == "html":
         plan_obj, profile_obj = _plan(plan), _profile(profile)
+        _same_groups(graph, plan_obj, profile_obj)
         runs = load_runs(*_read(run, "run")) if run is not None else []
         facts = Facts(graph, plan_obj, profile_obj, runs, batch, length)
         text = page(graph, layout(graph), facts, plan_obj, runs, shape_text(graph, batch, length))
@@ -42,9 +49,7 @@ def report(model_or_graph: Any, path: str | Path, *example_inputs: Any, plan: An
             raise ValueError(f"{', '.join(given)}: shown in format 'html' only, not {format!r}")
         text = to_dot(graph, batch, length)
         text = dot_svg(text) if format == "svg" else text
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    write_atomic(out, text)
     return out
 
 
@@ -77,11 +82,27 @@ def shape_text(graph: GroupGraph, batch: int | None, length: int | None) -> str:
     return (", ".join(parts) or "static shapes") + default
 
 
+def _same_groups(graph: GroupGraph, plan: Any, profile: Any) -> None:
+    """A plan or profile must describe this graph's groups (a plan of another model would
+    draw numbers on the wrong blocks)."""
+    ids, names = {g.id for g in graph.groups}, {g.name for g in graph.groups}
+    shown = (f"(it has {len(ids)} groups, {graph.groups[0].id} to {graph.groups[-1].id}); "
+             "was it made for another model?")
+    for i, row in enumerate(plan.groups if plan is not None else []):
+        if row["group"] not in ids:
+            raise InputError(f"plan: field 'groups[{i}].group' is {row['group']!r}, a group "
+                             f"this graph does not have {shown}")
+    for i, group in enumerate(profile.groups if profile is not None else []):
+        if group.group not in ids and group.name not in names:
+            raise InputError(f"profile: field 'groups[{i}]' ({group.group} {group.name!r}) "
+                             f"matches no group of this graph by id or name {shown}")
+
+
 def _read(value: Any, name: str) -> tuple[Any, str]:
     """(data, where) of an input given as a JSON file path, or as an object already."""
     if not isinstance(value, (str, Path)):
         return value, name
-    if not Path(value).is_file():
+    if not Path(value).exists():
         raise FileNotFoundError(f"{name}: no such file {str(value)!r}")
     return read_json(Path(value))
 

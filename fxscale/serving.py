@@ -11,7 +11,9 @@ The model is compiled with the fxscale backend; every operator group of every ca
 (prefill, decode, recompiles) is bound to the replica pool of its group name, so the same
 group in the prefill and decode graphs shares replicas and weights. A request runs the model's
 graph in a request thread; each group call is dispatched to its pool (runtime/replica_pool.py)
-and executed there. `policy="model"` compiles the whole model as one group: the model-level
+and executed there. Each server owns its compiled code: it compiles its own copy of an entry
+function as one whole graph per shape, so servers never share Dynamo's recompile limit (with
+each other or with the user's own compiles), and close() releases what it compiled. `policy="model"` compiles the whole model as one group: the model-level
 baseline on the same code path. Intra-op threads are set to 1 while the server runs: `budget`
 is the number of group calls that execute at once. Row-wise groups batch the calls of
 different requests (runtime/batching.py, up to `max_batch`); `autoscale=True` plans and
@@ -21,11 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import ipaddress
 import itertools
 import queue
 import sys
 import threading
 import time
+import types
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
@@ -34,20 +39,82 @@ import torch
 import torch.fx as fx
 
 from .backend import fxscale_backend
+from .group_graph import GroupGraph
 from .passes.split import submodule_name
 from .runtime.autoscaler import Autoscaler
 from .runtime.batching import signature
 from .runtime.budget import Budget
 from .runtime.planner import SLO
 from .runtime.quantile import percentiles, token_timings
+from .runtime.replica_pool import MAX_REPLICAS as REPLICAS_PER_POOL
 from .runtime.replica_pool import Call, ReplicaPool
 
 POLICIES = ("operator", "model")
-SWITCH_INTERVAL_S = 0.0005  # the interpreter's default is 5 ms (see Server.__init__)
+SWITCH_INTERVAL_S = 0.0005  # the interpreter's default is 5 ms (see _ProcessSettings)
+# Every replica is a thread with its own weight copies: bounds that keep a typo from
+# starting thousands of them (the autoscaler never asks a group for more than the budget).
+MAX_REPLICAS_PER_GROUP = REPLICAS_PER_POOL
+MAX_REPLICAS = 2048
+MAX_BUDGET = 256
+MAX_PENDING = 4096
+MAX_BATCH = 1024
 
 
 class OverloadError(RuntimeError):
     """The server already holds its maximum of in-flight requests."""
+
+
+class ServerClosedError(RuntimeError):
+    """The server is closed, or closed while the request waited for admission."""
+
+
+class _NeedsGraph(Exception):
+    """A call the server's compiled graphs do not cover yet (their guards failed)."""
+
+
+def _model_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The entry a server compiles (a private copy per server, see _own_entry). Inside a
+    compiled graph the check is folded away; run as plain Python, the call missed every
+    compiled graph and must be compiled first."""
+    if not torch.compiler.is_dynamo_compiling():
+        raise _NeedsGraph
+    return model(*args, **kwargs)
+
+
+def _own_entry() -> types.FunctionType:
+    """A copy of _model_call with its own code object: Dynamo keys compiled code and the
+    recompile limit by code object, so each server's graphs are its own."""
+    return types.FunctionType(_model_call.__code__.replace(), _model_call.__globals__,
+                              _model_call.__name__)
+
+
+class _ProcessSettings:
+    """Process-wide settings running servers need: one intra-op thread (`budget` is what runs
+    at once) and a short interpreter switch interval (request and replica threads hand work
+    over through the interpreter lock; the 5 ms default would keep a replica waiting out
+    whole slices). The first server to start sets them, the last to close restores them."""
+
+    lock = threading.Lock()
+    holders = 0
+    saved: tuple[int, float] | None = None
+
+    @classmethod
+    def acquire(cls) -> None:
+        with cls.lock:
+            if cls.holders == 0:
+                cls.saved = (torch.get_num_threads(), sys.getswitchinterval())
+                torch.set_num_threads(1)
+                sys.setswitchinterval(SWITCH_INTERVAL_S)
+            cls.holders += 1
+
+    @classmethod
+    def release(cls) -> None:
+        with cls.lock:
+            cls.holders -= 1
+            if cls.holders == 0 and cls.saved is not None:
+                torch.set_num_threads(cls.saved[0])
+                sys.setswitchinterval(cls.saved[1])
+                cls.saved = None
 
 
 class Server:
@@ -67,9 +134,15 @@ class Server:
         if backend != "local":
             raise ValueError(f"backend {backend!r} is not available; this build serves on "
                              "the embedded local runtime: backend='local'")
-        if budget < 1 or max_pending < 1 or max_batch < 1:
-            raise ValueError(f"budget, max_pending and max_batch must be >= 1, got {budget}, "
-                             f"{max_pending}, {max_batch}")
+        for name, value, most in (("budget", budget, MAX_BUDGET),
+                                  ("max_pending", max_pending, MAX_PENDING),
+                                  ("max_batch", max_batch, MAX_BATCH)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ValueError(f"{name} must be an integer from 1 to {most}, got {value!r}")
+        if metrics_port is not None and not ipaddress.ip_address(metrics_host).is_loopback:
+            warnings.warn(f"fxscale.serve: metrics_host={metrics_host!r} publishes the server's "
+                          "metrics beyond this machine (no authentication); use 127.0.0.1 "
+                          "unless that is intended", stacklevel=3)
         self.model, self.policy, self.budget_size, self.slo = model.eval(), policy, budget, slo
         self.config = getattr(model, "config", None)
         eos = getattr(self.config, "eos_token_id", None)
@@ -80,8 +153,10 @@ class Server:
         self.max_batch = max_batch
         self.pools: dict[str, ReplicaPool] = {}
         self.pools_lock = threading.Lock()
+        self.group_graphs: list[GroupGraph] = []  # what this server compiled, newest last
+        self.pool_calls: list[_PoolCall] = []
         self.submit_timeout_s = submit_timeout_s
-        self.slots = threading.BoundedSemaphore(max_pending)
+        self.admission = threading.Condition()
         self.in_flight = 0  # requests admitted and not finished
         self.max_pending = max_pending
         self.requests = ThreadPoolExecutor(max_workers=max_pending,
@@ -91,30 +166,46 @@ class Server:
         self.finished: deque[dict[str, float]] = deque(maxlen=100_000)
         self.completed = 0  # requests finished, ever (`finished` keeps the latest only)
         self.closed = False
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        # request and replica threads hand work over through the interpreter lock: a short
-        # switch interval keeps a replica from waiting out whole 5 ms slices to start a call
-        self.switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
-        self.compiled = torch.compile(self.model, backend=self._backend, dynamic=True)
-        self.gate = _CompileGate()
-        if warmup:  # capture the forward, prefill and decode graphs before traffic arrives
-            probe = torch.zeros(1, 3, dtype=torch.long)
-            self.submit(probe).result()
-            self.generate(probe, max_new_tokens=2).result()
-        # Dynamo does not compile safely from several threads: from here on a call that
-        # needs a new graph fails fast and is compiled alone (see _call)
-        torch.compiler.set_stance("fail_on_recompile")
+        self.holds_settings = False
         self.autoscaler = None
-        if autoscale:
-            self.autoscaler = Autoscaler(lambda: dict(self.pools), slo, budget,
-                                         autoscale_interval_s).start()
         self.metrics = None
-        if metrics_port is not None:  # opt-in Prometheus endpoint (loopback by default)
-            from .metrics_endpoint import start_metrics
+        self.entry = _own_entry()
+        self._compile(fullgraph=True)
+        self.gate = _CompileGate()
+        try:
+            if warmup:  # capture the forward, prefill and decode graphs before traffic
+                probe = torch.zeros(1, 3, dtype=torch.long)
+                self.submit(probe).result()
+                self.generate(probe, max_new_tokens=2).result()
+                self._forget_warmup()
+            if autoscale:
+                self.autoscaler = Autoscaler(lambda: dict(self.pools), slo, budget,
+                                             autoscale_interval_s).start()
+            if metrics_port is not None:  # opt-in Prometheus endpoint (loopback by default)
+                from .metrics_endpoint import start_metrics
 
-            self.metrics = start_metrics(self.stats, metrics_port, metrics_host)
+                self.metrics = start_metrics(self.stats, metrics_port, metrics_host)
+        except BaseException:
+            self.close()  # nothing of a failed start stays behind
+            raise
+        _ProcessSettings.acquire()
+        self.holds_settings = True
+
+    def _compile(self, fullgraph: bool) -> None:
+        """The server's compiled entry, and its run-only twin that never compiles (a call
+        its graphs do not cover raises _NeedsGraph and is compiled alone, see _call)."""
+        self.fullgraph = fullgraph
+        self.compiled = torch.compile(self.entry, backend=self._backend, dynamic=True,
+                                      fullgraph=fullgraph)
+        self.cached = torch._dynamo.run(self.compiled)
+
+    def _forget_warmup(self) -> None:
+        """Start the statistics after the warm-up requests."""
+        with self.pools_lock:
+            self.finished.clear()
+            self.completed = 0
+            for pool in self.pools.values():
+                pool.reset_counters()
 
     # ---- compilation: bind every group call to its pool -----------------------------------
     def _backend(self, gm: fx.GraphModule, example_inputs: list) -> Any:
@@ -123,6 +214,7 @@ class Server:
         graph = getattr(lowered, "group_graph", None)
         if graph is None:  # grouping failed (warned): the graph runs eagerly, unpooled
             return lowered
+        self.group_graphs.append(graph)
         groups = {submodule_name(int(g.id[1:])): g for g in graph.groups}
         for node in lowered.graph.nodes:
             if node.op != "call_module" or node.target not in groups:
@@ -137,8 +229,9 @@ class Server:
                     group.name, group.stateful, self.budget))
                 if batches:  # a group may be row-wise in one graph only (the embedding)
                     pool.max_batch = self.max_batch
-            lowered._modules[node.target] = _PoolCall(self, pool, getattr(lowered, node.target),
-                                                      weights, batches)
+            call = _PoolCall(self, pool, getattr(lowered, node.target), weights, batches)
+            self.pool_calls.append(call)
+            lowered._modules[node.target] = call
         return lowered
 
     # ---- requests ---------------------------------------------------------------------------
@@ -147,7 +240,7 @@ class Server:
         ids = self._check(input_ids, 0)
         submitted = time.perf_counter()
         self._admit(timeout_s)
-        return self.requests.submit(self._forward, ids, submitted)
+        return self._start(self._forward, ids, submitted)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, stream: bool = False,
                  timeout_s: float | None = None, ignore_eos: bool = False
@@ -155,21 +248,22 @@ class Server:
         """Greedy decoding with a KV cache, stopping at the end-of-sequence token (unless
         ignore_eos, as benchmarks replaying a trace's lengths want): a future of the new
         token ids, or (stream=True) an iterator that yields each token as produced."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         ids = self._check(input_ids, max_new_tokens)
         record = {"submitted_at": time.perf_counter()}
         self._admit(timeout_s)
         tokens: queue.Queue | None = queue.Queue() if stream else None
-        future = self.requests.submit(self._generate, ids, max_new_tokens, tokens, record,
-                                      set() if ignore_eos else self.eos)
+        future = self._start(self._generate, ids, max_new_tokens, tokens, record,
+                             set() if ignore_eos else self.eos)
         future.record = record  # the request's timings once it finishes (see _generate)
         return _stream(tokens, future) if stream else future
 
     def _check(self, input_ids: Any, new_tokens: int) -> torch.Tensor:
         """Validate a request at submit time (nothing else is affected by a bad one)."""
         if self.closed:
-            raise RuntimeError("the server is closed; create a new one with fxscale.serve")
+            raise ServerClosedError("the server is closed; create a new one with fxscale.serve")
         if not isinstance(input_ids, torch.Tensor):
             raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.dtype != torch.long:
@@ -189,19 +283,38 @@ class Server:
         return ids.detach().clone()
 
     def _admit(self, timeout_s: float | None) -> None:
-        """Take an in-flight slot, waiting up to the timeout (back-pressure)."""
+        """Take an in-flight slot, waiting up to the timeout (back-pressure); a close while
+        waiting ends the wait at once."""
         wait = self.submit_timeout_s if timeout_s is None else timeout_s
-        if not self.slots.acquire(timeout=wait):
-            raise OverloadError(f"fxscale server: {self.max_pending} requests in flight for "
-                                f"{wait:g} s; retry later, or raise max_pending or the budget")
-        with self.pools_lock:
+        deadline = time.monotonic() + wait
+        with self.admission:
+            while self.in_flight >= self.max_pending and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OverloadError(f"fxscale server: {self.max_pending} requests in flight "
+                                        f"for {wait:g} s; retry later, or raise max_pending or "
+                                        "the budget")
+                self.admission.wait(left)
+            if self.closed:
+                raise ServerClosedError("the server closed while this request waited for "
+                                        "admission; nothing of it ran")
             self.in_flight += 1
+
+    def _start(self, function: Any, *args: Any) -> Future:
+        """Run an admitted request in a request thread (its slot is given back if the
+        server closed in between)."""
+        try:
+            return self.requests.submit(function, *args)
+        except RuntimeError:  # the executor shut down: close() won the race
+            self._release()
+            raise ServerClosedError("the server closed before this request started; "
+                                    "nothing of it ran") from None
 
     def _release(self) -> None:
         """Give back an in-flight slot."""
-        with self.pools_lock:
+        with self.admission:
             self.in_flight -= 1
-        self.slots.release()
+            self.admission.notify()
 
     def _forward(self, ids: torch.Tensor, submitted: float) -> torch.Tensor:
         """Run one forward pass in a request thread."""
@@ -212,7 +325,7 @@ class Server:
             self._finish({"e2e_s": time.perf_counter() - submitted})
             return logits
         finally:
-            self._release()
+            self._done(self.local.request)
 
     def _generate(self, ids: torch.Tensor, new_tokens: int, tokens: queue.Queue | None,
                   record: dict[str, float], stop: set[int]) -> list[int]:
@@ -244,7 +357,15 @@ class Server:
             self._finish(record)
             return out
         finally:
-            self._release()
+            self._done(self.local.request)
+
+    def _done(self, request: int) -> None:
+        """A request ended: its attention replicas forget it, its slot is free."""
+        with self.pools_lock:
+            pools = [p for p in self.pools.values() if p.stateful]
+        for pool in pools:
+            pool.forget(request)
+        self._release()
 
     def _finish(self, record: dict[str, float]) -> None:
         """Keep a finished request's timings and count it."""
@@ -253,25 +374,51 @@ class Server:
             self.completed += 1
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the compiled model; a call that needs a new graph compiles while no other
-        compiled call runs (group calls of other requests keep running in their pools)."""
+        """Run the model through the server's graphs; a call they do not cover compiles while
+        no other call of this server runs (Dynamo does not compile safely beside running
+        graphs; group calls of other requests keep running in their pools)."""
         with self.gate.shared():
             try:
-                return self.compiled(*args, **kwargs)
-            except RuntimeError as err:
-                if "fail_on_recompile" not in str(err):
-                    raise
-        with self.gate.exclusive(), torch.compiler.set_stance("default"):
-            return self.compiled(*args, **kwargs)
+                return self.cached(self.model, args, kwargs)
+            except _NeedsGraph:
+                pass
+        with self.gate.exclusive():
+            return self._compile_call(args, kwargs)
+
+    def _compile_call(self, args: tuple, kwargs: dict) -> Any:
+        """Compile (and run) a call, as one graph when the model allows it; a model that
+        breaks into several graphs is served as they come, with a warning."""
+        if not self.fullgraph:
+            return self.compiled(self.model, args, kwargs)
+        try:
+            return self.compiled(self.model, args, kwargs)
+        except torch._dynamo.exc.Unsupported as err:
+            warnings.warn(f"fxscale.serve: {type(self.model).__name__} does not capture as one "
+                          f"graph ({str(err).splitlines()[0][:200]}); it is served graph by "
+                          "graph, and the graphs after a break share Dynamo's recompile limit "
+                          "with other models of its class", stacklevel=4)
+            self._compile(fullgraph=False)
+            return self.compiled(self.model, args, kwargs)
 
     # ---- control ------------------------------------------------------------------------------
     def scale(self, group: str, replicas: int) -> list[str]:
         """Set the replica count of a group (its name, or a pattern like
         'model.layers.*#1/attention'); returns the groups scaled."""
+        if self.closed:
+            raise ServerClosedError("the server is closed; create a new one with fxscale.serve")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or \
+                not 1 <= replicas <= MAX_REPLICAS_PER_GROUP:
+            raise ValueError(f"replicas must be >= 1 and at most {MAX_REPLICAS_PER_GROUP} per "
+                             f"group (fxscale.serving.MAX_REPLICAS_PER_GROUP), got {replicas!r}")
         names = [n for n in self.pools if fnmatch.fnmatchcase(n, group)]
         if not names:
             raise ValueError(f"no group matches {group!r}; groups are {sorted(self.pools)[:8]}"
                              f"{' ...' if len(self.pools) > 8 else ''}")
+        others = sum(p.target for n, p in self.pools.items() if n not in names)
+        if others + replicas * len(names) > MAX_REPLICAS:
+            raise ValueError(f"{len(names)} groups x {replicas} replicas would make "
+                             f"{others + replicas * len(names)} replicas in all, more than "
+                             f"{MAX_REPLICAS} (fxscale.serving.MAX_REPLICAS)")
         for name in names:
             self.pools[name].scale(replicas)
         return names
@@ -293,10 +440,13 @@ class Server:
                 "autoscaler": self.autoscaler.report() if self.autoscaler else None}
 
     def close(self) -> None:
-        """Stop accepting requests, finish those in flight, drain every pool."""
-        if self.closed:
-            return
-        self.closed = True
+        """Stop accepting requests (waiting ones get ServerClosedError at once), finish those
+        in flight, drain every pool, release the compiled code and the process settings."""
+        with self.admission:
+            if self.closed:
+                return
+            self.closed = True
+            self.admission.notify_all()
         if self.autoscaler is not None:
             self.autoscaler.stop()
         if self.metrics is not None:
@@ -305,9 +455,12 @@ class Server:
         self.requests.shutdown(wait=True)
         for pool in list(self.pools.values()):
             pool.close()
-        torch.set_num_threads(self.threads)
-        sys.setswitchinterval(self.switch_interval)
-        torch.compiler.set_stance("default")
+        for call in self.pool_calls:  # Dynamo's caches may keep the graphs; not the pools
+            call.release()
+        torch._dynamo.reset_code(self.entry.__code__)
+        if self.holds_settings:
+            self.holds_settings = False
+            _ProcessSettings.release()
 
     def __enter__(self) -> Server:
         return self
@@ -363,9 +516,15 @@ class _PoolCall(torch.nn.Module):
         self.batches = batches  # row-wise in this graph: its calls may batch
 
     def forward(self, *args: Any) -> Any:
+        if self.pool is None:
+            raise ServerClosedError("this graph belongs to a closed fxscale server")
         request = getattr(self.server.local, "request", None)
         key = signature(self.inner, args, self.weights) if self.batches else None
         return self.pool.submit(Call(self.inner, args, self.weights, request, key)).result()
+
+    def release(self) -> None:
+        """Drop the server, its pool (and so the replicas' weight copies) and the group."""
+        self.server = self.pool = self.inner = None
 
 
 def _stream(tokens: queue.Queue, future: Future) -> Iterator[int]:

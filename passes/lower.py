@@ -4,7 +4,11 @@ Groups are compiled the way Dynamo's DDPOptimizer compiles the pieces of a split
 Interpreter walks the split module with fake inputs under the tracing fake mode and hands
 each submodule to the compiler. A group that fails to compile runs eagerly, with a warning
 naming its operators and the reason. Structurally identical groups (the same sub-block in
-every layer; parameters arrive as inputs) are compiled once.
+every layer; parameters arrive as inputs) are compiled once, when that code returns eager's
+layout. Inductor may lay a group's output out otherwise (keys as (batch, tokens, heads, dim) in
+memory where eager has (batch, heads, tokens, dim)): the graph's outputs are put back in
+eager's layout, or a KV cache the graph returns would fail the next graph's stride guards (a
+recompile per prompt); docs/grouping.md has the details.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch.fx as fx
 from torch._dynamo.backends.distributed import (SubmodCompiler, propagate_dynamo_source,
                                                 propagate_metadata)
 from torch._dynamo.utils import counters, detect_fake_mode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 def lower_groups(original: fx.GraphModule, split: fx.GraphModule, example_inputs: list[Any],
@@ -37,8 +42,63 @@ def lower_groups(original: fx.GraphModule, split: fx.GraphModule, example_inputs
                               dedupe=dedupe and not torch.is_grad_enabled(), warn=warn)
     with torch._dynamo.utils._disable_saved_tensors_hooks_during_tracing():
         compiler.run(*example_inputs)
+    keep_output_layouts(original, split)
     split.recompile()
     return split, {name: compiler.status.get(name, "inductor") for name in names}
+
+
+def keep_output_layouts(original: fx.GraphModule, split: fx.GraphModule) -> None:
+    """Make each tensor output of `split` leave in the layout it has in `original` (eager's),
+    copying at run time only when the compiled code laid it out otherwise."""
+    wanted = [node_layout(v) for v in tree_flatten(output_values(original))[0]]
+    output = next(n for n in reversed(split.graph.nodes) if n.op == "output")
+    values, spec = tree_flatten(output.args[0])
+    if len(values) != len(wanted):  # not the same outputs: nothing to compare with
+        return
+    with split.graph.inserting_before(output):
+        kept = [split.graph.call_function(in_layout, (v, order))
+                if order is not None and isinstance(v, fx.Node) else v
+                for v, order in zip(values, wanted)]
+    output.args = (tree_unflatten(kept, spec),)
+
+
+def output_values(gm: fx.GraphModule) -> Any:
+    """The example values (fake tensors) of a graph's outputs."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return fx.node.map_arg(output.args[0], lambda n: n.meta.get("example_value",
+                                                                   n.meta.get("val")))
+
+
+def node_layout(value: Any) -> tuple[int, ...] | None:
+    """The order of a tensor's dims from outermost to innermost in memory when its layout is
+    dense, else None (views with gaps stay as they are). Read from the example sizes, so no
+    shape guard is added."""
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return None
+    sizes = [_hint(v) for v in value.shape]
+    strides = [_hint(v) for v in value.stride()]
+    if None in sizes or None in strides:  # data-dependent sizes: no example to read
+        return None
+    probe = torch.empty_strided(sizes, strides, device="meta")
+    if not torch._prims_common.is_non_overlapping_and_dense_or_false(probe):
+        return None
+    return tuple(sorted(range(value.dim()), key=lambda d: (-strides[d], -sizes[d])))
+
+
+def in_layout(out: Any, order: tuple[int, ...]) -> Any:
+    """A tensor in the dense layout `order` (a copy only when it is laid out otherwise)."""
+    if not isinstance(out, torch.Tensor) or out.dim() != len(order):
+        return out
+    permuted = out.permute(order)
+    if permuted.is_contiguous():
+        return out
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return permuted.contiguous().permute(inverse)
+
+
+def _hint(value: Any) -> int | None:
+    """A size or stride as a number: its example value when symbolic (None if it has none)."""
+    return value.node.hint if isinstance(value, torch.SymInt) else int(value)
 
 
 class _GroupCompiler(SubmodCompiler):
@@ -53,11 +113,22 @@ class _GroupCompiler(SubmodCompiler):
         self.cache: dict[str, Any] = {}
         self.status: dict[str, str] = {}
         self.current = ""
+        self.compiled_now: tuple[str, list] | None = None  # (dedupe key, eager layouts)
 
     def run_node(self, n: fx.Node) -> Any:
-        """Remember which group is being compiled, then compile and run it on fake inputs."""
+        """Remember which group is being compiled, then compile and run it on fake inputs.
+        DDPOptimizer runs freshly compiled code once on fake inputs, so the next group is
+        compiled for the layout this one really returns; a group that shares compiled code
+        is run uncompiled instead, in eager's layout. So code is shared only when it returns
+        eager's layout; otherwise each identical group compiles its own."""
         self.current = str(n.target)
-        return super().run_node(n)
+        self.compiled_now = None
+        out = super().run_node(n)
+        if self.compiled_now is not None:
+            key, eager = self.compiled_now
+            if [node_layout(v) for v in tree_flatten(out)[0]] != eager:
+                self.cache.pop(key, None)
+        return out
 
     def compile_submod(self, input_mod: fx.GraphModule, args: list, kwargs: Any) -> Any:
         """Compile one group, reusing an identical group's code, or fall back to eager."""
@@ -81,6 +152,8 @@ class _GroupCompiler(SubmodCompiler):
             return pristine
         if key is not None:
             self.cache[key] = (self.current, compiled)
+            eager = [node_layout(v) for v in tree_flatten(output_values(pristine))[0]]
+            self.compiled_now = (key, eager)
         return _GroupModule(compiled)
 
 

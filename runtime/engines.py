@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from .service import Batch, ServiceModel
 
 MEMORY_HEADROOM = 0.10
+ROLES = ("model", "prefill", "decode")  # what a LockstepEngine runs
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,10 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .engines import LockstepEngine, OperatorEngine
+from fxscale.errors import InputError
+from fxscale.jsonio import Checker
+
+from .engines import ROLES, LockstepEngine, OperatorEngine
 from .queueing import erlang_c, erlang_c_wait
 from .service import Batch, ServiceModel
 
@@ -131,22 +134,58 @@ class Plan:
     @classmethod
     def from_dict(cls, data: Any, where: str = "<plan>") -> Plan:
         """Rebuild from `to_dict` output; a missing, unknown or mistyped field is named."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: a Plan must be a JSON object, got {type(data).__name__}")
-        names = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(data) - set(names))
+        check = Checker(where, "a Plan")
+        check.object(data, "")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
         missing = sorted(n for n in names if n not in data and n != "groups")
         if unknown or missing:
-            raise ValueError(f"{where}: Plan fields unknown {unknown}, missing {missing}")
+            raise InputError(f"{where}: Plan fields unknown {unknown}, missing {missing}")
+        for name in ("policy", "model", "device"):
+            check.string(data[name], name)
         for name in ("rate", "devices", "power_w", "ttft_p50", "ttft_p99", "tbt_p50",
                      "tbt_p99", "chunk"):
-            if not isinstance(data[name], (int, float)) or isinstance(data[name], bool):
-                raise ValueError(f"{where}: Plan field {name!r} must be a number, got "
-                                 f"{data[name]!r}")
-        for i, entry in enumerate(data["engines"]):
-            if not isinstance(entry, dict) or {"engine", "count"} - set(entry):
-                raise ValueError(f"{where}: Plan field engines[{i}] needs 'engine' and 'count'")
-        return cls(**data)
+            check.number(data[name], name, 0)
+        engines = [_engine_entry(check, e, f"engines[{i}]")
+                   for i, e in enumerate(check.array(data["engines"], "engines"))]
+        groups = check.array(data.get("groups", []), "groups")
+        for i, row in enumerate(groups):
+            _placement_row(check, row, f"groups[{i}]")
+        return cls(**{**data, "engines": engines, "groups": groups})
+
+
+def _engine_entry(check: Checker, entry: Any, at: str) -> dict[str, Any]:
+    """One {"engine": {...}, "count": n} entry of a Plan, its engine fields checked."""
+    check.object(entry, at)
+    check.unknown(entry, {"engine", "count"}, f"{at}.")
+    engine = check.object(check.get(entry, "engine", f"{at}."), f"{at}.engine")
+    check.number(check.get(entry, "count", f"{at}."), f"{at}.count", 1, integer=True)
+    kinds = {"lockstep": LockstepEngine, "operator": OperatorEngine}
+    kind = check.string(check.get(engine, "type", f"{at}.engine."), f"{at}.engine.type",
+                        tuple(kinds))
+    known = {f.name for f in fields(kinds[kind])}
+    check.unknown(engine, known | {"type"}, f"{at}.engine.")
+    for name in sorted(known):
+        value = check.get(engine, name, f"{at}.engine.")
+        if name == "role":
+            check.string(value, f"{at}.engine.role", ROLES)
+        else:
+            check.number(value, f"{at}.engine.{name}", 0, integer=True)
+    return entry
+
+
+def _placement_row(check: Checker, row: Any, at: str) -> None:
+    """One group's placement in a Plan: ids and names are strings, counts are numbers."""
+    check.object(row, at)
+    check.string(check.get(row, "group", f"{at}."), f"{at}.group")
+    for name, value in row.items():
+        if name in ("group", "kind", "role"):
+            check.string(value, f"{at}.{name}")
+        elif name == "devices":
+            for j, device in enumerate(check.array(value, f"{at}.devices")):
+                check.number(device, f"{at}.devices[{j}]", 0, integer=True)
+        else:
+            check.number(value, f"{at}.{name}", 0)
 
 
 def poisson_quantile(mean: float, q: float) -> float:

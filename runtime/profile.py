@@ -7,12 +7,11 @@ field and names the one that is wrong. Pure Python: no torch.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fxscale.jsonio import read_json
+from fxscale.jsonio import Checker, read_json, write_atomic
 
 PROFILE_VERSION = 1
 PHASES = ("prefill", "decode")
@@ -77,7 +76,7 @@ class Profile:
         """Serialise to JSON text; also write it to `path` when given."""
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
-            Path(path).write_text(text)
+            write_atomic(Path(path), text)
         return text
 
     @classmethod
@@ -87,85 +86,53 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "<dict>") -> Profile:
-        """Build from a dict, raising ValueError('<file>: field <path> ...') on any bad field."""
-        check = _Checker(where)
-        check.kind(data, dict, "profile")
-        version = check.field(data, "version", int, "")
+        """Build from a dict, raising InputError('<file>: field <path> ...') on any bad field."""
+        check = Checker(where, "a Profile")
+        check.object(data, "")
+        version = check.get(data, "version")
         if version != PROFILE_VERSION:
-            raise ValueError(f"{where}: field 'version' is {version!r}; this fxscale reads "
-                             f"profile version {PROFILE_VERSION} (re-run fxscale profile)")
-        top = {name: check.field(data, name, kind, "") for name, kind in (
-            ("model", str), ("granularity", str), ("device", str), ("source", str),
-            ("dtype", str), ("threads", int), ("versions", dict), ("groups", list))}
-        if top["threads"] <= 0:
-            raise ValueError(f"{where}: field 'threads' must be positive, got {top['threads']}")
-        groups = []
-        for i, g in enumerate(top["groups"]):
-            at = f"groups[{i}]."
-            check.kind(g, dict, at[:-1])
-            points = []
-            for j, p in enumerate(check.field(g, "points", list, at)):
-                pat = f"{at}points[{j}]."
-                check.kind(p, dict, pat[:-1])
-                phase = check.field(p, "phase", str, pat)
-                if phase not in PHASES:
-                    raise ValueError(f"{where}: field '{pat}phase' must be one of {list(PHASES)}, "
-                                     f"got {phase!r}")
-                values = {name: check.field(p, name, int, pat)
-                          for name in ("batch", "length", "repeats")}
-                times = {name: check.field(p, name, (int, float), pat)
-                         for name in ("median_s", "p10_s", "p90_s")}
-                for name, value in values.items():
-                    if value < 1:
-                        raise ValueError(f"{where}: field '{pat}{name}' must be at least 1, "
-                                         f"got {value!r}")
-                for name, value in times.items():
-                    if not math.isfinite(value) or value < 0:
-                        raise ValueError(f"{where}: field '{pat}{name}' must be a non-negative "
-                                         f"time in seconds, got {value!r}")
-                points.append(ProfilePoint(phase=phase, **values, **times))
-            fit = g.get("fit")
-            if fit is not None:
-                check.kind(fit, dict, f"{at}fit")
-                check.kind(check.field(fit, "phases", dict, f"{at}fit."), dict, f"{at}fit.phases")
-            stateful = g.get("stateful", False)
-            check.kind(stateful, bool, f"{at}stateful")
-            groups.append(GroupProfile(group=check.field(g, "group", str, at),
-                                       name=check.field(g, "name", str, at), points=points,
-                                       stateful=stateful, fit=fit))
-        return cls(model=top["model"], granularity=top["granularity"], device=top["device"],
-                   source=top["source"], dtype=top["dtype"], threads=top["threads"],
-                   versions=top["versions"], groups=groups, notes=_notes(data, check))
+            check.fail("version", f"is {version!r}; this fxscale reads profile version "
+                                  f"{PROFILE_VERSION} (re-run fxscale profile)")
+        check.unknown(data, {f.name for f in fields(cls)})
+        top = {name: check.string(check.get(data, name), name)
+               for name in ("model", "granularity", "device", "source", "dtype")}
+        threads = int(check.number(check.get(data, "threads"), "threads", 1, integer=True))
+        versions = check.object(check.get(data, "versions"), "versions")
+        for name, value in versions.items():
+            check.string(value, f"versions.{name}")
+        groups = [_group(check, g, f"groups[{i}]")
+                  for i, g in enumerate(check.array(check.get(data, "groups"), "groups"))]
+        notes = check.array(check.get(data, "notes", default=[]), "notes")
+        for i, note in enumerate(notes):
+            check.string(note, f"notes[{i}]")
+        return cls(**top, threads=threads, versions=versions, groups=groups, notes=notes)
 
 
-def _notes(data: dict, check: _Checker) -> list[str]:
-    """The optional notes: a list of strings."""
-    notes = data.get("notes", [])
-    check.kind(notes, list, "field 'notes'")
-    for i, note in enumerate(notes):
-        check.kind(note, str, f"field 'notes[{i}]'")
-    return notes
+def _group(check: Checker, data: Any, at: str) -> GroupProfile:
+    """One group's points and optional fit."""
+    check.object(data, at)
+    check.unknown(data, {f.name for f in fields(GroupProfile)}, f"{at}.")
+    points = [_point(check, p, f"{at}.points[{j}]")
+              for j, p in enumerate(check.array(check.get(data, "points", f"{at}."),
+                                                f"{at}.points"))]
+    fit = check.get(data, "fit", f"{at}.", None)
+    if fit is not None:
+        check.object(fit, f"{at}.fit")
+        check.object(check.get(fit, "phases", f"{at}.fit."), f"{at}.fit.phases")
+    return GroupProfile(group=check.string(check.get(data, "group", f"{at}."), f"{at}.group"),
+                        name=check.string(check.get(data, "name", f"{at}."), f"{at}.name"),
+                        points=points, fit=fit,
+                        stateful=check.boolean(check.get(data, "stateful", f"{at}.", False),
+                                               f"{at}.stateful"))
 
 
-class _Checker:
-    """Field checks that name the file and the field path in their errors."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def kind(self, value: Any, kind: type | tuple, path: str) -> None:
-        """Raise unless value has the JSON type `kind`."""
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            raise ValueError(f"{self.where}: {path} must be a JSON "
-                             f"{getattr(kind, '__name__', 'number')}, got {type(value).__name__}")
-
-    def field(self, data: dict, name: str, kind: type | tuple, prefix: str) -> Any:
-        """The value of a required field of type `kind`."""
-        if name not in data:
-            raise ValueError(f"{self.where}: missing field '{prefix}{name}'")
-        value = data[name]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            expected = kind.__name__ if isinstance(kind, type) else "number"
-            raise ValueError(f"{self.where}: field '{prefix}{name}' must be {expected}, "
-                             f"got {value!r}")
-        return value
+def _point(check: Checker, data: Any, at: str) -> ProfilePoint:
+    """One measured point: phase, sizes of at least 1, times in seconds (finite, >= 0)."""
+    check.object(data, at)
+    check.unknown(data, {f.name for f in fields(ProfilePoint)}, f"{at}.")
+    phase = check.string(check.get(data, "phase", f"{at}."), f"{at}.phase", PHASES)
+    sizes = {name: int(check.number(check.get(data, name, f"{at}."), f"{at}.{name}", 1,
+                                    integer=True)) for name in ("batch", "length", "repeats")}
+    times = {name: float(check.number(check.get(data, name, f"{at}."), f"{at}.{name}", 0))
+             for name in ("median_s", "p10_s", "p90_s")}
+    return ProfilePoint(phase=phase, **sizes, **times)

@@ -30,6 +30,8 @@ from .budget import MIN_QUIET_S, QUIET_FRACTION, Budget
 from .quantile import quantile
 
 log = logging.getLogger("fxscale.runtime")
+# Replicas of one pool at most: each is a thread holding a copy of the group's weights.
+MAX_REPLICAS = 64
 # Upper bounds (seconds) of the call-latency histogram in stats(), Prometheus style.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -253,21 +255,33 @@ class ReplicaPool:
         self.batch_wait_s = batch_wait_s
         self.verified: set[Hashable] = set()
         self.refused: set[Hashable] = set()
-        self.batch_sizes: Counter[int] = Counter()
-        self.executions: deque[tuple[int, float]] = deque(maxlen=512)  # (batch, seconds)
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, ever
-        self.busy_s = 0.0                 # execution seconds of every replica, ever
-        self.execution_count = 0          # executions (calls or batches), ever
-        self.arrivals = 0
         self.lock = threading.Lock()
         self.replicas: list[Replica] = []
         self.weight_sources: dict[int, Any] = {}
-        self.affinity: dict[int, Replica] = {}
-        self.latencies: deque[float] = deque(maxlen=4096)
-        self.completed = 0
-        self.retries = 0
-        self.created = time.perf_counter()
+        self.affinity: dict[int, Replica] = {}  # request -> its replica, while it runs
         self.target = replicas
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Start the pool's statistics afresh (after a server's warm-up requests)."""
+        with self.lock:
+            self.batch_sizes: Counter[int] = Counter()
+            self.executions: deque[tuple[int, float]] = deque(maxlen=512)  # (batch, seconds)
+            self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, since then
+            self.busy_s = 0.0                 # execution seconds of every replica
+            self.execution_count = 0          # executions (calls or batches)
+            self.arrivals = 0
+            self.latencies: deque[float] = deque(maxlen=4096)
+            self.completed = 0
+            self.retries = 0
+            self.created = time.perf_counter()
+            for replica in self.replicas:
+                replica.busy_s = 0.0
+
+    def forget(self, request: int) -> None:
+        """A request has finished: drop its affinity (its replica may go away later)."""
+        with self.lock:
+            self.affinity.pop(request, None)
 
     # ---- dispatch ---------------------------------------------------------------------
     def submit(self, call: Call) -> Future:
@@ -354,8 +368,10 @@ class ReplicaPool:
     # ---- scaling ------------------------------------------------------------------------
     def scale(self, replicas: int) -> None:
         """Live resize: new replicas copy the weights; removed ones drain their queues."""
-        if replicas < 1:
-            raise ValueError(f"group {self.name}: replicas must be >= 1, got {replicas}")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or \
+                not 1 <= replicas <= MAX_REPLICAS:
+            raise ValueError(f"group {self.name}: replicas must be >= 1 and at most "
+                             f"{MAX_REPLICAS}, got {replicas!r}")
         with self.lock:
             self.target = replicas
             live = [r for r in self.replicas if not r.draining and not r.dead]
@@ -372,6 +388,8 @@ class ReplicaPool:
         with self.lock:
             if replica in self.replicas:
                 self.replicas.remove(replica)
+            for request in [r for r, pinned in self.affinity.items() if pinned is replica]:
+                del self.affinity[request]
 
     def _grow(self, count: int) -> None:
         """Add replicas (caller holds the lock)."""

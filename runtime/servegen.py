@@ -82,8 +82,8 @@ def servegen_trace(start_s: float = 0.0, duration_s: float = 3600.0, seed: int =
                    client_ids: list[int] | None = None) -> Trace:
     """Requests of the chosen clients (all by default) arriving in [start, start + duration)."""
     if not 0 <= start_s < DAY_S or duration_s <= 0:
-        raise ValueError(f"start must be in [0, {DAY_S}) s (the data covers one day) and "
-                         f"duration > 0, got start={start_s}, duration={duration_s}")
+        raise TraceError(f"{FOLDER}: start must be in [0, {DAY_S}) s (the data covers one "
+                         f"day) and duration > 0, got start={start_s}, duration={duration_s}")
     requests: list[Request] = []
     for client in client_ids if client_ids is not None else clients():
         # one generator per client: a client's requests do not depend on which others are drawn

@@ -23,6 +23,12 @@ from .planner import SLO, Plan, Workload, kv_transfer_s, plan
 from .service import Batch, ServiceModel
 from .traces import Trace
 
+# The simulator skips autoscaler ticks that would change nothing (an idle deployment, at its
+# smallest, with no arrival before them), so its run time follows the requests, not the time
+# a trace spans. A planned rate below SETTLED_RATE (req/s) plans as zero does.
+SKIP_IDLE_TICKS = True
+SETTLED_RATE = 1e-6
+
 
 @dataclass(frozen=True)
 class ScalingConfig:
@@ -117,6 +123,8 @@ class Simulation:
         self.rate_estimate = 0.0
         self.planned_rate = 0.0
         self.lower_for = 0
+        self.quiet_ticks = 0  # consecutive ticks with nothing to do (see _idle_ticks)
+        self.last_deployment: tuple | None = None
 
     # ---- deployment ---------------------------------------------------------------------
     def _plan(self, rate: float) -> Plan:
@@ -274,10 +282,16 @@ class Simulation:
 
     def _tick(self, now: float) -> None:
         """Autoscaler decision: observed rate -> plan -> scale, logged with its reason."""
+        skipped = self._idle_ticks(now)
+        if skipped:
+            self._skip(now, skipped)
+            return
         observed = self.arrivals_seen / self.scaling.interval_s
+        idle = self.arrivals_seen == 0 and self._idle(now)
         self.arrivals_seen = 0
         self._push(now + self.scaling.interval_s, "tick", None)
         if self.fixed is not None:  # a fixed deployment: record, never scale
+            self.quiet_ticks = self.quiet_ticks + 1 if idle else 0
             self._record(now, observed)
             return
         self.rate_estimate = max(observed, self.scaling.ewma * self.rate_estimate
@@ -286,6 +300,13 @@ class Simulation:
         before = self._devices_now()
         self._apply(p, now)
         after = self._devices_now()
+        # settled: nothing to serve, the same deployment, and a rate that no longer moves the
+        # plan (the floor, or next to nothing): later idle ticks would change nothing
+        deployment = (repr(p.engines), p.chunk)
+        settled = idle and after == before and deployment == self.last_deployment and (
+            self.planned_rate == self.floor_rate or self.planned_rate < SETTLED_RATE)
+        self.quiet_ticks = self.quiet_ticks + 1 if settled else 0
+        self.last_deployment = deployment
         floor = " (the floor)" if self.planned_rate == self.floor_rate else ""
         action = "scale up" if after > before else "scale down" if after < before else (
             f"hold (lower for {self.lower_for}/{self.scaling.down_after})" if p.devices < before
@@ -298,6 +319,40 @@ class Simulation:
                       f"plan for {self.planned_rate:.2f} req/s{floor} wants {p.devices} "
                       f"devices, {before} held"})
         self._record(now, observed)
+
+    def _idle(self, now: float) -> bool:
+        """Whether no engine has anything to do or is still starting or resizing."""
+        return all(not e.running and not e.has_work() and e.kv_reserved <= 0 and not e.incoming
+                   and e.ready_at <= now and e.pending_spec is None for e in self.engines
+                   if e.retired_at is None)
+
+    def _idle_ticks(self, now: float) -> int:
+        """How many ticks from `now` on can be skipped: the deployment has been settled for
+        a whole hysteresis cycle and no request arrives before them. A multiple of
+        `down_after`, so the hysteresis counter ends where stepping would leave it; 0 when
+        this tick must run."""
+        cycle = self.scaling.down_after
+        if not SKIP_IDLE_TICKS or self.quiet_ticks <= cycle or self.arrivals_seen \
+                or not self.events or not self._idle(now):
+            return 0
+        gap = (self.events[0][0] - now) / self.scaling.interval_s  # next event: an arrival
+        return cycle * int(gap // cycle)
+
+    def _skip(self, now: float, ticks: int) -> None:
+        """Jump over `ticks` idle ticks: each would have seen no arrivals and held."""
+        interval = self.scaling.interval_s
+        if self.fixed is None:
+            self.rate_estimate *= self.scaling.ewma ** ticks
+        last = now + (ticks - 1) * interval
+        devices = self._devices_now()
+        self.decisions.append({
+            "t": now, "observed_rps": 0.0, "estimate_rps": self.rate_estimate,
+            "planned_rps": self.planned_rate, "devices_before": devices,
+            "devices_after": devices, "action": "hold",
+            "reason": f"no requests from {now:g} s to {last:g} s: {ticks} idle decisions "
+                      "skipped, each a hold"})
+        self._record(last, 0.0)
+        self._push(now + ticks * interval, "tick", None)
 
     def _record(self, now: float, rate: float) -> None:
         """One point of the timeline: devices held, observed rate, replicas per pool."""

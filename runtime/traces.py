@@ -22,6 +22,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
+from fxscale.errors import InputError
+from fxscale.jsonio import read_text
+
 SHIPPED = {
     "azure-conv": ("azure_conv.csv", "Azure LLM inference trace 2023, conversation "
                    "(Patel et al., Splitwise, ISCA 2024; CC-BY 4.0)"),
@@ -38,7 +41,13 @@ AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 _FRACTION = re.compile(r"\.(\d+)")
 
 
-class TraceError(ValueError):
+# Bounds past which a trace is not a serving workload (and the simulator would be asked to
+# count tokens or seconds it cannot): longer than any model's context, longer than a year.
+MAX_TOKENS = 10_000_000
+MAX_SPAN_S = 366 * 86400.0
+
+
+class TraceError(InputError):
     """A trace file that cannot be read: says which file, line and field."""
 
 
@@ -123,7 +132,7 @@ def load_trace(name_or_path: str | Path, start_s: float = 0.0, duration_s: float
         trace = servegen_trace(start_s, 3600.0 if duration_s is None else duration_s, seed)
         if not trace.requests:
             raise TraceError(f"{SERVEGEN}: no requests in [{start_s}, {start_s} + duration)")
-        return trace.scaled(rate_scale) if rate_scale != 1.0 else trace
+        return _bounded(trace.scaled(rate_scale) if rate_scale != 1.0 else trace, SERVEGEN)
     if text_name in SHIPPED:
         filename, source = SHIPPED[text_name]
         where = f"{text_name} ({filename})"
@@ -134,7 +143,7 @@ def load_trace(name_or_path: str | Path, start_s: float = 0.0, duration_s: float
         if not path.exists():
             raise FileNotFoundError(f"no trace {text_name!r}: not a shipped name "
                                     f"({', '.join([*SHIPPED, SERVEGEN])}) and no such file")
-        where, text, name, source = str(path), path.read_text(), path.stem, str(path)
+        where, text, name, source = str(path), read_text(path, "a trace file"), path.stem, str(path)
         filename = path.name
     if filename.endswith(".csv"):
         requests = parse_azure_csv(text, where)
@@ -148,7 +157,20 @@ def load_trace(name_or_path: str | Path, start_s: float = 0.0, duration_s: float
     trace = Trace(name, source, requests)
     if start_s or duration_s is not None:
         trace = trace.window(start_s, duration_s)
-    return trace.scaled(rate_scale) if rate_scale != 1.0 else trace
+        if not trace.requests:
+            raise TraceError(f"{where}: no requests arrive in the window from {start_s:g} s "
+                             f"for {duration_s or 'the rest'} s; the trace spans "
+                             f"{requests[-1].arrival_s:g} s")
+    return _bounded(trace.scaled(rate_scale) if rate_scale != 1.0 else trace, where)
+
+
+def _bounded(trace: Trace, where: str) -> Trace:
+    """The trace, or a TraceError when it spans more than MAX_SPAN_S."""
+    if trace.duration_s() > MAX_SPAN_S:
+        raise TraceError(f"{where}: the requests span {trace.duration_s() / 86400:.3g} days "
+                         f"(at most {MAX_SPAN_S / 86400:g}); check the timestamps' unit, or "
+                         "the rate scale")
+    return trace
 
 
 def _six_digit_fraction(stamp: str) -> str:
@@ -164,8 +186,9 @@ def _count(value: str | int, where: str, line: int, field: str, minimum: int) ->
         number = int(value)
     except (TypeError, ValueError, OverflowError):
         raise TraceError(f"{where}:{line}: field {field!r} is not an integer: {value!r}") from None
-    if number < minimum:
-        raise TraceError(f"{where}:{line}: field {field!r} must be >= {minimum}, got {number}")
+    if not minimum <= number <= MAX_TOKENS:
+        raise TraceError(f"{where}:{line}: field {field!r} must be from {minimum} to "
+                         f"{MAX_TOKENS} tokens, got {value!r}")
     return number
 
 

@@ -6,14 +6,14 @@ import warnings
 import pytest
 import torch
 
-from fxscale import backend
+import fxscale
 
 EAGER = {"lowering": "eager"}
 
 
-def compile_fx(model, options=None):
-    """torch.compile with the fxscale backend."""
-    return torch.compile(model, backend="fxscale", options=options or EAGER)
+def compile_fx(model, options=None, compiler=None):
+    """torch.compile with the fxscale backend (its handle, when given, keeps the graphs)."""
+    return torch.compile(model, backend=compiler or fxscale.Backend(options or EAGER))
 
 
 class Branchy(torch.nn.Module):
@@ -144,9 +144,9 @@ def test_inplace_on_input_mutates_like_eager():
 
 
 def test_graph_break_gives_one_group_graph_per_graph():
-    before = len(backend.compiled_group_graphs)
-    compile_fx(Branchy().eval())(torch.randn(4, 8))
-    assert len(backend.compiled_group_graphs) - before >= 2
+    compiler = fxscale.Backend(EAGER)
+    compile_fx(Branchy().eval(), compiler=compiler)(torch.randn(4, 8))
+    assert len(compiler.group_graphs) >= 2
 
 
 @pytest.mark.inductor
@@ -167,10 +167,11 @@ def test_inductor_failure_falls_back_to_eager_with_warning(monkeypatch):
     expected = model(x.clone())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        actual = compile_fx(model, {"granularity": "node"})(x.clone())
+        compiler = fxscale.Backend({"granularity": "node"})
+        actual = compile_fx(model, compiler=compiler)(x.clone())
     messages = [str(w.message) for w in caught if "fxscale" in str(w.message)]
     assert any("runs eagerly" in m and "softmax" in m for m in messages), messages
-    graph = backend.compiled_group_graphs[-1]
+    graph = compiler.group_graphs[-1]
     assert any(g.lowering.startswith("eager (fallback") for g in graph.groups)
     assert any(g.lowering == "inductor" for g in graph.groups)
     torch.testing.assert_close(actual, expected)

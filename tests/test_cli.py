@@ -51,7 +51,7 @@ def test_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["demo", "--layers", "0"])
     assert info.value.code == 2
-    assert "positive integer" in capsys.readouterr().err
+    assert "must be an integer from 1 to 256, got 0" in capsys.readouterr().err
     assert main([]) == 2
 
 
@@ -130,5 +130,7 @@ def test_simulate_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "bad.csv:2: field 'ContextTokens'" in err
     assert main(["simulate", "--trace", "no-such-trace", "--layers", "1"]) == 2
     assert "no trace 'no-such-trace'" in capsys.readouterr().err
-    assert main(["simulate", "--attainment", "1.5", "--layers", "1"]) == 2
-    assert "attainment must be in (0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", "--attainment", "1.5", "--layers", "1"])
+    assert info.value.code == 2
+    assert "--attainment: must be between 0 and 1" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import pytest
 
 import fxscale
 from fxscale import GroupGraph, zoo
+from fxscale.errors import InputError
 from helpers import assert_bad_file_names_the_field
 
 
@@ -36,15 +37,45 @@ def test_table_lists_every_group(graph):
     assert "stateful" in text and "row-wise" in text
 
 
+def _first(d):
+    return d["groups"][0]
+
+
+def _symbol(d):
+    return next(iter(d["symbols"]))
+
+
 @pytest.mark.parametrize("mutate,message", [
-    (lambda d: d.pop("groups"), "malformed GroupGraph"),
+    (lambda d: d.pop("groups"), "missing field 'groups'"),
+    (lambda d: d.update(groups=[]), "field 'groups' must not be empty"),
     (lambda d: d.update(version=99), "field 'version' is 99"),
-    (lambda d: d["groups"][0].update(flops="2*(("), "field 'flops'"),
-    (lambda d: d["groups"][0].pop("resource"), "resource"),
+    (lambda d: _first(d).update(flops="2*(("), r"field 'groups\[0\].flops' is not a cost"),
+    (lambda d: _first(d).update(flops=None), r"'groups\[0\].flops' must be a string, got null"),
+    (lambda d: _first(d).update(flops=f"{_symbol(d)}*zz"), r"unknown shape symbol\(s\) \['zz'\]"),
+    (lambda d: _first(d).update(flops=f"-5*{_symbol(d)}"), r"'groups\[0\].flops' is negative"),
+    (lambda d: _first(d).pop("resource"), r"missing field 'groups\[0\].resource'"),
+    (lambda d: _first(d).update(name=7), r"'groups\[0\].name' must be a string"),
+    (lambda d: _first(d).update(param_bytes=-1), r"'groups\[0\].param_bytes' must be >= 0"),
+    (lambda d: _first(d).update(colour="red"), r"unknown field\(s\) \['groups\[0\].colour'\]"),
+    (lambda d: d["groups"][1].update(id=d["groups"][0]["id"]), r"duplicate group id\(s\) \['g0'\]"),
+    (lambda d: d["edges"][0].update(dst="g999"), r"'edges\[0\].dst' names no group: 'g999'"),
+    (lambda d: d["edges"].append({"src": d["edges"][0]["dst"], "dst": d["edges"][0]["src"],
+                                  "bytes": "1"}), "form a cycle"),
+    (lambda d: d.update(symbols=[_symbol(d)]),
+     "field 'symbols' must be a JSON object, got an array"),
+    (lambda d: d["symbols"][_symbol(d)].update(role="width"),
+     r"'symbols\.\w+\.role' must be one of"),
 ])
 def test_bad_files_name_the_field(graph, tmp_path, mutate, message):
     assert_bad_file_names_the_field(GroupGraph.from_json, graph.to_dict(), mutate, message,
                                     tmp_path)
+
+
+def test_nan_is_not_a_json_number(graph, tmp_path):
+    path = tmp_path / "nan.json"
+    path.write_text(graph.to_json().replace('"param_bytes": 0', '"param_bytes": NaN', 1))
+    with pytest.raises(InputError, match="NaN is not a JSON number"):
+        GroupGraph.from_json(path)
 
 
 def test_not_json_gives_line_and_column(tmp_path):

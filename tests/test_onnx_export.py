@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import onnx
@@ -225,9 +229,65 @@ def test_bad_arguments_say_what_to_do(tmp_path):
         export_onnx(model, tmp_path, x, opset=17)
     with pytest.raises(ValueError, match="meta device"):
         export_onnx(Flatten().to("meta"), tmp_path, x)
-    export_onnx(model, tmp_path, x)
+    with pytest.raises(ValueError, match=r"holds files that are not part of an earlier ONNX "
+                                         r"export \(afile\)"):
+        export_onnx(model, tmp_path, x)
+    assert afile.exists()  # a folder with other files is never replaced
+    export_onnx(model, tmp_path / "out", x)
     with pytest.raises(ValueError, match="missing model input.*'x'"):
-        run_groups(tmp_path, {"y": x.numpy()})
+        run_groups(tmp_path / "out", {"y": x.numpy()})
+
+
+def _complete(directory):
+    """Every file the manifest names exists, and the groups run."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    files = [g["file"] for g in manifest["groups"]] + [manifest["combined"]]
+    assert files and all((directory / f).is_file() for f in files)
+    return manifest
+
+
+def test_an_interrupted_reexport_leaves_the_previous_export_whole(tmp_path, monkeypatch):
+    model, x = Flatten().eval(), torch.randn(2, 5, 16)
+    out = tmp_path / "out"
+    export_onnx(model, out, x, granularity="model")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as SIGTERM does through the command line
+        return real(*args, **kwargs)
+
+    real = onnx_export.export_group
+    monkeypatch.setattr(onnx_export, "export_group", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(model, out, x, granularity="node")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial folder left
+    _complete(out)
+    _assert_close(run_groups(out, {"x": x.numpy()})["output"], model(x).detach())
+
+
+def test_sigterm_during_the_export_command_keeps_the_old_export(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fxscale", "export-onnx", str(out), "--layers", "1"]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    process = subprocess.Popen(command + ["--granularity", "node"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".out.*.new")) and process.poll() is None:
+        assert time.monotonic() < deadline, "the export never started writing"
+        time.sleep(0.05)
+    time.sleep(0.5)  # well into writing the new files
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "nothing was left half-written" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    _complete(out)
 
 
 def test_export_command_writes_the_files(tmp_path, capsys):

@@ -24,10 +24,12 @@ def test_bad_options_raise(options, message):
         Options.from_user(options)
 
 
-def test_bad_options_surface_through_torch_compile():
+def test_bad_options_surface_through_torch_compile_as_a_value_error():
     compiled = torch.compile(torch.nn.Linear(4, 4), backend="fxscale", options={"colour": "red"})
-    with pytest.raises(Exception, match=r"unknown fxscale option\(s\) \['colour'\]"):
+    with pytest.raises(ValueError, match=r"unknown fxscale option\(s\) \['colour'\]"):
         compiled(torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"'lowering' must be one of"):
+        fxscale.Backend({"lowering": "tvm"})  # the handle checks before anything compiles
 
 
 def test_backend_is_registered():

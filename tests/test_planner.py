@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from fxscale.errors import InputError
 from fxscale.presets import preset_graph
 from fxscale.runtime.devices import load_device
 from fxscale.runtime.evaluate import compare, lower_bound, metrics, weighted_quantile
@@ -209,8 +210,18 @@ def test_plan_json_round_trip_and_errors(service, azure):
     assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     broken = p.to_dict()
     broken["devices"] = "four"
-    with pytest.raises(ValueError, match="field 'devices' must be a number"):
+    with pytest.raises(ValueError, match="field 'devices' must be a finite number"):
         Plan.from_dict(broken)
+    for field, value, message in (
+            ("devices", float("nan"), "field 'devices' must be a finite number, got a number nan"),
+            ("engines", 5, "field 'engines' must be a JSON array, got a number 5"),
+            ("groups", "abc", "field 'groups' must be a JSON array, got a string 'abc'"),
+            ("engines", [{"engine": {"type": "gpu"}, "count": 1}],
+             r"field 'engines\[0\].engine.type' must be one of"),
+            ("engines", [{"engine": {"type": "lockstep", "role": "model", "shards": 1},
+                          "count": 0}], r"field 'engines\[0\].count' must be >= 1")):
+        with pytest.raises(InputError, match=message):
+            Plan.from_dict({**p.to_dict(), field: value}, "plan.json")
     del broken["devices"]
     with pytest.raises(ValueError, match=r"missing \['devices'\]"):
         Plan.from_dict(broken)
@@ -234,3 +245,35 @@ def test_planner_and_simulator_import_without_torch():
     code = ("import sys, fxscale.runtime.evaluate, fxscale.runtime.simulator; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("policy", ["operator", "model"])
+def test_idle_time_is_skipped_without_changing_the_result(service, monkeypatch, policy):
+    """Two bursts an hour apart (the deployment scales down in between): skipping the idle
+    ticks gives exactly what stepping through every tick gives, with far fewer decisions."""
+    from fxscale.runtime import simulator
+    from fxscale.runtime.traces import Request, Trace
+
+    burst = load_trace("azure-conv", 0, 600, rate_scale=20).requests  # needs 4 devices
+    later = [Request(r.arrival_s + 3600, r.prompt_tokens, r.output_tokens) for r in burst]
+    trace = Trace("two-bursts", "test", burst + later)
+    stepped_and_skipped = []
+    for skip in (False, True):
+        monkeypatch.setattr(simulator, "SKIP_IDLE_TICKS", skip)
+        stepped_and_skipped.append(simulate(service, trace, policy, SLO_TIGHT))
+    stepped, skipped = stepped_and_skipped
+    for field in ("ttft", "tpot", "gaps", "device_seconds", "energy_j", "duration_s"):
+        assert getattr(skipped, field) == getattr(stepped, field), field
+    devices = [row["devices"] for row in stepped.timeline]
+    assert max(devices) > min(devices)  # it scaled down in the gap and up again
+    assert len(skipped.decisions) < len(stepped.decisions) / 3
+    assert any("idle decisions skipped" in d["reason"] for d in skipped.decisions)
+
+
+def test_a_hundred_day_gap_costs_decisions_for_the_requests_not_the_days(service):
+    from fxscale.runtime.traces import Request, Trace
+
+    trace = Trace("gap", "test", [Request(0.0, 100, 10), Request(100 * 86400.0, 100, 10)])
+    result = simulate(service, trace, "operator", SLO_TIGHT)
+    assert result.device_seconds >= 100 * 86400  # the deployment was held through the gap
+    assert len(result.decisions) < 50  # stepping every 30 s would make 288,000

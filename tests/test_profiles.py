@@ -108,10 +108,13 @@ def good_profile():
     (lambda d: d.update(version=7), "field 'version' is 7"),
     (lambda d: d.pop("device"), "missing field 'device'"),
     (lambda d: d["groups"][0]["points"][0].pop("median_s"), "missing field 'groups\\[0\\].points\\[0\\].median_s'"),
-    (lambda d: d["groups"][0]["points"][0].update(median_s=-1.0), "'groups\\[0\\].points\\[0\\].median_s' must be a non-negative time"),
+    (lambda d: d["groups"][0]["points"][0].update(median_s=-1.0), "'groups\\[0\\].points\\[0\\].median_s' must be >= 0"),
     (lambda d: d["groups"][0]["points"][0].update(phase="warmup"), "'groups\\[0\\].points\\[0\\].phase' must be one of"),
-    (lambda d: d["groups"][0]["points"][0].update(batch=0), "'groups\\[0\\].points\\[0\\].batch' must be at least 1"),
-    (lambda d: d.update(threads="two"), "field 'threads' must be int"),
+    (lambda d: d["groups"][0]["points"][0].update(batch=0), "'groups\\[0\\].points\\[0\\].batch' must be >= 1"),
+    (lambda d: d.update(threads="two"), "field 'threads' must be an integer"),
+    (lambda d: d.update(groups={"g0": 1}), "field 'groups' must be a JSON array, got an object"),
+    (lambda d: d["groups"][0]["points"][0].update(p90_s=float("inf")),
+     "Infinity is not a JSON number"),
 ])
 def test_bad_profile_file_names_the_field(tmp_path, mutate, message):
     assert_bad_file_names_the_field(Profile.from_json, good_profile().to_dict(), mutate,

@@ -53,7 +53,8 @@ def graph80():
 def plan_dict(graph) -> dict:
     """A Plan as JSON: 2 replicas of every stateful group, 1 of the others."""
     return {"policy": "operator", "model": graph.model, "device": "h100", "rate": 3.0,
-            "engines": [{"engine": {"type": "operator"}, "count": 1}], "devices": 4,
+            "engines": [{"engine": {"type": "operator", "attention": 2, "dense_shards": 1,
+                                    "dense_replicas": 1}, "count": 1}], "devices": 4,
             "power_w": 2000.0, "ttft_p50": 0.2, "ttft_p99": 0.9, "tbt_p50": 0.02,
             "tbt_p99": 0.05, "chunk": 512,
             "groups": [{"group": g.id, "kind": kind_name(g.name), "role": "operator",
@@ -145,7 +146,7 @@ def test_plan_profile_and_runs_add_their_sections(graph80, tmp_path):
     (lambda a: a.update(run={"timeline": [{"t": 0, "attainment": 1.5}]}), ValueError,
      r"'timeline\[0\].attainment' must be a fraction"),
     (lambda a: a.update(run={"timeline": [{"t": 0, "replicas": {"g2": "two"}}]}), ValueError,
-     r"'timeline\[0\].replicas.g2' must be a number"),
+     r"'timeline\[0\].replicas.g2' must be a finite number"),
     (lambda a: a["plan"].pop("devices"), ValueError, r"missing \['devices'\]"),
     (lambda a: a.update(format="png"), ValueError, "format must be one of"),
     (lambda a: a.update(format="dot"), ValueError, "plan: shown in format 'html' only"),

@@ -79,7 +79,7 @@ def test_files_in_both_formats(tmp_path):
 @pytest.mark.parametrize("filename,content,message", [
     ("a.csv", "TIMESTAMP,ContextTokens\n2023-11-16 18:00:00,5\n", r"a.csv:1: missing column\(s\) \['GeneratedTokens'\]"),
     ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00,5,1\nyesterday,5,1\n", r"a.csv:3: field 'TIMESTAMP' is not a timestamp"),
-    ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00,-5,1\n", r"a.csv:2: field 'ContextTokens' must be >= 1"),
+    ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00,-5,1\n", r"a.csv:2: field 'ContextTokens' must be from 1 to 10000000 tokens"),
     ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00,5,many\n", r"a.csv:2: field 'GeneratedTokens' is not an integer"),
     ("b.jsonl", '{"timestamp": 0, "input_length": 5}\n', r"b.jsonl:1: missing field 'output_length'"),
     ("b.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 1}\n{oops\n', r"b.jsonl:2: not valid JSON"),

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from helpers import assert_close
-from fxscale import backend, zoo
+import fxscale
+from fxscale import zoo
 
 
 @pytest.mark.parametrize("granularity", ["operator", "layer", "model"])
@@ -14,16 +15,15 @@ def test_zoo_matches_eager(name, granularity):
     entry = zoo.build(name)
     with torch.no_grad():
         expected = entry.run()
-        compiled = torch.compile(entry.model, backend="fxscale",
-                                 options={"granularity": granularity, "lowering": "eager"})
-        before = len(backend.compiled_group_graphs)
+        compiler = fxscale.Backend({"granularity": granularity, "lowering": "eager"})
+        compiled = torch.compile(entry.model, backend=compiler)
         actual = entry.run(compiled)
         # fresh inputs of another shape: the same compiled model, no stale specialisation
         fresh = zoo.build(name, batch=3, length=12, seed=7)
         fresh.model.load_state_dict(entry.model.state_dict())
         expected2, actual2 = fresh.run(entry.model), fresh.run(compiled)
-    assert len(backend.compiled_group_graphs) > before, "the fxscale backend was not used"
-    graph = backend.compiled_group_graphs[-1]
+    assert compiler.group_graphs, "the fxscale backend was not used"
+    graph = compiler.group_graphs[-1]
     if granularity == "model":
         assert len(graph.groups) == 1
     assert_close(actual, expected, 1e-5)
@@ -36,9 +36,9 @@ def test_inductor_lowering_matches_eager(name):
     entry = zoo.build(name)
     with torch.no_grad():
         expected = entry.run()
-        compiled = torch.compile(entry.model, backend="fxscale")
-        actual = entry.run(compiled)
-    graph = backend.compiled_group_graphs[-1]
+        compiler = fxscale.Backend()
+        actual = entry.run(torch.compile(entry.model, backend=compiler))
+    graph = compiler.group_graphs[-1]
     assert all(g.lowering.startswith("inductor") for g in graph.groups), \
         [g.lowering for g in graph.groups]
     # groups sharing compiled code still have a module each (per-group hooks, profiles)
@@ -51,8 +51,9 @@ def test_operator_groups_of_llama_layer():
     """Per layer: a row-wise GEMM group, a stateful attention group, a row-wise GEMM group."""
     entry = zoo.build("llama", layers=3)
     with torch.no_grad():
-        torch.compile(entry.model, backend="fxscale", options={"lowering": "eager"})(*entry.args)
-    graph = backend.compiled_group_graphs[-1]
+        compiler = fxscale.Backend({"lowering": "eager"})
+        torch.compile(entry.model, backend=compiler)(*entry.args)
+    graph = compiler.group_graphs[-1]
     for layer in range(3):
         groups = [g for g in graph.groups if g.layer == f"model.layers.{layer}"]
         assert [g.resource for g in groups] == ["compute", "stateful", "compute"], groups
