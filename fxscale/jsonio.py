@@ -6,8 +6,8 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
@@ -152,19 +152,19 @@ def output_file(target: str | Path, what: str = "output") -> Path:
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write a file so that a concurrent reader sees the old or the new content, never half."""
+    """Write a file so that a concurrent reader sees the old or the new content, never half
+    (with the permissions a plain write gives: the user's umask applies)."""
     path = output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(text, bytes) else "w"
-    with tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.",
-                                     suffix=".tmp", delete=False) as tmp:
-        try:
-            tmp.write(text)
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    data = text.encode() if isinstance(text, str) else text
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def output_folder(target: str | Path, ours: Callable[[str], bool], what: str) -> Path:
@@ -192,7 +192,8 @@ def replace_folder(target: str | Path, ours: Callable[[str], bool],
     only files of an earlier run (see output_folder)."""
     target = output_folder(target, ours, what)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".new"))
+    staging = _sibling(target, "new")
+    staging.mkdir()  # mode 0o777 less the umask, as a plain mkdir of the target would be
     try:
         yield staging
         _swap_in(staging, target)
@@ -201,14 +202,18 @@ def replace_folder(target: str | Path, ours: Callable[[str], bool],
         raise
 
 
+def _sibling(target: Path, kind: str) -> Path:
+    """A fresh hidden name beside `target` (.name.<random>.kind)."""
+    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.{kind}")
+
+
 def _swap_in(staging: Path, target: Path) -> None:
     """Put a finished folder in place of `target`: two renames, so at every moment `target`
     (or, for an instant, its backup beside it) holds one complete version."""
     if not target.exists():
         os.replace(staging, target)
         return
-    backup = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-    os.rmdir(backup)
+    backup = _sibling(target, "old")
     os.replace(target, backup)
     try:
         os.replace(staging, target)

@@ -158,6 +158,22 @@ def test_outputs_that_are_folders_or_files_in_the_wrong_place(tmp_path, capsys, 
     fails(capsys, ["explain", "--json", str(tmp_path)], "is a directory")
 
 
+def test_outputs_get_the_permissions_a_plain_write_gives(tmp_path):
+    """Atomic writes go through a temporary name: the result must still follow the umask
+    (tempfile would make it 0600, a folder 0700)."""
+    from fxscale.jsonio import replace_folder, write_atomic
+
+    (tmp_path / "plain.json").write_text("{}")
+    (tmp_path / "plain").mkdir()
+    write_atomic(tmp_path / "atomic.json", "{}")
+    with replace_folder(tmp_path / "folder", lambda name: True, "test output") as out:
+        (out / "f").write_text("1")
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
+    assert mode("atomic.json") == mode("plain.json") and mode("folder") == mode("plain")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic.json", "folder", "plain",
+                                                          "plain.json"]
+
+
 def test_a_plan_or_profile_of_another_model_is_refused(graph, tmp_path):
     point = ProfilePoint("prefill", 1, 16, 1e-3, 9e-4, 1.2e-3, 5)
     other = Profile("m", "operator", "cpu", "measured", "float32", 1, {},
