@@ -16,8 +16,8 @@ import warnings
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from fxscale import zoo
-from fxscale.backend import fxscale_backend
+from fxscale.compiler.backend import fxscale_backend
+from fxscale.models import zoo
 
 SHAPES = {"default": ((2, 3), (2, 7), (2, 12)),  # (batch, prompt length) per generate call
           "mixed": ((1, 3), (1, 7), (2, 5), (3, 12), (1, 1), (4, 2))}

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fxscale.fidelity import concurrent_rates
+from fxscale.studies.fidelity import concurrent_rates
 
 HIDDEN, INTERMEDIATE = 2048, 5632  # the demo's Llama
 PROBE_S = 0.4                      # seconds each rate is measured over

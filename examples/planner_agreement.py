@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from fxscale.presets import preset_service
-from fxscale.runtime.evaluate import metrics
-from fxscale.runtime.planner import SLO, Workload, default_slo, plan
-from fxscale.runtime.simulator import simulate
-from fxscale.runtime.traces import load_trace, poisson_resample
+from fxscale.contracts.plan import SLO
+from fxscale.models.presets import preset_service
+from fxscale.runtime.planner.search import Workload, default_slo, plan
+from fxscale.runtime.simulator.evaluate import metrics
+from fxscale.runtime.simulator.replay import simulate
+from fxscale.runtime.traces.loaders import load_trace, poisson_resample
 
 
 def main() -> None:

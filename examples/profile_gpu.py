@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 import fxscale
-from fxscale import zoo
-from fxscale.analytic import analytic_profile, compare
-from fxscale.characterize import characterize
-from fxscale.cli import profile_tables
-from fxscale.jsonio import write_atomic
-from fxscale.runtime.devices import load_device
-from fxscale.runtime.fit import fit_profile
+from fxscale.cli.profile import profile_tables
+from fxscale.contracts.jsonio import write_atomic
+from fxscale.models import zoo
+from fxscale.profiling.analytic import analytic_profile, compare
+from fxscale.profiling.cpu_calibration import device_model
+from fxscale.runtime.devices.fit import fit_profile
+from fxscale.studies.characterize import characterize
 
 
 def main(out_dir: str) -> None:
@@ -36,7 +36,7 @@ def main(out_dir: str) -> None:
     grid = fxscale.Grid(batches=(1, 4, 16, 64), lengths=(128, 256, 448))
     measured = fit_profile(fxscale.profile(entry.model, grid))
     measured.to_json(out / "profile-llama.json")
-    model = load_device("h100" if device == "cuda" else "cpu")
+    model = device_model("h100" if device == "cuda" else "cpu")
     rows = compare(measured, analytic_profile(entry.model, grid, model))
     title = f"Llama, 2 layers, hidden 1024, on {measured.device}"
     write_atomic(out / "profile-llama.md", profile_tables(

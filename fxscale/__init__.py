@@ -13,14 +13,16 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "Backend": "backend", "fxscale_backend": "backend", "explain": "capture",
-    "InputError": "errors",
-    "Group": "group_graph", "GroupEdge": "group_graph", "GroupGraph": "group_graph",
-    "Options": "options", "Grid": "profiling", "profile": "profiling",
-    "serve": "serving", "Server": "serving", "OverloadError": "serving",
-    "ServerClosedError": "serving",
-    "SLO": "runtime.planner", "report": "reporting",
-    "export_onnx": "onnx_export", "OnnxExport": "onnx_export",
+    "Backend": "compiler.backend", "fxscale_backend": "compiler.backend",
+    "explain": "compiler.capture", "Options": "compiler.options",
+    "InputError": "contracts.errors", "Group": "contracts.group_graph",
+    "GroupEdge": "contracts.group_graph", "GroupGraph": "contracts.group_graph",
+    "SLO": "contracts.plan",
+    "Grid": "profiling.measure", "profile": "profiling.measure",
+    "serve": "serving.server", "Server": "serving.server", "OverloadError": "serving.server",
+    "ServerClosedError": "serving.server",
+    "report": "reporting.report",
+    "export_onnx": "export.write", "OnnxExport": "export.write",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

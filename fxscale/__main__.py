@@ -1,6 +1,6 @@
 """`python -m fxscale` runs the command line."""
 import sys
 
-from .cli import main
+from fxscale.cli.main import main
 
 sys.exit(main())

@@ -2,11 +2,11 @@
 
 Data flows one way: annotate costs -> group -> ensure convexity -> split -> lower.
 """
-from .costs import NodeCost, annotate_costs
-from .convexity import ensure_convex, is_convex_partition
-from .grouping import Grouping, group_nodes
-from .lower import lower_groups
-from .split import split_groups
+from fxscale.passes.convexity import ensure_convex, is_convex_partition
+from fxscale.passes.costs import NodeCost, annotate_costs
+from fxscale.passes.grouping import Grouping, group_nodes
+from fxscale.passes.lower import lower_groups
+from fxscale.passes.split import split_groups
 
 __all__ = [
     "NodeCost",

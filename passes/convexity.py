@@ -10,7 +10,7 @@ from typing import Hashable, Mapping
 import networkx as nx
 import torch.fx as fx
 
-from .node_facts import COMPUTE_OPS
+from fxscale.passes.node_facts import COMPUTE_OPS
 
 
 def graph_dag(gm: fx.GraphModule) -> nx.DiGraph:

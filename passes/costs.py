@@ -11,13 +11,24 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fxscale.exprs import evaluate
-
-from . import classify as C
-from .node_facts import (COMPUTE_OPS, input_nodes, is_parameter_placeholder, is_weight_placeholder,
-                         layer_of, module_path, module_type_name, nbytes_expr, node_value,
-                         numel_expr, op_name, shape_exprs, tensors_in)
-from .symbols import SymbolTable
+from fxscale.contracts.exprs import evaluate
+from fxscale.passes import classify as C
+from fxscale.passes.node_facts import (
+    COMPUTE_OPS,
+    input_nodes,
+    is_parameter_placeholder,
+    is_weight_placeholder,
+    layer_of,
+    module_path,
+    module_type_name,
+    nbytes_expr,
+    node_value,
+    numel_expr,
+    op_name,
+    shape_exprs,
+    tensors_in,
+)
+from fxscale.passes.symbols import SymbolTable
 
 ZERO = sympy.Integer(0)
 # FLOPs per output element of ops that are more than one arithmetic op per element.

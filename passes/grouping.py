@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from fxscale.exprs import evaluate
-
-from . import classify as C
-from .costs import NodeCost
-from .node_facts import COMPUTE_OPS, node_value
-from .symbols import BATCH, LENGTH, SymbolTable
+from fxscale.contracts.exprs import evaluate
+from fxscale.passes import classify as C
+from fxscale.passes.costs import NodeCost
+from fxscale.passes.node_facts import COMPUTE_OPS, node_value
+from fxscale.passes.symbols import BATCH, LENGTH, SymbolTable
 
 ANCHOR_CLASSES = frozenset({C.GEMM, C.CONV, C.ATTENTION, C.KV_CACHE, C.EMBEDDING, C.ROUTING,
                             C.MOE_EXPERT})

@@ -18,8 +18,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx as fx
-from torch._dynamo.backends.distributed import (SubmodCompiler, propagate_dynamo_source,
-                                                propagate_metadata)
+from torch._dynamo.backends.distributed import (
+    SubmodCompiler,
+    propagate_dynamo_source,
+    propagate_metadata,
+)
 from torch._dynamo.utils import counters, detect_fake_mode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 

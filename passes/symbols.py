@@ -7,7 +7,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .node_facts import is_weight_placeholder, node_value
+from fxscale.passes.node_facts import is_weight_placeholder, node_value
 
 BATCH = "batch"
 LENGTH = "length"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxscale import zoo
+from fxscale.models import zoo
 
 
 def grads(model, run):

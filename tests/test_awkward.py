@@ -178,7 +178,7 @@ def test_inductor_failure_falls_back_to_eager_with_warning(monkeypatch):
 
 
 def test_analysis_failure_runs_whole_graph_eagerly(monkeypatch):
-    import fxscale.backend as fb
+    import fxscale.compiler.backend as fb
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated analysis bug")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fxscale.runtime.batching import run_batched, signature
-from fxscale.runtime.budget import Budget
-from fxscale.runtime.replica_pool import Call, GroupError, ReplicaPool
+from fxscale.runtime.pools.batching import run_batched, signature
+from fxscale.runtime.pools.budget import Budget
+from fxscale.runtime.pools.replica_pool import Call, GroupError, ReplicaPool
 
 
 def heads_projection(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> tuple:

@@ -14,9 +14,14 @@ import json
 
 import pytest
 
-from fxscale import bench
-from fxscale.bench_families import CompileConfig, ProfileConfig, RuntimeConfig, SimulatorConfig
-from fxscale.cli_bench import MARKERS, add_bench_command, splice
+from fxscale.cli.bench import MARKERS, add_bench_command, splice
+from fxscale.studies import bench
+from fxscale.studies.bench_families import (
+    CompileConfig,
+    ProfileConfig,
+    RuntimeConfig,
+    SimulatorConfig,
+)
 
 TINY = bench.BenchConfig(
     compile=CompileConfig(sizes=((1, 32),), batches=(1,), length=8, warmup=1, repeats=3),

@@ -1,7 +1,7 @@
 """The characterization report: written with its findings table and plots."""
 from __future__ import annotations
 
-from fxscale.characterize import FAMILIES, Grid, characterize, slope
+from fxscale.studies.characterize import FAMILIES, Grid, characterize, slope
 
 
 def test_report_has_findings_tables_and_plots(tmp_path):

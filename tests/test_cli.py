@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fxscale.cli import main
+from fxscale.cli.main import main
 
 
 def run_cli(*args):
@@ -63,7 +63,7 @@ def test_profile_prints_fit_and_analytic_tables(tmp_path, capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert "held-out MAPE" in text and "Analytic CPU model" in text
-    from fxscale.runtime.profile import Profile
+    from fxscale.contracts.profile import Profile
 
     assert any(g.fit for g in Profile.from_json(out).groups)
 

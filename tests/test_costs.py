@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxscale.exprs import evaluate
+from fxscale.contracts.exprs import evaluate
 from fxscale.passes import classify as C
 from fxscale.passes.costs import annotate_costs
 from fxscale.passes.symbols import symbols_of_graph

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from fxscale import zoo
-from fxscale.backend import fxscale_backend
+from fxscale.compiler.backend import fxscale_backend
+from fxscale.models import zoo
 
 PROMPT_LENGTHS = (3, 7, 12)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import assert_bad_file_names_the_field
 
 import fxscale
-from fxscale import GroupGraph, zoo
-from fxscale.errors import InputError
-from helpers import assert_bad_file_names_the_field
+from fxscale import GroupGraph
+from fxscale.contracts.errors import InputError
+from fxscale.models import zoo
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxscale
-from fxscale import zoo
+from fxscale.models import zoo
 from fxscale.passes.node_facts import COMPUTE_OPS
 
 

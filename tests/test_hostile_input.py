@@ -15,16 +15,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxscale
-from fxscale import GroupGraph, zoo
-from fxscale.cli import main
-from fxscale.errors import InputError
-from fxscale.exprs import parse_expr
-from fxscale.jsonio import read_json
-from fxscale.report_run import load_runs
-from fxscale.reporting import report
-from fxscale.runtime.planner import Plan
-from fxscale.runtime.profile import GroupProfile, Profile, ProfilePoint
-from fxscale.runtime.traces import load_trace
+from fxscale import GroupGraph
+from fxscale.cli.main import main
+from fxscale.contracts.errors import InputError
+from fxscale.contracts.exprs import parse_expr
+from fxscale.contracts.jsonio import read_json
+from fxscale.contracts.profile import GroupProfile, Profile, ProfilePoint
+from fxscale.models import zoo
+from fxscale.reporting.report import report
+from fxscale.reporting.run import load_runs
+from fxscale.runtime.planner.search import Plan
+from fxscale.runtime.traces.loaders import load_trace
 
 PAYLOAD = "__import__('os').system('touch {mark}') or 1"
 
@@ -64,7 +65,7 @@ def test_a_poisoned_group_graph_runs_nothing_and_names_the_field(graph, tmp_path
 
 
 def test_a_poisoned_preset_cache_entry_runs_nothing(tmp_path, monkeypatch, capsys):
-    from fxscale.presets import cache_dir, preset_graph
+    from fxscale.models.presets import cache_dir, preset_graph
 
     monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path / "cache"))
     preset_graph("llama-2-7b", layers=1)
@@ -161,7 +162,7 @@ def test_outputs_that_are_folders_or_files_in_the_wrong_place(tmp_path, capsys, 
 def test_outputs_get_the_permissions_a_plain_write_gives(tmp_path):
     """Atomic writes go through a temporary name: the result must still follow the umask
     (tempfile would make it 0600, a folder 0700)."""
-    from fxscale.jsonio import replace_folder, write_atomic
+    from fxscale.contracts.jsonio import replace_folder, write_atomic
 
     (tmp_path / "plain.json").write_text("{}")
     (tmp_path / "plain").mkdir()

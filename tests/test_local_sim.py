@@ -5,9 +5,14 @@ import time
 
 import pytest
 
-from fxscale.runtime.local_sim import LocalSimulation, SimGroup, SimRequest, profile_latency
-from fxscale.runtime.profile import GroupProfile, ProfilePoint
-from fxscale.runtime.fit import fit_group
+from fxscale.contracts.profile import GroupProfile, ProfilePoint
+from fxscale.runtime.devices.fit import fit_group
+from fxscale.runtime.simulator.local import (
+    LocalSimulation,
+    SimGroup,
+    SimRequest,
+    profile_latency,
+)
 
 
 def group(name, latency, batches=False, stateful=False):
@@ -99,9 +104,9 @@ def synthetic_measurement(live_tbt_s=0.011, two_jobs=(2.0, 2.0)):
     """A measurement of one non-batching group of 10 ms per call, whose live run measured
     TTFT 12 ms (what the model must predict for a lone request) and the given TBT, on a
     machine whose two-job capacity was `two_jobs` before and after it."""
-    from fxscale.runtime.fit import fit_profile
-    from fxscale.runtime.profile import Profile
-    from fxscale.serving_demo import DemoConfig
+    from fxscale.contracts.profile import Profile
+    from fxscale.runtime.devices.fit import fit_profile
+    from fxscale.studies.demo import DemoConfig
 
     points = [ProfilePoint(phase, b, n, 0.010, 0.010, 0.010, 3)
               for phase in ("prefill", "decode") for b in (1, 2, 4) for n in (8, 16, 32)]
@@ -127,7 +132,7 @@ def synthetic_measurement(live_tbt_s=0.011, two_jobs=(2.0, 2.0)):
 def test_token_timings_are_first_token_latency_and_the_mean_gap_after_it():
     """The one TTFT/TBT definition the server and the model share: tokens at 1.5, 2.0, 2.1
     and 2.7 s of a request that arrived at 1.0 s; a single token has no TBT."""
-    from fxscale.runtime.quantile import token_timings
+    from fxscale.contracts.metrics import token_timings
 
     assert token_timings(1.0, [1.5, 2.0, 2.1, 2.7]) == pytest.approx({"ttft_s": 0.5,
                                                                       "tbt_s": 0.4})
@@ -138,7 +143,7 @@ def test_concurrent_rates_run_the_jobs_side_by_side_and_count_their_calls():
     """Two jobs that sleep 10 ms per call for 0.3 s: both run all the time (about 30 calls
     each; taking turns, they would make 15), and each rate is its calls over the same elapsed
     time."""
-    from fxscale.fidelity import concurrent_rates
+    from fxscale.studies.fidelity import concurrent_rates
 
     calls = {"a": 0, "b": 0}
 
@@ -157,7 +162,7 @@ def test_concurrent_rates_run_the_jobs_side_by_side_and_count_their_calls():
 def test_fidelity_compares_the_model_with_the_live_run_it_is_given():
     """compare() on a synthetic measurement: the model's lone-request timings against a live
     run that measured them, then against one whose TBT is twice the model's."""
-    from fxscale.fidelity import compare
+    from fxscale.studies.fidelity import compare
 
     report = compare(synthetic_measurement())
     assert report["predicted"]["ttft_p50_s"] == pytest.approx(0.012, rel=0.05)
@@ -170,7 +175,7 @@ def test_fidelity_over_runs_compares_the_medians_of_each_side(monkeypatch):
     """Three runs whose live TBT was 11, 22 and 44 ms against a model that predicts 11 ms
     each time: the live median (22 ms) is 50% off, the range spans the runs, and each run's
     own report is kept."""
-    import fxscale.fidelity as fidelity
+    import fxscale.studies.fidelity as fidelity
 
     live = iter([0.011, 0.044, 0.022])
     monkeypatch.setattr(fidelity, "measure",
@@ -194,7 +199,7 @@ def test_fidelity_counts_the_runs_in_which_the_machine_changed():
     """Two-job capacities of 1.5 then 2.0 (a third more) within a run count as a change,
     1.9 then 2.0 (5%) do not; the range spans every measurement; runs saved without
     capacities give no machine summary."""
-    from fxscale.fidelity import compare, compare_runs, machine_stability
+    from fxscale.studies.fidelity import compare, compare_runs, machine_stability
 
     runs = [{"capacity_before_after": [[1.0, a], [1.0, b]]} for a, b in
             ((1.5, 2.0), (1.9, 2.0), (2.0, 2.0), (2.1, 1.6))]
@@ -208,8 +213,8 @@ def test_calibration_takes_hops_from_the_lone_request_and_their_locked_share_fro
     """A lone request timed by the model itself with known hop costs: calibrate() recovers
     them, and the share of them under the interpreter lock is the measured Python CPU over
     the hop seconds (capped at all of them)."""
-    from fxscale.fidelity import ALONE_PROMPT, _timings, calibrate
-    from fxscale.serving_demo import DemoConfig
+    from fxscale.studies.demo import DemoConfig
+    from fxscale.studies.fidelity import ALONE_PROMPT, _timings, calibrate
 
     config = DemoConfig(max_new=6)
     groups = [group(f"g{i}", lambda phase, b, n: 0.002 + 0.0005 * b, batches=True)
@@ -235,8 +240,8 @@ def test_calibration_takes_hops_from_the_lone_request_and_their_locked_share_fro
 def test_executions_slower_on_the_server_than_profiled_take_their_extra_from_the_hops():
     """A lone request whose executions each took 1 ms beyond the profile: calibrate() books
     that 1 ms on every execution (where it holds a slot) and no longer in the hops."""
-    from fxscale.fidelity import ALONE_PROMPT, _timings, calibrate, with_extra
-    from fxscale.serving_demo import DemoConfig
+    from fxscale.studies.demo import DemoConfig
+    from fxscale.studies.fidelity import ALONE_PROMPT, _timings, calibrate, with_extra
 
     config = DemoConfig(max_new=6)
     groups = [group(f"g{i}", lambda phase, b, n: 0.002, stateful=True) for i in range(3)]
@@ -286,8 +291,8 @@ def test_fidelity_command_prints_the_medians_and_writes_every_run(monkeypatch, t
     table with the medians and how many runs met the goal, and JSON with every run."""
     import json
 
-    import fxscale.fidelity as fidelity
-    from fxscale.cli import main
+    import fxscale.studies.fidelity as fidelity
+    from fxscale.cli.main import main
 
     monkeypatch.setattr(fidelity, "measure",
                         lambda config, policy: synthetic_measurement(live_tbt_s=0.022))
@@ -311,8 +316,8 @@ def test_fidelity_command_keeps_a_finished_policy_when_a_later_one_fails(monkeyp
     """The operator policy's runs are on disk before the model policy's first run fails."""
     import json
 
-    import fxscale.fidelity as fidelity
-    from fxscale.cli import main
+    import fxscale.studies.fidelity as fidelity
+    from fxscale.cli.main import main
 
     def measure(config, policy):
         if policy == "model":

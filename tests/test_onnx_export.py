@@ -16,10 +16,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fxscale import onnx_export, zoo
-from fxscale.cli_export import add_export_command
-from fxscale.onnx_export import export_onnx
-from fxscale.onnx_run import run_groups
+from fxscale.cli.export import add_export_command
+from fxscale.export import write as onnx_export
+from fxscale.export.run import run_groups
+from fxscale.export.write import export_onnx
+from fxscale.models import zoo
 
 FRESH = (3, 9)  # batch, length of the checks; the export example is (2, 16)
 TOLERANCE = 1e-4

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from fxscale.presets import PRESETS, preset_graph, preset_model
+from fxscale.models.presets import PRESETS, preset_graph, preset_model
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -32,7 +32,7 @@ def test_preset_cache_is_reused(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a cached preset must not be analysed again")
 
-    monkeypatch.setattr(sys.modules["fxscale.capture"], "explain", fail)
+    monkeypatch.setattr(sys.modules["fxscale.compiler.capture"], "explain", fail)
     assert preset_graph("llama-2-7b", layers=1) == first
     with pytest.raises(ValueError, match="unknown model preset 'gpt-5'"):
         preset_model("gpt-5")

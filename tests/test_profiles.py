@@ -5,15 +5,16 @@ import math
 
 import pytest
 import torch
+from helpers import assert_bad_file_names_the_field
 
 import fxscale
-from fxscale import zoo
-from fxscale.profiling import Grid, profile
-from fxscale.runtime import cpu_calibration
+from fxscale.contracts.profile import GroupProfile, Profile, ProfilePoint
+from fxscale.models import zoo
+from fxscale.profiling import cpu_calibration
+from fxscale.profiling.cpu_calibration import device_model
+from fxscale.profiling.measure import Grid, profile
 from fxscale.runtime.devices import device_names, load_device
-from fxscale.runtime.fit import fit_group, fit_points, predict
-from fxscale.runtime.profile import GroupProfile, Profile, ProfilePoint
-from helpers import assert_bad_file_names_the_field
+from fxscale.runtime.devices.fit import fit_group, fit_points, predict
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_grid_is_sorted_and_checked():
 def test_vmap_batching_times_batches_as_the_server_runs_them(monkeypatch):
     """batching="vmap": a batch-4 point of a batchable group is timed as one vmap over four
     single-request calls (what a replica executes); batch 1 and stateful groups are not."""
-    from fxscale.runtime import batching
+    from fxscale.runtime.pools import batching
 
     batch_sizes = []
 
@@ -183,7 +184,7 @@ def test_cpu_calibration_is_cached(tmp_path, monkeypatch):
         raise AssertionError("calibration should come from the cache")
 
     monkeypatch.setattr(cpu_calibration, "measure", fail)
-    assert load_device("cpu") == first
+    assert device_model("cpu") == first
 
 
 def test_fit_recovers_an_exact_model():

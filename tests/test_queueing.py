@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from fxscale.runtime.queueing import erlang_b, erlang_c, erlang_c_wait
+from fxscale.runtime.planner.queueing import erlang_b, erlang_c, erlang_c_wait
 
 
 def test_erlang_b_textbook_values():

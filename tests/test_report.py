@@ -19,13 +19,13 @@ import pytest
 import torch
 
 import fxscale
-from fxscale.cli_report import add_report_command
-from fxscale.reporting import report
-from fxscale.report_dot import to_dot
-from fxscale.report_layout import layout
-from fxscale.report_svg import RESOURCE_COLOURS
-from fxscale.runtime.service import kind_name
-from fxscale.runtime.simulator import Result
+from fxscale.cli.report import add_report_command
+from fxscale.reporting.dot import to_dot
+from fxscale.reporting.layout import layout
+from fxscale.reporting.report import report
+from fxscale.reporting.svg import RESOURCE_COLOURS
+from fxscale.runtime.planner.service import kind_name
+from fxscale.runtime.simulator.replay import Result
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser",
                                                 "google-chrome"))), None)
@@ -336,7 +336,7 @@ def test_report_opens_in_chromium(graph80, browser, tmp_path):
 
 
 def test_a_serving_run_window_with_no_finished_request_is_not_plotted():
-    from fxscale.report_run import load_runs
+    from fxscale.reporting.run import load_runs
 
     rows = [{"t": 1.0, "rate": 2.0, "attainment": None, "replicas": {"top#1/gemm": 1}},
             {"t": 2.0, "rate": 3.0, "attainment": 0.5, "replicas": {"top#1/gemm": 2}}]

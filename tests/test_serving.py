@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import fxscale
-from fxscale import zoo
-from fxscale.runtime.replica_pool import GroupError
+from fxscale.models import zoo
+from fxscale.runtime.pools.replica_pool import GroupError
+from fxscale.serving import server as server_module
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,7 @@ def test_soak_two_thousand_requests_with_faults_and_scaling(llama):
     """A time-scaled slice of the Azure conversation trace (lengths scaled to the small
     model): random replica crashes, injected failures and scale events while it flows.
     Nothing lost, nothing duplicated, every output equal to eager."""
-    from fxscale.runtime.traces import load_trace
+    from fxscale.runtime.traces.loaders import load_trace
 
     trace = load_trace("azure-conv", duration_s=450).requests[:2000]
     assert len(trace) == 2000
@@ -327,7 +328,7 @@ def test_replicas_are_capped_with_a_clear_error(server, monkeypatch):
     threads = threading.active_count()
     with pytest.raises(ValueError, match="at most 64 per group"):
         server.scale("model.layers.0#1/attention", 10 ** 9)
-    monkeypatch.setattr(fxscale.serving, "MAX_REPLICAS", 10)
+    monkeypatch.setattr(server_module, "MAX_REPLICAS", 10)
     with pytest.raises(ValueError, match=r"8 groups x 2 replicas would make 16 replicas in all, "
                                          r"more than 10"):
         server.scale("*", 2)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from fxscale.runtime.traces import TraceError, load_trace
+from fxscale.contracts.trace import TraceError
+from fxscale.runtime.traces.loaders import load_trace
 
 
 @pytest.mark.parametrize("name,count,minutes,prompt_mean,output_mean", [
@@ -102,7 +103,7 @@ def test_unknown_name_lists_the_shipped_traces():
 def test_servegen_sample_follows_the_published_rates_and_sizes():
     import csv
 
-    from fxscale.runtime import servegen
+    from fxscale.runtime.traces import servegen
 
     trace = load_trace("servegen-mm-image", start_s=43200, duration_s=1800)
     again = load_trace("servegen-mm-image", start_s=43200, duration_s=1800)
@@ -124,7 +125,7 @@ def test_servegen_gaps_have_the_published_burstiness_and_sizes_follow_the_pmf():
     import json
     import statistics
 
-    from fxscale.runtime import servegen
+    from fxscale.runtime.traces import servegen
 
     folder = servegen._files()
     client, window = max(
@@ -148,7 +149,7 @@ def test_servegen_gaps_have_the_published_burstiness_and_sizes_follow_the_pmf():
 def test_servegen_bad_inputs():
     import random
 
-    from fxscale.runtime import servegen
+    from fxscale.runtime.traces import servegen
 
     with pytest.raises(TraceError, match="unknown inter-arrival distribution 'Pareto'"):
         servegen._gap_sampler("Pareto", 1.0, 1.0, 1.0, random.Random(0), "x.csv:3")
@@ -165,7 +166,7 @@ def test_servegen_bad_inputs():
 
 
 def test_poisson_resample_keeps_the_length_mix_at_a_steady_rate():
-    from fxscale.runtime.traces import poisson_resample
+    from fxscale.runtime.traces.loaders import poisson_resample
 
     base = load_trace("azure-conv")
     steady = poisson_resample(base, 4.0, 600, seed=3)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import assert_close
+
 import fxscale
-from fxscale import zoo
+from fxscale.models import zoo
 
 
 @pytest.mark.parametrize("granularity", ["operator", "layer", "model"])

@@ -17,7 +17,7 @@ import torch
 from bench_models import llama_2x2048
 
 import fxscale
-from fxscale.serving_demo import DemoConfig, serve_trace
+from fxscale.studies.demo import DemoConfig, serve_trace
 
 CONCURRENT, PROMPT, NEW_TOKENS = 16, 16, 16
 
@@ -76,7 +76,7 @@ def test_operator_vs_model_policy_on_a_trace_slice(benchmark):
 
 @pytest.mark.parametrize("policy", ["operator", "model"])
 def test_runtime_model_fidelity(benchmark, policy):
-    from fxscale.fidelity import fidelity
+    from fxscale.studies.fidelity import fidelity
 
     benchmark.group = "runtime model: predicted vs measured on the Azure slice"
     report = benchmark.pedantic(fidelity, args=(DemoConfig(), policy), rounds=1, iterations=1)

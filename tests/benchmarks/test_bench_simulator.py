@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from fxscale.presets import preset_service
-from fxscale.runtime.evaluate import peak_rate
-from fxscale.runtime.planner import SLO, Workload, plan
-from fxscale.runtime.simulator import ScalingConfig, simulate
-from fxscale.runtime.traces import load_trace
+from fxscale.contracts.plan import SLO
+from fxscale.models.presets import preset_service
+from fxscale.runtime.planner.search import Workload, plan
+from fxscale.runtime.simulator.evaluate import peak_rate
+from fxscale.runtime.simulator.replay import ScalingConfig, simulate
+from fxscale.runtime.traces.loaders import load_trace
 
 SLO_70B = SLO(ttft=2.0, tbt=0.1)
 

@@ -1,0 +1,166 @@
+"""From a Dynamo graph to a GroupGraph: annotate costs, group, make convex, summarise."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx as fx
+
+from fxscale.compiler.options import Options
+from fxscale.contracts.exprs import evaluate, to_text
+from fxscale.contracts.group_graph import Group, GroupEdge, GroupGraph
+from fxscale.passes import classify as C
+from fxscale.passes.convexity import ensure_convex, graph_dag
+from fxscale.passes.costs import NodeCost, annotate_costs
+from fxscale.passes.grouping import ANCHOR_CLASSES, group_nodes, sensitivity
+from fxscale.passes.node_facts import (
+    COMPUTE_OPS,
+    is_weight_placeholder,
+    nbytes_expr,
+    node_value,
+)
+from fxscale.passes.split import number_groups, submodule_name
+from fxscale.passes.symbols import SymbolTable, symbols_of_graph
+
+ZERO = sympy.Integer(0)
+
+
+@dataclass
+class Analysis:
+    """Everything the backend needs after analysis: the GroupGraph and the node assignment."""
+
+    group_graph: GroupGraph
+    assignment: dict[fx.Node, int]
+
+
+def analyse_graph(gm: fx.GraphModule, options: Options, model: str = "") -> Analysis:
+    """Run the analysis passes over one Dynamo graph."""
+    symbols = symbols_of_graph(gm)
+    costs = annotate_costs(gm, symbols)
+    grouping = group_nodes(gm, costs, symbols, options.granularity)
+    order = [n for n in gm.graph.nodes if n.op in COMPUTE_OPS]
+    part, notes = ensure_convex(graph_dag(gm), grouping.assignment)
+    assignment = number_groups(order, part)
+    reasons = _reasons(order, assignment, grouping)
+    graph = build_group_graph(gm, costs, symbols, assignment, reasons, options.granularity, model)
+    graph.notes.extend(notes)
+    return Analysis(graph, assignment)
+
+
+def _reasons(order, assignment, grouping) -> dict[int, str]:
+    """Why each (renumbered) group starts: the grouping's reason, or a convexity repair."""
+    reasons: dict[int, str] = {}
+    seen: set[int] = set()
+    for node in order:
+        group = assignment[node]
+        if group in seen:
+            continue
+        seen.add(group)
+        original = grouping.assignment[node]
+        first_of_original = next(n for n in order if grouping.assignment[n] == original)
+        reasons[group] = (grouping.reasons.get(original, "") if first_of_original is node
+                          else "split to keep the group graph acyclic (convexity repair)")
+    return reasons
+
+
+def build_group_graph(gm: fx.GraphModule, costs: dict[fx.Node, NodeCost], symbols: SymbolTable,
+                      assignment: dict[fx.Node, int], reasons: dict[int, str], granularity: str,
+                      model: str) -> GroupGraph:
+    """Summarise per-node costs into groups and the edges between them."""
+    weight_bytes = {n.name: int(nbytes_expr(node_value(n)))
+                    for n in gm.graph.nodes if is_weight_placeholder(n)
+                    and isinstance(node_value(n), torch.Tensor) and not _symbolic(node_value(n))}
+    members: dict[int, list[fx.Node]] = {}
+    for node, group in assignment.items():
+        members.setdefault(group, []).append(node)
+    env = symbols.env()
+    edge_bytes: dict[tuple[int, int], sympy.Expr] = {}
+    leaving: dict[int, sympy.Expr] = {}
+    for node, group in assignment.items():
+        targets = {assignment.get(u, -1) for u in node.users} - {group}
+        cost = costs[node]
+        size = cost.out_bytes if cost.is_tensor and not cost.weight_like \
+            else ZERO
+        for target in targets:
+            if target >= 0:
+                edge_bytes[(group, target)] = edge_bytes.get((group, target), ZERO) + size
+        if targets:
+            leaving[group] = leaving.get(group, ZERO) + size
+    groups = [_group(gid, members[gid], costs, symbols, env, weight_bytes, leaving.get(gid, ZERO),
+                     reasons.get(gid, ""), granularity)
+              for gid in sorted(members)]
+    _number_names(groups)
+    edges = [GroupEdge(f"g{a}", f"g{b}", to_text(expr)) for (a, b), expr in sorted(edge_bytes.items())]
+    table = {name: {"role": role, "source": symbols.sources.get(name, ""),
+                    "example": symbols.hints.get(name, 0)}
+             for name, role in symbols.roles.items()}
+    return GroupGraph(model=model, granularity=granularity, groups=groups, edges=edges,
+                      symbols=table)
+
+
+def _number_names(groups: list[Group]) -> None:
+    """Make names unique and stable across captures: '<layer>#<k>/<class>', k-th group of the layer."""
+    seen: Counter = Counter()
+    for g in groups:
+        prefix, _, kind = g.name.partition("/")
+        g.name = f"{prefix}#{seen[prefix]}/{kind}" if kind else g.name
+        seen[prefix] += 1
+
+
+def _symbolic(t: torch.Tensor) -> bool:
+    """Whether a tensor has symbolic sizes."""
+    return any(isinstance(s, torch.SymInt) for s in t.shape)
+
+
+def _group(gid, nodes, costs, symbols, env, weight_bytes, leaving, reason, granularity) -> Group:
+    """Summarise one group's member costs."""
+    member_costs = [costs[n] for n in nodes]
+    flops = sympy.Add(*(c.flops for c in member_costs))
+    read = sympy.Add(*(c.bytes_read for c in member_costs))
+    written = sympy.Add(*(c.bytes_written for c in member_costs))
+    kv = sympy.Add(*(c.kv_bytes_per_token for c in member_costs))
+    params = set().union(*(c.params for c in member_costs))
+    # Rank classes: heavy (anchor) classes first, then by FLOPs, then by bytes moved.
+    rank: dict[str, list[float]] = {}
+    for c in member_costs:
+        if c.op_class not in (C.SCALAR, C.DATA_MOVEMENT):
+            entry = rank.setdefault(c.op_class, [float(c.op_class in ANCHOR_CLASSES), 0.0, 0.0])
+            entry[1] += evaluate_or_zero(c.flops, env)
+            entry[2] += evaluate_or_zero(c.bytes_total, env)
+    classes = sorted(rank, key=lambda k: rank[k], reverse=True) or [C.DATA_MOVEMENT]
+    stateful = any(c.resource == C.STATEFUL for c in member_costs)
+    dominant = classes[0]
+    resource = C.STATEFUL if stateful else C.resource_of(dominant)
+    layers = Counter(c.layer for c in member_costs if c.layer)
+    layer = layers.most_common(1)[0][0] if layers else None
+    if granularity == "model":
+        name = "model"
+    else:
+        name = f"{layer or 'top'}/{C.ATTENTION if stateful and C.ATTENTION in classes else dominant}"
+    b_flops, l_flops = sensitivity(flops, symbols, env)
+    b_bytes, l_bytes = sensitivity(read + written, symbols, env)
+    return Group(
+        id=f"g{gid}", name=name, nodes=[n.name for n in nodes], classes=classes,
+        resource=resource, flops=to_text(flops), bytes_read=to_text(read),
+        bytes_written=to_text(written), activation_bytes=to_text(leaving),
+        param_bytes=sum(weight_bytes.get(p, 0) for p in params), kv_bytes_per_token=to_text(kv), row_wise=not any(c.mixes_tokens for c in member_costs),
+        stateful=stateful, layer=layer, split_reason=reason,
+        sensitivity={"flops_batch": b_flops, "flops_length": l_flops,
+                     "bytes_batch": b_bytes, "bytes_length": l_bytes},
+        graph=0, lowering="not lowered")
+
+
+def evaluate_or_zero(expr, env) -> float:
+    """Evaluate an expression; 0 when it cannot be evaluated (unknown symbols)."""
+    try:
+        return evaluate(expr, env)
+    except KeyError:
+        return 0.0
+
+
+def describe_groups(graph: GroupGraph) -> dict[str, str]:
+    """Short text per group submodule name, for warnings."""
+    return {submodule_name(int(g.id[1:])): f"{g.name}: {', '.join(g.classes[:3])}"
+            for g in graph.groups}

@@ -1,0 +1,229 @@
+"""The benchmark families of `fxscale bench`: one plain function each, returning JSON-ready rows.
+
+Every family takes its own frozen config (what to measure, how often) and a `tick(message)`
+callback called once before each unit of work, so a caller can draw one progress bar over
+all of them; `units()` on a config says how many ticks it will make.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import multiprocessing
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fxscale.runtime.simulator.evaluate import ALL_POLICIES
+
+Tick = Callable[[str], None]
+BACKENDS: dict[str, dict[str, Any] | None] = {
+    "eager": None,
+    "inductor": dict(backend="inductor"),
+    "fxscale": dict(backend="fxscale",
+                    options={"granularity": "operator", "lowering": "inductor"}),
+}
+MATCH_TOLERANCE = 1e-4  # relative to the largest |eager output|, as `fxscale demo` checks
+
+
+def _no_tick(message: str) -> None:
+    """The default tick: report nothing."""
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Compile path: zoo Llama sizes (layers, hidden) x batches x backends, one sequence length."""
+
+    sizes: tuple[tuple[int, int], ...] = ((4, 512),)
+    batches: tuple[int, ...] = (1, 8)
+    length: int = 128
+    warmup: int = 3
+    repeats: int = 20
+
+    def units(self) -> int:
+        """Ticks the family makes: one per (size, batch, backend)."""
+        return len(self.sizes) * len(self.batches) * len(BACKENDS)
+
+
+def compile_latency(config: CompileConfig, tick: Tick = _no_tick) -> list[dict]:
+    """Per Llama size, batch and backend: first call (compile) time, steady-state latency and
+    the largest difference from eager. Each run gets a fresh process and an empty Inductor
+    cache, so no backend's compile time is flattered by kernels another one built."""
+    spawn = multiprocessing.get_context("spawn")
+    rows = []
+    for (layers, hidden), batch, backend in itertools.product(config.sizes, config.batches,
+                                                              BACKENDS):
+        tick(f"compile path: llama {layers}x{hidden}, batch {batch}, {backend}")
+        with tempfile.TemporaryDirectory(prefix="fxscale-bench-inductor-") as cache, \
+                ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            rows.append(pool.submit(_measure_backend, backend, layers, hidden, batch,
+                                    config.length, config.warmup, config.repeats,
+                                    cache).result())
+    return rows
+
+
+def _measure_backend(backend: str, layers: int, hidden: int, batch: int, length: int,
+                     warmup: int, repeats: int, inductor_cache: str) -> dict:
+    """One compile-path row, measured in the calling (fresh) process."""
+    import os
+
+    import torch
+
+    from fxscale.models import zoo
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache  # read when Inductor first compiles
+    entry = zoo.build("llama", batch=batch, length=length, layers=layers, hidden=hidden)
+    options = BACKENDS[backend]
+    run = entry.model if options is None else torch.compile(entry.model, **options)
+    with torch.no_grad():
+        expected = entry.model(*entry.args, use_cache=False).logits
+        start = time.perf_counter()
+        actual = run(*entry.args, use_cache=False).logits
+        first_call_s = time.perf_counter() - start
+        for _ in range(warmup):
+            run(*entry.args, use_cache=False)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(*entry.args, use_cache=False)
+            times.append(time.perf_counter() - start)
+    diff = (actual - expected).abs().max().item()
+    return {"model": "llama", "layers": layers, "hidden": hidden, "batch": batch,
+            "length": length, "backend": backend, "first_call_s": first_call_s,
+            "latency_ms_median": statistics.median(times) * 1e3,
+            "latency_ms_min": min(times) * 1e3, "latency_ms_max": max(times) * 1e3,
+            "repeats": repeats, "max_abs_diff": diff,
+            "matches_eager": diff <= MATCH_TOLERANCE * (expected.abs().max().item() or 1.0),
+            "threads": torch.get_num_threads()}
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Per-group profiles: one zoo Llama measured over a (phase, batch, length) grid."""
+
+    layers: int = 2
+    hidden: int = 512
+    batches: tuple[int, ...] = (1, 4, 16)
+    lengths: tuple[int, ...] = (32, 128, 256)
+    lowering: str = "inductor"
+    repeats: int = 7
+
+    def units(self) -> int:
+        """Ticks the family makes: one (fxscale.profile draws no bar of its own here)."""
+        return 1
+
+
+def group_profiles(config: ProfileConfig, tick: Tick = _no_tick) -> list[dict]:
+    """Median and spread of every operator group's latency at every grid point."""
+    import torch
+
+    from fxscale.models import zoo
+    from fxscale.profiling.measure import Grid, profile
+
+    tick(f"profiles: llama {config.layers}x{config.hidden}, "
+         f"{len(config.batches) * len(config.lengths) * 2} grid points")
+    entry = zoo.build("llama", layers=config.layers, hidden=config.hidden)
+    torch._dynamo.reset()  # this profile's graphs only, not earlier compiles in the process
+    measured = profile(entry.model, Grid(batches=config.batches, lengths=config.lengths),
+                       lowering=config.lowering, repeats=config.repeats, progress=False)
+    torch._dynamo.reset()
+    return [{"group": g.group, "name": g.name, "stateful": g.stateful, "phase": p.phase,
+             "batch": p.batch, "length": p.length, "median_ms": p.median_s * 1e3,
+             "p10_ms": p.p10_s * 1e3, "p90_ms": p.p90_s * 1e3, "repeats": p.repeats}
+            for g in measured.groups for p in g.points]
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """Policy comparison: model presets x traces x SLO scales on one device model."""
+
+    models: tuple[str, ...] = ("llama-2-7b", "llama-2-70b", "mixtral-8x7b")
+    layers: int | None = None          # None: every layer of the preset
+    device: str = "h100"
+    traces: tuple[str, ...] = ("azure-conv", "azure-code")
+    start_s: float = 0.0
+    duration_s: float | None = 1200.0  # None: the whole trace
+    slo_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    attainment: float = 0.99
+    policies: tuple[str, ...] = ALL_POLICIES
+    interval_s: float = 30.0
+
+    def units(self) -> int:
+        """Ticks the family makes: one per (model, trace, SLO scale)."""
+        return len(self.models) * len(self.traces) * len(self.slo_scales)
+
+
+def simulator_policies(config: SimulatorConfig, tick: Tick = _no_tick) -> list[dict]:
+    """Each policy at its best autoscaler setting (as `fxscale simulate --policy all`), with
+    its distance from the fluid bound, for every model, trace and SLO scale (the model's
+    default TTFT and TBT targets times the scale)."""
+    from fxscale.contracts.plan import SLO
+    from fxscale.models.presets import preset_service
+    from fxscale.runtime.planner.search import default_slo
+    from fxscale.runtime.simulator.evaluate import compare
+    from fxscale.runtime.simulator.replay import ScalingConfig
+    from fxscale.runtime.traces.loaders import load_trace
+
+    rows = []
+    scaling = ScalingConfig(interval_s=config.interval_s)
+    for model in config.models:
+        service = None
+        for trace_name, scale in itertools.product(config.traces, config.slo_scales):
+            tick(f"simulator: {model}, {trace_name}, SLO x{scale:g}")
+            # analysed lazily, so the first tick is shown while a new preset is analysed
+            service = service or preset_service(model, config.device, config.layers)
+            ttft, tbt = default_slo(service.weight_bytes / 2)
+            slo = SLO(ttft * scale, tbt * scale, config.attainment)
+            trace = load_trace(trace_name, config.start_s, config.duration_s)
+            outcome = compare(service, trace, config.policies, slo, scaling)
+            rows += [{"model": model, "layers": config.layers, "device": config.device,
+                      "trace": trace_name, "requests": len(trace.requests),
+                      "duration_s": trace.duration_s(), "slo_scale": scale,
+                      "slo_ttft_s": slo.ttft, "slo_tbt_s": slo.tbt,
+                      **{key: _finite(row[key]) for key in SIMULATOR_KEYS},
+                      "x_bound": row["gpu_hours"] / row["lower_bound_gpu_hours"]}
+                     for row in outcome["rows"]]
+    return rows
+
+
+SIMULATOR_KEYS = ("policy", "gpu_hours", "lower_bound_gpu_hours", "energy_kwh",
+                  "slo_attainment", "meets_target", "ttft_p50", "ttft_p99", "tbt_p50",
+                  "tbt_p99", "throughput_tok_s", "headroom", "floor", "wall_s")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Local runtime: `fxscale demo`'s served trace slice, once per autoscaling policy."""
+
+    seconds: float = 30.0
+    hidden: int = 2048
+    policies: tuple[str, ...] = ("operator", "model")
+
+    def units(self) -> int:
+        """Ticks the family makes: one per policy."""
+        return len(self.policies)
+
+
+def runtime_local(config: RuntimeConfig, tick: Tick = _no_tick) -> list[dict]:
+    """SLO attainment, throughput and latency percentiles of each policy serving the slice."""
+    from fxscale.studies.demo import DemoConfig, serve_trace
+
+    demo = DemoConfig(seconds=config.seconds, hidden=config.hidden)
+    rows = []
+    for policy in config.policies:  # one at a time, so each gets its own tick
+        tick(f"runtime: {demo.seconds:g} s of {demo.trace}, llama {demo.layers}x{demo.hidden}, "
+             f"{policy}-level autoscaling")
+        results = serve_trace(demo, policies=(policy,))
+        run = results["policies"][policy]
+        rows.append({"policy": policy, "trace": demo.trace, "layers": demo.layers,
+                     "hidden": demo.hidden, "budget": demo.budget, "slo_ttft_s": demo.ttft,
+                     "slo_tbt_s": demo.tbt, **run["summary"], "ready_s": run["ready_s"],
+                     "scale_decisions": len(run["autoscaler"]["decisions"])})
+    return rows
+
+
+def _finite(value: Any) -> Any:
+    """The value, or None for a NaN or infinite float (JSON has neither)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value

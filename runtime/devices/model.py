@@ -1,0 +1,71 @@
+"""Analytic device models: peak rates, bandwidths, capacity, power, and a roofline latency.
+
+GPU constants come from vendor datasheets (runtime/devices.json cites each one; see
+docs/devices.md). The local CPU is calibrated by short microbenchmarks (cpu_calibration.py).
+Pure Python: the planner and simulator import this without torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """One device: peak rates per dtype (FLOP/s), memory bandwidth (B/s), capacity, power."""
+
+    name: str
+    description: str
+    kind: str
+    peak_flops: dict[str, float]
+    memory_bandwidth: float
+    memory_bytes: float
+    interconnect: dict[str, float]
+    max_power_w: float
+    idle_power_w: float
+    compute_efficiency: float
+    memory_efficiency: float
+    half_time_s: float
+    launch_overhead_s: float
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def peak(self, dtype: str) -> float:
+        """Peak FLOP/s for a dtype, with a clear error for dtypes the device has no rate for."""
+        if dtype not in self.peak_flops:
+            raise ValueError(f"device {self.name!r} has no peak rate for dtype {dtype!r}; "
+                             f"known: {sorted(self.peak_flops)}")
+        return self.peak_flops[dtype]
+
+    def compute_time(self, flops: float, dtype: str) -> float:
+        """Seconds for `flops` at the achieved (size-dependent) compute rate."""
+        return _ramp_time(flops, self.peak(dtype) * self.compute_efficiency, self.half_time_s)
+
+    def memory_time(self, nbytes: float) -> float:
+        """Seconds to move `nbytes` at the achieved (size-dependent) bandwidth."""
+        return _ramp_time(nbytes, self.memory_bandwidth * self.memory_efficiency,
+                          self.half_time_s)
+
+    def latency(self, flops: float, nbytes: float, dtype: str = "bf16") -> float:
+        """Roofline latency of a kernel group: overhead + max(compute time, memory time)."""
+        return self.launch_overhead_s + max(self.compute_time(flops, dtype),
+                                            self.memory_time(nbytes))
+
+    def bound(self, flops: float, nbytes: float, dtype: str = "bf16") -> str:
+        """'compute' or 'memory': which side of the roofline the work falls on."""
+        return "compute" if self.compute_time(flops, dtype) >= self.memory_time(nbytes) \
+            else "memory"
+
+    def ridge_point(self, dtype: str = "bf16") -> float:
+        """Arithmetic intensity (FLOP/B) where the roofline turns from memory- to compute-bound."""
+        return (self.peak(dtype) * self.compute_efficiency) / (
+            self.memory_bandwidth * self.memory_efficiency)
+
+
+def _ramp_time(work: float, rate: float, half_time: float) -> float:
+    """Time of `work` at a rate that ramps up with size: work/rate + half_time.
+
+    Equivalent to an achieved rate of rate * w / (w + rate * half_time): small work reaches
+    a fraction of the rate, large work approaches it.
+    """
+    if work <= 0:
+        return 0.0
+    return work / rate + half_time

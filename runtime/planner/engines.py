@@ -1,0 +1,134 @@
+"""Serving engines: how a set of devices runs the model's kinds, and what one iteration costs.
+
+Two shapes cover every policy:
+- `LockstepEngine`: one model replica tensor-parallel over `shards` devices that runs every
+  kind in turn (role "model": prefill and decode with chunked prefill; "prefill" or "decode":
+  one phase only, for the phase-split policy).
+- `OperatorEngine`: operator groups disaggregated into pools. Stateful attention kinds run on
+  `attention` devices that hold the KV caches (requests spread over them); the dense kinds run
+  on `dense_replicas` replicas, each sharded over `dense_shards` devices. Two micro-batches
+  alternate between the pools (ping-pong), so one decode step takes
+  max(traversal of a micro-batch, 2 x the busier pool's time per micro-batch).
+  With `attention == 0` every kind shares the dense devices (co-located).
+Memory: a device keeps MEMORY_HEADROOM of its capacity free for activations and fragmentation.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from fxscale.runtime.planner.service import Batch, ServiceModel
+
+MEMORY_HEADROOM = 0.10
+ROLES = ("model", "prefill", "decode")  # what a LockstepEngine runs
+
+
+@dataclass(frozen=True)
+class LockstepEngine:
+    """A model replica (or a phase replica) tensor-parallel over `shards` devices."""
+
+    role: str
+    shards: int
+
+    @property
+    def devices(self) -> int:
+        """Devices this engine occupies."""
+        return self.shards
+
+    prefill_lanes = 1  # one chunk of prompt tokens per step
+
+    def step(self, service: ServiceModel, batch: Batch) -> tuple[float, float]:
+        """(seconds, busy device-seconds) of one iteration."""
+        seconds = service.iteration_time(batch, self.shards)
+        return seconds, seconds * self.shards
+
+    def kv_capacity_tokens(self, service: ServiceModel) -> float:
+        """Tokens of KV cache that fit next to the weights (0 when the weights do not fit)."""
+        free = self.shards * service.device.memory_bytes * (1 - MEMORY_HEADROOM) \
+            - service.weight_bytes
+        return max(0.0, free / service.kv_bytes_per_token)
+
+    def load_bytes_per_device(self, service: ServiceModel) -> float:
+        """Weight bytes each new device must load before it serves."""
+        return service.weight_bytes / self.shards
+
+    def describe(self) -> dict:
+        """JSON-ready description."""
+        return {"type": "lockstep", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class OperatorEngine:
+    """Operator groups in pools: attention devices with the KV, dense replicas with weights."""
+
+    attention: int
+    dense_shards: int
+    dense_replicas: int
+
+    @property
+    def devices(self) -> int:
+        """Devices this engine occupies."""
+        return self.attention + self.dense_shards * self.dense_replicas
+
+    @property
+    def prefill_lanes(self) -> int:
+        """Dense replicas each take a chunk of prompt tokens per step."""
+        return self.dense_replicas
+
+    def pool_times(self, service: ServiceModel, batch: Batch) -> tuple[float, float, float,
+                                                                         float]:
+        """(attention pool s, dense pool s, communication s, busy device-seconds) for one
+        micro-batch; a pool's devices count as busy only while they hold work."""
+        attention = dense = comm = busy = 0.0
+        spread = self.attention or self.dense_shards * self.dense_replicas
+        for kind in service.kinds:
+            if kind.stateful:  # requests spread over the attention devices (or all of them)
+                seconds = service.kind_time(kind, batch, 1, spread)
+                attention += seconds
+                busy += seconds * service.busy_replicas(kind, batch, spread)
+            else:
+                seconds = service.kind_time(kind, batch, self.dense_shards, self.dense_replicas)
+                dense += seconds
+                busy += seconds * self.dense_shards * service.busy_replicas(
+                    kind, batch, self.dense_replicas)
+            if self.attention and kind.stateful:
+                comm += kind.count * 2 * self._hop(service, batch, kind.out_bytes_per_token)
+        return attention, dense, comm, busy
+
+    def _hop(self, service: ServiceModel, batch: Batch, bytes_per_token: float) -> float:
+        """Seconds to move one micro-batch's activations between pools (NVLink within a
+        node of 8, the network beyond)."""
+        link = service.device.interconnect
+        bandwidth = link.get("nvlink", link["pcie"]) if self.devices <= 8 else link["network"]
+        per_device = max(1, min(self.attention, self.dense_replicas))
+        return 10e-6 + batch.tokens * max(bytes_per_token, 1.0) / (bandwidth * per_device)
+
+    def step(self, service: ServiceModel, batch: Batch) -> tuple[float, float]:
+        """(seconds, busy device-seconds) of one iteration over the whole batch."""
+        if not self.attention:
+            attention, dense, _, busy = self.pool_times(service, batch)
+            return attention + dense, busy
+        half = batch.split(2)
+        attention, dense, comm, busy = self.pool_times(service, half)
+        return max(attention + dense + comm, 2 * max(attention, dense)), 2 * busy
+
+    def kv_capacity_tokens(self, service: ServiceModel) -> float:
+        """Tokens of KV cache: the attention devices' memory, or what the weights leave free."""
+        usable = service.device.memory_bytes * (1 - MEMORY_HEADROOM)
+        if self.attention:
+            return self.attention * usable / service.kv_bytes_per_token
+        free = self.dense_shards * self.dense_replicas * usable \
+            - self.dense_replicas * service.weight_bytes
+        return max(0.0, free / service.kv_bytes_per_token)
+
+    def dense_fits(self, service: ServiceModel) -> bool:
+        """Whether one dense shard's weights fit a device (the KV check is the planner's)."""
+        usable = service.device.memory_bytes * (1 - MEMORY_HEADROOM)
+        return service.weight_bytes / self.dense_shards <= usable
+
+    def load_bytes_per_device(self, service: ServiceModel) -> float:
+        """Weight bytes a new dense device loads; attention devices load no weights."""
+        return service.weight_bytes / self.dense_shards
+
+    def describe(self) -> dict:
+        """JSON-ready description."""
+        return {"type": "operator", **asdict(self)}

@@ -1,0 +1,497 @@
+"""The planner: engines, replica counts, batch sizes and placement that meet TTFT/TBT SLOs.
+
+Pure Python. For one policy it searches the engine shapes (tensor-parallel degree, chunked-
+prefill budget, pool sizes) and, for each, the fewest replicas whose predicted TTFT and TBT
+meet the SLO at the given arrival rate; the cheapest deployment wins (devices, then power).
+The prediction for one engine at arrival rate lam (docs/simulator.md has the derivation):
+- decode step T is the fixed point of T = step(batch), with B = lam * output_mean * T requests
+  decoding (Little's law) and lam * prompt_mean * T prefill tokens per step (at most a chunk);
+- TBT p99 is the step at the 99th percentile of B (Poisson: M/G/inf concurrency) with a full
+  prefill chunk; TBT p50 the step at the mean;
+- TTFT: Erlang C over the engines that admit prompts (M/M/c, service rate = prefill tokens per
+  second / mean prompt) plus the prompt's own prefill steps; the percentile wait uses the
+  M/M/c tail. Service is closer to deterministic than exponential, so waits err high.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from fxscale.contracts.errors import InputError
+from fxscale.contracts.jsonio import Checker
+from fxscale.contracts.plan import SLO
+from fxscale.runtime.planner.engines import ROLES, LockstepEngine, OperatorEngine
+from fxscale.runtime.planner.queueing import erlang_c, erlang_c_wait
+from fxscale.runtime.planner.service import Batch, ServiceModel
+
+POLICIES = ("static", "model", "phase", "operator")
+CHUNKS = (512, 1024, 2048)
+PREFILL_CHUNKS = (1024, 2048, 4096, 8192)  # prefill-only replicas: no decode to protect
+SHARDS = (1, 2, 4, 8)
+MAX_LOOP_GAIN = 0.8
+QUANTILES = 20
+
+
+# Default SLOs by model size (parameters): (TTFT s, mean time between tokens s). Smaller
+# models answer faster; the 70B class gets the 2 s / 100 ms targets common in serving papers.
+DEFAULT_SLOS = ((20e9, (1.0, 0.05)), (50e9, (1.5, 0.075)), (math.inf, (2.0, 0.1)))
+
+
+def default_slo(parameters: float) -> tuple[float, float]:
+    """(TTFT, TBT) defaults for a model with this many parameters."""
+    return next(slo for limit, slo in DEFAULT_SLOS if parameters < limit)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Arrival rate and token statistics the planner sizes for."""
+
+    rate: float
+    prompt_mean: float
+    prompt_sq_mean: float
+    prompt_quantiles: tuple[float, ...]  # QUANTILES equally likely prompt lengths
+    output_mean: float
+    context_mean: float  # mean KV length over decode steps (token-weighted)
+    size_sq_mean: float  # mean of (prompt + output)^2: the spread of KV reservations
+
+    @classmethod
+    def from_requests(cls, requests: list, rate: float) -> Workload:
+        """Statistics of a list of trace requests, at the given arrival rate."""
+        if not requests:
+            raise ValueError("no requests to take workload statistics from")
+        prompts = sorted(r.prompt_tokens for r in requests)
+        outputs = [max(1, r.output_tokens) for r in requests]
+        weighted = sum(o * (p + o / 2) for p, o in zip((r.prompt_tokens for r in requests),
+                                                        outputs))
+        return cls(rate=rate, prompt_mean=statistics.fmean(prompts),
+                   prompt_sq_mean=statistics.fmean(p * p for p in prompts),
+                   prompt_quantiles=tuple(float(prompts[int((k + 0.5) / QUANTILES * len(prompts))])
+                                          for k in range(QUANTILES)),
+                   output_mean=statistics.fmean(outputs), context_mean=weighted / sum(outputs),
+                   size_sq_mean=statistics.fmean((r.prompt_tokens + o) ** 2
+                                                 for r, o in zip(requests, outputs)))
+
+    def at(self, rate: float) -> Workload:
+        """The same token statistics at another arrival rate."""
+        return replace(self, rate=rate)
+
+
+@dataclass
+class Prediction:
+    """What the model predicts for one pool of identical engines."""
+
+    step_s: float
+    tbt_p50: float
+    tbt_p99: float
+    ttft_p50: float
+    ttft_p99: float
+    batch_p99: float
+    busy_fraction: float
+
+
+@dataclass
+class Plan:
+    """A deployment: engines of each role with counts, per-group placement, predictions."""
+
+    policy: str
+    model: str
+    device: str
+    rate: float
+    engines: list[dict[str, Any]]
+    devices: int
+    power_w: float
+    ttft_p50: float
+    ttft_p99: float
+    tbt_p50: float
+    tbt_p99: float
+    chunk: int
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "<plan>") -> Plan:
+        """Rebuild from `to_dict` output; a missing, unknown or mistyped field is named."""
+        check = Checker(where, "a Plan")
+        check.object(data, "")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted(n for n in names if n not in data and n != "groups")
+        if unknown or missing:
+            raise InputError(f"{where}: Plan fields unknown {unknown}, missing {missing}")
+        for name in ("policy", "model", "device"):
+            check.string(data[name], name)
+        for name in ("rate", "devices", "power_w", "ttft_p50", "ttft_p99", "tbt_p50",
+                     "tbt_p99", "chunk"):
+            check.number(data[name], name, 0)
+        engines = [_engine_entry(check, e, f"engines[{i}]")
+                   for i, e in enumerate(check.array(data["engines"], "engines"))]
+        groups = check.array(data.get("groups", []), "groups")
+        for i, row in enumerate(groups):
+            _placement_row(check, row, f"groups[{i}]")
+        return cls(**{**data, "engines": engines, "groups": groups})
+
+
+def _engine_entry(check: Checker, entry: Any, at: str) -> dict[str, Any]:
+    """One {"engine": {...}, "count": n} entry of a Plan, its engine fields checked."""
+    check.object(entry, at)
+    check.unknown(entry, {"engine", "count"}, f"{at}.")
+    engine = check.object(check.get(entry, "engine", f"{at}."), f"{at}.engine")
+    check.number(check.get(entry, "count", f"{at}."), f"{at}.count", 1, integer=True)
+    kinds = {"lockstep": LockstepEngine, "operator": OperatorEngine}
+    kind = check.string(check.get(engine, "type", f"{at}.engine."), f"{at}.engine.type",
+                        tuple(kinds))
+    known = {f.name for f in fields(kinds[kind])}
+    check.unknown(engine, known | {"type"}, f"{at}.engine.")
+    for name in sorted(known):
+        value = check.get(engine, name, f"{at}.engine.")
+        if name == "role":
+            check.string(value, f"{at}.engine.role", ROLES)
+        else:
+            check.number(value, f"{at}.engine.{name}", 0, integer=True)
+    return entry
+
+
+def _placement_row(check: Checker, row: Any, at: str) -> None:
+    """One group's placement in a Plan: ids and names are strings, counts are numbers."""
+    check.object(row, at)
+    check.string(check.get(row, "group", f"{at}."), f"{at}.group")
+    for name, value in row.items():
+        if name in ("group", "kind", "role"):
+            check.string(value, f"{at}.{name}")
+        elif name == "devices":
+            for j, device in enumerate(check.array(value, f"{at}.devices")):
+                check.number(device, f"{at}.devices[{j}]", 0, integer=True)
+        else:
+            check.number(value, f"{at}.{name}", 0)
+
+
+def poisson_quantile(mean: float, q: float) -> float:
+    """Smallest k with P(Poisson(mean) <= k) >= q (the normal approximation past mean 200)."""
+    if mean <= 0:
+        return 0.0
+    if mean > 200:
+        return mean + statistics.NormalDist().inv_cdf(q) * math.sqrt(mean)
+    term = cumulative = math.exp(-mean)
+    k = 0
+    while cumulative < q:
+        k += 1
+        term *= mean / k
+        cumulative += term
+    return float(k)
+
+
+def _decode_step(service: ServiceModel, engine, lam: float, work: Workload, chunk: int,
+                 prefill: bool) -> float | None:
+    """Fixed point of the step time at per-engine rate `lam` (None: prefill backlog grows)."""
+    step = engine.step(service, Batch(decode_n=1, decode_s1=work.context_mean))[0]
+    for _ in range(40):
+        new = engine.step(service, _mean_batch(lam, step, work, prefill))[0]
+        if prefill and lam * step * work.prompt_mean > chunk:
+            return None
+        if abs(new - step) <= 1e-4 * step:
+            return new
+        step = new
+        if step > 60:
+            return None
+    return step
+
+
+def _mean_batch(lam: float, step: float, work: Workload, prefill: bool) -> Batch:
+    """The mean iteration at step time `step`: Little's-law decode batch and the prompt
+    tokens arriving during one step."""
+    decoding = lam * work.output_mean * step
+    arrivals = lam * step if prefill else 0.0
+    return Batch(arrivals, arrivals * work.prompt_mean, arrivals * work.prompt_sq_mean,
+                 decoding, decoding * work.context_mean)
+
+
+def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, chunk: int,
+            decode: bool = True, prefill: bool = True) -> Prediction | None:
+    """Predicted latencies of `count` engines sharing the load (None when overloaded).
+
+    Feedback: a slower step keeps requests decoding longer and lets more prompt tokens
+    arrive per step, which slows the step again; with loop gain g (the derivative of the
+    step map at its fixed point) the batch's variance grows as 1 / (1 - g), so engines with
+    g > MAX_LOOP_GAIN are refused as too close to instability."""
+    lam = work.rate / count
+    lanes = engine.prefill_lanes  # replicas that each take a chunk per step
+    step = tbt99 = batch99 = busy_fraction = 0.0
+    mean_batch = 0.0
+    if decode:
+        step = _decode_step(service, engine, lam, work, chunk * lanes, prefill)
+        if step is None:
+            return None
+        here = _mean_batch(lam, step, work, prefill)
+        mean_batch = here.decode_n
+        nudged = step * 1.01  # d(step map)/d(step) at the fixed point
+        gain = (engine.step(service, _mean_batch(lam, nudged, work, prefill))[0]
+                - engine.step(service, here)[0]) / (nudged - step)
+        if gain >= MAX_LOOP_GAIN:
+            return None
+        z = statistics.NormalDist().inv_cdf(slo.attainment)
+        batch99 = max(poisson_quantile(mean_batch, slo.attainment),
+                      mean_batch + z * math.sqrt(mean_batch / (1 - gain)))
+        holders = mean_batch + lam * step  # requests holding a KV reservation
+        reserved = holders * (work.prompt_mean + work.output_mean) + z * math.sqrt(
+            holders * work.size_sq_mean / (1 - gain))
+        if reserved > engine.kv_capacity_tokens(service):
+            return None
+        worst = Batch(lanes, lanes * chunk, lanes * chunk * chunk, batch99,
+                      batch99 * work.context_mean) \
+            if prefill else Batch(decode_n=batch99, decode_s1=batch99 * work.context_mean)
+        tbt99 = engine.step(service, worst)[0]
+        busy_fraction = min(1.0, engine.step(service, here)[1] / (step * engine.devices))
+    if not prefill:
+        return Prediction(step, step, tbt99, 0.0, 0.0, batch99, busy_fraction)
+    ttft = _ttft(service, engine, count, work, slo, chunk * lanes, step, mean_batch)
+    if ttft is None:
+        return None
+    if not decode:
+        busy_fraction = ttft[2]
+    return Prediction(step, step, tbt99, ttft[0], ttft[1], batch99, busy_fraction)
+
+
+def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, chunk: int,
+          step: float, decoding: float) -> tuple[float, float, float] | None:
+    """(TTFT p50, TTFT at the attainment percentile, prefill utilisation), or None.
+
+    Prompts queue for prefill tokens: an M/G/c queue whose service time is a prompt's tokens
+    over the engine's prefill rate (chunk tokens per full step). Wait: Erlang C scaled by
+    (1 + Cs^2) / 2 (Allen-Cunneen), exponential given that it waits. TTFT = wait + the
+    prompt's own chunks + half a step; its percentile mixes the wait over the prompt-length
+    quantiles."""
+    ctx = work.context_mean
+
+    def own(p: float, joining: float = 0.0) -> float:
+        chunks = max(1, math.ceil(p / chunk))
+        tokens = min(p, chunk)
+        # prompts queued behind it share its step while the chunk has room
+        others = min(joining, max(0.0, (chunk - tokens) / work.prompt_mean))
+        return chunks * engine.step(service, Batch(
+            1 + others, tokens + others * work.prompt_mean,
+            tokens * tokens + others * work.prompt_sq_mean, decoding, decoding * ctx))[0]
+
+    per_step = chunk / work.prompt_mean
+    full = engine.step(service, Batch(per_step, chunk, per_step * work.prompt_sq_mean,
+                                      decoding, decoding * ctx))[0]
+    service_rate = chunk / (full * work.prompt_mean)
+    load = work.rate / service_rate
+    if load >= count:
+        return None
+    variation = work.prompt_sq_mean / work.prompt_mean ** 2 - 1
+    waiting = erlang_c(count, load)
+    mean_wait = erlang_c_wait(count, work.rate, service_rate) * (1 + variation) / 2
+    # an arrival first waits out the iteration in progress: half a step on a mixed engine,
+    # the residual of a busy full prefill step on a prefill-only one
+    typical = step or own(work.prompt_mean)
+    residual = step / 2 if step else load / count * typical / 2
+    # Prefill-only replicas take every queued prompt that fits into one step, so a prompt
+    # also carries those that arrived while it waited: about lam * wait * mean prompt more
+    # tokens, i.e. its wait stretches by (1 + utilisation). Mixed replicas chunk instead.
+    joining = 0.0 if step else work.rate / count * typical
+    stretch = 1.0 if step else 1.0 + load / count
+    owns = [own(p, joining) + residual for p in work.prompt_quantiles]
+
+    def tail(t: float) -> float:
+        total = 0.0
+        for o in owns:
+            left = (t - o) / stretch
+            total += 1.0 if left < 0 else (
+                waiting * math.exp(-left * waiting / mean_wait) if mean_wait > 0 else 0.0)
+        return total / len(owns)
+
+    def percentile(q: float) -> float:
+        low, high = 0.0, max(owns) + 50 * mean_wait + 1.0
+        for _ in range(30):
+            mid = (low + high) / 2
+            low, high = (mid, high) if tail(mid) > 1 - q else (low, mid)
+        return high
+
+    return percentile(0.5), percentile(slo.attainment), load / count
+
+
+def _power(service: ServiceModel, devices: int, busy: float) -> float:
+    """Mean power of `devices` busy for fraction `busy` of the time (max power when busy)."""
+    d = service.device
+    return devices * (d.idle_power_w + (d.max_power_w - d.idle_power_w) * busy)
+
+
+def _fewest(ok, low: int = 1, high: int = 4096) -> int | None:
+    """Smallest n in [low, high] with ok(n), assuming ok is monotone (None if none):
+    doubling from `low`, then bisection, so small answers cost few calls."""
+    step, bad = low, low - 1
+    while not ok(step):
+        if step >= high:
+            return None
+        bad, step = step, min(high, step * 2)
+    while step - bad > 1:
+        mid = (bad + step) // 2
+        if ok(mid):
+            step = mid
+        else:
+            bad = mid
+    return step
+
+
+def _meets(p: Prediction | None, slo: SLO) -> bool:
+    """Whether a prediction meets the SLO."""
+    return p is not None and p.tbt_p99 <= slo.tbt and p.ttft_p99 <= slo.ttft
+
+
+def _candidates_model(service, work, slo):
+    """(devices, power, engines, predictions, chunk) for model-level replicas."""
+    for shards in SHARDS:
+        engine = LockstepEngine("model", shards)
+        if engine.kv_capacity_tokens(service) <= work.prompt_mean + work.output_mean:
+            continue
+        for chunk in CHUNKS:
+            count = _fewest(lambda n: _meets(predict(service, engine, n, work, slo, chunk), slo))
+            if count is None:
+                continue
+            p = predict(service, engine, count, work, slo, chunk)
+            yield (count * shards, _power(service, count * shards, p.busy_fraction),
+                   [(engine, count, p)], chunk)
+
+
+def _candidates_phase(service, work, slo):
+    """Prefill and decode pools sized independently; the KV transfer joins them."""
+    best_prefill = best_decode = None
+    for shards, chunk in itertools.product(SHARDS, PREFILL_CHUNKS):
+        engine = LockstepEngine("prefill", shards)
+        if engine.kv_capacity_tokens(service) <= 0:
+            continue
+        count = _fewest(lambda n: (p := predict(service, engine, n, work, slo, chunk,
+                                                decode=False)) is not None
+                        and p.ttft_p99 <= slo.ttft)
+        if count is not None:
+            p = predict(service, engine, count, work, slo, chunk, decode=False)
+            cand = (count * shards, _power(service, count * shards, p.busy_fraction),
+                    engine, count, p, chunk)
+            best_prefill = min(best_prefill or cand, cand, key=lambda c: c[:2])
+    for shards in SHARDS:
+        engine = LockstepEngine("decode", shards)
+        if engine.kv_capacity_tokens(service) <= work.prompt_mean + work.output_mean:
+            continue
+        # the cache crosses min(prefill, decode) network links
+        transfer = kv_transfer_s(service, work.prompt_mean, min(shards, best_prefill[2].shards)
+                                 if best_prefill else shards)
+        budget = SLO(slo.ttft, slo.tbt - transfer / work.output_mean, slo.attainment)
+        if budget.tbt <= 0:
+            continue
+        count = _fewest(lambda n: (p := predict(service, engine, n, work, budget, 0,
+                                                prefill=False)) is not None
+                        and p.tbt_p99 <= budget.tbt)
+        if count is not None:
+            p = predict(service, engine, count, work, budget, 0, prefill=False)
+            cand = (count * shards, _power(service, count * shards, p.busy_fraction),
+                    engine, count, p)
+            best_decode = min(best_decode or cand, cand, key=lambda c: c[:2])
+    if best_prefill and best_decode:
+        yield (best_prefill[0] + best_decode[0], best_prefill[1] + best_decode[1],
+               [best_prefill[2:5], best_decode[2:]], best_prefill[5])
+
+
+def kv_transfer_s(service: ServiceModel, prompt_tokens: float, shards: int) -> float:
+    """Seconds to move a prompt's KV cache from a prefill to a decode replica (network)."""
+    bandwidth = service.device.interconnect["network"] * shards
+    return prompt_tokens * service.kv_bytes_per_token / bandwidth
+
+
+def _candidates_operator(service, work, slo):
+    """Operator pools: attention devices (KV) and dense replicas sized separately; a
+    shape whose dense pool alone has more devices than the best found is skipped."""
+    best = math.inf
+    for shards in SHARDS:
+        for chunk in CHUNKS:
+            for replicas in range(1, 17):
+                probe = OperatorEngine(0, shards, replicas)
+                if not probe.dense_fits(service) or probe.devices > best:
+                    break
+                for attention in (0, None):
+                    if attention is None:  # disaggregated: as few attention devices as meet
+                        limit = min(256, best - probe.devices) if best < math.inf else 256
+                        attention = _fewest(lambda a: _meets(predict(
+                            service, OperatorEngine(a, shards, replicas), 1, work, slo, chunk),
+                            slo), 1, int(limit)) if limit >= 1 else None
+                        if attention is None:
+                            continue
+                    engine = OperatorEngine(attention, shards, replicas)
+                    p = predict(service, engine, 1, work, slo, chunk)
+                    if _meets(p, slo):
+                        best = min(best, engine.devices)
+                        yield (engine.devices, _power(service, engine.devices, p.busy_fraction),
+                               [(engine, 1, p)], chunk)
+
+
+def plan(service: ServiceModel, work: Workload, slo: SLO, policy: str,
+         max_devices: int | None = None) -> Plan:
+    """The cheapest deployment of a policy that meets the SLO at the workload's rate."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {list(POLICIES)}")
+    search = {"static": _candidates_model, "model": _candidates_model,
+              "phase": _candidates_phase, "operator": _candidates_operator}[policy]
+    best = None
+    for cand in search(service, work.at(max(work.rate, 1e-6)), slo):
+        if max_devices is not None and cand[0] > max_devices:
+            continue
+        if best is None or cand[:2] < best[:2]:
+            best = cand
+    if best is None:
+        limit = f" within {max_devices} devices" if max_devices else ""
+        raise ValueError(f"no {policy} deployment of {service.model} on {service.device.name} "
+                         f"meets TTFT {slo.ttft} s and TBT {slo.tbt} s at {work.rate:.3g} "
+                         f"req/s{limit}; relax the SLO or allow more devices")
+    devices, power, pools, chunk = best
+    decode_pred = pools[-1][2]
+    prefill_pred = pools[0][2]
+    return Plan(policy=policy, model=service.model, device=service.device.name, rate=work.rate,
+                engines=[{"engine": e.describe(), "count": n} for e, n, _ in pools],
+                devices=devices, power_w=power,
+                ttft_p50=prefill_pred.ttft_p50, ttft_p99=prefill_pred.ttft_p99,
+                tbt_p50=decode_pred.tbt_p50, tbt_p99=decode_pred.tbt_p99, chunk=chunk,
+                groups=group_placement(service, pools, slo, work, chunk))
+
+
+def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
+                    chunk: int) -> list[dict[str, Any]]:
+    """Per group: replicas, shards, max batch (requests per step), devices, and its share of
+    the TBT budget along the critical path (its time over the traversal time)."""
+    rows = []
+    first_device = 0
+    for engine, count, pred in pools:
+        decoding = max(1.0, pred.batch_p99)
+        prompts = chunk / work.prompt_mean
+        batch = Batch(decode_n=decoding, decode_s1=decoding * work.context_mean) \
+            if pred.batch_p99 else Batch(prompts, chunk, prompts * work.prompt_sq_mean)
+        max_batch = math.ceil(pred.batch_p99) if pred.batch_p99 else \
+            max(1, math.ceil(chunk / work.prompt_mean))
+        devices = list(range(first_device, first_device + engine.devices * count))
+        if isinstance(engine, OperatorEngine):
+            attention, dense, _, _ = engine.pool_times(service, batch)
+            total = attention + dense
+            split = engine.attention or engine.dense_shards * engine.dense_replicas
+            places = {True: (devices[:engine.attention] or devices, split, 1, split),
+                      False: (devices[engine.attention:], engine.dense_replicas,
+                              engine.dense_shards, engine.dense_replicas)}
+            role = "operator"
+        else:
+            total = service.iteration_time(batch, engine.shards)
+            # each of `count` replicas runs its own batch: time at one replica's batch
+            places = {flag: (devices, count, engine.shards, 1) for flag in (True, False)}
+            role = engine.role
+        for kind in service.kinds:
+            where, replicas, shards, split = places[kind.stateful]
+            share = service.kind_time(kind, batch, shards, split) / max(total, 1e-12)
+            for gid in kind.group_ids:
+                rows.append({"group": gid, "kind": kind.name, "role": role,
+                             "replicas": replicas, "shards": shards, "max_batch": max_batch,
+                             "devices": where, "device_fraction": share / kind.count,
+                             "tbt_budget_s": slo.tbt * share / kind.count})
+        first_device += engine.devices * count
+    return rows

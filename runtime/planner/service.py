@@ -1,0 +1,231 @@
+"""Service model: the operator groups of a model, folded into kinds, with fast cost functions.
+
+Layers repeat, so the groups of an 80-layer model fold into a handful of *kinds* (groups whose
+name differs only in the layer index and whose cost expressions are equal), each with a count.
+A kind's FLOPs and bytes are polynomials in (batch, x), x being the prompt length in prefill
+and the cached context in decode; they are split into a per-request part (terms with batch)
+and a shared part (terms without: parameter reads, broadcast tensors), so the cost of one
+iteration that mixes requests of different lengths is exact for costs linear in batch:
+shared + sum over requests. Built once from the prefill and decode GroupGraphs and a device
+model; evaluating it is plain arithmetic, so the planner and simulator never touch sympy.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import sympy
+
+from fxscale.contracts.exprs import parse_expr
+from fxscale.contracts.group_graph import GroupGraph
+from fxscale.runtime.devices.model import DeviceModel
+
+# All-reduce start-up latency per call (NCCL small-message latency on NVLink; an assumption
+# documented in docs/simulator.md).
+ALLREDUCE_LATENCY_S = 10e-6
+_B, _X = sympy.symbols("b x")
+_LAYER_INDEX = re.compile(r"\.\d+(?=[.#]|$)")
+
+
+@dataclass(frozen=True)
+class Poly:
+    """A cost in one phase: shared terms c0 + c1 x + c2 x^2, per-request terms likewise."""
+
+    shared: tuple[float, float, float]
+    per_request: tuple[float, float, float]
+
+    def total(self, n: int, s1: float, s2: float) -> float:
+        """Cost of `n` requests whose x values sum to s1 and whose squares sum to s2."""
+        if n == 0:
+            return 0.0
+        mean = s1 / n
+        c0, c1, c2 = self.shared
+        p0, p1, p2 = self.per_request
+        return c0 + c1 * mean + c2 * mean * mean + p0 * n + p1 * s1 + p2 * s2
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Groups that repeat across layers with equal costs, run `count` times per forward."""
+
+    name: str
+    count: int
+    group_ids: tuple[str, ...]
+    classes: tuple[str, ...]
+    stateful: bool
+    param_bytes: int
+    kv_bytes_per_token: float
+    out_bytes_per_token: float
+    prefill_flops: Poly
+    prefill_bytes: Poly
+    decode_flops: Poly
+    decode_bytes: Poly
+
+    @property
+    def sharded_comm(self) -> bool:
+        """Whether tensor-parallel shards of this kind all-reduce their output (it has weights)."""
+        return self.param_bytes > 0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The work of one iteration: prefill prompts and decode requests, as moments."""
+
+    prefill_n: int = 0
+    prefill_s1: float = 0.0
+    prefill_s2: float = 0.0
+    decode_n: int = 0
+    decode_s1: float = 0.0
+
+    @property
+    def tokens(self) -> float:
+        """Tokens that flow through the row-wise groups in this iteration."""
+        return self.prefill_s1 + self.decode_n
+
+    def split(self, parts: int) -> Batch:
+        """The share of this batch one of `parts` equal replicas receives."""
+        if parts == 1:
+            return self
+        return Batch(self.prefill_n / parts, self.prefill_s1 / parts, self.prefill_s2 / parts,
+                     self.decode_n / parts, self.decode_s1 / parts)
+
+
+@dataclass
+class ServiceModel:
+    """Kinds of one model on one device type, with iteration costs and latencies."""
+
+    model: str
+    device: DeviceModel
+    kinds: list[Kind]
+    dtype: str = "bf16"
+
+    @property
+    def weight_bytes(self) -> float:
+        """Parameter bytes of the whole model."""
+        return sum(k.param_bytes * k.count for k in self.kinds)
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV-cache bytes one token of context holds across all layers."""
+        return sum(k.kv_bytes_per_token * k.count for k in self.kinds)
+
+    def work(self, kind: Kind, batch: Batch) -> tuple[float, float, float]:
+        """(FLOPs, shared bytes, per-request bytes) of one instance of a kind on a batch."""
+        flops = (kind.prefill_flops.total(batch.prefill_n, batch.prefill_s1, batch.prefill_s2)
+                 + kind.decode_flops.total(batch.decode_n, batch.decode_s1, 0.0))
+        shared = max(kind.prefill_bytes.shared[0] if batch.prefill_n else 0.0,
+                     kind.decode_bytes.shared[0] if batch.decode_n else 0.0)
+        total = (kind.prefill_bytes.total(batch.prefill_n, batch.prefill_s1, batch.prefill_s2)
+                 + kind.decode_bytes.total(batch.decode_n, batch.decode_s1, 0.0))
+        if batch.prefill_n and batch.decode_n:  # weights are read once per iteration
+            total -= min(kind.prefill_bytes.shared[0], kind.decode_bytes.shared[0])
+        return flops, shared, total - shared
+
+    @staticmethod
+    def busy_replicas(kind: Kind, batch: Batch, replicas: int) -> float:
+        """Replicas a batch can keep busy: requests for stateful kinds (a request's KV lives
+        on one replica), tokens for row-wise kinds."""
+        units = batch.prefill_n + batch.decode_n if kind.stateful else batch.tokens
+        return max(1.0, min(float(replicas), units))
+
+    def kind_time(self, kind: Kind, batch: Batch, shards: int = 1, replicas: int = 1) -> float:
+        """Seconds for all instances of a kind on a batch split over up to `replicas`
+        data-parallel replicas, each sharded `shards` ways (tensor parallel, all-reduce)."""
+        if batch.prefill_n == 0 and batch.decode_n == 0:
+            return 0.0
+        flops, shared, variable = self.work(kind, batch)
+        replicas = self.busy_replicas(kind, batch, replicas)
+        split = shards * replicas
+        device = self.device
+        one = device.latency(flops / split, shared / shards + variable / split, self.dtype)
+        if shards > 1 and kind.sharded_comm:
+            one += allreduce_time(batch.tokens * kind.out_bytes_per_token / replicas, shards,
+                                  device.interconnect.get("nvlink", device.interconnect["pcie"]))
+        return one * kind.count
+
+    def iteration_time(self, batch: Batch, shards: int = 1) -> float:
+        """Seconds of one lock-step iteration of the whole model, tensor parallel `shards` ways."""
+        return sum(self.kind_time(k, batch, shards) for k in self.kinds)
+
+    def peak_work_time(self, batch: Batch) -> float:
+        """Device-seconds of a batch at the efficient rates, without launch or ramp overheads
+        (what perfectly divisible devices need: the fluid bound)."""
+        device = self.device
+        rate = device.peak(self.dtype) * device.compute_efficiency
+        bandwidth = device.memory_bandwidth * device.memory_efficiency
+        seconds = 0.0
+        for k in self.kinds:
+            flops, _, variable = self.work(k, batch)
+            seconds += k.count * max(flops / rate, variable / bandwidth)
+        return seconds
+
+
+def allreduce_time(nbytes: float, shards: int, bandwidth: float) -> float:
+    """Ring all-reduce of `nbytes` over `shards` devices: 2(n-1)/n of the bytes per link."""
+    return ALLREDUCE_LATENCY_S + 2 * (shards - 1) / shards * nbytes / bandwidth
+
+
+def _poly(text: str, roles: dict[str, str], where: str) -> Poly:
+    """Fold a cost expression into shared and per-request coefficients of 1, x, x^2."""
+    expr = parse_expr(text)
+    subs = {}
+    for symbol in expr.free_symbols:
+        role = roles.get(symbol.name)
+        if role == "batch":
+            subs[symbol] = _B
+        elif role in ("length", "context"):
+            subs[symbol] = _X
+        else:
+            raise ValueError(f"{where}: cost depends on symbol {symbol.name} with role {role!r};"
+                             " the service model needs costs in batch and length/context only")
+    poly = sympy.Poly(sympy.expand(expr.xreplace(subs)), _B, _X)
+    shared, per_request = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+    for (i, j), coeff in poly.terms():
+        if j > 2 or i > 1:
+            raise ValueError(f"{where}: cost term b^{i} x^{j} is outside the service model "
+                             "(at most linear in batch and quadratic in length)")
+        (per_request if i else shared)[j] += float(coeff)
+    return Poly(tuple(shared), tuple(per_request))
+
+
+def kind_name(group_name: str) -> str:
+    """A group's name with its layer index replaced by '*' (model.layers.3#1/x -> ...*#1/x)."""
+    return _LAYER_INDEX.sub(".*", group_name)
+
+
+def service_model(prefill: GroupGraph, decode: GroupGraph, device: DeviceModel,
+                  dtype: str = "bf16") -> ServiceModel:
+    """Fold a model's prefill and decode GroupGraphs into kinds on a device."""
+    decode_by_name = {g.name: g for g in decode.groups}
+    missing = [g.name for g in prefill.groups if g.name not in decode_by_name]
+    if missing:
+        raise ValueError(f"prefill and decode captures of {prefill.model} group differently: "
+                         f"{missing[:3]} have no decode counterpart")
+    roles_p = {n: s["role"] for n, s in prefill.symbols.items()}
+    roles_d = {n: s["role"] for n, s in decode.symbols.items()}
+    out_bytes = {}
+    for edge in prefill.edges:  # activation bytes per token leaving each group
+        out_bytes[edge.src] = out_bytes.get(edge.src, 0.0) + _poly(
+            edge.bytes, roles_p, f"edge {edge.src}->{edge.dst}").per_request[1]
+    folded: dict[tuple, dict] = {}
+    for g in prefill.groups:
+        d = decode_by_name[g.name]
+        costs = tuple(_poly(text, roles, f"{phase} group {g0.id} {what}")
+                      for g0, roles, phase in ((g, roles_p, "prefill"), (d, roles_d, "decode"))
+                      for what, text in (("flops", g0.flops),
+                                         ("bytes", f"({g0.bytes_read}) + ({g0.bytes_written})")))
+        if costs[2].per_request[2] or costs[3].per_request[2]:
+            raise ValueError(f"decode group {d.id}: a cost quadratic in the context is outside "
+                             "the service model (decode iterations track context sums only)")
+        kv = parse_expr(d.kv_bytes_per_token)  # decode holds the real cache (no GQA repeat)
+        key = (kind_name(g.name), costs, g.param_bytes, str(kv), g.stateful)
+        entry = folded.setdefault(key, {"ids": [], "group": g, "costs": costs, "kv": float(kv)})
+        entry["ids"].append(g.id)
+    kinds = [Kind(name=key[0], count=len(e["ids"]), group_ids=tuple(e["ids"]),
+                  classes=tuple(e["group"].classes), stateful=e["group"].stateful,
+                  param_bytes=e["group"].param_bytes, kv_bytes_per_token=e["kv"],
+                  out_bytes_per_token=out_bytes.get(e["group"].id, 0.0),
+                  prefill_flops=e["costs"][0], prefill_bytes=e["costs"][1],
+                  decode_flops=e["costs"][2], decode_bytes=e["costs"][3])
+             for key, e in folded.items()]
+    return ServiceModel(prefill.model, device, kinds, dtype)

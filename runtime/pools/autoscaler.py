@@ -1,0 +1,145 @@
+"""The local runtime's autoscaler: every interval, measure each group's pool, plan replicas
+(runtime/pool_planner.py) and apply the plan.
+
+Hysteresis, so it does not oscillate: a group grows as soon as the plan asks for more, and
+shrinks only after a plan with more headroom has asked for fewer for `down_after` intervals
+in a row (to the most those intervals asked for). Every
+change is a decision with its reason, kept in order and logged to "fxscale.autoscaler".
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from fxscale.contracts.plan import SLO
+from fxscale.runtime.planner.pools import GroupLoad, PoolPlan, fit_execution, plan_pools
+
+# Shrinking plans with this much more headroom than growing (0.6 of the TBT instead of 0.8
+# by default): a band, so a group whose load sits at a threshold does not flap.
+DOWN_BAND = 0.2
+
+log = logging.getLogger("fxscale.autoscaler")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One replica change: when (seconds since start), which group, from, to, why."""
+
+    t: float
+    group: str
+    old: int
+    new: int
+    reason: str
+
+
+class Autoscaler:
+    """Plans and applies replicas per group every `interval_s` (see the module docstring)."""
+
+    def __init__(self, pools: Callable[[], dict[str, Any]], slo: SLO, budget: int,
+                 interval_s: float = 1.0, down_after: int = 3, headroom: float = 0.2,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if interval_s <= 0 or down_after < 1:
+            raise ValueError(f"autoscaler: interval_s > 0 and down_after >= 1 needed, got "
+                             f"{interval_s}, {down_after}")
+        self.pools, self.slo, self.budget = pools, slo, budget
+        self.interval_s, self.down_after, self.headroom = interval_s, down_after, headroom
+        self.clock = clock
+        self.start_time = clock()
+        self.last: dict[str, tuple[float, dict]] = {}
+        self.below: Counter[str] = Counter()
+        self.shrink_to: dict[str, int] = {}
+        self.decisions: list[Decision] = []
+        self.timeline: list[dict] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="fxscale-autoscaler",
+                                       daemon=True)
+
+    def start(self) -> Autoscaler:
+        """Begin planning every interval."""
+        self.start_time = self.clock()
+        for name, pool in self.pools().items():
+            self.last[name] = (self.start_time, pool.counters())
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop planning (the replicas stay as they are)."""
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - one bad interval must not end autoscaling
+                log.exception("autoscaler step failed; replicas unchanged, next interval "
+                              "plans again")
+
+    def measure(self, name: str, pool: Any, now: float) -> GroupLoad:
+        """A pool's load since the last measurement."""
+        counters = pool.counters()
+        then, before = self.last.get(name, (self.start_time, dict.fromkeys(counters, 0)))
+        self.last[name] = (now, counters)
+        elapsed = max(now - then, 1e-9)
+        samples = pool.execution_samples()
+        fixed, per_call = fit_execution(samples)
+        # a group that has only ever run calls alone is planned as a queue, not as a batcher
+        batches = pool.max_batch if any(b > 1 for b, _ in samples) else 1
+        return GroupLoad(name, (counters["arrivals"] - before["arrivals"]) / elapsed, fixed,
+                         per_call, batches, int(counters["queue"]), int(counters["replicas"]))
+
+    def step(self) -> PoolPlan:
+        """Measure, plan and apply once."""
+        now = self.clock()
+        pools = self.pools()
+        loads = [self.measure(name, pool, now) for name, pool in sorted(pools.items())]
+        plan = plan_pools(loads, self.slo, self.budget, self.interval_s, self.headroom)
+        tight = plan_pools(loads, self.slo, self.budget, self.interval_s,
+                           min(0.95, self.headroom + DOWN_BAND))
+        t = now - self.start_time
+        for load in loads:
+            have = load.replicas
+            up, down = plan.replicas[load.name], max(plan.replicas[load.name],
+                                                     tight.replicas[load.name])
+            if up > have:
+                self.below[load.name] = 0
+                self.shrink_to.pop(load.name, None)
+                self._apply(pools[load.name], Decision(t, load.name, have, up, (
+                    f"up: {load.demand(self.interval_s):.1f} calls/s, "
+                    f"{load.fixed_s * 1e3:.2f} ms + {load.per_call_s * 1e3:.2f} ms per call "
+                    f"per execution; {plan.reason}")))
+            elif down < have:
+                self.below[load.name] += 1
+                # shrink to the most any of those intervals asked for
+                down = self.shrink_to[load.name] = max(self.shrink_to.get(load.name, 0), down)
+                if self.below[load.name] >= self.down_after:
+                    self.below[load.name] = 0
+                    del self.shrink_to[load.name]
+                    self._apply(pools[load.name], Decision(t, load.name, have, down, (
+                        f"down: {down} replicas met the SLO with {DOWN_BAND:.0%} more headroom for "
+                        f"{self.down_after} intervals in a row "
+                        f"({load.demand(self.interval_s):.1f} calls/s); {tight.reason}")))
+            else:
+                self.below[load.name] = 0
+                self.shrink_to.pop(load.name, None)
+        self.timeline.append({"t": t, "replicas": {name: pool.counters()["replicas"]
+                                                   for name, pool in sorted(pools.items())},
+                              "predicted_tbt_s": plan.to_dict()["tbt_s"],
+                              "busy_slots": plan.busy_slots, "meets_slo": plan.meets_slo})
+        return plan
+
+    def _apply(self, pool: Any, decision: Decision) -> None:
+        """Resize a pool and record why."""
+        pool.scale(decision.new)
+        self.decisions.append(decision)
+        log.info("t=%.1fs %s: %d -> %d replicas (%s)", decision.t, decision.group,
+                 decision.old, decision.new, decision.reason)
+
+    def report(self) -> dict:
+        """Decisions and timeline, JSON-ready."""
+        return {"decisions": [asdict(d) for d in self.decisions], "timeline": self.timeline}

@@ -1,0 +1,556 @@
+"""Discrete-event simulator: replays a trace on a policy's engines, iteration by iteration.
+
+Each engine runs continuous batching: every iteration admits waiting prompts while their KV
+cache (prompt + output tokens, reserved on admission) fits, spends up to a chunk of prefill
+tokens, and advances every decoding request by one token; its duration is the engine's step
+time from the service model. Phase-split deployments prefill on one pool and move the KV cache
+over the network to a decode replica. An autoscaler re-plans every interval from the observed
+arrival rate; new capacity serves only after its start-up and weight-loading delay, and
+scale-down waits for `down_after` consecutive lower targets, then drains. Devices are counted
+from the moment they are requested until they are released; a device draws max power while
+its engine computes and idle power otherwise. Deterministic: no randomness in the replay.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from fxscale.contracts.plan import SLO
+from fxscale.contracts.trace import Trace
+from fxscale.runtime.planner.engines import LockstepEngine, OperatorEngine
+from fxscale.runtime.planner.search import Plan, Workload, kv_transfer_s, plan
+from fxscale.runtime.planner.service import Batch, ServiceModel
+
+# The simulator skips autoscaler ticks that would change nothing (an idle deployment, at its
+# smallest, with no arrival before them), so its run time follows the requests, not the time
+# a trace spans. A planned rate below SETTLED_RATE (req/s) plans as zero does.
+SKIP_IDLE_TICKS = True
+SETTLED_RATE = 1e-6
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """How the autoscaler acts: decision interval, hysteresis, headroom and cold start."""
+
+    interval_s: float = 30.0
+    down_after: int = 3
+    headroom: float = 1.0
+    startup_s: float = 10.0          # assumption: container, runtime and CUDA context start
+    load_bandwidth: float = 5e9      # assumption: bytes/s a new device reads weights from storage
+    ewma: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0 or self.down_after < 1 or self.headroom <= 0:
+            raise ValueError(f"scaling config needs interval_s > 0, down_after >= 1 and "
+                             f"headroom > 0, got {self}")
+
+
+class EngineState:
+    """One running engine: its queues, decoding set, KV reservation and accounting."""
+
+    def __init__(self, spec, role: str, ready_at: float, requested_at: float, chunk: int) -> None:
+        self.spec, self.role, self.chunk = spec, role, chunk
+        self.ready_at, self.requested_at = ready_at, requested_at
+        self.retired_at: float | None = None
+        self.draining = False
+        self.waiting: deque[int] = deque()
+        self.prefilling: list[list[int]] = []  # [request, tokens done]
+        self.joining: deque[int] = deque()     # prefilled elsewhere, waiting for a decode slot
+        self.decoding: list[tuple[int, int]] = []  # heap of (finish iteration, request)
+        self.decode_n = 0
+        self.ctx_sum = 0.0
+        self.kv_reserved = 0.0
+        self.backlog = 0.0  # prompt tokens routed here and not yet prefilled
+        self.incoming = 0.0  # KV tokens on their way here from prefill replicas
+        self.iteration = 0
+        self.running = False
+        self.busy_device_s = 0.0
+        self.pending: tuple | None = None
+        # device-seconds held: banked at each resize, plus (now - since) x current devices
+        self.since, self.banked, self.extra_devices = requested_at, 0.0, 0
+        self.pending_spec = None
+        self.first_step_at: float | None = None  # when it first served (tests: >= ready_at)
+
+    def load(self, service: ServiceModel) -> tuple[bool, float, float]:
+        """Routing key, fewer first: KV nearly full, prompt tokens still to prefill, KV held."""
+        capacity = self.spec.kv_capacity_tokens(service)
+        return self.kv_reserved > 0.9 * capacity, self.backlog, self.kv_reserved
+
+    def has_work(self) -> bool:
+        """Whether an iteration would do anything."""
+        return bool(self.waiting or self.prefilling or self.joining or self.decode_n)
+
+
+@dataclass
+class Result:
+    """Per-request latencies and per-run totals of one simulated replay."""
+
+    policy: str
+    ttft: list[float]
+    tpot: list[float]
+    gaps: list[tuple[float, int]]
+    device_seconds: float
+    energy_j: float
+    output_tokens: int
+    duration_s: float
+    timeline: list[dict] = field(default_factory=list)
+    decisions: list[dict] = field(default_factory=list)
+
+
+class Simulation:
+    """The replay of one trace under one policy."""
+
+    def __init__(self, service: ServiceModel, trace: Trace, policy: str, slo: SLO,
+                 workload: Workload, scaling: ScalingConfig, fixed: Plan | None = None,
+                 floor_rate: float = 0.0) -> None:
+        self.service, self.trace, self.policy, self.slo = service, trace, policy, slo
+        self.workload, self.scaling, self.fixed = workload, scaling, fixed
+        self.floor_rate = floor_rate
+        self.requests = trace.requests
+        n = len(self.requests)
+        self.first_token = [math.nan] * n
+        self.finish = [math.nan] * n
+        self.engines: list[EngineState] = []
+        self.events: list = []
+        self.seq = itertools.count()
+        self.gaps: list[tuple[float, int]] = []
+        self.decisions: list[dict] = []
+        self.timeline: list[dict] = []
+        self.resizes: list[tuple[float, float]] = []  # operator growth: (asked, serving)
+        self.arrivals_seen = 0
+        self.rate_estimate = 0.0
+        self.planned_rate = 0.0
+        self.lower_for = 0
+        self.quiet_ticks = 0  # consecutive ticks with nothing to do (see _idle_ticks)
+        self.last_deployment: tuple | None = None
+
+    # ---- deployment ---------------------------------------------------------------------
+    def _plan(self, rate: float) -> Plan:
+        """The policy's plan for an observed rate (with the headroom, never below the floor)."""
+        if self.fixed is not None:
+            return self.fixed
+        self.planned_rate = max(self.floor_rate, rate * self.scaling.headroom)
+        return plan(self.service, self.workload.at(self.planned_rate), self.slo, self.policy)
+
+    def _targets(self, p: Plan) -> list[tuple[object, str, int]]:
+        """(engine spec, role, count) of a plan."""
+        out = []
+        for entry in p.engines:
+            d = dict(entry["engine"])
+            kind = d.pop("type")
+            spec = LockstepEngine(**d) if kind == "lockstep" else OperatorEngine(**d)
+            out.append((spec, getattr(spec, "role", "operator"), entry["count"]))
+        return out
+
+    def _add(self, spec, role: str, now: float, warm: bool, chunk: int) -> None:
+        """Request a new engine (ready at once when warm, else after its cold start)."""
+        delay = 0.0 if warm else self.scaling.startup_s + \
+            spec.load_bytes_per_device(self.service) / self.scaling.load_bandwidth
+        engine = EngineState(spec, role, now + delay, now, chunk * spec.prefill_lanes)
+        self.engines.append(engine)
+        if delay:
+            self._push(now + delay, "ready", engine)
+
+    def _apply(self, p: Plan, now: float, warm: bool = False) -> None:
+        """Move the deployment towards a plan: add now, remove after hysteresis."""
+        live = [e for e in self.engines if not e.draining and e.retired_at is None]
+        if self.policy == "operator":
+            self._apply_operator(p, live, now, warm)
+            return
+        target = self._targets(p)
+        current = sum(e.spec.devices for e in live)
+        wanted = sum(spec.devices * count for spec, _, count in target)
+        self.lower_for = self.lower_for + 1 if wanted < current else 0
+        for spec, role, count in target:
+            have = [e for e in live if e.spec == spec]
+            for _ in range(count - len(have)):
+                self._add(spec, role, now, warm, p.chunk)
+        settled = all(e.ready_at <= now for e in live)
+        if (self.lower_for >= self.scaling.down_after and settled) or warm:
+            keep = {spec: count for spec, _, count in target}
+            for engine in sorted(live, key=lambda e: e.load(self.service)):
+                if keep.get(engine.spec, 0) > 0:
+                    keep[engine.spec] -= 1
+                    continue
+                if any(e is not engine and e.role == engine.role and not e.draining
+                       and e.retired_at is None and e.ready_at <= now for e in self.engines):
+                    engine.draining = True
+                    self._retire_if_idle(engine, now)
+            self.lower_for = 0
+
+    def _apply_operator(self, p: Plan, live: list[EngineState], now: float, warm: bool) -> None:
+        """Resize the one operator engine: a larger shape serves once its added devices have
+        started and loaded their weights; a smaller one after hysteresis, if the KV fits."""
+        spec = self._targets(p)[0][0]
+        if warm or not live:
+            self._add(spec, "operator", now, warm, p.chunk)
+            return
+        engine = live[-1]
+        current = engine.pending_spec or engine.spec
+        old = engine.spec
+        reshard = spec.dense_shards != old.dense_shards
+        if spec == current:
+            self.lower_for = 0
+        elif spec.devices >= old.devices or reshard:
+            if spec.devices < old.devices:  # a smaller re-sharded shape: after hysteresis
+                self.lower_for += 1
+                if self.lower_for < self.scaling.down_after:
+                    return
+            # each pool's new devices start (a re-sharded dense pool loads entirely on new
+            # devices) while the old shape serves; all are held until the switch
+            dense, old_dense = (e.dense_shards * e.dense_replicas for e in (spec, old))
+            added = max(0, spec.attention - old.attention) + (
+                dense if reshard else max(0, dense - old_dense))
+            reload = reshard or spec.dense_replicas > old.dense_replicas
+            delay = self.scaling.startup_s + reload * spec.load_bytes_per_device(
+                self.service) / self.scaling.load_bandwidth
+            self._close_account(engine, now)
+            engine.pending_spec = spec
+            engine.extra_devices = added
+            self._push(now + delay, "resize", (engine, spec, p.chunk, now))
+            self.lower_for = 0
+        else:  # fewer dense replicas or attention devices, same sharding: after hysteresis,
+            # once the remaining devices hold every reserved KV token
+            self.lower_for += 1
+            if self.lower_for >= self.scaling.down_after and engine.pending_spec is None and \
+                    spec.kv_capacity_tokens(self.service) >= engine.kv_reserved:
+                self._close_account(engine, now)
+                engine.spec, engine.chunk = spec, p.chunk * spec.prefill_lanes
+                self.lower_for = 0
+
+    def _close_account(self, engine: EngineState, now: float) -> None:
+        """Bank the device-seconds of an operator engine's current size before resizing."""
+        engine.banked += (now - engine.since) * (engine.spec.devices + engine.extra_devices)
+        engine.since = now
+
+    # ---- events -------------------------------------------------------------------------
+    def _push(self, when: float, what: str, payload) -> None:
+        heapq.heappush(self.events, (when, next(self.seq), what, payload))
+
+    def run(self) -> Result:
+        """Replay the trace to the last request's last token."""
+        if not self.requests:
+            raise ValueError(f"trace {self.trace.name} has no requests")
+        first = self._first_rate()
+        self._apply(self._plan(first), 0.0, warm=True)
+        self._record(0.0, first)
+        for i, r in enumerate(self.requests):
+            self._push(r.arrival_s, "arrive", i)
+        self._push(self.scaling.interval_s, "tick", None)
+        now = 0.0
+        remaining = len(self.requests)
+        while self.events and remaining > 0:
+            now, _, what, payload = heapq.heappop(self.events)
+            if what == "arrive":
+                self.arrivals_seen += 1
+                self._route(payload, now)
+            elif what == "step":
+                remaining -= self._complete(payload, now)
+            elif what == "ready":
+                self._wake(payload, now)
+            elif what == "tick":
+                self._tick(now)
+            elif what == "transfer":
+                self._join(payload, now)
+            elif what == "resize":
+                engine, grown, chunk, asked = payload
+                if engine.pending_spec == grown and \
+                        grown.kv_capacity_tokens(self.service) < engine.kv_reserved:
+                    self._push(now + 1.0, "resize", payload)  # wait until the KV fits
+                elif engine.pending_spec == grown:  # a newer decision may have replaced it
+                    self.resizes.append((asked, now))
+                    self._close_account(engine, now)
+                    engine.spec, engine.extra_devices, engine.pending_spec = grown, 0, None
+                    engine.chunk = chunk * grown.prefill_lanes
+                    self._wake(engine, now)
+        lost = [i for i, f in enumerate(self.finish) if f != f]
+        if remaining != 0 or lost:
+            raise RuntimeError(f"simulator bug: {len(lost)} requests unfinished, "
+                               f"{remaining} not accounted for (first: {lost[:3]})")
+        return self._result(now)
+
+    def _first_rate(self) -> float:
+        """Arrival rate over the first interval (what a warm deployment was sized for)."""
+        if self.fixed is not None:
+            return self.fixed.rate
+        horizon = self.requests[0].arrival_s + self.scaling.interval_s
+        count = sum(1 for r in self.requests if r.arrival_s < horizon)
+        self.rate_estimate = count / self.scaling.interval_s
+        return self.rate_estimate
+
+    def _tick(self, now: float) -> None:
+        """Autoscaler decision: observed rate -> plan -> scale, logged with its reason."""
+        skipped = self._idle_ticks(now)
+        if skipped:
+            self._skip(now, skipped)
+            return
+        observed = self.arrivals_seen / self.scaling.interval_s
+        idle = self.arrivals_seen == 0 and self._idle(now)
+        self.arrivals_seen = 0
+        self._push(now + self.scaling.interval_s, "tick", None)
+        if self.fixed is not None:  # a fixed deployment: record, never scale
+            self.quiet_ticks = self.quiet_ticks + 1 if idle else 0
+            self._record(now, observed)
+            return
+        self.rate_estimate = max(observed, self.scaling.ewma * self.rate_estimate
+                                 + (1 - self.scaling.ewma) * observed)
+        p = self._plan(self.rate_estimate)
+        before = self._devices_now()
+        self._apply(p, now)
+        after = self._devices_now()
+        # settled: nothing to serve, the same deployment, and a rate that no longer moves the
+        # plan (the floor, or next to nothing): later idle ticks would change nothing
+        deployment = (repr(p.engines), p.chunk)
+        settled = idle and after == before and deployment == self.last_deployment and (
+            self.planned_rate == self.floor_rate or self.planned_rate < SETTLED_RATE)
+        self.quiet_ticks = self.quiet_ticks + 1 if settled else 0
+        self.last_deployment = deployment
+        floor = " (the floor)" if self.planned_rate == self.floor_rate else ""
+        action = "scale up" if after > before else "scale down" if after < before else (
+            f"hold (lower for {self.lower_for}/{self.scaling.down_after})" if p.devices < before
+            else "hold")
+        self.decisions.append({
+            "t": now, "observed_rps": observed, "estimate_rps": self.rate_estimate,
+            "planned_rps": self.planned_rate, "devices_before": before, "devices_after": after,
+            "action": action,
+            "reason": f"observed {observed:.2f} req/s, estimate {self.rate_estimate:.2f}; the "
+                      f"plan for {self.planned_rate:.2f} req/s{floor} wants {p.devices} "
+                      f"devices, {before} held"})
+        self._record(now, observed)
+
+    def _idle(self, now: float) -> bool:
+        """Whether no engine has anything to do or is still starting or resizing."""
+        return all(not e.running and not e.has_work() and e.kv_reserved <= 0 and not e.incoming
+                   and e.ready_at <= now and e.pending_spec is None for e in self.engines
+                   if e.retired_at is None)
+
+    def _idle_ticks(self, now: float) -> int:
+        """How many ticks from `now` on can be skipped: the deployment has been settled for
+        a whole hysteresis cycle and no request arrives before them. A multiple of
+        `down_after`, so the hysteresis counter ends where stepping would leave it; 0 when
+        this tick must run."""
+        cycle = self.scaling.down_after
+        if not SKIP_IDLE_TICKS or self.quiet_ticks <= cycle or self.arrivals_seen \
+                or not self.events or not self._idle(now):
+            return 0
+        gap = (self.events[0][0] - now) / self.scaling.interval_s  # next event: an arrival
+        return cycle * int(gap // cycle)
+
+    def _skip(self, now: float, ticks: int) -> None:
+        """Jump over `ticks` idle ticks: each would have seen no arrivals and held."""
+        interval = self.scaling.interval_s
+        if self.fixed is None:
+            self.rate_estimate *= self.scaling.ewma ** ticks
+        last = now + (ticks - 1) * interval
+        devices = self._devices_now()
+        self.decisions.append({
+            "t": now, "observed_rps": 0.0, "estimate_rps": self.rate_estimate,
+            "planned_rps": self.planned_rate, "devices_before": devices,
+            "devices_after": devices, "action": "hold",
+            "reason": f"no requests from {now:g} s to {last:g} s: {ticks} idle decisions "
+                      "skipped, each a hold"})
+        self._record(last, 0.0)
+        self._push(now + ticks * interval, "tick", None)
+
+    def _record(self, now: float, rate: float) -> None:
+        """One point of the timeline: devices held, observed rate, replicas per pool."""
+        self.timeline.append({"t": now, "devices": self._devices_now(), "rate_rps": rate,
+                              **self._pools()})
+
+    def _devices_now(self) -> int:
+        """Devices held now (requested and not yet released)."""
+        return sum(e.spec.devices + e.extra_devices for e in self.engines
+                   if e.retired_at is None)
+
+    def _pools(self) -> dict:
+        """Replicas per pool and devices per operator-group kind right now."""
+        live = [e for e in self.engines if e.retired_at is None]
+        kinds = self.service.kinds
+        if self.policy == "operator" and live:
+            s = live[-1].spec
+            dense = s.dense_shards * s.dense_replicas
+            return {"attention_replicas": s.attention, "dense_replicas": s.dense_replicas,
+                    "dense_shards": s.dense_shards,
+                    "group_devices": {k.name: (s.attention or dense) if k.stateful else dense
+                                      for k in kinds}}
+        pools: dict[str, int] = {}
+        for e in live:
+            pools[f"{e.role}_replicas"] = pools.get(f"{e.role}_replicas", 0) + 1
+        held = sum(e.spec.devices for e in live)  # every lock-step replica runs every kind
+        return {**pools, "group_devices": {k.name: held for k in kinds}}
+
+    def _route(self, i: int, now: float) -> None:
+        """Send an arriving request to the least-loaded engine that admits prompts."""
+        role = "prefill" if self.policy == "phase" else None
+        candidates = [e for e in self.engines if e.retired_at is None and not e.draining
+                      and (role is None or e.role == role)]
+        ready = [e for e in candidates if e.ready_at <= now] or candidates
+        engine = min(ready, key=lambda e: (e.ready_at > now, e.load(self.service)))
+        engine.waiting.append(i)
+        engine.backlog += self.requests[i].prompt_tokens
+        self._wake(engine, now)
+
+    def _send(self, i: int, source: EngineState, now: float) -> None:
+        """A prompt is prefilled: move its KV cache to the decode replica with most room
+        (counting caches already on their way), over min(prefill, decode) network links."""
+        r = self.requests[i]
+        candidates = [e for e in self.engines if e.retired_at is None and not e.draining
+                      and e.role == "decode"]
+        ready = [e for e in candidates if e.ready_at <= now] or candidates
+        target = min(ready, key=lambda e: (e.ready_at > now, e.kv_reserved + e.incoming))
+        target.incoming += r.prompt_tokens + r.output_tokens
+        links = min(source.spec.shards, target.spec.shards)
+        self._push(now + kv_transfer_s(self.service, r.prompt_tokens, links), "transfer",
+                   (i, source, target))
+
+    def _join(self, payload, now: float) -> None:
+        """A KV cache has arrived: the prefill replica frees it, the decode replica takes it."""
+        i, source, target = payload
+        r = self.requests[i]
+        source.kv_reserved -= r.prompt_tokens
+        target.incoming -= r.prompt_tokens + r.output_tokens
+        target.joining.append(i)
+        self._wake(target, now)
+        self._retire_if_idle(source, now)
+
+    def _wake(self, engine: EngineState, now: float) -> None:
+        """Start an iteration on an idle, ready engine that has work."""
+        if engine.running or engine.ready_at > now or engine.retired_at is not None:
+            return
+        if engine.has_work():
+            self._start(engine, now)
+        else:
+            self._retire_if_idle(engine, now)
+
+    def _start(self, engine: EngineState, now: float) -> None:
+        """Admit, batch, and schedule the end of one iteration."""
+        service, spec = self.service, engine.spec
+        capacity = spec.kv_capacity_tokens(service)
+        requests = self.requests
+        if engine.role == "decode":
+            while engine.joining:
+                i = engine.joining[0]
+                need = requests[i].prompt_tokens + requests[i].output_tokens
+                if engine.kv_reserved + need > capacity and engine.decode_n:
+                    break
+                engine.joining.popleft()
+                engine.kv_reserved += need
+                self._begin_decode(engine, i)
+        else:
+            while engine.waiting:
+                i = engine.waiting[0]
+                need = requests[i].prompt_tokens + (
+                    0 if engine.role == "prefill" else requests[i].output_tokens)
+                if engine.kv_reserved + need > capacity and (engine.prefilling or engine.decode_n):
+                    break
+                engine.waiting.popleft()
+                engine.kv_reserved += need
+                engine.prefilling.append([i, 0])
+        budget = engine.chunk
+        chunks = []
+        n = s1 = s2 = 0.0
+        for entry in engine.prefilling:
+            if budget <= 0:
+                break
+            i, done = entry
+            take = min(requests[i].prompt_tokens - done, budget)
+            budget -= take
+            engine.backlog -= take
+            chunks.append((entry, take))
+            n += 1
+            s1 += take
+            s2 += (done + take) ** 2 - done ** 2
+        batch = Batch(int(n), s1, s2, engine.decode_n, engine.ctx_sum)
+        if not chunks and not engine.decode_n:
+            return
+        seconds, busy = spec.step(service, batch)
+        if engine.first_step_at is None:
+            engine.first_step_at = now
+        engine.running = True
+        engine.busy_device_s += busy
+        engine.pending = (chunks, engine.decode_n, seconds)
+        self._push(now + seconds, "step", engine)
+
+    def _begin_decode(self, engine: EngineState, i: int) -> None:
+        """Add a request whose first token exists to the decoding set."""
+        r = self.requests[i]
+        if r.output_tokens <= 1:
+            self.finish[i] = self.first_token[i]
+            engine.kv_reserved -= r.prompt_tokens + r.output_tokens
+            return
+        engine.decode_n += 1
+        engine.ctx_sum += r.prompt_tokens + 1
+        heapq.heappush(engine.decoding, (engine.iteration + r.output_tokens - 1, i))
+
+    def _complete(self, engine: EngineState, now: float) -> int:
+        """End of an iteration: emit tokens, finish requests, hand over prefills."""
+        chunks, decoded, seconds = engine.pending
+        engine.running = False
+        engine.iteration += 1
+        finished = 0
+        if decoded:
+            self.gaps.append((seconds, decoded))
+            engine.ctx_sum += decoded
+            while engine.decoding and engine.decoding[0][0] <= engine.iteration:
+                _, i = heapq.heappop(engine.decoding)
+                r = self.requests[i]
+                self.finish[i] = now
+                engine.decode_n -= 1
+                engine.ctx_sum -= r.prompt_tokens + r.output_tokens
+                engine.kv_reserved -= r.prompt_tokens + r.output_tokens
+                finished += 1
+        for entry, take in chunks:
+            entry[1] += take
+            i = entry[0]
+            r = self.requests[i]
+            if entry[1] < r.prompt_tokens:
+                continue
+            engine.prefilling.remove(entry)
+            self.first_token[i] = now
+            if engine.role == "prefill":
+                if r.output_tokens <= 1:
+                    engine.kv_reserved -= r.prompt_tokens
+                    self.finish[i] = now
+                    finished += 1
+                else:  # the cache stays reserved here until it has been sent
+                    self._send(i, engine, now)
+            else:
+                self._begin_decode(engine, i)
+                finished += r.output_tokens <= 1
+        self._wake(engine, now)
+        return finished
+
+    def _retire_if_idle(self, engine: EngineState, now: float) -> None:
+        """Release a draining engine once it has nothing left to do."""
+        if engine.draining and not engine.running and not engine.has_work() \
+                and engine.kv_reserved <= 0 and engine.retired_at is None:
+            engine.retired_at = now
+
+    def _result(self, end: float) -> Result:
+        """Totals of the run."""
+        device_s = energy = 0.0
+        device = self.service.device
+        for e in self.engines:
+            stop = e.retired_at if e.retired_at is not None else end
+            held = e.banked + (stop - e.since) * (e.spec.devices + e.extra_devices)
+            device_s += held
+            energy += held * device.idle_power_w + e.busy_device_s * (
+                device.max_power_w - device.idle_power_w)
+        ttft = [f - r.arrival_s for f, r in zip(self.first_token, self.requests)]
+        tpot = [(fin - ft) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
+                for fin, ft, r in zip(self.finish, self.first_token, self.requests)]
+        return Result(self.policy, ttft, tpot, self.gaps, device_s, energy,
+                      sum(r.output_tokens for r in self.requests),
+                      end - self.requests[0].arrival_s, self.timeline, self.decisions)
+
+
+def simulate(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
+             scaling: ScalingConfig | None = None, fixed: Plan | None = None,
+             workload: Workload | None = None) -> Result:
+    """Replay `trace` under `policy` (autoscaled, or held at a `fixed` plan)."""
+    work = workload or Workload.from_requests(trace.requests, trace.rate())
+    return Simulation(service, trace, policy, slo, work, scaling or ScalingConfig(),
+                      fixed).run()
