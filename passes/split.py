@@ -7,11 +7,6 @@ import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
 
-def submodule_name(group: int) -> str:
-    """The attribute name split_module gives the submodule of a group."""
-    return f"submod_{group}"
-
-
 def number_groups(order: list[fx.Node], part: Mapping[fx.Node, Hashable]) -> dict[fx.Node, int]:
     """Renumber arbitrary part labels 0, 1, ... in order of first appearance."""
     numbers: dict[Hashable, int] = {}

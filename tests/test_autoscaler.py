@@ -133,7 +133,7 @@ def test_autoscaler_grows_at_once_shrinks_after_the_hysteresis_and_logs_why(capl
     assert ups[0].reason.startswith("up:") and "calls/s" in ups[0].reason
     assert "3 intervals in a row" in downs[0].reason
     assert "g: 1 -> " in caplog.text and "-> 1 replicas" in caplog.text
-    assert len(scaler.timeline) == 4 and scaler.report()["decisions"][0]["group"] == "g"
+    assert len(scaler.timeline) == 4 and scaler.report()["decisions"][0]["scope"] == "g"
 
 
 def test_autoscaler_shrinks_to_the_most_the_quiet_intervals_asked_for():
@@ -171,7 +171,7 @@ def test_live_server_scales_groups_under_load_and_back_when_idle():
             assert all(f.result() == expected for f in futures)
             assert time.perf_counter() < deadline, "no scale-up under load"
         # the decisions, not the pools now: two idle intervals later it may have shrunk again
-        grown = {d.group for d in server.autoscaler.decisions if d.new > d.old}
+        grown = {d.scope for d in server.autoscaler.decisions if d.new > d.old}
         assert grown and grown <= set(server.pools)
         while not any(d.new < d.old for d in server.autoscaler.decisions):
             time.sleep(0.2)            # idle: the plan asks for one replica per group

@@ -178,12 +178,12 @@ def test_inductor_failure_falls_back_to_eager_with_warning(monkeypatch):
 
 
 def test_analysis_failure_runs_whole_graph_eagerly(monkeypatch):
-    import fxscale.compiler.backend as fb
+    import fxscale.compiler.pipeline as pipeline
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated analysis bug")
 
-    monkeypatch.setattr(fb, "analyse_graph", broken)
+    monkeypatch.setattr(pipeline, "group_nodes", broken)  # what the grouping step calls
     model = SingleOp()
     x = torch.randn(3, 3)
     with pytest.warns(UserWarning, match="could not group this graph.*simulated analysis bug"):

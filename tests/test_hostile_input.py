@@ -19,12 +19,13 @@ from fxscale import GroupGraph
 from fxscale.cli.main import main
 from fxscale.contracts.errors import InputError
 from fxscale.contracts.exprs import parse_expr
+from fxscale.contracts.group_graph import kind_name
 from fxscale.contracts.jsonio import read_json
+from fxscale.contracts.plan import Plan
 from fxscale.contracts.profile import GroupProfile, Profile, ProfilePoint
 from fxscale.models import zoo
 from fxscale.reporting.report import report
 from fxscale.reporting.run import load_runs
-from fxscale.runtime.planner.search import Plan
 from fxscale.runtime.traces.loaders import load_trace
 
 PAYLOAD = "__import__('os').system('touch {mark}') or 1"
@@ -184,7 +185,8 @@ def test_a_plan_or_profile_of_another_model_is_refused(graph, tmp_path):
         report(graph, tmp_path / "r.html", profile=other.to_dict())
     plan = {"policy": "operator", "model": "m", "device": "h100", "rate": 1.0, "engines": [],
             "devices": 1, "power_w": 1.0, "ttft_p50": 0.1, "ttft_p99": 0.1, "tbt_p50": 0.1,
-            "tbt_p99": 0.1, "chunk": 512, "groups": [{"group": "g99", "replicas": 1}]}
+            "tbt_p99": 0.1, "chunk": 512,
+            "groups": [{"group": "g99", "kind": "x", "role": "operator", "replicas": 1}]}
     with pytest.raises(InputError, match=r"'groups\[0\].group' is 'g99', a group this graph "
                                          "does not have"):
         report(graph, tmp_path / "r.html", plan=plan)
@@ -246,7 +248,8 @@ def _documents(graph):
                                     "dense_replicas": 1}, "count": 1}],
             "devices": 2, "power_w": 1400.0, "ttft_p50": 0.1, "ttft_p99": 0.2, "tbt_p50": 0.01,
             "tbt_p99": 0.02, "chunk": 512,
-            "groups": [{"group": g.id, "replicas": 1, "devices": [0]} for g in graph.groups]}
+            "groups": [{"group": g.id, "kind": kind_name(g.name), "role": "operator",
+                        "replicas": 1, "devices": [0]} for g in graph.groups]}
     run = {"policy": "operator", "timeline": [
         {"t": 0, "rate_rps": 1.0, "attainment": 0.5, "replicas": {graph.groups[0].name: 2}},
         {"t": 30, "rate_rps": 2.0, "attainment": None, "devices": 3}],

@@ -6,13 +6,9 @@ import time
 import pytest
 
 from fxscale.contracts.profile import GroupProfile, ProfilePoint
+from fxscale.contracts.trace import Request
 from fxscale.runtime.devices.fit import fit_group
-from fxscale.runtime.simulator.local import (
-    LocalSimulation,
-    SimGroup,
-    SimRequest,
-    profile_latency,
-)
+from fxscale.runtime.simulator.local import LocalSimulation, SimGroup, profile_latency
 
 
 def group(name, latency, batches=False, stateful=False):
@@ -26,14 +22,14 @@ def one_each(_t):
 
 def test_budget_of_one_serialises_calls():
     g = group("g", lambda phase, b, n: 0.010)
-    requests = [SimRequest(0.0, 4, 1), SimRequest(0.0, 4, 1)]
+    requests = [Request(0.0, 4, 1), Request(0.0, 4, 1)]
     times = LocalSimulation([g], requests, budget=1, replicas=one_each).run()
     assert sorted(t[0] for t in times) == pytest.approx([0.010, 0.020])
 
 
 def test_row_wise_calls_arriving_together_run_as_one_batch():
     g = group("g", lambda phase, b, n: 0.005 + 0.001 * b, batches=True)
-    requests = [SimRequest(at, 4, 1) for at in (0.0, 0.1) for _ in range(4)]
+    requests = [Request(at, 4, 1) for at in (0.0, 0.1) for _ in range(4)]
     times = LocalSimulation([g], requests, budget=1, replicas=one_each).run()
     # gathered until arrivals pause (0.5 ms), then one execution of 4 calls (9 ms); the
     # signature's first batch is also run one by one (4 x 6 ms), as the server checks it
@@ -45,7 +41,7 @@ def test_row_wise_calls_arriving_together_run_as_one_batch():
 
 def test_prefill_of_different_lengths_does_not_batch():
     g = group("g", lambda phase, b, n: 0.001 * n, batches=True)
-    requests = [SimRequest(0.0, 4, 1), SimRequest(0.0, 8, 1)]
+    requests = [Request(0.0, 4, 1), Request(0.0, 8, 1)]
     times = LocalSimulation([g], requests, budget=2, replicas=one_each).run()
     assert sorted(t[0] for t in times) == pytest.approx([0.0005 + 0.004, 0.0005 + 0.004 + 0.008])
 
@@ -53,7 +49,7 @@ def test_prefill_of_different_lengths_does_not_batch():
 def test_a_request_passes_every_group_once_per_token_with_the_hop_cost():
     a = group("a", lambda phase, b, n: 0.002 if phase == "prefill" else 0.001)
     s = group("s", lambda phase, b, n: 0.003, stateful=True)
-    times = LocalSimulation([a, s], [SimRequest(1.0, 4, 3)], budget=2, replicas=one_each,
+    times = LocalSimulation([a, s], [Request(1.0, 4, 3)], budget=2, replicas=one_each,
                             hop_s={"prefill": 0.0002, "decode": 0.0001}).run()[0]
     prefill = 0.0002 + 0.002 + 0.0002 + 0.003
     decode = 0.0001 + 0.001 + 0.0001 + 0.003
@@ -63,7 +59,7 @@ def test_a_request_passes_every_group_once_per_token_with_the_hop_cost():
 
 def test_more_replicas_from_the_timeline_run_calls_side_by_side():
     g = group("g", lambda phase, b, n: 0.010)
-    requests = [SimRequest(0.0, 4, 1), SimRequest(0.0, 4, 1)]
+    requests = [Request(0.0, 4, 1), Request(0.0, 4, 1)]
     times = LocalSimulation([g], requests, budget=2, replicas=lambda t: {"g": 2}).run()
     assert [t[0] for t in times] == pytest.approx([0.010, 0.010])
 
@@ -87,7 +83,7 @@ def test_profile_latency_is_measured_where_measured_and_fitted_elsewhere():
 
 def test_executions_share_the_machine_as_its_capacity_says():
     g = group("g", lambda phase, b, n: 0.010)
-    requests = [SimRequest(0.0, 4, 1), SimRequest(0.0, 4, 1)]
+    requests = [Request(0.0, 4, 1), Request(0.0, 4, 1)]
 
     def first_tokens(capacity):
         return [t[0] for t in LocalSimulation([g], requests, budget=2,
@@ -220,7 +216,7 @@ def test_calibration_takes_hops_from_the_lone_request_and_their_locked_share_fro
     groups = [group(f"g{i}", lambda phase, b, n: 0.002 + 0.0005 * b, batches=True)
               for i in range(4)]
     hops, capacity = {"prefill": 0.003, "decode": 0.001}, (1.0, 1.6, 1.5)
-    lone = [SimRequest(0.0, ALONE_PROMPT, config.max_new)]
+    lone = [Request(0.0, ALONE_PROMPT, config.max_new)]
     alone = _timings(lone, LocalSimulation(groups, lone, config.budget, lambda t: {},
                                            hop_s=hops, capacity=capacity).run())[0]
     hop_seconds = 4 * (0.003 + 5 * 0.001)  # 4 groups, a prefill and 5 decodes
@@ -248,7 +244,7 @@ def test_executions_slower_on_the_server_than_profiled_take_their_extra_from_the
     slower = with_extra(groups, {g.name: 0.001 for g in groups})
     assert slower[0].latency("decode", 1, 20) == pytest.approx(0.003)
     hops = {"prefill": 0.002, "decode": 0.0005}
-    lone = [SimRequest(0.0, ALONE_PROMPT, config.max_new)]
+    lone = [Request(0.0, ALONE_PROMPT, config.max_new)]
     alone = _timings(lone, LocalSimulation(slower, lone, config.budget, lambda t: {},
                                            hop_s=hops).run())[0]
     measured = {"capacity": [1.0, 2.0], "live": {"timeline": []},
@@ -267,7 +263,7 @@ def test_an_execution_waits_for_the_interpreter_lock_the_hops_hold():
     replica threads wait for it too; with none of it under the lock, they run side by side
     on the two cores."""
     g = group("g", lambda phase, b, n: 0.001, stateful=True)
-    requests = [SimRequest(0.0, 4, 1), SimRequest(0.0, 4, 1)]
+    requests = [Request(0.0, 4, 1), Request(0.0, 4, 1)]
 
     def first_tokens(share):
         return sorted(t[0] for t in LocalSimulation(

@@ -9,12 +9,13 @@ from dataclasses import replace
 import pytest
 
 from fxscale.contracts.errors import InputError
-from fxscale.contracts.plan import SLO
+from fxscale.contracts.group_graph import kind_name
+from fxscale.contracts.plan import SLO, Plan
 from fxscale.contracts.trace import Request, Trace
 from fxscale.models.presets import preset_graph
 from fxscale.runtime.devices import load_device
-from fxscale.runtime.planner.search import Plan, Workload, plan
-from fxscale.runtime.planner.service import Batch, kind_name, service_model
+from fxscale.runtime.planner.search import Workload, plan
+from fxscale.runtime.planner.service import Batch, service_model
 from fxscale.runtime.simulator.evaluate import (
     compare,
     lower_bound,
@@ -126,8 +127,8 @@ def test_plans_meet_their_slo_and_agree_with_the_replay(service, azure, policy):
     assert p.devices >= 2 and p.ttft_p99 <= SLO_TIGHT.ttft and p.tbt_p99 <= SLO_TIGHT.tbt
     # every group is placed once per pool, and the groups' shares of a step add up to it
     assert len(p.groups) == len(p.engines) * sum(k.count for k in service.kinds)
-    assert sum(g["device_fraction"] for g in p.groups) == pytest.approx(len(p.engines))
-    assert all(g["devices"] and g["max_batch"] >= 1 for g in p.groups)
+    assert sum(g.device_fraction for g in p.groups) == pytest.approx(len(p.engines))
+    assert all(g.devices and g.max_batch >= 1 for g in p.groups)
     json.dumps(p.to_dict())  # a plan is JSON
     result = simulate(service, poisson_resample(base, rate, 60, seed=1), policy, SLO_TIGHT,
                       fixed=p, workload=workload.at(rate))
@@ -175,9 +176,9 @@ def test_scaling_waits_for_start_up_and_weights(service, azure):
     for policy in ("model", "operator"):
         sim = Simulation(service, trace, policy, SLO_TIGHT, workload, scaling)
         result = sim.run()
-        grown = [d for d in sim.decisions if d["devices_after"] > d["devices_before"]]
+        grown = [d for d in sim.decisions if d.new > d.old]
         assert grown, f"{policy}: the burst must trigger a scale-up"
-        assert grown[0]["action"] == "scale up" and "req/s" in grown[0]["reason"]
+        assert grown[0].action == "scale up" and "req/s" in grown[0].reason
         if policy == "model":
             late = [e for e in sim.engines if e.requested_at > 0]
             assert late
@@ -217,10 +218,13 @@ def test_plan_json_round_trip_and_errors(service, azure):
     assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     broken = p.to_dict()
     broken["devices"] = "four"
-    with pytest.raises(ValueError, match="field 'devices' must be a finite number"):
+    with pytest.raises(ValueError, match="field 'devices' must be an integer"):
         Plan.from_dict(broken)
     for field, value, message in (
-            ("devices", float("nan"), "field 'devices' must be a finite number, got a number nan"),
+            ("devices", float("nan"), "field 'devices' must be an integer, got a number nan"),
+            ("rate", float("inf"), "field 'rate' must be a finite number, got a number inf"),
+            ("groups", [{"group": "g1", "kind": "k", "role": "operator", "replicas": -1}],
+             r"field 'groups\[0\].replicas' must be >= 0"),
             ("engines", 5, "field 'engines' must be a JSON array, got a number 5"),
             ("groups", "abc", "field 'groups' must be a JSON array, got a string 'abc'"),
             ("engines", [{"engine": {"type": "gpu"}, "count": 1}],
@@ -265,7 +269,7 @@ def test_idle_time_is_skipped_without_changing_the_result(service, monkeypatch, 
     devices = [row["devices"] for row in stepped.timeline]
     assert max(devices) > min(devices)  # it scaled down in the gap and up again
     assert len(skipped.decisions) < len(stepped.decisions) / 3
-    assert any("idle decisions skipped" in d["reason"] for d in skipped.decisions)
+    assert any("idle decisions skipped" in d.reason for d in skipped.decisions)
 
 
 def test_a_hundred_day_gap_costs_decisions_for_the_requests_not_the_days(service):

@@ -20,11 +20,11 @@ import torch
 
 import fxscale
 from fxscale.cli.report import add_report_command
+from fxscale.contracts.group_graph import kind_name
 from fxscale.reporting.dot import to_dot
 from fxscale.reporting.layout import layout
 from fxscale.reporting.report import report
 from fxscale.reporting.svg import RESOURCE_COLOURS
-from fxscale.runtime.planner.service import kind_name
 from fxscale.runtime.simulator.replay import Result
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser",

@@ -1,6 +1,7 @@
 """fxscale.serve: per-group replica pools under concurrency, live scaling, faults, bad input."""
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import fxscale
+from fxscale.contracts.group_graph import kind_name
 from fxscale.models import zoo
 from fxscale.runtime.pools.replica_pool import GroupError
 from fxscale.serving import server as server_module
@@ -196,6 +198,40 @@ def test_model_policy_serves_the_whole_model_as_one_group(llama):
         fxscale.serve(llama, policy="phase")
 
 
+def test_a_plan_from_the_planner_deploys_on_a_server(server, tmp_path, monkeypatch):
+    """The planner's operator plan for a Llama, through its JSON, sets the replicas of the
+    server's groups of the same kinds (and nothing else); a plan of another policy is refused."""
+    from fxscale.contracts.plan import Plan
+    from fxscale.models.presets import preset_service
+    from fxscale.runtime.planner import SLO, Workload, plan
+    from fxscale.runtime.traces import load_trace
+
+    monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path))
+    service = preset_service("llama-2-70b", "h100", layers=2)
+    work = Workload.from_requests(load_trace("azure-conv").requests, 200.0)
+    planned = plan(service, work, SLO(2.0, 0.1), "operator")
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(planned.to_dict()))
+    loaded = Plan.from_dict(json.loads(path.read_text()), str(path))
+    before = {name: pool.target for name, pool in server.pools.items()}
+    try:
+        applied = server.apply(loaded)
+        wanted = {g.kind: g.replicas for g in planned.groups}
+        assert applied and set(applied) <= set(server.pools)
+        for name, replicas in applied.items():
+            assert replicas == wanted[kind_name(name)], name
+            assert server.pools[name].target == replicas
+        assert max(applied.values()) > 1  # at 200 req/s the dense pools have two replicas
+        ids = prompt(31)
+        assert server.generate(ids, max_new_tokens=4).result() == eager_tokens(
+            server.model, ids, 4)
+        with pytest.raises(ValueError, match="the plan is for policy 'model'"):
+            server.apply(plan(service, work, SLO(2.0, 0.1), "model"))
+    finally:
+        for name, replicas in before.items():
+            server.scale(name, replicas)
+
+
 def test_prometheus_endpoint_is_opt_in_and_on_loopback(llama):
     import urllib.request
 
@@ -329,7 +365,7 @@ def test_replicas_are_capped_with_a_clear_error(server, monkeypatch):
     with pytest.raises(ValueError, match="at most 64 per group"):
         server.scale("model.layers.0#1/attention", 10 ** 9)
     monkeypatch.setattr(server_module, "MAX_REPLICAS", 10)
-    with pytest.raises(ValueError, match=r"8 groups x 2 replicas would make 16 replicas in all, "
+    with pytest.raises(ValueError, match=r"8 groups resized would make 16 replicas in all, "
                                          r"more than 10"):
         server.scale("*", 2)
     assert threading.active_count() == threads

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from fxscale.cli.args import json_target, positive, positive_float, write_json
+from fxscale.contracts.plan import LIVE_POLICIES
 
 GOAL = 0.15  # the relative error the runtime model aims to stay within
 FIGURES = {"ttft_p50_s": "TTFT p50", "ttft_p90_s": "TTFT p90", "tbt_p50_s": "TBT p50",
@@ -17,7 +18,7 @@ def add_fidelity_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("fidelity", help="serve the demo's trace slice live several times and "
                                              "compare each run with the runtime model's "
                                              "prediction of its TTFT and TBT (p50, p90)")
-    parser.add_argument("--policy", choices=("operator", "model", "both"), default="both")
+    parser.add_argument("--policy", choices=(*LIVE_POLICIES, "both"), default="both")
     parser.add_argument("--runs", type=positive, default=5,
                         help="independent runs per policy (about 75 s each; default 5)")
     parser.add_argument("--speedup", type=positive_float, default=2.0,
@@ -40,7 +41,7 @@ def _fidelity_command(args: argparse.Namespace) -> int:
     from fxscale.studies.fidelity import fidelity
 
     config = DemoConfig(seconds=args.seconds, speedup=args.speedup)
-    policies = ("operator", "model") if args.policy == "both" else (args.policy,)
+    policies = LIVE_POLICIES if args.policy == "both" else (args.policy,)
     reports: dict[str, Any] = {}
     with Progress(console=Console(stderr=True), transient=True) as bar:
         for policy in policies:

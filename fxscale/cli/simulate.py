@@ -13,7 +13,7 @@ from fxscale.cli.args import (
     positive_float,
     write_json,
 )
-from fxscale.runtime.planner import POLICIES
+from fxscale.contracts.plan import POLICIES
 
 
 def add_simulate_command(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +60,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from fxscale.contracts.plan import SLO
     from fxscale.models.presets import preset_service
     from fxscale.runtime.planner.search import default_slo
-    from fxscale.runtime.simulator.evaluate import ALL_POLICIES, compare
+    from fxscale.runtime.simulator.evaluate import compare
     from fxscale.runtime.simulator.replay import ScalingConfig
     from fxscale.runtime.traces.loaders import load_trace
 
@@ -71,7 +71,7 @@ def _simulate(args: argparse.Namespace) -> int:
     ttft, tbt = default_slo(service.weight_bytes / 2)
     slo = SLO(args.slo_ttft or ttft, args.slo_tbt or tbt, args.attainment)
     scaling = ScalingConfig(interval_s=args.interval, headroom=args.headroom or 1.0)
-    policies = ALL_POLICIES if args.policy == "all" else (args.policy,)
+    policies = tuple(POLICIES) if args.policy == "all" else (args.policy,)
     with console.status("simulating") as status:
         outcome = compare(service, trace, policies, slo, scaling, tune=args.headroom is None,
                           fixed_gpus=args.fixed_gpus, progress=status.update)
@@ -101,7 +101,7 @@ def _run_json(row: dict) -> dict:
     data["fixed_gpus"] = row.get("fixed_gpus")
     data["fixed_plan"] = row.get("plan")
     data["timeline"] = result.timeline
-    data["decisions"] = result.decisions
+    data["decisions"] = [d.to_dict() for d in result.decisions]
     return data
 
 

@@ -1,55 +1,29 @@
-"""From a Dynamo graph to a GroupGraph: annotate costs, group, make convex, summarise."""
+"""Summarise a grouped Dynamo graph as a GroupGraph: group costs, edges, names and the reason
+each group starts (the passes run in the order of compiler/pipeline.py)."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import sympy
 import torch
 import torch.fx as fx
 
-from fxscale.compiler.options import Options
 from fxscale.contracts.exprs import evaluate, to_text
 from fxscale.contracts.group_graph import Group, GroupEdge, GroupGraph
 from fxscale.passes import classify as C
-from fxscale.passes.convexity import ensure_convex, graph_dag
-from fxscale.passes.costs import NodeCost, annotate_costs
-from fxscale.passes.grouping import ANCHOR_CLASSES, group_nodes, sensitivity
+from fxscale.passes.costs import NodeCost
+from fxscale.passes.grouping import ANCHOR_CLASSES, sensitivity
 from fxscale.passes.node_facts import (
-    COMPUTE_OPS,
     is_weight_placeholder,
     nbytes_expr,
     node_value,
 )
-from fxscale.passes.split import number_groups, submodule_name
-from fxscale.passes.symbols import SymbolTable, symbols_of_graph
+from fxscale.passes.symbols import SymbolTable
 
 ZERO = sympy.Integer(0)
 
 
-@dataclass
-class Analysis:
-    """Everything the backend needs after analysis: the GroupGraph and the node assignment."""
-
-    group_graph: GroupGraph
-    assignment: dict[fx.Node, int]
-
-
-def analyse_graph(gm: fx.GraphModule, options: Options, model: str = "") -> Analysis:
-    """Run the analysis passes over one Dynamo graph."""
-    symbols = symbols_of_graph(gm)
-    costs = annotate_costs(gm, symbols)
-    grouping = group_nodes(gm, costs, symbols, options.granularity)
-    order = [n for n in gm.graph.nodes if n.op in COMPUTE_OPS]
-    part, notes = ensure_convex(graph_dag(gm), grouping.assignment)
-    assignment = number_groups(order, part)
-    reasons = _reasons(order, assignment, grouping)
-    graph = build_group_graph(gm, costs, symbols, assignment, reasons, options.granularity, model)
-    graph.notes.extend(notes)
-    return Analysis(graph, assignment)
-
-
-def _reasons(order, assignment, grouping) -> dict[int, str]:
+def group_reasons(order, assignment, grouping) -> dict[int, str]:
     """Why each (renumbered) group starts: the grouping's reason, or a convexity repair."""
     reasons: dict[int, str] = {}
     seen: set[int] = set()
@@ -162,5 +136,5 @@ def evaluate_or_zero(expr, env) -> float:
 
 def describe_groups(graph: GroupGraph) -> dict[str, str]:
     """Short text per group submodule name, for warnings."""
-    return {submodule_name(int(g.id[1:])): f"{g.name}: {', '.join(g.classes[:3])}"
+    return {g.submodule: f"{g.name}: {', '.join(g.classes[:3])}"
             for g in graph.groups}

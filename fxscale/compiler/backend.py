@@ -7,12 +7,10 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch._dynamo.exc import ShortenTraceback
 
-from fxscale.compiler.analysis import analyse_graph, describe_groups
 from fxscale.compiler.options import Options
+from fxscale.compiler.pipeline import ANALYSIS, Compilation, lower, run, split
 from fxscale.contracts.errors import InputError
 from fxscale.contracts.group_graph import GroupGraph
-from fxscale.passes.lower import lower_groups
-from fxscale.passes.split import split_groups, submodule_name
 
 
 class OptionsError(InputError, ShortenTraceback):
@@ -56,31 +54,28 @@ def fxscale_backend(gm: fx.GraphModule, example_inputs: list[Any],
         opts = Options.from_user(options)
     except (ValueError, TypeError) as err:
         raise OptionsError(str(err)) from None
+    c = Compilation(gm, opts, _model_name(gm), list(example_inputs))
     try:
-        analysis = analyse_graph(gm, opts, model=_model_name(gm))
-        split = split_groups(gm, analysis.assignment)
+        run(c, (*ANALYSIS, split))
     except Exception as err:  # noqa: BLE001 - analysis must never break the user's model
         if opts.warn_on_fallback:
             warnings.warn(f"fxscale: could not group this graph ({type(err).__name__}: {err}); "
                           "it runs eagerly as one piece", stacklevel=2)
         return gm.forward
-    graph = analysis.group_graph
+    graph = c.group_graph
     try:
-        lowered, status = lower_groups(gm, split, example_inputs, opts.lowering,
-                                       describe_groups(graph), dedupe=opts.dedupe,
-                                       warn=opts.warn_on_fallback)
+        run(c, (lower,))
     except Exception as err:  # noqa: BLE001 - a failed lowering falls back to eager groups
         reason = f"{type(err).__name__}: {err}"
         if opts.warn_on_fallback:
             warnings.warn(f"fxscale: lowering failed ({reason}); all groups run eagerly",
                           stacklevel=2)
-        lowered = split_groups(gm, analysis.assignment)
-        status = {submodule_name(int(g.id[1:])): f"eager (fallback: {reason})"
-                  for g in graph.groups}
+        run(c, (split,))  # afresh: the failed lowering may have changed the old split
+        c.lowering = {g.submodule: f"eager (fallback: {reason})" for g in graph.groups}
+    lowered = c.split
     for group in graph.groups:
-        name = submodule_name(int(group.id[1:]))
-        group.lowering = status.get(name, "eager")
-        group.callable = _submodule(lowered, name)
+        group.lowering = c.lowering.get(group.submodule, "eager")
+        group.callable = _submodule(lowered, group.submodule)
     graph.module = lowered
     lowered.group_graph = graph
     return lowered

@@ -5,8 +5,8 @@ from typing import Any, Callable
 
 import torch
 
-from fxscale.compiler.analysis import analyse_graph
 from fxscale.compiler.options import Options
+from fxscale.compiler.pipeline import analyse_graph
 from fxscale.contracts.exprs import parse_expr, to_text
 from fxscale.contracts.group_graph import COST_FIELDS, GroupGraph
 

@@ -1,5 +1,6 @@
 """fxscale.contracts: what passes between the stages, as dataclasses with JSON readers and
-writers (never pickle): the GroupGraph, Profile, Trace, SLO and metrics definitions, the cost
-expression grammar, the error type for bad input, and the project's file helpers.
+writers (never pickle): the GroupGraph, Profile, Trace/Request, SLO, the policy registry and
+the Plan of a deployment, scaling Decisions and the one hysteresis rule, metrics definitions,
+the cost expression grammar, the error type for bad input, and the project's file helpers.
 
 The bottom layer: imports nothing else of fxscale, and no torch."""

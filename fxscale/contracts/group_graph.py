@@ -9,6 +9,7 @@ from __future__ import annotations
 import graphlib
 import io
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,20 @@ from fxscale.contracts.jsonio import Checker, read_json, write_atomic
 
 SCHEMA_VERSION = 1
 COST_FIELDS = ("flops", "bytes_read", "bytes_written", "activation_bytes", "kv_bytes_per_token")
+
+
+_LAYER_INDEX = re.compile(r"\.\d+(?=[.#]|$)")
+
+
+def kind_name(group_name: str) -> str:
+    """A group's name with its layer index replaced by '*' (model.layers.3#1/x -> ...*#1/x):
+    the groups of one kind repeat across layers, and a server scales them by this pattern."""
+    return _LAYER_INDEX.sub(".*", group_name)
+
+
+def submodule_name(index: int) -> str:
+    """The attribute name torch's split_module gives the submodule of group g<index>."""
+    return f"submod_{index}"
 
 
 @dataclass
@@ -43,6 +58,17 @@ class Group:
     lowering: str = "not lowered"
     graph: int = 0
     callable: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def submodule(self) -> str:
+        """Its submodule's name in the split (lowered) graph module."""
+        return submodule_name(int(self.id.rpartition("g")[2]))
+
+    @property
+    def batchable(self) -> bool:
+        """Whether calls of different requests may share one execution: it works row by row
+        and holds no per-request state."""
+        return self.row_wise and not self.stateful
 
 
 @dataclass

@@ -11,12 +11,12 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten_with_path
 
-from fxscale.compiler.analysis import analyse_graph
 from fxscale.compiler.capture import _mark_token_dims
 from fxscale.compiler.options import Options
+from fxscale.compiler.pipeline import analyse_graph
 from fxscale.contracts.group_graph import GroupGraph
 from fxscale.passes.node_facts import as_expr, node_value
-from fxscale.passes.split import split_groups, submodule_name
+from fxscale.passes.split import split_groups
 
 
 @dataclass
@@ -55,12 +55,12 @@ class GroupCapture:
 
     def call_node(self, group_id: str) -> fx.Node:
         """The top-level node that calls a group's submodule."""
-        name = submodule_name(int(group_id[1:]))
+        name = self.graph.group(group_id).submodule
         return next(n for n in self.split.graph.find_nodes(op="call_module") if n.target == name)
 
     def submodule(self, group_id: str) -> fx.GraphModule:
         """A group's submodule."""
-        return getattr(self.split, submodule_name(int(group_id[1:])))
+        return getattr(self.split, self.graph.group(group_id).submodule)
 
     def run(self, *args: Any, **kwargs: Any) -> GroupRun:
         """Run the groups eagerly on new model inputs (any batch and length) and return
@@ -137,7 +137,7 @@ def _group_run(recorded: dict[str, tuple], graph: GroupGraph, output_names: list
     """The recorded calls by group id (outputs always as a list) and the model outputs by name."""
     args, outputs = {}, {}
     for group in graph.groups:
-        call_args, out = recorded[submodule_name(int(group.id[1:]))]
+        call_args, out = recorded[group.submodule]
         args[group.id] = call_args
         outputs[group.id] = list(out) if isinstance(out, (tuple, list)) else [out]
     return GroupRun(args, outputs, dict(zip(output_names, recorded[""][1])))
@@ -189,7 +189,7 @@ def _sources(split: fx.GraphModule, graph: GroupGraph, module: torch.nn.Module,
     for node, value in zip(placeholders, top_args):
         if not isinstance(value, torch.Tensor):
             sources[node.name] = {"size": _size_source(node, placeholders, sources)}
-    group_of = {submodule_name(int(g.id[1:])): g.id for g in graph.groups}
+    group_of = {g.submodule: g.id for g in graph.groups}
     for node in split.graph.nodes:
         if node.op == "call_module":
             sources[node.name] = {"group": group_of[str(node.target)], "output": 0}

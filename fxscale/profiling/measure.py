@@ -165,7 +165,7 @@ def _server_batches(compiled: Any, recorder: _Recorder, inputs_for_phase: Any,
     recorder.attach()
     # batched as the server decides it: per captured graph (group callable)
     batchable = {id(g.callable) for graph in recorder.graphs() for g in graph.groups
-                 if g.row_wise and not g.stateful}
+                 if g.batchable}
     batches: dict[str, list[tuple[Any, tuple]]] = defaultdict(list)
     for _ in range(rotations):
         recorder.calls.clear()

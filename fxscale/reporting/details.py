@@ -5,11 +5,11 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from fxscale.contracts.group_graph import Group, GroupGraph
+from fxscale.contracts.group_graph import Group, GroupGraph, kind_name
+from fxscale.contracts.plan import GroupPlacement
 from fxscale.reporting.layout import Block
 from fxscale.reporting.run import Points, Run
 from fxscale.reporting.svg import line_chart, si
-from fxscale.runtime.planner.service import kind_name
 
 # (field of Group, label, unit) in the order the details table shows them
 _COSTS = (("flops", "FLOPs", "FLOP"), ("bytes_read", "bytes read", "B"),
@@ -34,9 +34,9 @@ class Facts:
             moved = graph.edge_bytes(e, batch, length)
             self.inputs[e.dst].append((e.src, moved))
             self.outputs[e.src].append((e.dst, moved))
-        self.plan_rows: dict[str, list[dict]] = {}
+        self.plan_rows: dict[str, list[GroupPlacement]] = {}
         for row in plan.groups if plan is not None else []:
-            self.plan_rows.setdefault(row.get("group"), []).append(row)
+            self.plan_rows.setdefault(row.group, []).append(row)
         by_name = {p.name: p for p in profile.groups} if profile is not None else {}
         by_id = {p.group: p for p in profile.groups} if profile is not None else {}
         self.profiles = {g.id: by_id.get(g.id) or by_name.get(g.name) for g in graph.groups}
@@ -47,8 +47,8 @@ class Facts:
 
     def badge(self, gid: str) -> str:
         """The short plan summary drawn on a block: replicas and batch size per role."""
-        return "; ".join(f"{scalar(r.get('role', ''))} {scalar(r.get('replicas'))}&times; "
-                         f"batch {scalar(r.get('max_batch'))}" for r in self.plan_rows.get(gid, []))
+        return "; ".join(f"{scalar(r.role)} {scalar(r.replicas)}&times; batch "
+                         f"{scalar(r.max_batch)}" for r in self.plan_rows.get(gid, []))
 
 
 def replica_series(run: Run, keys: set[str]) -> tuple[Points, int]:
@@ -129,12 +129,12 @@ def _edge_list(facts: Facts, gid: str) -> str:
             f"{''.join(items)}</ul></details>") if items else ""
 
 
-def _plan_table(rows: list[dict], note: str = "") -> str:
+def _plan_table(rows: list[GroupPlacement], note: str = "") -> str:
     """The group's placement in the plan: one row per engine role."""
     if not rows:
         return ""
     head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in _PLAN_COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{scalar(r.get(c))}</td>" for c in _PLAN_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{scalar(getattr(r, c))}</td>" for c in _PLAN_COLUMNS)
                    + "</tr>" for r in rows)
     return f"<h4>Plan{escape(note)}</h4><table class='grid'><tr>{head}</tr>{body}</table>"
 

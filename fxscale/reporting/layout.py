@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fxscale.contracts.group_graph import GroupGraph
-from fxscale.runtime.planner.service import kind_name
+from fxscale.contracts.group_graph import GroupGraph, kind_name
 
 
 @dataclass
@@ -47,7 +46,7 @@ class Layout:
 
 def fold(graph: GroupGraph) -> list[Block]:
     """One block per kind: groups of one captured graph whose names differ only in the layer
-    index (runtime.service.kind_name), in the order their first group appears."""
+    index (contracts.group_graph.kind_name), in the order their first group appears."""
     kinds: dict[tuple[int, str], list[str]] = {}
     for g in graph.groups:
         kinds.setdefault((g.graph, kind_name(g.name)), []).append(g.id)

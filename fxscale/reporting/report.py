@@ -8,6 +8,7 @@ from typing import Any
 from fxscale.contracts.errors import InputError
 from fxscale.contracts.group_graph import GroupGraph
 from fxscale.contracts.jsonio import output_file, read_json, write_atomic
+from fxscale.contracts.plan import Plan
 from fxscale.reporting.details import Facts
 from fxscale.reporting.dot import dot_svg, to_dot
 from fxscale.reporting.html import page
@@ -89,8 +90,8 @@ def _same_groups(graph: GroupGraph, plan: Any, profile: Any) -> None:
     shown = (f"(it has {len(ids)} groups, {graph.groups[0].id} to {graph.groups[-1].id}); "
              "was it made for another model?")
     for i, row in enumerate(plan.groups if plan is not None else []):
-        if row["group"] not in ids:
-            raise InputError(f"plan: field 'groups[{i}].group' is {row['group']!r}, a group "
+        if row.group not in ids:
+            raise InputError(f"plan: field 'groups[{i}].group' is {row.group!r}, a group "
                              f"this graph does not have {shown}")
     for i, group in enumerate(profile.groups if profile is not None else []):
         if group.group not in ids and group.name not in names:
@@ -108,9 +109,7 @@ def _read(value: Any, name: str) -> tuple[Any, str]:
 
 
 def _plan(value: Any):
-    """A runtime.planner.Plan from a Plan, its dict or its JSON file (None stays None)."""
-    from fxscale.runtime.planner.search import Plan
-
+    """A Plan from a Plan, its dict or its JSON file (None stays None)."""
     return value if value is None or isinstance(value, Plan) else Plan.from_dict(
         *_read(value, "plan"))
 

@@ -31,7 +31,8 @@ def load_runs(run: Any, where: str = "run") -> list[Run]:
     """Runs from a simulator Result, a run dict, or `fxscale simulate --json` output (one
     policy, or all of them under 'policies'); `where` names the source in errors."""
     if hasattr(run, "timeline") and hasattr(run, "decisions"):  # a runtime.simulator.Result
-        run = {"policy": run.policy, "timeline": run.timeline, "decisions": run.decisions}
+        run = {"policy": run.policy, "timeline": run.timeline,
+               "decisions": [d.to_dict() for d in run.decisions]}
     if not isinstance(run, dict):
         raise InputError(f"{where}: a run must be a JSON object with a 'timeline' list, got "
                          f"{type(run).__name__}")

@@ -5,11 +5,11 @@ import json
 from html import escape
 from typing import Any
 
-from fxscale.contracts.group_graph import GroupGraph
+from fxscale.contracts.group_graph import GroupGraph, kind_name
+from fxscale.contracts.plan import GroupPlacement
 from fxscale.reporting.details import replica_series, scalar
 from fxscale.reporting.run import Run
 from fxscale.reporting.svg import line_chart
-from fxscale.runtime.planner.service import kind_name
 
 _PLAN_FIELDS = ("policy", "model", "device", "rate", "devices", "power_w", "ttft_p50",
                 "ttft_p99", "tbt_p50", "tbt_p99", "chunk")
@@ -20,19 +20,20 @@ def plan_section(graph: GroupGraph, plan: Any) -> str:
     """The plan's predictions, engines and per-kind placement (replicas, shards, batch)."""
     head = "".join(f"<tr><th>{f.replace('_', ' ')}</th><td>{scalar(getattr(plan, f))}</td></tr>"
                    for f in _PLAN_FIELDS)
-    engines = "".join(f"<tr><td>{escape(json.dumps(e.get('engine')))}</td>"
-                      f"<td>{scalar(e.get('count'))}</td></tr>" for e in plan.engines)
+    engines = "".join(f"<tr><td>{escape(json.dumps(e.engine.to_dict()))}</td>"
+                      f"<td>{scalar(e.count)}</td></tr>" for e in plan.engines)
     names = {g.id: g.name for g in graph.groups}
-    kinds: dict[tuple[str, str], dict] = {}
+    kinds: dict[tuple[str, str], tuple[GroupPlacement, int]] = {}
     for row in plan.groups:
-        if row.get("group") in names:
-            key = (kind_name(names[row["group"]]), str(row.get("role", "")))
-            kinds.setdefault(key, {**row, "groups": 0})["groups"] += 1
+        if row.group in names:
+            key = (kind_name(names[row.group]), row.role)
+            first, count = kinds.get(key, (row, 0))
+            kinds[key] = (first, count + 1)
     placement = "".join(
-        f"<tr><td>{escape(k)}</td><td>{escape(role)}</td><td>{r['groups']}</td>"
-        + "".join(f"<td>{scalar(r.get(c))}</td>" for c in ("replicas", "shards", "max_batch"))
-        + "</tr>" for (k, role), r in kinds.items())
-    unmatched = sum(1 for row in plan.groups if row.get("group") not in names)
+        f"<tr><td>{escape(k)}</td><td>{escape(role)}</td><td>{count}</td>"
+        + "".join(f"<td>{scalar(getattr(r, c))}</td>" for c in ("replicas", "shards", "max_batch"))
+        + "</tr>" for (k, role), (r, count) in kinds.items())
+    unmatched = sum(1 for row in plan.groups if row.group not in names)
     note = (f"<p class='sub'>{unmatched} plan rows name groups that are not in this graph "
             "(a plan made for another capture?).</p>") if unmatched else ""
     return (f"<section id='plan'><h2>Plan</h2><table class='grid'>{head}</table>"

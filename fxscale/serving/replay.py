@@ -12,42 +12,33 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from fxscale.contracts.metrics import percentiles
 from fxscale.contracts.plan import SLO
+from fxscale.contracts.trace import Request
 from fxscale.runtime.traces.loaders import load_trace
 from fxscale.serving.server import OverloadError, Server
-
-
-@dataclass(frozen=True)
-class ScaledRequest:
-    """One request of the scaled slice."""
-
-    arrival_s: float
-    prompt_tokens: int
-    new_tokens: int
 
 
 def scaled_slice(trace: str = "azure-conv", start_s: float = 0.0, duration_s: float = 60.0,
                  speedup: float = 1.0, prompt_divisor: float = 32.0,
                  output_divisor: float = 16.0, max_prompt: int = 64,
-                 max_new: int = 16) -> list[ScaledRequest]:
+                 max_new: int = 16) -> list[Request]:
     """The requests of `trace` in [start_s, start_s + duration_s), scaled (see above)."""
     if speedup <= 0 or prompt_divisor <= 0 or output_divisor <= 0:
         raise ValueError(f"speedup and divisors must be positive, got {speedup}, "
                          f"{prompt_divisor}, {output_divisor}")
     window = load_trace(trace, start_s=start_s, duration_s=duration_s)
-    return [ScaledRequest(r.arrival_s / speedup,
+    return [Request(r.arrival_s / speedup,
                           max(2, min(max_prompt, round(r.prompt_tokens / prompt_divisor))),
                           max(1, min(max_new, round(r.output_tokens / output_divisor))))
             for r in window.requests]
 
 
-def replay(server: Server, requests: list[ScaledRequest], slo: SLO, seed: int = 0,
+def replay(server: Server, requests: list[Request], slo: SLO, seed: int = 0,
            sample_s: float = 1.0, progress: Callable[[int, int], None] | None = None) -> dict:
     """Serve the requests on their schedule; per-request timings, a summary and a timeline."""
     vocab = getattr(server.config, "vocab_size", 256)
@@ -68,7 +59,7 @@ def replay(server: Server, requests: list[ScaledRequest], slo: SLO, seed: int = 
             if delay > 0:
                 time.sleep(delay)
             try:
-                futures[i] = server.generate(ids, max_new_tokens=request.new_tokens,
+                futures[i] = server.generate(ids, max_new_tokens=request.output_tokens,
                                              ignore_eos=True)  # the trace's output length
             except OverloadError as err:
                 futures[i] = err
@@ -85,10 +76,10 @@ def replay(server: Server, requests: list[ScaledRequest], slo: SLO, seed: int = 
             "requests": rows, "timeline": timeline}
 
 
-def _timing(request: ScaledRequest, future: Any, start: float) -> dict:
+def _timing(request: Request, future: Any, start: float) -> dict:
     """A request's outcome and timings, measured from its scheduled arrival."""
     row: dict[str, Any] = {"arrival_s": request.arrival_s, "prompt_tokens": request.prompt_tokens,
-                           "new_tokens": request.new_tokens}
+                           "new_tokens": request.output_tokens}
     if isinstance(future, Exception):
         return {**row, "outcome": "rejected", "error": str(future)}
     if future.exception() is not None:
@@ -120,7 +111,7 @@ def summarize(rows: list[dict], slo: SLO, seconds: float) -> dict:
     return {**summary, **percentiles(ok, ("ttft_s", "tbt_s"))}
 
 
-def _sample(server: Server, requests: list[ScaledRequest], futures: list, slo: SLO,
+def _sample(server: Server, requests: list[Request], futures: list, slo: SLO,
             start: float, sample_s: float, done: threading.Event, timeline: list) -> None:
     """Every sample_s: request rate, replicas per group, attainment of the window's finishes."""
     seen = 0

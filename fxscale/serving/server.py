@@ -10,14 +10,16 @@
 The model is compiled with the fxscale backend; every operator group of every captured graph
 (prefill, decode, recompiles) is bound to the replica pool of its group name, so the same
 group in the prefill and decode graphs shares replicas and weights. A request runs the model's
-graph in a request thread; each group call is dispatched to its pool (runtime/replica_pool.py)
+graph in a request thread; each group call is dispatched to its pool (runtime/pools/replica_pool.py)
 and executed there. Each server owns its compiled code: it compiles its own copy of an entry
 function as one whole graph per shape, so servers never share Dynamo's recompile limit (with
-each other or with the user's own compiles), and close() releases what it compiled. `policy="model"` compiles the whole model as one group: the model-level
-baseline on the same code path. Intra-op threads are set to 1 while the server runs: `budget`
-is the number of group calls that execute at once. Row-wise groups batch the calls of
-different requests (runtime/batching.py, up to `max_batch`); `autoscale=True` plans and
-applies replicas per group every interval (runtime/autoscaler.py).
+each other or with the user's own compiles), and close() releases what it compiled.
+`policy="model"` compiles the whole model as one group: the model-level baseline on the same
+code path. `Server.apply(plan)` deploys a Plan (from the planner, or its JSON). Intra-op
+threads are set to 1 while the server runs: `budget` is the number of group calls that execute
+at once. Row-wise groups batch the calls of different requests (runtime/pools/batching.py, up
+to `max_batch`); `autoscale=True` plans and applies replicas per group every interval
+(runtime/pools/autoscaler.py).
 """
 from __future__ import annotations
 
@@ -41,15 +43,13 @@ import torch.fx as fx
 from fxscale.compiler.backend import fxscale_backend
 from fxscale.contracts.group_graph import GroupGraph
 from fxscale.contracts.metrics import percentiles, token_timings
-from fxscale.contracts.plan import SLO
-from fxscale.passes.split import submodule_name
+from fxscale.contracts.plan import LIVE_POLICIES, SLO, Plan
 from fxscale.runtime.pools.autoscaler import Autoscaler
 from fxscale.runtime.pools.batching import signature
 from fxscale.runtime.pools.budget import Budget
 from fxscale.runtime.pools.replica_pool import MAX_REPLICAS as REPLICAS_PER_POOL
 from fxscale.runtime.pools.replica_pool import Call, ReplicaPool
 
-POLICIES = ("operator", "model")
 SWITCH_INTERVAL_S = 0.0005  # the interpreter's default is 5 ms (see _ProcessSettings)
 # Every replica is a thread with its own weight copies: bounds that keep a typo from
 # starting thousands of them (the autoscaler never asks a group for more than the budget).
@@ -126,8 +126,8 @@ class Server:
                  warmup: bool = True, metrics_port: int | None = None,
                  metrics_host: str = "127.0.0.1", max_batch: int = 16,
                  autoscale: bool = False, autoscale_interval_s: float = 1.0) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if policy not in LIVE_POLICIES:
+            raise ValueError(f"policy must be one of {LIVE_POLICIES}, got {policy!r}")
         if autoscale and slo is None:
             raise ValueError("autoscale=True needs an SLO to plan for: pass "
                              "slo=fxscale.SLO(ttft=..., tbt=...)")
@@ -215,7 +215,7 @@ class Server:
         if graph is None:  # grouping failed (warned): the graph runs eagerly, unpooled
             return lowered
         self.group_graphs.append(graph)
-        groups = {submodule_name(int(g.id[1:])): g for g in graph.groups}
+        groups = {g.submodule: g for g in graph.groups}
         for node in lowered.graph.nodes:
             if node.op != "call_module" or node.target not in groups:
                 continue
@@ -223,7 +223,7 @@ class Server:
             weights = tuple(i for i, a in enumerate(node.args)
                             if isinstance(a, fx.Node) and a.op == "placeholder"
                             and ("_parameters_" in a.name or "_buffers_" in a.name))
-            batches = group.row_wise and not group.stateful  # in this graph
+            batches = group.batchable  # in this graph
             with self.pools_lock:
                 pool = self.pools.setdefault(group.name, ReplicaPool(
                     group.name, group.stateful, self.budget))
@@ -404,24 +404,60 @@ class Server:
     def scale(self, group: str, replicas: int) -> list[str]:
         """Set the replica count of a group (its name, or a pattern like
         'model.layers.*#1/attention'); returns the groups scaled."""
+        names = self._matching(group)
+        self._resize({name: replicas for name in names})
+        return names
+
+    def apply(self, plan: Plan) -> dict[str, int]:
+        """Deploy a Plan of this server's policy (from the planner, or Plan.from_dict of its
+        JSON): an operator plan sets each group kind's replicas (and the batch of the groups
+        that batch) from its placement rows; a model plan sets the whole-model replicas to its
+        engine count. Groups the plan does not name keep theirs. Returns the replicas set."""
+        if not isinstance(plan, Plan):
+            raise TypeError(f"apply takes a fxscale Plan, got {type(plan).__name__}; read a "
+                            "plan file with fxscale.Plan.from_dict(json.load(f))")
+        if plan.policy != self.policy:
+            raise ValueError(f"the plan is for policy {plan.policy!r}; this server runs "
+                             f"{self.policy!r}")
+        if self.policy == "model":
+            count = sum(e.count for e in plan.engines)
+            targets = {name: (count, 1) for name in self.pools}
+        else:
+            rows = {g.kind: g for g in plan.groups if g.role == "operator"}
+            targets = {name: (row.replicas, row.max_batch) for kind, row in rows.items()
+                       for name in self._matching(kind)}
+        self._resize({name: n for name, (n, _) in targets.items()})
+        for name, (_, batch) in targets.items():
+            pool = self.pools[name]
+            if pool.max_batch > 1:  # a group that batches: the batch the plan sized it for
+                pool.max_batch = max(2, min(batch, MAX_BATCH))
+        return {name: n for name, (n, _) in targets.items()}
+
+    def _matching(self, group: str) -> list[str]:
+        """The groups a name or pattern names (an error when none does)."""
         if self.closed:
             raise ServerClosedError("the server is closed; create a new one with fxscale.serve")
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or \
-                not 1 <= replicas <= MAX_REPLICAS_PER_GROUP:
-            raise ValueError(f"replicas must be >= 1 and at most {MAX_REPLICAS_PER_GROUP} per "
-                             f"group (fxscale.serving.MAX_REPLICAS_PER_GROUP), got {replicas!r}")
         names = [n for n in self.pools if fnmatch.fnmatchcase(n, group)]
         if not names:
             raise ValueError(f"no group matches {group!r}; groups are {sorted(self.pools)[:8]}"
                              f"{' ...' if len(self.pools) > 8 else ''}")
-        others = sum(p.target for n, p in self.pools.items() if n not in names)
-        if others + replicas * len(names) > MAX_REPLICAS:
-            raise ValueError(f"{len(names)} groups x {replicas} replicas would make "
-                             f"{others + replicas * len(names)} replicas in all, more than "
-                             f"{MAX_REPLICAS} (fxscale.serving.MAX_REPLICAS)")
-        for name in names:
-            self.pools[name].scale(replicas)
         return names
+
+    def _resize(self, targets: dict[str, int]) -> None:
+        """Set replicas per group, within the per-group and total bounds (checked first, so a
+        refused request changes nothing)."""
+        for replicas in targets.values():
+            if isinstance(replicas, bool) or not isinstance(replicas, int) or \
+                    not 1 <= replicas <= MAX_REPLICAS_PER_GROUP:
+                raise ValueError(f"replicas must be >= 1 and at most {MAX_REPLICAS_PER_GROUP} "
+                                 f"per group (fxscale.serving.MAX_REPLICAS_PER_GROUP), got "
+                                 f"{replicas!r}")
+        total = sum(targets.get(n, p.target) for n, p in self.pools.items())
+        if total > MAX_REPLICAS:
+            raise ValueError(f"{len(targets)} groups resized would make {total} replicas in "
+                             f"all, more than {MAX_REPLICAS} (fxscale.serving.MAX_REPLICAS)")
+        for name, replicas in targets.items():
+            self.pools[name].scale(replicas)
 
     def stats(self) -> dict[str, Any]:
         """Per group: replicas, queue, utilisation, latency; per request: TTFT, TBT, e2e."""

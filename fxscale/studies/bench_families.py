@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from fxscale.runtime.simulator.evaluate import ALL_POLICIES
+from fxscale.contracts.plan import LIVE_POLICIES, POLICIES
 
 Tick = Callable[[str], None]
 BACKENDS: dict[str, dict[str, Any] | None] = {
@@ -147,7 +147,7 @@ class SimulatorConfig:
     duration_s: float | None = 1200.0  # None: the whole trace
     slo_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     attainment: float = 0.99
-    policies: tuple[str, ...] = ALL_POLICIES
+    policies: tuple[str, ...] = tuple(POLICIES)
     interval_s: float = 30.0
 
     def units(self) -> int:
@@ -199,7 +199,7 @@ class RuntimeConfig:
 
     seconds: float = 30.0
     hidden: int = 2048
-    policies: tuple[str, ...] = ("operator", "model")
+    policies: tuple[str, ...] = LIVE_POLICIES
 
     def units(self) -> int:
         """Ticks the family makes: one per policy."""

@@ -12,8 +12,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from fxscale.contracts.plan import SLO
-from fxscale.serving.replay import ScaledRequest, replay, scaled_slice
+from fxscale.contracts.plan import LIVE_POLICIES, SLO
+from fxscale.contracts.trace import Request
+from fxscale.serving.replay import replay, scaled_slice
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class DemoConfig:
 
         return zoo.build("llama", layers=self.layers, hidden=self.hidden).model.eval()
 
-    def requests(self) -> list[ScaledRequest]:
+    def requests(self) -> list[Request]:
         """The scaled trace slice."""
         return scaled_slice(self.trace, duration_s=self.seconds * self.speedup,
                             speedup=self.speedup, prompt_divisor=self.prompt_divisor,
@@ -49,7 +50,7 @@ class DemoConfig:
                             max_new=self.max_new)
 
 
-def serve_trace(config: DemoConfig, policies: tuple[str, ...] = ("operator", "model"),
+def serve_trace(config: DemoConfig, policies: tuple[str, ...] = LIVE_POLICIES,
                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Serve the slice once per policy; the replays, with each server's final stats."""
     import fxscale

@@ -29,13 +29,9 @@ import torch
 from fxscale.contracts.metrics import percentiles, token_timings
 from fxscale.contracts.plan import SLO
 from fxscale.contracts.profile import Profile
+from fxscale.contracts.trace import Request
 from fxscale.runtime.devices.fit import fit_profile
-from fxscale.runtime.simulator.local import (
-    LocalSimulation,
-    SimGroup,
-    SimRequest,
-    profile_latency,
-)
+from fxscale.runtime.simulator.local import LocalSimulation, SimGroup, profile_latency
 from fxscale.serving.replay import replay
 from fxscale.studies.demo import DemoConfig
 
@@ -74,7 +70,7 @@ def measured_profile(model: torch.nn.Module, config: DemoConfig, granularity: st
 def group_facts(profile: Profile, graphs: list) -> list[dict]:
     """The profile's groups in pass order, with how each batches (from its GroupGraph)."""
     known = {g.name: g for graph in graphs for g in graph.groups}
-    return [{"name": g.name, "batches": known[g.name].row_wise and not known[g.name].stateful,
+    return [{"name": g.name, "batches": known[g.name].batchable,
              "stateful": known[g.name].stateful,
              "context_keyed": "embedding" in known[g.name].classes} for g in profile.groups]
 
@@ -141,7 +137,7 @@ def predict(measured: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
     config = DemoConfig(**measured["config"])
     groups = _sim_groups(Profile.from_dict(measured["profile"]), measured["groups"])
     calibration = calibrate(groups, measured, config)
-    requests = [SimRequest(r.arrival_s, r.prompt_tokens, r.new_tokens)
+    requests = [Request(r.arrival_s, r.prompt_tokens, r.output_tokens)
                 for r in config.requests()]
     token_times = LocalSimulation(with_extra(groups, calibration["execution_extra_s"]),
                                   requests, config.budget,
@@ -223,7 +219,7 @@ def _sim_groups(profile: Profile, facts: list[dict]) -> list[SimGroup]:
                      profile_latency(by_name[f["name"]])) for f in facts]
 
 
-def _timings(requests: list[SimRequest], token_times: list[list[float]]) -> list[dict]:
+def _timings(requests: list[Request], token_times: list[list[float]]) -> list[dict]:
     """TTFT (and TBT, past one token) of each simulated request."""
     return [token_timings(r.arrival_s, times) for r, times in zip(requests, token_times)]
 
@@ -341,7 +337,7 @@ def hop_costs(groups: list[SimGroup], alone: dict[str, Any], config: DemoConfig,
     """Seconds per group call in each phase outside the group profiles (the hops): what a
     request served alone measured beyond what the model gives it without them (executions
     and batch gathering)."""
-    lone = [SimRequest(0.0, ALONE_PROMPT, config.max_new)]
+    lone = [Request(0.0, ALONE_PROMPT, config.max_new)]
     modelled = _timings(lone, LocalSimulation(groups, lone, config.budget, lambda t: {},
                                               capacity=capacity).run())[0]
     return {phase: max(0.0, (alone[key] - modelled[key]) / len(groups))

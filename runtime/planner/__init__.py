@@ -3,8 +3,8 @@
 plan search per policy, and the live autoscaler's pool planning.
 
 Imports contracts and runtime.devices; no torch."""
-from fxscale.contracts.plan import SLO
+from fxscale.contracts.plan import POLICIES, SLO, Plan
 
-from .search import POLICIES, Plan, Workload, default_slo, plan
+from .search import Workload, default_slo, plan
 
 __all__ = ["POLICIES", "Plan", "SLO", "Workload", "default_slo", "plan"]

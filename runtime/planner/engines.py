@@ -16,23 +16,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from fxscale.contracts.plan import LockstepShape, OperatorShape
 from fxscale.runtime.planner.service import Batch, ServiceModel
 
 MEMORY_HEADROOM = 0.10
-ROLES = ("model", "prefill", "decode")  # what a LockstepEngine runs
 
 
 @dataclass(frozen=True)
-class LockstepEngine:
-    """A model replica (or a phase replica) tensor-parallel over `shards` devices."""
-
-    role: str
-    shards: int
-
-    @property
-    def devices(self) -> int:
-        """Devices this engine occupies."""
-        return self.shards
+class LockstepEngine(LockstepShape):
+    """A model replica (or a phase replica) tensor-parallel over `shards` devices: the Plan's
+    shape with what one iteration costs."""
 
     prefill_lanes = 1  # one chunk of prompt tokens per step
 
@@ -51,23 +44,12 @@ class LockstepEngine:
         """Weight bytes each new device must load before it serves."""
         return service.weight_bytes / self.shards
 
-    def describe(self) -> dict:
-        """JSON-ready description."""
-        return {"type": "lockstep", **asdict(self)}
 
 
 @dataclass(frozen=True)
-class OperatorEngine:
-    """Operator groups in pools: attention devices with the KV, dense replicas with weights."""
-
-    attention: int
-    dense_shards: int
-    dense_replicas: int
-
-    @property
-    def devices(self) -> int:
-        """Devices this engine occupies."""
-        return self.attention + self.dense_shards * self.dense_replicas
+class OperatorEngine(OperatorShape):
+    """Operator groups in pools, attention devices with the KV and dense replicas with
+    weights: the Plan's shape with what one iteration costs."""
 
     @property
     def prefill_lanes(self) -> int:
@@ -129,6 +111,14 @@ class OperatorEngine:
         """Weight bytes a new dense device loads; attention devices load no weights."""
         return service.weight_bytes / self.dense_shards
 
-    def describe(self) -> dict:
-        """JSON-ready description."""
-        return {"type": "operator", **asdict(self)}
+
+def engine_for(shape: LockstepShape | OperatorShape) -> LockstepEngine | OperatorEngine:
+    """The engine (with its costs) of a Plan's engine shape."""
+    engine = LockstepEngine if isinstance(shape, LockstepShape) else OperatorEngine
+    return shape if isinstance(shape, engine) else engine(**asdict(shape))
+
+
+def shape_of(engine: LockstepShape | OperatorShape) -> LockstepShape | OperatorShape:
+    """The Plan's shape of an engine (what a Plan holds and JSON carries)."""
+    shape = LockstepShape if isinstance(engine, LockstepShape) else OperatorShape
+    return shape(**asdict(engine))

@@ -17,17 +17,13 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
-from fxscale.contracts.errors import InputError
-from fxscale.contracts.jsonio import Checker
-from fxscale.contracts.plan import SLO
-from fxscale.runtime.planner.engines import ROLES, LockstepEngine, OperatorEngine
+from fxscale.contracts.plan import POLICIES, SLO, EngineCount, GroupPlacement, Plan
+from fxscale.runtime.planner.engines import LockstepEngine, OperatorEngine, shape_of
 from fxscale.runtime.planner.queueing import erlang_c, erlang_c_wait
 from fxscale.runtime.planner.service import Batch, ServiceModel
 
-POLICIES = ("static", "model", "phase", "operator")
 CHUNKS = (512, 1024, 2048)
 PREFILL_CHUNKS = (1024, 2048, 4096, 8192)  # prefill-only replicas: no decode to protect
 SHARDS = (1, 2, 4, 8)
@@ -90,85 +86,6 @@ class Prediction:
     ttft_p99: float
     batch_p99: float
     busy_fraction: float
-
-
-@dataclass
-class Plan:
-    """A deployment: engines of each role with counts, per-group placement, predictions."""
-
-    policy: str
-    model: str
-    device: str
-    rate: float
-    engines: list[dict[str, Any]]
-    devices: int
-    power_w: float
-    ttft_p50: float
-    ttft_p99: float
-    tbt_p50: float
-    tbt_p99: float
-    chunk: int
-    groups: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "<plan>") -> Plan:
-        """Rebuild from `to_dict` output; a missing, unknown or mistyped field is named."""
-        check = Checker(where, "a Plan")
-        check.object(data, "")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        missing = sorted(n for n in names if n not in data and n != "groups")
-        if unknown or missing:
-            raise InputError(f"{where}: Plan fields unknown {unknown}, missing {missing}")
-        for name in ("policy", "model", "device"):
-            check.string(data[name], name)
-        for name in ("rate", "devices", "power_w", "ttft_p50", "ttft_p99", "tbt_p50",
-                     "tbt_p99", "chunk"):
-            check.number(data[name], name, 0)
-        engines = [_engine_entry(check, e, f"engines[{i}]")
-                   for i, e in enumerate(check.array(data["engines"], "engines"))]
-        groups = check.array(data.get("groups", []), "groups")
-        for i, row in enumerate(groups):
-            _placement_row(check, row, f"groups[{i}]")
-        return cls(**{**data, "engines": engines, "groups": groups})
-
-
-def _engine_entry(check: Checker, entry: Any, at: str) -> dict[str, Any]:
-    """One {"engine": {...}, "count": n} entry of a Plan, its engine fields checked."""
-    check.object(entry, at)
-    check.unknown(entry, {"engine", "count"}, f"{at}.")
-    engine = check.object(check.get(entry, "engine", f"{at}."), f"{at}.engine")
-    check.number(check.get(entry, "count", f"{at}."), f"{at}.count", 1, integer=True)
-    kinds = {"lockstep": LockstepEngine, "operator": OperatorEngine}
-    kind = check.string(check.get(engine, "type", f"{at}.engine."), f"{at}.engine.type",
-                        tuple(kinds))
-    known = {f.name for f in fields(kinds[kind])}
-    check.unknown(engine, known | {"type"}, f"{at}.engine.")
-    for name in sorted(known):
-        value = check.get(engine, name, f"{at}.engine.")
-        if name == "role":
-            check.string(value, f"{at}.engine.role", ROLES)
-        else:
-            check.number(value, f"{at}.engine.{name}", 0, integer=True)
-    return entry
-
-
-def _placement_row(check: Checker, row: Any, at: str) -> None:
-    """One group's placement in a Plan: ids and names are strings, counts are numbers."""
-    check.object(row, at)
-    check.string(check.get(row, "group", f"{at}."), f"{at}.group")
-    for name, value in row.items():
-        if name in ("group", "kind", "role"):
-            check.string(value, f"{at}.{name}")
-        elif name == "devices":
-            for j, device in enumerate(check.array(value, f"{at}.devices")):
-                check.number(device, f"{at}.devices[{j}]", 0, integer=True)
-        else:
-            check.number(value, f"{at}.{name}", 0)
 
 
 def poisson_quantile(mean: float, q: float) -> float:
@@ -451,15 +368,15 @@ def plan(service: ServiceModel, work: Workload, slo: SLO, policy: str,
     decode_pred = pools[-1][2]
     prefill_pred = pools[0][2]
     return Plan(policy=policy, model=service.model, device=service.device.name, rate=work.rate,
-                engines=[{"engine": e.describe(), "count": n} for e, n, _ in pools],
+                engines=tuple(EngineCount(shape_of(e), n) for e, n, _ in pools),
                 devices=devices, power_w=power,
                 ttft_p50=prefill_pred.ttft_p50, ttft_p99=prefill_pred.ttft_p99,
                 tbt_p50=decode_pred.tbt_p50, tbt_p99=decode_pred.tbt_p99, chunk=chunk,
-                groups=group_placement(service, pools, slo, work, chunk))
+                groups=tuple(group_placement(service, pools, slo, work, chunk)))
 
 
 def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
-                    chunk: int) -> list[dict[str, Any]]:
+                    chunk: int) -> list[GroupPlacement]:
     """Per group: replicas, shards, max batch (requests per step), devices, and its share of
     the TBT budget along the critical path (its time over the traversal time)."""
     rows = []
@@ -489,9 +406,8 @@ def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
             where, replicas, shards, split = places[kind.stateful]
             share = service.kind_time(kind, batch, shards, split) / max(total, 1e-12)
             for gid in kind.group_ids:
-                rows.append({"group": gid, "kind": kind.name, "role": role,
-                             "replicas": replicas, "shards": shards, "max_batch": max_batch,
-                             "devices": where, "device_fraction": share / kind.count,
-                             "tbt_budget_s": slo.tbt * share / kind.count})
+                rows.append(GroupPlacement(gid, kind.name, role, replicas, shards, max_batch,
+                                           tuple(where), share / kind.count,
+                                           slo.tbt * share / kind.count))
         first_device += engine.devices * count
     return rows

@@ -11,20 +11,18 @@ model; evaluating it is plain arithmetic, so the planner and simulator never tou
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import sympy
 
 from fxscale.contracts.exprs import parse_expr
-from fxscale.contracts.group_graph import GroupGraph
+from fxscale.contracts.group_graph import GroupGraph, kind_name
 from fxscale.runtime.devices.model import DeviceModel
 
 # All-reduce start-up latency per call (NCCL small-message latency on NVLink; an assumption
 # documented in docs/simulator.md).
 ALLREDUCE_LATENCY_S = 10e-6
 _B, _X = sympy.symbols("b x")
-_LAYER_INDEX = re.compile(r"\.\d+(?=[.#]|$)")
 
 
 @dataclass(frozen=True)
@@ -186,11 +184,6 @@ def _poly(text: str, roles: dict[str, str], where: str) -> Poly:
                              "(at most linear in batch and quadratic in length)")
         (per_request if i else shared)[j] += float(coeff)
     return Poly(tuple(shared), tuple(per_request))
-
-
-def kind_name(group_name: str) -> str:
-    """A group's name with its layer index replaced by '*' (model.layers.3#1/x -> ...*#1/x)."""
-    return _LAYER_INDEX.sub(".*", group_name)
 
 
 def service_model(prefill: GroupGraph, decode: GroupGraph, device: DeviceModel,

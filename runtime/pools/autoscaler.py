@@ -1,21 +1,21 @@
 """The local runtime's autoscaler: every interval, measure each group's pool, plan replicas
 (runtime/pool_planner.py) and apply the plan.
 
-Hysteresis, so it does not oscillate: a group grows as soon as the plan asks for more, and
-shrinks only after a plan with more headroom has asked for fewer for `down_after` intervals
-in a row (to the most those intervals asked for). Every
-change is a decision with its reason, kept in order and logged to "fxscale.autoscaler".
+Hysteresis, so it does not oscillate (contracts/scaling.py, the rule the simulator follows
+too): a group grows as soon as the plan asks for more, and shrinks only after a plan with
+more headroom has asked for fewer for `down_after` intervals in a row (to the most those
+intervals asked for). Every change is a Decision with its reason, kept in order and logged
+to "fxscale.autoscaler".
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from fxscale.contracts.plan import SLO
+from fxscale.contracts.scaling import Decision, Hysteresis
 from fxscale.runtime.planner.pools import GroupLoad, PoolPlan, fit_execution, plan_pools
 
 # Shrinking plans with this much more headroom than growing (0.6 of the TBT instead of 0.8
@@ -23,17 +23,6 @@ from fxscale.runtime.planner.pools import GroupLoad, PoolPlan, fit_execution, pl
 DOWN_BAND = 0.2
 
 log = logging.getLogger("fxscale.autoscaler")
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One replica change: when (seconds since start), which group, from, to, why."""
-
-    t: float
-    group: str
-    old: int
-    new: int
-    reason: str
 
 
 class Autoscaler:
@@ -50,8 +39,7 @@ class Autoscaler:
         self.clock = clock
         self.start_time = clock()
         self.last: dict[str, tuple[float, dict]] = {}
-        self.below: Counter[str] = Counter()
-        self.shrink_to: dict[str, int] = {}
+        self.hysteresis: dict[str, Hysteresis] = {}  # per group
         self.decisions: list[Decision] = []
         self.timeline: list[dict] = []
         self.stopped = threading.Event()
@@ -106,27 +94,22 @@ class Autoscaler:
             have = load.replicas
             up, down = plan.replicas[load.name], max(plan.replicas[load.name],
                                                      tight.replicas[load.name])
+            rule = self.hysteresis.setdefault(load.name, Hysteresis(self.down_after))
             if up > have:
-                self.below[load.name] = 0
-                self.shrink_to.pop(load.name, None)
-                self._apply(pools[load.name], Decision(t, load.name, have, up, (
+                rule.done()
+                self._apply(pools[load.name], Decision(t, load.name, have, up, "scale up", (
                     f"up: {load.demand(self.interval_s):.1f} calls/s, "
                     f"{load.fixed_s * 1e3:.2f} ms + {load.per_call_s * 1e3:.2f} ms per call "
                     f"per execution; {plan.reason}")))
-            elif down < have:
-                self.below[load.name] += 1
-                # shrink to the most any of those intervals asked for
-                down = self.shrink_to[load.name] = max(self.shrink_to.get(load.name, 0), down)
-                if self.below[load.name] >= self.down_after:
-                    self.below[load.name] = 0
-                    del self.shrink_to[load.name]
-                    self._apply(pools[load.name], Decision(t, load.name, have, down, (
-                        f"down: {down} replicas met the SLO with {DOWN_BAND:.0%} more headroom for "
-                        f"{self.down_after} intervals in a row "
-                        f"({load.demand(self.interval_s):.1f} calls/s); {tight.reason}")))
-            else:
-                self.below[load.name] = 0
-                self.shrink_to.pop(load.name, None)
+                continue
+            rule.ask(have, down)
+            if rule.due:
+                down = rule.ceiling  # shrink to the most any of those intervals asked for
+                rule.done()
+                self._apply(pools[load.name], Decision(t, load.name, have, down, "scale down", (
+                    f"down: {down} replicas met the SLO with {DOWN_BAND:.0%} more headroom for "
+                    f"{self.down_after} intervals in a row "
+                    f"({load.demand(self.interval_s):.1f} calls/s); {tight.reason}")))
         self.timeline.append({"t": t, "replicas": {name: pool.counters()["replicas"]
                                                    for name, pool in sorted(pools.items())},
                               "predicted_tbt_s": plan.to_dict()["tbt_s"],
@@ -137,9 +120,9 @@ class Autoscaler:
         """Resize a pool and record why."""
         pool.scale(decision.new)
         self.decisions.append(decision)
-        log.info("t=%.1fs %s: %d -> %d replicas (%s)", decision.t, decision.group,
+        log.info("t=%.1fs %s: %d -> %d replicas (%s)", decision.t, decision.scope,
                  decision.old, decision.new, decision.reason)
 
     def report(self) -> dict:
         """Decisions and timeline, JSON-ready."""
-        return {"decisions": [asdict(d) for d in self.decisions], "timeline": self.timeline}
+        return {"decisions": [d.to_dict() for d in self.decisions], "timeline": self.timeline}

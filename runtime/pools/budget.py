@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Iterator, Protocol
 
+
 class Waiter(Protocol):
     """What the budget asks of a replica waiting for a slot."""
 

@@ -16,15 +16,14 @@ from dataclasses import replace
 from typing import Callable
 
 from fxscale.contracts.metrics import quantile
-from fxscale.contracts.plan import SLO
+from fxscale.contracts.plan import SLO, Plan
 from fxscale.contracts.trace import Trace
-from fxscale.runtime.planner.search import Plan, Workload, plan
+from fxscale.runtime.planner.search import Workload, plan
 from fxscale.runtime.planner.service import Batch, ServiceModel
 from fxscale.runtime.simulator.replay import Result, ScalingConfig, Simulation
 
 HEADROOMS = (1.0, 1.25, 1.5, 2.0, 3.0)
 FLOORS = (0.0, 0.5, 1.0, 2.0, 3.0)
-ALL_POLICIES = ("static", "model", "phase", "operator")
 
 
 def peak_rate(trace: Trace, interval_s: float) -> float:

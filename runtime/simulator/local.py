@@ -9,8 +9,9 @@ execution, at most one mean execution) and only calls of the same signature batc
 phase, same prompt length in prefill, same context for groups that read the cache length);
 a signature's first batch also runs its calls one by one (the server's check);
 `budget` slots run at once, a freed slot going to the waiting replica whose turn serves most
-(runtime/pools/budget.py; batches gather by contracts/batching.py). An execution takes what the group's profile measured at its phase,
-batch and length, or else what the profile's fit (runtime/fit.py) gives; its mean, which
+(runtime/pools/budget.py; batches gather by contracts/batching.py). An execution takes what
+the group's profile measured at its phase, batch and length, or else what the profile's fit
+(runtime/devices/fit.py) gives; its mean, which
 gathering reads, is of wall times, as on the server; what an execution takes on the server
 beyond its profile can be added to the group's latency (fxscale/fidelity.py measures it).
 Each visit also costs `hop_s[phase]` of work outside the executions (the request thread's
@@ -32,6 +33,7 @@ from typing import Callable
 
 from fxscale.contracts.batching import gather_until
 from fxscale.contracts.profile import GroupProfile, ProfilePoint
+from fxscale.contracts.trace import Request
 from fxscale.runtime.devices.fit import predict
 
 
@@ -44,15 +46,6 @@ class SimGroup:
     stateful: bool         # requests stay on one replica
     context_keyed: bool    # reads the cache length: decode calls batch only at equal context
     latency: Callable[[str, int, int], float]   # (phase, batch, length or context) -> s
-
-
-@dataclass(frozen=True)
-class SimRequest:
-    """A request: arrival (s), prompt tokens, tokens to generate."""
-
-    arrival_s: float
-    prompt_tokens: int
-    new_tokens: int
 
 
 @dataclass
@@ -149,7 +142,7 @@ class _Processors:
 class LocalSimulation:
     """Replay requests through the modelled runtime; `run()` gives per-request timings."""
 
-    def __init__(self, groups: list[SimGroup], requests: list[SimRequest], budget: int,
+    def __init__(self, groups: list[SimGroup], requests: list[Request], budget: int,
                  replicas: Callable[[float], dict[str, int]], max_batch: int = 16,
                  batch_wait_s: float = 0.05, hop_s: dict[str, float] | None = None,
                  capacity: tuple[float, ...] = (1.0, 2.0), hop_locked: float = 1.0) -> None:
@@ -209,7 +202,7 @@ class LocalSimulation:
             self.position[i] = (pass_index, g + 1)
         else:
             self.token_times[i].append(now)
-            if pass_index + 1 >= self.requests[i].new_tokens:
+            if pass_index + 1 >= self.requests[i].output_tokens:
                 return
             self.position[i] = (pass_index + 1, 0)
         self._hop(i, now)

@@ -18,10 +18,11 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from fxscale.contracts.plan import SLO
+from fxscale.contracts.plan import SLO, Plan
+from fxscale.contracts.scaling import Decision, Hysteresis, action
 from fxscale.contracts.trace import Trace
-from fxscale.runtime.planner.engines import LockstepEngine, OperatorEngine
-from fxscale.runtime.planner.search import Plan, Workload, kv_transfer_s, plan
+from fxscale.runtime.planner.engines import engine_for
+from fxscale.runtime.planner.search import Workload, kv_transfer_s, plan
 from fxscale.runtime.planner.service import Batch, ServiceModel
 
 # The simulator skips autoscaler ticks that would change nothing (an idle deployment, at its
@@ -97,7 +98,7 @@ class Result:
     output_tokens: int
     duration_s: float
     timeline: list[dict] = field(default_factory=list)
-    decisions: list[dict] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
 
 
 class Simulation:
@@ -117,13 +118,13 @@ class Simulation:
         self.events: list = []
         self.seq = itertools.count()
         self.gaps: list[tuple[float, int]] = []
-        self.decisions: list[dict] = []
+        self.decisions: list[Decision] = []
         self.timeline: list[dict] = []
         self.resizes: list[tuple[float, float]] = []  # operator growth: (asked, serving)
         self.arrivals_seen = 0
         self.rate_estimate = 0.0
         self.planned_rate = 0.0
-        self.lower_for = 0
+        self.shrink = Hysteresis(scaling.down_after)  # the deployment's devices
         self.quiet_ticks = 0  # consecutive ticks with nothing to do (see _idle_ticks)
         self.last_deployment: tuple | None = None
 
@@ -137,13 +138,8 @@ class Simulation:
 
     def _targets(self, p: Plan) -> list[tuple[object, str, int]]:
         """(engine spec, role, count) of a plan."""
-        out = []
-        for entry in p.engines:
-            d = dict(entry["engine"])
-            kind = d.pop("type")
-            spec = LockstepEngine(**d) if kind == "lockstep" else OperatorEngine(**d)
-            out.append((spec, getattr(spec, "role", "operator"), entry["count"]))
-        return out
+        return [(engine_for(e.engine), getattr(e.engine, "role", "operator"), e.count)
+                for e in p.engines]
 
     def _add(self, spec, role: str, now: float, warm: bool, chunk: int) -> None:
         """Request a new engine (ready at once when warm, else after its cold start)."""
@@ -163,13 +159,13 @@ class Simulation:
         target = self._targets(p)
         current = sum(e.spec.devices for e in live)
         wanted = sum(spec.devices * count for spec, _, count in target)
-        self.lower_for = self.lower_for + 1 if wanted < current else 0
+        self.shrink.ask(current, wanted)
         for spec, role, count in target:
             have = [e for e in live if e.spec == spec]
             for _ in range(count - len(have)):
                 self._add(spec, role, now, warm, p.chunk)
         settled = all(e.ready_at <= now for e in live)
-        if (self.lower_for >= self.scaling.down_after and settled) or warm:
+        if (self.shrink.due and settled) or warm:
             keep = {spec: count for spec, _, count in target}
             for engine in sorted(live, key=lambda e: e.load(self.service)):
                 if keep.get(engine.spec, 0) > 0:
@@ -179,7 +175,7 @@ class Simulation:
                        and e.retired_at is None and e.ready_at <= now for e in self.engines):
                     engine.draining = True
                     self._retire_if_idle(engine, now)
-            self.lower_for = 0
+            self.shrink.done()
 
     def _apply_operator(self, p: Plan, live: list[EngineState], now: float, warm: bool) -> None:
         """Resize the one operator engine: a larger shape serves once its added devices have
@@ -193,11 +189,11 @@ class Simulation:
         old = engine.spec
         reshard = spec.dense_shards != old.dense_shards
         if spec == current:
-            self.lower_for = 0
+            self.shrink.done()
         elif spec.devices >= old.devices or reshard:
             if spec.devices < old.devices:  # a smaller re-sharded shape: after hysteresis
-                self.lower_for += 1
-                if self.lower_for < self.scaling.down_after:
+                self.shrink.ask(old.devices, spec.devices)
+                if not self.shrink.due:
                     return
             # each pool's new devices start (a re-sharded dense pool loads entirely on new
             # devices) while the old shape serves; all are held until the switch
@@ -211,15 +207,15 @@ class Simulation:
             engine.pending_spec = spec
             engine.extra_devices = added
             self._push(now + delay, "resize", (engine, spec, p.chunk, now))
-            self.lower_for = 0
+            self.shrink.done()
         else:  # fewer dense replicas or attention devices, same sharding: after hysteresis,
             # once the remaining devices hold every reserved KV token
-            self.lower_for += 1
-            if self.lower_for >= self.scaling.down_after and engine.pending_spec is None and \
+            self.shrink.ask(old.devices, spec.devices)
+            if self.shrink.due and engine.pending_spec is None and \
                     spec.kv_capacity_tokens(self.service) >= engine.kv_reserved:
                 self._close_account(engine, now)
                 engine.spec, engine.chunk = spec, p.chunk * spec.prefill_lanes
-                self.lower_for = 0
+                self.shrink.done()
 
     def _close_account(self, engine: EngineState, now: float) -> None:
         """Bank the device-seconds of an operator engine's current size before resizing."""
@@ -309,16 +305,15 @@ class Simulation:
         self.quiet_ticks = self.quiet_ticks + 1 if settled else 0
         self.last_deployment = deployment
         floor = " (the floor)" if self.planned_rate == self.floor_rate else ""
-        action = "scale up" if after > before else "scale down" if after < before else (
-            f"hold (lower for {self.lower_for}/{self.scaling.down_after})" if p.devices < before
-            else "hold")
-        self.decisions.append({
-            "t": now, "observed_rps": observed, "estimate_rps": self.rate_estimate,
-            "planned_rps": self.planned_rate, "devices_before": before, "devices_after": after,
-            "action": action,
-            "reason": f"observed {observed:.2f} req/s, estimate {self.rate_estimate:.2f}; the "
-                      f"plan for {self.planned_rate:.2f} req/s{floor} wants {p.devices} "
-                      f"devices, {before} held"})
+        what = action(before, after)
+        if what == "hold" and p.devices < before:
+            what = f"hold (lower for {self.shrink.below}/{self.scaling.down_after})"
+        self.decisions.append(Decision(
+            now, "deployment", before, after, what,
+            f"observed {observed:.2f} req/s, estimate {self.rate_estimate:.2f}; the plan for "
+            f"{self.planned_rate:.2f} req/s{floor} wants {p.devices} devices, {before} held",
+            observed_rps=observed, estimate_rps=self.rate_estimate,
+            planned_rps=self.planned_rate))
         self._record(now, observed)
 
     def _idle(self, now: float) -> bool:
@@ -346,12 +341,11 @@ class Simulation:
             self.rate_estimate *= self.scaling.ewma ** ticks
         last = now + (ticks - 1) * interval
         devices = self._devices_now()
-        self.decisions.append({
-            "t": now, "observed_rps": 0.0, "estimate_rps": self.rate_estimate,
-            "planned_rps": self.planned_rate, "devices_before": devices,
-            "devices_after": devices, "action": "hold",
-            "reason": f"no requests from {now:g} s to {last:g} s: {ticks} idle decisions "
-                      "skipped, each a hold"})
+        self.decisions.append(Decision(
+            now, "deployment", devices, devices, "hold",
+            f"no requests from {now:g} s to {last:g} s: {ticks} idle decisions skipped, each "
+            "a hold", observed_rps=0.0, estimate_rps=self.rate_estimate,
+            planned_rps=self.planned_rate))
         self._record(last, 0.0)
         self._push(now + ticks * interval, "tick", None)
 

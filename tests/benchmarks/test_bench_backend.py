@@ -79,8 +79,8 @@ def test_grouping_pass_on_80_layers(benchmark):
     """Cost annotation + grouping + convexity check of an 80-layer Llama graph."""
     import transformers as tf
 
-    from fxscale.compiler.analysis import analyse_graph
     from fxscale.compiler.options import Options
+    from fxscale.compiler.pipeline import analyse_graph
 
     config = tf.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512,
                             num_hidden_layers=80, num_attention_heads=4, num_key_value_heads=2)
