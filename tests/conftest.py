@@ -1,8 +1,13 @@
-"""Shared fixtures: a fresh Dynamo state per test, seeded RNG."""
+"""Shared fixtures: a fresh Dynamo state per test, seeded RNG. Triton kernels run in
+Triton's interpreter on CPU tensors: the variable must be set before triton is imported."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402 - after the interpreter switch
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,8 @@ ROOTS = {"fxscale": "fxscale", "passes": "fxscale.passes", "runtime": "fxscale.r
 # Stages, lowest first: a module may import its own stage and lower ones, never a higher one.
 LAYERS = {
     "fxscale.contracts": 0,
-    "fxscale.passes": 1, "fxscale.runtime.devices": 1, "fxscale.runtime.traces": 1,
+    "fxscale.passes": 1, "fxscale.kernels": 1, "fxscale.runtime.devices": 1,
+    "fxscale.runtime.traces": 1,
     "fxscale.compiler": 2, "fxscale.runtime.planner": 2,
     "fxscale.runtime.simulator": 3, "fxscale.runtime.pools": 3, "fxscale.export": 3,
     "fxscale.profiling": 4, "fxscale.serving": 4,

@@ -22,6 +22,7 @@ from fxscale.runtime.planner import plan
 from fxscale.runtime.simulator import simulate
 from fxscale.runtime.traces import load_trace
 from fxscale.runtime.devices import load_device
+from fxscale.kernels import paged_attention, rms_norm, rotary, write_kv
 for name in fxscale.__all__:
     getattr(fxscale, name)
 print(json.dumps({"file": fxscale.__file__, "requests": len(load_trace("azure-conv").requests),
