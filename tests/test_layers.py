@@ -18,8 +18,8 @@ ROOTS = {"fxscale": "fxscale", "passes": "fxscale.passes", "runtime": "fxscale.r
 LAYERS = {
     "fxscale.contracts": 0,
     "fxscale.passes": 1, "fxscale.kernels": 1, "fxscale.runtime.devices": 1,
-    "fxscale.runtime.traces": 1,
-    "fxscale.compiler": 2, "fxscale.runtime.planner": 2,
+    "fxscale.runtime.traces": 1, "fxscale.runtime.scheduling": 1,
+    "fxscale.compiler": 2, "fxscale.runtime.planner": 2, "fxscale.runtime.engine": 2,
     "fxscale.runtime.simulator": 3, "fxscale.runtime.pools": 3, "fxscale.export": 3,
     "fxscale.profiling": 4, "fxscale.serving": 4,
     "fxscale.models": 5, "fxscale.reporting": 5,
@@ -27,7 +27,8 @@ LAYERS = {
     "fxscale.cli": 7,
 }
 TORCH_FREE = ("fxscale.contracts", "fxscale.runtime.devices", "fxscale.runtime.traces",
-              "fxscale.runtime.planner", "fxscale.runtime.simulator")
+              "fxscale.runtime.planner", "fxscale.runtime.simulator",
+              "fxscale.runtime.scheduling")
 MAX_MODULES = 16
 # the package roots: their __init__ files load public names lazily (by string), above all stages
 TOPS = {"fxscale", "fxscale.__main__", "fxscale.runtime"}

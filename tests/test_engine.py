@@ -1,0 +1,160 @@
+"""The serving engine (runtime/engine) against Hugging Face greedy generate: many concurrent
+requests of mixed lengths (prompts chunked across steps), across decoder architectures,
+with preemption, cancellation and failing steps."""
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from fxscale.models import zoo
+from fxscale.runtime.engine import Engine
+from fxscale.runtime.engine.attention import find_attention
+from fxscale.runtime.engine.runner import PagedRunner, SequentialRunner, private_copy
+from fxscale.runtime.scheduling import SchedulerConfig
+
+
+def engine_for(model, num_blocks=512, budget=512, max_len=512, runner_class=None):
+    """An engine over a private copy of the model (paged when its attention routes)."""
+    copy = private_copy(model)
+    layers, why = find_attention(copy)
+    if runner_class is SequentialRunner or why is not None:
+        runner = SequentialRunner(copy)
+    else:
+        runner = PagedRunner(copy, layers, num_blocks, 16, backend="torch")
+    return Engine(runner, SchedulerConfig(max_num_batched_tokens=budget), num_blocks, max_len)
+
+
+def prompts(seed: int, count: int, longest: int, vocab: int = 256) -> list[list[int]]:
+    """Fresh random prompts, lengths from 1 to `longest`."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(1, longest))]
+            for _ in range(count)]
+
+
+def reference(model, prompt: list[int], new: int) -> list[int]:
+    """Hugging Face greedy generate with no stop token: the tokens the engine must give
+    (the engine's requests ignore end-of-sequence)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
+                             eos_token_id=[], pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return zoo.build("llama", layers=2, hidden=64).model.eval()
+
+
+def test_sixty_four_concurrent_requests_equal_hugging_face_greedy(llama):
+    """Prompts of 1-400 tokens arrive together: long ones are chunked across steps beside
+    the decodes of others; every request's tokens equal HF greedy."""
+    engine = engine_for(llama, budget=128)
+    batch = prompts(1, 64, 400)
+    records = [engine.add(p, 8, ignore_eos=True) for p in batch]
+    outputs = [r.future.result(timeout=300) for r in records]
+    stats = engine.stats()
+    engine.close()
+    assert stats["steps"] < sum(len(p) for p in batch)  # tokens were batched across requests
+    assert stats["tokens_per_step"] > 16 and stats["kv_blocks"]["used"] == 0
+    assert outputs == [reference(llama, p, 8) for p in batch]
+
+
+@pytest.mark.parametrize("name", ["mistral", "gpt2", "opt", "mixtral", "qwen2", "phi3",
+                                  "gemma2", "starcoder2"])
+def test_decoder_architectures_equal_hugging_face_greedy(name):
+    """Learned positions (GPT-2, OPT), MoE (Mixtral), sliding windows and soft-capping
+    (Gemma 2), partial rotary and fused projections."""
+    model = zoo.decoder(name).eval()
+    engine = engine_for(model, budget=64, max_len=256)
+    batch = prompts(2, 12, 100)
+    records = [engine.add(p, 6, ignore_eos=True) for p in batch]
+    outputs = [r.future.result(timeout=300) for r in records]
+    engine.close()
+    assert outputs == [reference(model, p, 6) for p in batch]
+
+
+@pytest.mark.parametrize("name", ["bloom", "falcon"])
+def test_models_whose_attention_does_not_route_run_one_request_at_a_time(name):
+    model = zoo.decoder(name).eval()
+    layers, why = find_attention(private_copy(model))
+    assert not layers and why
+    engine = engine_for(model, budget=32, max_len=256)
+    assert isinstance(engine.runner, SequentialRunner)
+    batch = prompts(3, 6, 60)
+    records = [engine.add(p, 5, ignore_eos=True) for p in batch]
+    outputs = [r.future.result(timeout=300) for r in records]
+    engine.close()
+    assert outputs == [reference(model, p, 5) for p in batch]
+
+
+def test_a_small_cache_preempts_and_loses_nothing(llama):
+    engine = engine_for(llama, num_blocks=14, budget=64)
+    batch = prompts(4, 16, 60)
+    records = [engine.add(p, 12, ignore_eos=True) for p in batch]
+    outputs = [r.future.result(timeout=300) for r in records]
+    stats = engine.stats()
+    engine.close()
+    assert stats["preemptions"] > 0
+    assert outputs == [reference(llama, p, 12) for p in batch]
+
+
+def test_cancelled_requests_free_their_blocks_and_the_others_are_unaffected(llama):
+    engine = engine_for(llama, budget=32)
+    batch = prompts(5, 10, 40)
+    records = [engine.add(p, 30, ignore_eos=True, stream=i % 2 == 0)
+               for i, p in enumerate(batch)]
+    streams = [engine.stream(r) for r in records[0::2]]
+    for s in streams[:3]:
+        next(s)          # a token has been streamed ...
+        s.close()        # ... and the client goes away
+    assert records[1].future.cancel()
+    kept = [r for i, r in enumerate(records) if i not in (0, 2, 4, 1)]
+    outputs = [r.future.result(timeout=300) for r in kept]
+    assert all(records[i].future.cancelled() for i in (0, 1, 2, 4))
+    engine.close()
+    assert engine.stats()["kv_blocks"]["used"] == 0 and not engine.requests
+    assert outputs == [reference(llama, batch[i], 30)
+                       for i in range(len(batch)) if i not in (0, 2, 4, 1)]
+
+
+def test_a_failing_step_is_run_again_then_fails_only_its_requests(llama):
+    engine = engine_for(llama, budget=512)
+    run = engine.runner.run
+    failures = {"left": 1}
+    poisoned: set[int] = set()
+
+    def flaky(step, tokens):
+        if failures["left"]:           # one transient fault: retried, nobody notices
+            failures["left"] -= 1
+            raise RuntimeError("transient")
+        if any(c.request in poisoned for c in step.chunks):
+            raise RuntimeError("broken request")
+        return run(step, tokens)
+
+    engine.runner.run = flaky
+    first = engine.add([5, 6, 7], 4, ignore_eos=True)
+    assert first.future.result(timeout=60) == reference(llama, [5, 6, 7], 4)
+    gate = threading.Event()
+    engine.runner.run = lambda step, tokens: (gate.wait(), flaky(step, tokens))[1]
+    bad = engine.add([9, 9], 4, ignore_eos=True)
+    poisoned.add(bad.id)
+    gate.set()
+    with pytest.raises(RuntimeError, match="broken request"):
+        bad.future.result(timeout=60)
+    engine.runner.run = run
+    good = engine.add([5, 6, 7], 4, ignore_eos=True)
+    assert good.future.result(timeout=60) == reference(llama, [5, 6, 7], 4)
+    engine.close()
+    assert engine.stats()["failed_steps"] == 3
+
+
+def test_requests_too_long_are_refused_when_added(llama):
+    engine = engine_for(llama, num_blocks=4, max_len=512)
+    with pytest.raises(ValueError, match="exceed the KV cache of 64 tokens"):
+        engine.add(list(range(3, 63)), 8)
+    with pytest.raises(ValueError, match="exceed the model's 512 positions"):
+        engine.add([3] * 500, 20)
+    engine.close()
