@@ -29,6 +29,9 @@ ATTENTION_OPS = frozenset({"scaled_dot_product_attention", "_scaled_dot_product_
                            "_scaled_dot_product_flash_attention_for_cpu",
                            "_scaled_dot_product_efficient_attention",
                            "_scaled_dot_product_cudnn_attention", "flex_attention"})
+# Attention over a paged KV cache (fxscale.kernels, the engine's op): the step's tokens of
+# many sequences against each sequence's KV blocks.
+PAGED_ATTENTION_OPS = frozenset({"attention_step", "paged_attention"})
 CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                       "conv_transpose3d", "convolution", "conv1d_module", "conv2d_module"})
 EMBEDDING_OPS = frozenset({"embedding", "embedding_bag"})
@@ -61,7 +64,7 @@ TOKEN_MIXING_OPS = frozenset({"cumsum", "cumprod", "sort", "argsort", "topk", "r
 
 def classify_op(name: str, module_type: str) -> str:
     """The operator class of an op name; `module_type` refines ops traced inside norm modules."""
-    if name in ATTENTION_OPS:
+    if name in ATTENTION_OPS or name in PAGED_ATTENTION_OPS:
         return ATTENTION
     if name in MATMUL_OPS:
         return GEMM

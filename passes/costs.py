@@ -157,7 +157,12 @@ def _is_view(t: torch.Tensor) -> bool:
 
 
 def _read_bytes(name: str, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> sympy.Expr:
-    """Bytes a node reads: every input once; an embedding reads only the rows it gathers."""
+    """Bytes a node reads: every input once; an embedding reads only the rows it gathers;
+    paged attention reads the blocks its sequences' tables name, not the whole cache."""
+    if name in C.PAGED_ATTENTION_OPS:
+        q, new, cache, tables, meta = _paged_operands(name, ins)
+        return sum((nbytes_expr(t) for t in [q, *new, *meta]), ZERO) + \
+            2 * _kv_slot_bytes(cache) * _paged_context(cache, tables) * shape_exprs(tables)[0]
     if name in C.EMBEDDING_OPS and len(ins) >= 2:
         indices = ins[0]
         gathered = sum((nbytes_expr(t) for t in outs), ZERO)
@@ -173,6 +178,11 @@ def _flops(node, name, op_class, in_values, outs) -> sympy.Expr:
         return _matmul_flops(node, name, ins, out_numel)
     if op_class == C.MOE_EXPERT and ins:
         return 2 * out_numel * shape_exprs(ins[0])[-1]  # every token meets its expert's weight
+    if name in C.PAGED_ATTENTION_OPS:
+        q, _, cache, tables, _ = _paged_operands(name, ins)
+        tokens, heads, dim = shape_exprs(q)
+        # every query token against at most the table's blocks: QK^T and PV, 2 + 2 FLOPs each
+        return 4 * tokens * heads * dim * _paged_context(cache, tables)
     if name in C.ATTENTION_OPS and len(ins) >= 3:
         q, k, v = (shape_exprs(t) for t in ins[:3])
         heads = sympy.Mul(*q[:-2])
@@ -217,8 +227,30 @@ def _matmul_flops(node, name, ins, out_numel) -> sympy.Expr:
     return 2 * out_numel * k
 
 
+def _paged_operands(name: str, ins: list[torch.Tensor]):
+    """(q, the step's new K/V, the K cache, block tables, other metadata) of a paged op:
+    attention_step(q, k, v, k_cache, v_cache, slots, cu_seqlens, seq_lens, tables) or
+    paged_attention(q, k_cache, v_cache, cu_seqlens, seq_lens, tables)."""
+    if name == "attention_step":
+        return ins[0], ins[1:3], ins[3], ins[8], ins[5:8]
+    return ins[0], [], ins[1], ins[5], ins[3:5]
+
+
+def _kv_slot_bytes(cache: torch.Tensor) -> sympy.Expr:
+    """Bytes of one token's keys (or values) in a paged cache [blocks, block size, heads, dim]."""
+    _, _, heads, dim = shape_exprs(cache)
+    return heads * dim * cache.element_size()
+
+
+def _paged_context(cache: torch.Tensor, tables: torch.Tensor) -> sympy.Expr:
+    """The longest KV length a step's tables can name: table width x block size."""
+    return shape_exprs(tables)[1] * shape_exprs(cache)[1]
+
+
 def _kv_bytes_per_token(node, name, ins) -> sympy.Expr:
     """KV-cache bytes one cached token costs this attention op (K and V of its heads)."""
+    if name in C.PAGED_ATTENTION_OPS:
+        return 2 * _kv_slot_bytes(_paged_operands(name, ins)[2])
     if name in C.ATTENTION_OPS and len(ins) >= 3:
         total = ZERO
         for t in ins[1:3]:

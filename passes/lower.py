@@ -30,10 +30,14 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 def lower_groups(original: fx.GraphModule, split: fx.GraphModule, example_inputs: list[Any],
                  lowering: str, describe: Mapping[str, str], dedupe: bool = True,
                  warn: bool = True) -> tuple[fx.GraphModule, dict[str, str]]:
-    """Compile every group submodule of `split` in place; return it and each group's lowering."""
+    """Compile every group submodule of `split` in place; return it and each group's lowering.
+    A group around fxscale's paged attention runs its graph as it is: its work is that op's
+    own kernel, and the engine calls it on parts of a step whose sizes compiled code would
+    guard against."""
     names = [n.target for n in split.graph.nodes if n.op == "call_module"]
     if lowering == "eager":
         return split, {name: "eager" for name in names}
+    paged = {name for name in names if calls_paged_attention(getattr(split, name))}
     from torch._inductor.compile_fx import compile_fx
 
     propagate_metadata(original, split)
@@ -42,12 +46,22 @@ def lower_groups(original: fx.GraphModule, split: fx.GraphModule, example_inputs
     # Sharing compiled code between layers is safe for inference graphs; with autograd each
     # piece keeps its own backward bookkeeping, so every group is compiled separately.
     compiler = _GroupCompiler(split, compile_fx, fake_mode, describe,
-                              dedupe=dedupe and not torch.is_grad_enabled(), warn=warn)
+                              dedupe=dedupe and not torch.is_grad_enabled(), warn=warn,
+                              eager=paged)
     with torch._dynamo.utils._disable_saved_tensors_hooks_during_tracing():
         compiler.run(*example_inputs)
     keep_output_layouts(original, split)
     split.recompile()
     return split, {name: compiler.status.get(name, "inductor") for name in names}
+
+
+def calls_paged_attention(module: Any) -> bool:
+    """Whether a group's graph calls fxscale's paged attention (fxscale::attention_step or
+    fxscale::paged_attention)."""
+    graph = getattr(module, "graph", None)
+    return graph is not None and any(
+        str(n.target).startswith(("fxscale.attention_step", "fxscale.paged_attention"))
+        for n in graph.nodes if n.op == "call_function")
 
 
 def keep_output_layouts(original: fx.GraphModule, split: fx.GraphModule) -> None:
@@ -108,9 +122,10 @@ class _GroupCompiler(SubmodCompiler):
     """DDPOptimizer's submodule compiler plus per-group fallback and reuse of identical groups."""
 
     def __init__(self, module: fx.GraphModule, compiler: Callable, fake_mode, describe,
-                 dedupe: bool, warn: bool) -> None:
+                 dedupe: bool, warn: bool, eager: set[str] = frozenset()) -> None:
         super().__init__(module, compiler, fake_mode)
         self.describe = describe
+        self.eager = eager  # groups kept as they are
         self.dedupe = dedupe
         self.warn = warn
         self.cache: dict[str, Any] = {}
@@ -135,6 +150,9 @@ class _GroupCompiler(SubmodCompiler):
 
     def compile_submod(self, input_mod: fx.GraphModule, args: list, kwargs: Any) -> Any:
         """Compile one group, reusing an identical group's code, or fall back to eager."""
+        if self.current in self.eager:
+            self.status[self.current] = "eager (paged attention: fxscale.kernels)"
+            return input_mod
         key = structural_key(input_mod, args) if self.dedupe else None
         if key is not None and key in self.cache:
             source, compiled = self.cache[key]

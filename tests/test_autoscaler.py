@@ -12,14 +12,8 @@ import torch
 import fxscale
 from fxscale.contracts.plan import SLO
 from fxscale.models import zoo
-from fxscale.runtime.planner.pools import (
-    GroupLoad,
-    fit_execution,
-    group_state,
-    plan_pools,
-)
-from fxscale.runtime.planner.queueing import erlang_c_wait
-from fxscale.runtime.pools.autoscaler import Autoscaler
+from fxscale.runtime.autoscaling.autoscaler import Autoscaler
+from fxscale.runtime.planner.pools import GroupLoad, fit_execution, plan_pools, step_time
 
 
 def load(name="g", rate=0.0, fixed=0.01, per_call=0.0, max_batch=1, queue=0, replicas=1):
@@ -37,41 +31,53 @@ def test_fit_recovers_fixed_and_per_call_time_and_stays_non_negative():
     assert fixed == 0.0 and per_call > 0
 
 
-def test_a_queue_group_gets_the_fewest_replicas_that_meet_the_target():
+def test_the_step_is_the_fixed_point_of_its_groups_times():
+    """S = F / (1 - sum lam p / r): the step holds the tokens that arrived during it."""
+    loads = [load("a", rate=200.0, fixed=0.002, per_call=0.001),
+             load("b", rate=200.0, fixed=0.003, per_call=0.0005)]
+    step, shares = step_time(loads, {"a": 1, "b": 2}, 1.0)
+    assert math.isclose(step, 0.005 / (1 - 200 * 0.001 - 200 * 0.0005 / 2))
+    tokens = 200.0 * step
+    assert math.isclose(shares["a"], 0.002 + 0.001 * tokens)
+    assert math.isclose(shares["b"], 0.003 + 0.0005 * tokens / 2)
+    assert math.isclose(sum(shares.values()), step)
+    assert step_time(loads[:1], {"a": 1}, 1.0)[0] < math.inf
+    assert step_time([load("a", rate=1000.0, fixed=0.001, per_call=0.001)], {"a": 1},
+                     1.0)[0] == math.inf  # a token of work per token of time: never drains
+
+
+def test_an_unstable_group_gets_the_fewest_replicas_that_meet_the_target():
     slo = SLO(ttft=1.0, tbt=0.05)
-    g = load(rate=150.0, fixed=0.01)  # 1.5 Erlangs: unstable on one replica
+    g = load(rate=1500.0, fixed=0.005, per_call=0.001)   # 1.5 tokens of work per token
     plan = plan_pools([g], slo, budget=8, interval_s=1.0, headroom=0.2)
     c = plan.replicas["g"]
     assert plan.meets_slo and c >= 2
     target = slo.tbt * 0.8
-    assert erlang_c_wait(c, 150.0, 100.0) + 0.01 <= target        # enough
-    assert erlang_c_wait(c - 1, 150.0, 100.0) + 0.01 > target     # and no more than enough
-    assert math.isclose(plan.tbt_s, erlang_c_wait(c, 150.0, 100.0) + 0.01)
+    assert 0.005 / (1 - 1.5 / c) <= target                 # enough
+    assert c == 2 or 0.005 / (1 - 1.5 / (c - 1)) > target  # and no more than enough
+    assert math.isclose(plan.tbt_s, 0.005 / (1 - 1.5 / c))
 
 
 def test_light_load_plans_one_replica_per_group_and_meets_the_slo():
-    loads = [load("a", rate=5.0, fixed=0.002), load("b", rate=5.0, fixed=0.004, max_batch=16)]
+    loads = [load("a", rate=5.0, fixed=0.002, per_call=0.0001),
+             load("b", rate=5.0, fixed=0.004, per_call=0.0001)]
     plan = plan_pools(loads, SLO(1.0, 0.1), budget=2, interval_s=1.0)
     assert plan.replicas == {"a": 1, "b": 1} and plan.meets_slo
     assert "<=" in plan.reason
 
 
-def test_a_batching_group_gathers_a_batch_instead_of_asking_for_replicas():
-    g = load(rate=400.0, fixed=0.02, per_call=0.0005, max_batch=32)
-    latency, busy = group_state(g, 1, 1.0)
-    batch = 400 * 0.02 / (1 - 400 * 0.0005)                       # 10 calls per execution
-    assert math.isclose(latency, (0.02 + 0.0005 * batch) * 1.5) and busy == 1.0
-    plan = plan_pools([g], SLO(1.0, 0.1), budget=4, interval_s=1.0)
-    assert plan.replicas["g"] == 1 and plan.meets_slo
-    overloaded = load(rate=400.0, fixed=0.02, per_call=0.0005, max_batch=4)
-    assert group_state(overloaded, 1, 1.0)[0] == math.inf           # needs batches of 10
+def test_replicas_go_where_they_shorten_the_step_most():
+    heavy = load("heavy", rate=300.0, fixed=0.001, per_call=0.002)   # 0.6 of the load
+    light = load("light", rate=300.0, fixed=0.001, per_call=0.0005)
+    plan = plan_pools([heavy, light], SLO(1.0, 0.006), budget=4, interval_s=1.0, headroom=0.0)
+    assert plan.replicas["heavy"] > plan.replicas["light"] and plan.meets_slo
 
 
 def test_over_the_budget_the_plan_says_so_instead_of_pretending():
-    loads = [load(n, rate=300.0, fixed=0.01) for n in "abc"]      # 9 Erlangs on 2 slots
+    loads = [load(n, rate=3000.0, fixed=0.01, per_call=0.001) for n in "abc"]  # 9x the time
     plan = plan_pools(loads, SLO(1.0, 0.1), budget=2, interval_s=1.0)
     assert not plan.meets_slo and "budget" in plan.reason
-    assert all(1 <= r <= 2 for r in plan.replicas.values())
+    assert all(r == 2 for r in plan.replicas.values())
     assert plan.to_dict()["tbt_s"] is None  # infinite becomes JSON null
 
 
@@ -80,12 +86,18 @@ def test_bad_planner_input_is_named():
         plan_pools([load()], SLO(1.0, 0.1), budget=0, interval_s=1.0)
 
 
-class FakePool:
-    """A pool whose measured load the test sets: arrivals per interval, execution time."""
+# Step S(r) = 1 ms / (1 - 0.01 lam / r): the plan (S <= 40 ms) wants 3 replicas from
+# lam > 195 tokens/s, the shrink plan (S <= 30 ms) keeps 3 down to lam > 193.3: a band.
+THRESHOLD_LOADS = [196, 194, 196, 194, 195, 194, 194, 194]
 
-    def __init__(self, fixed_s: float, max_batch: int = 1) -> None:
+
+class FakePool:
+    """A pool whose measured load the test sets: tokens per interval; executions of 1 ms
+    plus `per_token_s` per token."""
+
+    def __init__(self, per_token_s: float = 0.01, max_batch: int = 1 << 16) -> None:
         self.arrivals, self.replicas, self.max_batch = 0, 1, max_batch
-        self.samples = [(1, fixed_s)] * 8
+        self.samples = [(b, 0.001 + per_token_s * b) for b in (1, 2, 4, 8)]
         self.scaled_to: list[int] = []
 
     def counters(self):
@@ -100,14 +112,14 @@ class FakePool:
 
 
 def stepped(pool: FakePool, down_after: int):
-    """An autoscaler on a fake clock, and a function that runs one interval of `calls`."""
+    """An autoscaler on a fake clock, and a function that runs one interval of `tokens`."""
     clock = [0.0]
     scaler = Autoscaler(lambda: {"g": pool}, SLO(1.0, 0.05), budget=4, interval_s=1.0,
                         down_after=down_after, clock=lambda: clock[0])
     scaler.last = {"g": (0.0, pool.counters())}
 
-    def interval(calls):
-        pool.arrivals += calls
+    def interval(tokens):
+        pool.arrivals += tokens
         clock[0] += 1.0
         return scaler.step()
 
@@ -115,11 +127,11 @@ def stepped(pool: FakePool, down_after: int):
 
 
 def test_autoscaler_grows_at_once_shrinks_after_the_hysteresis_and_logs_why(caplog):
-    pool = FakePool(fixed_s=0.01)
+    pool = FakePool()
     scaler, interval = stepped(pool, down_after=3)
 
     with caplog.at_level(logging.INFO, logger="fxscale.autoscaler"):
-        interval(250)                  # 2.5 Erlangs: grow now
+        interval(250)                  # 2.5 s of work a second on one replica: grow now
         assert pool.replicas >= 3 and scaler.decisions[-1].new == pool.replicas
         grown = pool.replicas
         interval(0)
@@ -130,25 +142,25 @@ def test_autoscaler_grows_at_once_shrinks_after_the_hysteresis_and_logs_why(capl
     ups = [d for d in scaler.decisions if d.new > d.old]
     downs = [d for d in scaler.decisions if d.new < d.old]
     assert len(ups) == 1 and len(downs) == 1
-    assert ups[0].reason.startswith("up:") and "calls/s" in ups[0].reason
+    assert ups[0].reason.startswith("up:") and "tokens/s" in ups[0].reason
     assert "3 intervals in a row" in downs[0].reason
     assert "g: 1 -> " in caplog.text and "-> 1 replicas" in caplog.text
     assert len(scaler.timeline) == 4 and scaler.report()["decisions"][0]["scope"] == "g"
 
 
 def test_autoscaler_shrinks_to_the_most_the_quiet_intervals_asked_for():
-    pool = FakePool(fixed_s=0.01)
+    pool = FakePool()
     scaler, interval = stepped(pool, down_after=3)
-    for calls in (250, 150, 150, 0):  # 3 replicas; then 2, 2 and 1 would do
-        interval(calls)
+    for tokens in (250, 150, 150, 0):  # 3 replicas; then 2, 2 and 1 would do
+        interval(tokens)
     assert pool.scaled_to == [3, 2], pool.scaled_to
 
 
 def test_autoscaler_does_not_flap_on_a_load_at_the_threshold():
-    pool = FakePool(fixed_s=0.01)
+    pool = FakePool()
     scaler, interval = stepped(pool, down_after=2)
-    for calls in [176, 170, 176, 170, 176, 170, 170, 170]:  # 3 replicas, then 2 would do
-        interval(calls)
+    for tokens in THRESHOLD_LOADS:  # 3 replicas, then 2 would do (just)
+        interval(tokens)
     assert len(pool.scaled_to) == 1, f"flapped: {pool.scaled_to}"
 
 
@@ -183,7 +195,7 @@ def test_live_server_scales_groups_under_load_and_back_when_idle():
 
 
 def test_a_failing_interval_is_logged_and_the_next_one_plans_again(caplog):
-    pool = FakePool(fixed_s=0.01)
+    pool = FakePool()
     broken = [True]
     original = pool.counters
 

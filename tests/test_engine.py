@@ -12,18 +12,23 @@ import torch
 from fxscale.models import zoo
 from fxscale.runtime.engine import Engine
 from fxscale.runtime.engine.attention import find_attention
-from fxscale.runtime.engine.runner import PagedRunner, SequentialRunner, private_copy
+from fxscale.runtime.engine.pooled import PooledRunner
+from fxscale.runtime.engine.runner import SequentialRunner, private_copy
 from fxscale.runtime.scheduling import SchedulerConfig
 
 
-def engine_for(model, num_blocks=512, budget=512, max_len=512, runner_class=None):
-    """An engine over a private copy of the model (paged when its attention routes)."""
+def engine_for(model, num_blocks=512, budget=512, max_len=512):
+    """An engine over a private copy of the model: its steps compiled into operator groups
+    on pools when its attention routes to the paged cache, else one request at a time."""
     copy = private_copy(model)
     layers, why = find_attention(copy)
-    if runner_class is SequentialRunner or why is not None:
+    if why is not None:
         runner = SequentialRunner(copy)
     else:
-        runner = PagedRunner(copy, layers, num_blocks, 16, backend="torch")
+        runner = PooledRunner(copy, layers, num_blocks, 16,
+                              {"granularity": "operator", "lowering": "eager"},
+                              threading.Semaphore(2), backend="torch")
+        runner.warm_up()
     return Engine(runner, SchedulerConfig(max_num_batched_tokens=budget), num_blocks, max_len)
 
 
@@ -126,19 +131,19 @@ def test_a_failing_step_is_run_again_then_fails_only_its_requests(llama):
     failures = {"left": 1}
     poisoned: set[int] = set()
 
-    def flaky(step, tokens):
+    def flaky(step, tokens, whole=frozenset()):
         if failures["left"]:           # one transient fault: retried, nobody notices
             failures["left"] -= 1
             raise RuntimeError("transient")
         if any(c.request in poisoned for c in step.chunks):
             raise RuntimeError("broken request")
-        return run(step, tokens)
+        return run(step, tokens, whole)
 
     engine.runner.run = flaky
     first = engine.add([5, 6, 7], 4, ignore_eos=True)
     assert first.future.result(timeout=60) == reference(llama, [5, 6, 7], 4)
     gate = threading.Event()
-    engine.runner.run = lambda step, tokens: (gate.wait(), flaky(step, tokens))[1]
+    engine.runner.run = lambda step, tokens, whole: (gate.wait(), flaky(step, tokens, whole))[1]
     bad = engine.add([9, 9], 4, ignore_eos=True)
     poisoned.add(bad.id)
     gate.set()

@@ -19,8 +19,10 @@ LAYERS = {
     "fxscale.contracts": 0,
     "fxscale.passes": 1, "fxscale.kernels": 1, "fxscale.runtime.devices": 1,
     "fxscale.runtime.traces": 1, "fxscale.runtime.scheduling": 1,
-    "fxscale.compiler": 2, "fxscale.runtime.planner": 2, "fxscale.runtime.engine": 2,
-    "fxscale.runtime.simulator": 3, "fxscale.runtime.pools": 3, "fxscale.export": 3,
+    "fxscale.runtime.executors": 1,
+    "fxscale.compiler": 2, "fxscale.runtime.planner": 2,
+    "fxscale.runtime.simulator": 3, "fxscale.runtime.autoscaling": 3, "fxscale.export": 3,
+    "fxscale.runtime.engine": 3,
     "fxscale.profiling": 4, "fxscale.serving": 4,
     "fxscale.models": 5, "fxscale.reporting": 5,
     "fxscale.studies": 6,
@@ -28,7 +30,7 @@ LAYERS = {
 }
 TORCH_FREE = ("fxscale.contracts", "fxscale.runtime.devices", "fxscale.runtime.traces",
               "fxscale.runtime.planner", "fxscale.runtime.simulator",
-              "fxscale.runtime.scheduling")
+              "fxscale.runtime.scheduling", "fxscale.runtime.autoscaling")
 MAX_MODULES = 16
 # the package roots: their __init__ files load public names lazily (by string), above all stages
 TOPS = {"fxscale", "fxscale.__main__", "fxscale.runtime"}

@@ -53,33 +53,6 @@ def test_grid_is_sorted_and_checked():
                 progress=False)
 
 
-def test_vmap_batching_times_batches_as_the_server_runs_them(monkeypatch):
-    """batching="vmap": a batch-4 point of a batchable group is timed as one vmap over four
-    single-request calls (what a replica executes); batch 1 and stateful groups are not."""
-    from fxscale.runtime.pools import batching
-
-    batch_sizes = []
-
-    def spy(run, calls_args):
-        batch_sizes.append(len(calls_args))
-        return real(run, calls_args)
-
-    real = batching.run_batched
-    monkeypatch.setattr(batching, "run_batched", spy)
-    torch._dynamo.reset()
-    entry = zoo.build("llama", layers=1, hidden=64)
-    result = profile(entry.model, Grid(batches=(1, 4), lengths=(8,), phases=("decode",)),
-                     lowering="eager", repeats=2, warmup=0, rotations=1, progress=False,
-                     batching="vmap")
-    torch._dynamo.reset()
-    assert all(len(g.points) == 2 for g in result.groups)
-    batchable = [g for g in result.groups if not g.stateful]
-    assert set(batch_sizes) == {4} and len(batch_sizes) >= 2 * (len(batchable) - 1)
-    with pytest.raises(ValueError, match="batching must be 'native' or 'vmap'"):
-        profile(entry.model, Grid(batches=(1,), lengths=(8,)), batching="stacked",
-                progress=False)
-
-
 def test_profile_json_round_trip(measured, tmp_path):
     path = tmp_path / "profile.json"
     measured.to_json(path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 import time
@@ -13,7 +14,7 @@ import torch
 import fxscale
 from fxscale.contracts.group_graph import kind_name
 from fxscale.models import zoo
-from fxscale.runtime.pools.replica_pool import GroupError
+from fxscale.runtime.executors.local import GroupError
 from fxscale.serving import server as server_module
 
 
@@ -67,10 +68,8 @@ def test_sixteen_clients_with_random_scale_events_match_eager(server, llama):
                 assert got == expected, f"request {i}: generate differs from eager"
             else:
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    sizes = [int(size) for group in server.stats()["groups"].values()
-             for size in group["batch_sizes"]]
-    assert max(sizes) > 1, "row-wise calls of concurrent requests never batched"
     stats = server.stats()
+    assert stats["engine"]["requests_per_step"] > 1, "steps never batched concurrent requests"
     assert stats["requests"]["completed"] >= 64  # attainment is timing: see the test below
     for name, group in stats["groups"].items():
         assert group["completed"] > 0 and group["replicas"] >= 1, name
@@ -118,37 +117,54 @@ def test_streaming_yields_tokens_as_generate_returns_them(server, llama):
     assert list(server.generate(ids, max_new_tokens=5, stream=True)) == eager_tokens(llama, ids, 5)
 
 
+def failing(replica, times: float):
+    """Make a replica's next `times` executions raise (math.inf: all of them); returns the
+    count left, a list the caller may reset."""
+    if not hasattr(replica, "faults"):
+        run, replica.faults = replica.run_here, [0]
+
+        def run_here(*args):
+            if replica.faults[0] > 0:
+                replica.faults[0] -= 1
+                raise RuntimeError("injected fault")
+            return run(*args)
+
+        replica.run_here = run_here
+    replica.faults[0] = max(replica.faults[0], times)
+    return replica.faults
+
+
 def test_a_failing_replica_is_retried_once_then_reported(server, llama):
     pool = server.pools["model.layers.0#2/gemm"]
     pool.scale(2)
-    ids = prompt(11, 6)
-    live = [r for r in pool.replicas if not r.draining]
-    live[0].fail_next = 1  # idle queues tie: the call goes to the first, the retry elsewhere
+    ids = prompt(11, 6)   # 7 tokens with the step's padding: a slice on each replica
+    first = failing(pool.replicas[min(pool.replicas)], 1)  # its slice is retried elsewhere
     with torch.no_grad():
         torch.testing.assert_close(server.submit(ids).result(), llama(ids, use_cache=False).logits,
                                    rtol=1e-5, atol=1e-5)
-    assert live[0].fail_next == 0  # it did fail once
-    for replica in live:
-        replica.broken = True
-    with pytest.raises(GroupError, match=r"group model\.layers\.0#2/gemm failed twice"):
+    assert first == [0]  # it did fail once
+    broken = [failing(r, math.inf) for r in pool.replicas.values()]
+    with pytest.raises(GroupError, match=r"group 'model\.layers\.0#2/gemm' failed"):
         server.submit(ids).result()
-    for replica in live:
-        replica.broken = False
+    for left in broken:
+        left[0] = 0
     assert pool.stats()["retries"] >= 2
     assert server.generate(ids, max_new_tokens=3).result() == eager_tokens(llama, ids, 3)
+    pool.scale(1)
 
 
-def test_a_killed_replica_loses_nothing(server, llama):
+def test_a_removed_replica_loses_nothing(server, llama):
     pool = server.pools["model.layers.1#0/gemm"]
     pool.scale(3)
     with ThreadPoolExecutor(8) as clients:
         futures = [clients.submit(lambda i=i: server.generate(prompt(200 + i), 4).result())
                    for i in range(16)]
-        pool.kill(0)
-        pool.kill(0)
+        for replicas in (1, 3, 2, 1):  # replicas leave and join while requests flow
+            server.scale("model.layers.1#0/gemm", replicas)
+            server.scale("model.layers.*#1/attention", replicas)
         results = [f.result() for f in futures]
     assert results == [eager_tokens(llama, prompt(200 + i), 4) for i in range(16)]
-    assert pool.stats()["replicas"] >= 1
+    assert pool.stats()["replicas"] == 1
 
 
 def test_bad_requests_fail_at_submit_and_affect_nothing(server, llama):
@@ -171,19 +187,18 @@ def test_bad_requests_fail_at_submit_and_affect_nothing(server, llama):
 def test_back_pressure_raises_a_clear_overload_error(llama):
     with fxscale.serve(llama, budget=1, max_pending=1, submit_timeout_s=0.05) as server:
         gate = threading.Event()
-        pool = server.pools["top#1/gemm"]
-        original = pool.submit
+        original = server.runner.run
 
-        def slow(call):
+        def slow(*args):
             gate.wait(5)
-            return original(call)
+            return original(*args)
 
-        pool.submit = slow
+        server.runner.run = slow
         first = server.submit(prompt(1))
         with pytest.raises(fxscale.OverloadError, match="1 requests in flight"):
             server.submit(prompt(2))
         gate.set()
-        pool.submit = original
+        server.runner.run = original
         assert first.result().shape[-1] == 256
     with pytest.raises(RuntimeError, match="server is closed"):
         server.submit(prompt(3))
@@ -267,21 +282,23 @@ def test_soak_two_thousand_requests_with_faults_and_scaling(llama):
     results: dict[int, object] = {}
     done = threading.Event()
 
+    faulty: list[str] = []  # the pools faults are injected in (the others are scaled)
+
     def chaos(server):
+        scaled = [n for n in sorted(server.pools) if n not in faulty]
         while not done.is_set():
-            pool = server.pools[rng.choice(sorted(server.pools))]
-            action = rng.random()
-            if action < 0.4:
-                pool.scale(rng.randint(1, 3))
-            elif action < 0.7 and len([r for r in pool.replicas if not r.draining]) > 1:
-                pool.kill(rng.randrange(8))
-            else:  # injected faults hit first attempts only, so each is recoverable
-                live = [r for r in pool.replicas if not r.draining and not r.dead]
-                if live:
-                    rng.choice(live).fail_next = 1
+            if rng.random() < 0.5:
+                server.scale(rng.choice(scaled), rng.randint(1, 3))
+            else:  # one fault at a time per pool: its slice is retried on the other replica
+                replicas = list(server.pools[rng.choice(faulty)].replicas.values())
+                if not any(getattr(r, "faults", [0])[0] for r in replicas):
+                    failing(rng.choice(replicas), 1)
             time.sleep(0.005)
 
     with fxscale.serve(llama, budget=2, max_pending=64) as server:
+        faulty += ["model.layers.0#0/gemm", "model.layers.1#2/gemm"]  # two replicas each
+        for name in faulty:
+            server.scale(name, 2)
         monkey = threading.Thread(target=chaos, args=(server,), daemon=True)
         monkey.start()
         futures = {}
@@ -328,7 +345,7 @@ def test_six_models_served_in_one_process_are_each_fully_pooled_and_released():
             x = torch.randn(k + 2, dtype=torch.float64 if k % 2 else torch.float32)
             torch.testing.assert_close(unrelated(x), x.sin() * 2)  # a recompile, while serving
             copies += [weakref.ref(t) for pool in server.pools.values()
-                       for replica in pool.replicas for t in replica.weights.values()]
+                       for replica in pool.replicas.values() for t in replica.state.values()]
         y = torch.randn(3, k + 1)
         torch.testing.assert_close(unrelated(y), y.sin() * 2)
     del model, server
@@ -384,12 +401,8 @@ def test_close_ends_the_wait_of_clients_not_yet_admitted(llama):
         except Exception as err:  # noqa: BLE001 - the outcome is what the test checks
             outcomes.append(err)
 
-    class Holder:  # the budget's waiter protocol
-        def priority(self, now):
-            return 0.0
-
     clients = [threading.Thread(target=client, args=(i,)) for i in range(6)]
-    with server.budget.slot(Holder()):  # budget 1: no group call runs while the test holds it
+    with server.slots:  # budget 1: no group call runs while the test holds it
         for thread in clients:
             thread.start()
         while server.in_flight < 2:
@@ -410,11 +423,11 @@ def test_close_ends_the_wait_of_clients_not_yet_admitted(llama):
         server.submit(prompt(1))
 
 
-def test_finished_requests_leave_no_affinity_behind(server):
+def test_finished_requests_leave_no_kv_blocks_behind(server):
     for i in range(10):
         server.generate(prompt(200 + i), max_new_tokens=3).result()
-    stateful = [p for p in server.pools.values() if p.stateful]
-    assert stateful and all(p.affinity == {} for p in stateful)
+    engine = server.stats()["engine"]
+    assert engine["kv_blocks"]["used"] == 0 and engine["running"] == 0
 
 
 def test_non_integer_token_counts_and_exposed_metrics_are_flagged(server, llama):

@@ -8,7 +8,7 @@ import torch.fx as fx
 from torch._dynamo.exc import ShortenTraceback
 
 from fxscale.compiler.options import Options
-from fxscale.compiler.pipeline import ANALYSIS, Compilation, lower, run, split
+from fxscale.compiler.pipeline import ANALYSIS, Compilation, describe_io, lower, run, split
 from fxscale.contracts.errors import InputError
 from fxscale.contracts.group_graph import GroupGraph
 
@@ -45,7 +45,8 @@ class Backend:
 
 def fxscale_backend(gm: fx.GraphModule, example_inputs: list[Any],
                     options: Options | dict | None = None) -> Callable:
-    """Group the operators of a Dynamo graph and lower each group; return the callable to run.
+    """Group the operators of a Dynamo graph and lower each group; return the callable to run
+    (a graph module carrying `group_graph` and `group_io`).
 
     Bad options raise a ValueError naming the option. If grouping fails the graph runs
     eagerly as a whole, with a warning; if lowering a group fails that group runs eagerly.
@@ -56,7 +57,7 @@ def fxscale_backend(gm: fx.GraphModule, example_inputs: list[Any],
         raise OptionsError(str(err)) from None
     c = Compilation(gm, opts, _model_name(gm), list(example_inputs))
     try:
-        run(c, (*ANALYSIS, split))
+        run(c, (*ANALYSIS, split, describe_io))
     except Exception as err:  # noqa: BLE001 - analysis must never break the user's model
         if opts.warn_on_fallback:
             warnings.warn(f"fxscale: could not group this graph ({type(err).__name__}: {err}); "
@@ -78,6 +79,7 @@ def fxscale_backend(gm: fx.GraphModule, example_inputs: list[Any],
         group.callable = _submodule(lowered, group.submodule)
     graph.module = lowered
     lowered.group_graph = graph
+    lowered.group_io = c.io  # what executors split each group's calls by
     return lowered
 
 

@@ -2,7 +2,8 @@
 Dynamo graph and adds its own result to the Compilation record.
 
     ANALYSIS  symbols -> costs -> groups -> convex groups -> GroupGraph   (fxscale.explain)
-    PIPELINE  ANALYSIS -> split into one submodule per group -> lower each group (the backend)
+    PIPELINE  ANALYSIS -> split into one submodule per group -> describe each group's
+              inputs and outputs -> lower each group (the backend)
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Callable
 import torch.fx as fx
 
 from fxscale.compiler.analysis import build_group_graph, describe_groups, group_reasons
+from fxscale.compiler.io import GroupIO, group_io
 from fxscale.compiler.options import Options
 from fxscale.contracts.group_graph import GroupGraph
 from fxscale.passes.convexity import ensure_convex, graph_dag
@@ -37,6 +39,7 @@ class Compilation:
     assignment: dict[fx.Node, int] | None = None             # node -> group, convex, numbered
     group_graph: GroupGraph | None = None                    # the contract of the groups
     split: fx.GraphModule | None = None                      # one submodule per group
+    io: dict[str, GroupIO] = field(default_factory=dict)      # submodule -> inputs, outputs
     lowering: dict[str, str] = field(default_factory=dict)   # submodule -> how it was lowered
     steps: list[str] = field(default_factory=list)           # the steps run, in order
 
@@ -72,6 +75,11 @@ def split(c: Compilation) -> None:
     c.split = split_groups(c.gm, c.assignment)
 
 
+def describe_io(c: Compilation) -> None:
+    """Each group submodule's inputs and outputs (what an executor splits a call by)."""
+    c.io = group_io(c.split)
+
+
 def lower(c: Compilation) -> None:
     """Compile each group (Inductor) or keep its FX graph (eager), in place in `split`."""
     c.split, c.lowering = lower_groups(c.gm, c.split, c.example_inputs, c.options.lowering,
@@ -81,7 +89,7 @@ def lower(c: Compilation) -> None:
 
 ANALYSIS: tuple[Callable[[Compilation], None], ...] = (find_symbols, annotate, group,
                                                        make_convex)
-PIPELINE: tuple[Callable[[Compilation], None], ...] = (*ANALYSIS, split, lower)
+PIPELINE: tuple[Callable[[Compilation], None], ...] = (*ANALYSIS, split, describe_io, lower)
 
 
 def analyse_graph(gm: fx.GraphModule, options: Options, model: str = "model") -> Compilation:

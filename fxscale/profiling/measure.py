@@ -86,20 +86,15 @@ class _Recorder:
 
 def profile(model: torch.nn.Module, grid: Grid = Grid(), *, granularity: str = "operator",
             lowering: str = "inductor", repeats: int = 7, warmup: int = 2, rotations: int = 3,
-            seed: int = 0, progress: bool = True, batching: str = "native") -> Profile:
+            seed: int = 0, progress: bool = True) -> Profile:
     """Measure each operator group of a model over `grid` on the device its weights are on.
 
     `model` is a Hugging Face causal LM or Whisper-style encoder-decoder (or the result of
-    torch.compile on one); it is compiled again with the fxscale backend. With
-    `batching="vmap"`, a group the server batches (row-wise, no state) is timed at batch b as
-    the server runs b requests' calls: one vmap over b single-request calls
-    (runtime/batching.run_batched), instead of on one batch-b input.
+    torch.compile on one); it is compiled again with the fxscale backend.
     """
     if repeats < 1 or warmup < 0 or rotations < 1:
         raise ValueError(f"repeats and rotations must be >= 1 and warmup >= 0, got "
                          f"repeats={repeats}, warmup={warmup}, rotations={rotations}")
-    if batching not in ("native", "vmap"):
-        raise ValueError(f"batching must be 'native' or 'vmap', got {batching!r}")
     module = getattr(model, "_orig_mod", model).eval()
     compiler = backend.Backend(Options(granularity=granularity, lowering=lowering))
     compiled = torch.compile(module, backend=compiler)
@@ -125,12 +120,7 @@ def profile(model: torch.nn.Module, grid: Grid = Grid(), *, granularity: str = "
                 for _ in range(rotations):
                     compiled(**inputs.for_phase(phase, batch, length, generator))
                 recorder.active = False
-                calls_by_group = dict(recorder.calls)
-                if batching == "vmap" and batch > 1:
-                    calls_by_group.update(_server_batches(
-                        compiled, recorder, inputs.for_phase, (phase, batch, length),
-                        rotations, generator))
-                for name, calls in calls_by_group.items():
+                for name, calls in dict(recorder.calls).items():
                     times = _time_group(calls, repeats, warmup, device)
                     points[name].append(ProfilePoint(
                         phase=phase, batch=batch, length=length,
@@ -150,35 +140,7 @@ def profile(model: torch.nn.Module, grid: Grid = Grid(), *, granularity: str = "
                    dtype=dtype_name(next(module.parameters()).dtype),
                    threads=torch.get_num_threads(), versions=library_versions(), groups=groups,
                    notes=[f"lowering={lowering}, repeats={repeats}, warmup={warmup}, "
-                          f"rotations={rotations}, seed={seed}, batching={batching}"])
-
-
-def _server_batches(compiled: Any, recorder: _Recorder, inputs_for_phase: Any,
-                    point: tuple[str, int, int], rotations: int, generator: torch.Generator
-                    ) -> dict[str, list[tuple[Any, tuple]]]:
-    """Calls that run, for each group the server batches, `batch` single-request calls as
-    one vmap (what its replicas execute), recorded from `batch` batch-1 passes per rotation."""
-    from fxscale.runtime.pools.batching import run_batched
-
-    phase, batch, length = point
-    compiled(**inputs_for_phase(phase, 1, length, generator))  # compiles the batch-1 graph
-    recorder.attach()
-    # batched as the server decides it: per captured graph (group callable)
-    batchable = {id(g.callable) for graph in recorder.graphs() for g in graph.groups
-                 if g.batchable}
-    batches: dict[str, list[tuple[Any, tuple]]] = defaultdict(list)
-    for _ in range(rotations):
-        recorder.calls.clear()
-        recorder.active = True
-        for _ in range(batch):
-            compiled(**inputs_for_phase(phase, 1, length, generator))
-        recorder.active = False
-        for name, calls in recorder.calls.items():
-            if id(calls[0][0]) in batchable and len(calls) == batch:
-                batches[name].append((partial(run_batched, calls[0][0]),
-                                      ([list(args) for _, args in calls],)))
-    recorder.calls.clear()
-    return batches
+                          f"rotations={rotations}, seed={seed}"])
 
 
 def _time_group(calls: list[tuple[torch.nn.Module, tuple]], repeats: int, warmup: int,

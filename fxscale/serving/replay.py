@@ -86,7 +86,8 @@ def _timing(request: Request, future: Any, start: float) -> dict:
         return {**row, "outcome": "failed", "error": str(future.exception())}
     record, arrival = future.record, start + request.arrival_s
     row.update(outcome="ok", tokens=record["tokens"], ttft_s=record["first_token_at"] - arrival,
-               e2e_s=record["finished_at"] - arrival, finished_s=record["finished_at"] - start)
+               e2e_s=record["finished_at"] - arrival, finished_s=record["finished_at"] - start,
+               submit_delay_s=record["submitted_at"] - arrival)
     if "tbt_s" in record:
         row["tbt_s"] = record["tbt_s"]
     return row

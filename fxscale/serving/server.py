@@ -1,4 +1,4 @@
-"""`fxscale.serve`: host a model's operator groups in replica pools on the local machine.
+"""`fxscale.serve`: serve a model on the engine, its operator groups in replica pools.
 
     with fxscale.serve(model, policy="operator", budget=2) as server:
         logits = server.submit(input_ids).result()
@@ -7,90 +7,68 @@
         server.scale("model.layers.*#1/attention", 2)
         server.stats()
 
-The model is compiled with the fxscale backend; every operator group of every captured graph
-(prefill, decode, recompiles) is bound to the replica pool of its group name, so the same
-group in the prefill and decode graphs shares replicas and weights. A request runs the model's
-graph in a request thread; each group call is dispatched to its pool (runtime/pools/replica_pool.py)
-and executed there. Each server owns its compiled code: it compiles its own copy of an entry
-function as one whole graph per shape, so servers never share Dynamo's recompile limit (with
-each other or with the user's own compiles), and close() releases what it compiled.
-`policy="model"` compiles the whole model as one group: the model-level baseline on the same
-code path. `Server.apply(plan)` deploys a Plan (from the planner, or its JSON). Intra-op
-threads are set to 1 while the server runs: `budget` is the number of group calls that execute
-at once. Row-wise groups batch the calls of different requests (runtime/pools/batching.py, up
-to `max_batch`); `autoscale=True` plans and applies replicas per group every interval
-(runtime/pools/autoscaler.py).
+Requests go to the engine (runtime/engine): iteration-level continuous batching with chunked
+prefill over a paged KV cache; each step is one flat batch of tokens, compiled once through
+the fxscale backend and run group by group on per-group pools of replicas (runtime/executors:
+threads of this process, `budget` executions at once). `policy="operator"`: one engine whose
+groups scale alone (a row-wise group splits a step's tokens over its replicas; attention
+replicas each hold the KV blocks of their requests, so all attention groups scale together).
+`policy="model"`: the whole model is one group, each replica of it an engine of its own, and
+requests go to the least loaded one (a vLLM-style deployment). Both use the same scheduler
+and kernels. A model whose attention cannot be routed to the paged cache is served by the
+same engine one request at a time, with a warning.
+
+Each server owns its compiled code (a private entry per runner, so servers never share
+Dynamo's recompile limit), and close() releases it with the replicas' state.
+`Server.apply(plan)` deploys a Plan (from the planner, or its JSON); `autoscale=True` plans
+and applies replicas per group every interval (runtime/autoscaling/autoscaler.py).
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import ipaddress
 import itertools
-import queue
 import sys
 import threading
 import time
-import types
 import warnings
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator
+from concurrent.futures import Future
+from typing import Any, Callable, Iterator
 
 import torch
-import torch.fx as fx
 
-from fxscale.compiler.backend import fxscale_backend
-from fxscale.contracts.group_graph import GroupGraph
-from fxscale.contracts.metrics import percentiles, token_timings
+from fxscale.contracts.metrics import percentiles
 from fxscale.contracts.plan import LIVE_POLICIES, SLO, Plan
-from fxscale.runtime.pools.autoscaler import Autoscaler
-from fxscale.runtime.pools.batching import signature
-from fxscale.runtime.pools.budget import Budget
-from fxscale.runtime.pools.replica_pool import MAX_REPLICAS as REPLICAS_PER_POOL
-from fxscale.runtime.pools.replica_pool import Call, ReplicaPool
+from fxscale.runtime.autoscaling.autoscaler import Autoscaler
+from fxscale.runtime.engine import Engine
+from fxscale.runtime.engine.attention import find_attention
+from fxscale.runtime.engine.engine import EngineClosedError
+from fxscale.runtime.engine.pooled import PooledRunner
+from fxscale.runtime.engine.runner import SequentialRunner, private_copy
+from fxscale.runtime.scheduling import SchedulerConfig
 
 SWITCH_INTERVAL_S = 0.0005  # the interpreter's default is 5 ms (see _ProcessSettings)
-# Every replica is a thread with its own weight copies: bounds that keep a typo from
-# starting thousands of them (the autoscaler never asks a group for more than the budget).
-MAX_REPLICAS_PER_GROUP = REPLICAS_PER_POOL
+# Every replica is a thread with its own copies: bounds that keep a typo from starting
+# thousands of them (the autoscaler never asks a group for more than the budget).
+MAX_REPLICAS_PER_GROUP = 64
 MAX_REPLICAS = 2048
 MAX_BUDGET = 256
 MAX_PENDING = 4096
-MAX_BATCH = 1024
+MAX_BATCH = 1024          # requests per step
+MAX_BATCHED_TOKENS = 1 << 16
 
 
 class OverloadError(RuntimeError):
-    """The server already holds its maximum of in-flight requests."""
+    """The server has `max_pending` requests in flight and no slot freed in time."""
 
 
 class ServerClosedError(RuntimeError):
-    """The server is closed, or closed while the request waited for admission."""
-
-
-class _NeedsGraph(Exception):
-    """A call the server's compiled graphs do not cover yet (their guards failed)."""
-
-
-def _model_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """The entry a server compiles (a private copy per server, see _own_entry). Inside a
-    compiled graph the check is folded away; run as plain Python, the call missed every
-    compiled graph and must be compiled first."""
-    if not torch.compiler.is_dynamo_compiling():
-        raise _NeedsGraph
-    return model(*args, **kwargs)
-
-
-def _own_entry() -> types.FunctionType:
-    """A copy of _model_call with its own code object: Dynamo keys compiled code and the
-    recompile limit by code object, so each server's graphs are its own."""
-    return types.FunctionType(_model_call.__code__.replace(), _model_call.__globals__,
-                              _model_call.__name__)
+    """The server is closed (or closed while a request waited for admission)."""
 
 
 class _ProcessSettings:
-    """Process-wide settings running servers need: one intra-op thread (`budget` is what runs
-    at once) and a short interpreter switch interval (request and replica threads hand work
+    """Process-wide settings running servers need: intra-op threads (`budget` is what runs at
+    once) and a short interpreter switch interval (the engine and replica threads hand work
     over through the interpreter lock; the 5 ms default would keep a replica waiting out
     whole slices). The first server to start sets them, the last to close restores them."""
 
@@ -99,11 +77,11 @@ class _ProcessSettings:
     saved: tuple[int, float] | None = None
 
     @classmethod
-    def acquire(cls) -> None:
+    def acquire(cls, threads: int) -> None:
         with cls.lock:
             if cls.holders == 0:
                 cls.saved = (torch.get_num_threads(), sys.getswitchinterval())
-                torch.set_num_threads(1)
+                torch.set_num_threads(threads)
                 sys.setswitchinterval(SWITCH_INTERVAL_S)
             cls.holders += 1
 
@@ -117,15 +95,24 @@ class _ProcessSettings:
                 cls.saved = None
 
 
+def _positive(name: str, value: Any, most: int) -> None:
+    """An integer from 1 to `most`, or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ValueError(f"{name} must be an integer from 1 to {most}, got {value!r}")
+
+
 class Server:
-    """A model served from per-group replica pools (see the module docstring)."""
+    """A model served by the engine from per-group replica pools (module docstring)."""
 
     def __init__(self, model: torch.nn.Module, policy: str = "operator", budget: int = 2,
                  slo: SLO | None = None, backend: str = "local", max_pending: int = 64,
                  submit_timeout_s: float = 10.0, lowering: str = "eager",
                  warmup: bool = True, metrics_port: int | None = None,
-                 metrics_host: str = "127.0.0.1", max_batch: int = 16,
-                 autoscale: bool = False, autoscale_interval_s: float = 1.0) -> None:
+                 metrics_host: str = "127.0.0.1", max_batch: int = 64,
+                 autoscale: bool = False, autoscale_interval_s: float = 1.0,
+                 kv_cache_tokens: int = 16384, max_num_batched_tokens: int = 512,
+                 block_size: int = 16, replicas: int = 1,
+                 service: Callable[[str, int, int], float] | None = None) -> None:
         if policy not in LIVE_POLICIES:
             raise ValueError(f"policy must be one of {LIVE_POLICIES}, got {policy!r}")
         if autoscale and slo is None:
@@ -136,9 +123,13 @@ class Server:
                              "the embedded local runtime: backend='local'")
         for name, value, most in (("budget", budget, MAX_BUDGET),
                                   ("max_pending", max_pending, MAX_PENDING),
-                                  ("max_batch", max_batch, MAX_BATCH)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-                raise ValueError(f"{name} must be an integer from 1 to {most}, got {value!r}")
+                                  ("max_batch", max_batch, MAX_BATCH),
+                                  ("max_num_batched_tokens", max_num_batched_tokens,
+                                   MAX_BATCHED_TOKENS),
+                                  ("kv_cache_tokens", kv_cache_tokens, 1 << 30),
+                                  ("block_size", block_size, 1024),
+                                  ("replicas", replicas, MAX_REPLICAS_PER_GROUP)):
+            _positive(name, value, most)
         if metrics_port is not None and not ipaddress.ip_address(metrics_host).is_loopback:
             warnings.warn(f"fxscale.serve: metrics_host={metrics_host!r} publishes the server's "
                           "metrics beyond this machine (no authentication); use 127.0.0.1 "
@@ -147,120 +138,105 @@ class Server:
         self.config = getattr(model, "config", None)
         eos = getattr(self.config, "eos_token_id", None)
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        self.options = {"granularity": "operator" if policy == "operator" else "model",
-                        "lowering": lowering}
-        self.budget = Budget(budget)
-        self.max_batch = max_batch
-        self.pools: dict[str, ReplicaPool] = {}
-        self.pools_lock = threading.Lock()
-        self.group_graphs: list[GroupGraph] = []  # what this server compiled, newest last
-        self.pool_calls: list[_PoolCall] = []
-        self.submit_timeout_s = submit_timeout_s
+        self.max_len = getattr(self.config, "max_position_embeddings", None) or 1 << 30
+        self.slots = threading.Semaphore(budget)
+        self.num_blocks = -(-kv_cache_tokens // block_size)
+        self.schedule = SchedulerConfig(max_num_batched_tokens, max_batch, block_size)
+        self.submit_timeout_s, self.max_pending = submit_timeout_s, max_pending
         self.admission = threading.Condition()
         self.in_flight = 0  # requests admitted and not finished
-        self.max_pending = max_pending
-        self.requests = ThreadPoolExecutor(max_workers=max_pending,
-                                           thread_name_prefix="fxscale-request")
-        self.local = threading.local()
-        self.ids = itertools.count()
-        self.finished: deque[dict[str, float]] = deque(maxlen=100_000)
-        self.completed = 0  # requests finished, ever (`finished` keeps the latest only)
         self.closed = False
         self.holds_settings = False
         self.autoscaler = None
         self.metrics = None
-        self.entry = _own_entry()
-        self._compile(fullgraph=True)
-        self.gate = _CompileGate()
+        self.engines: list[Engine] = []
+        self.retired: list[Engine] = []  # model replicas scaled away (their counts kept)
+        self.engines_lock = threading.Lock()
+        self.replica_keys = itertools.count(1)  # model replicas: each its own replica key
         try:
-            if warmup:  # capture the forward, prefill and decode graphs before traffic
-                probe = torch.zeros(1, 3, dtype=torch.long)
-                self.submit(probe).result()
-                self.generate(probe, max_new_tokens=2).result()
+            # before compiling: Dynamo guards on the thread count, a later change recompiles
+            _ProcessSettings.acquire(1 if policy == "operator" else max(1, budget // replicas))
+            self.holds_settings = True
+            self.runner = self._runner(lowering, service)
+            self.pools = getattr(self.runner, "pools", {})
+            self.engines.append(self._engine(0))
+            if policy == "model" and replicas > 1:
+                self._model_replicas(replicas)
+            elif replicas > 1:
+                self.scale("*", replicas)
+            if warmup:  # every group's replicas take their state before traffic
+                probe = [1, 2, 3]
+                self.submit(torch.tensor([probe])).result()
+                self.generate(torch.tensor([probe]), max_new_tokens=2,
+                              ignore_eos=True).result()
                 self._forget_warmup()
             if autoscale:
                 self.autoscaler = Autoscaler(lambda: dict(self.pools), slo, budget,
-                                             autoscale_interval_s).start()
+                                             autoscale_interval_s, scale=self._autoscale)
+                self.autoscaler.start()
             if metrics_port is not None:  # opt-in Prometheus endpoint (loopback by default)
                 from fxscale.serving.prometheus import start_metrics
 
                 self.metrics = start_metrics(self.stats, metrics_port, metrics_host)
         except BaseException:
-            self.close()  # nothing of a failed start stays behind
+            self.close()  # nothing of a failed start stays behind (settings restored)
             raise
-        _ProcessSettings.acquire()
-        self.holds_settings = True
 
-    def _compile(self, fullgraph: bool) -> None:
-        """The server's compiled entry, and its run-only twin that never compiles (a call
-        its graphs do not cover raises _NeedsGraph and is compiled alone, see _call)."""
-        self.fullgraph = fullgraph
-        self.compiled = torch.compile(self.entry, backend=self._backend, dynamic=True,
-                                      fullgraph=fullgraph)
-        self.cached = torch._dynamo.run(self.compiled)
+    def _runner(self, lowering: str, service: Callable[[str, int, int], float] | None) -> Any:
+        """The engine's runner: the model compiled into pooled groups, or (a model whose
+        attention cannot be routed) one request at a time. `service` (for tests and
+        benchmarks of the engine itself) makes every group call take that many seconds of
+        (group, tokens, context tokens): the call runs, then sleeps the rest."""
+        copy = private_copy(self.model)
+        layers, why = find_attention(copy)
+        if why is not None:
+            warnings.warn(f"fxscale.serve: {type(self.model).__name__}'s attention cannot use "
+                          f"the paged KV cache ({why}); the engine serves it one request at "
+                          "a time per step, without operator groups", stacklevel=4)
+            return SequentialRunner(copy)
+        granularity = "operator" if self.policy == "operator" else "model"
+        runner = PooledRunner(copy, layers, self.num_blocks, self.schedule.block_size,
+                              {"granularity": granularity, "lowering": lowering}, self.slots,
+                              service=service)
+        runner.warm_up()
+        return runner
+
+    def _engine(self, replica: int) -> Engine:
+        """An engine over the server's runner whose first attention replica is `replica`."""
+        return Engine(self.runner, self.schedule, self.num_blocks, self.max_len, self.eos,
+                      name=f"fxscale-engine-{replica}", first_replica=replica)
 
     def _forget_warmup(self) -> None:
         """Start the statistics after the warm-up requests."""
-        with self.pools_lock:
-            self.finished.clear()
-            self.completed = 0
-            for pool in self.pools.values():
-                pool.reset_counters()
-
-    # ---- compilation: bind every group call to its pool -----------------------------------
-    def _backend(self, gm: fx.GraphModule, example_inputs: list) -> Any:
-        """Compile with fxscale, then route each group's calls through its replica pool."""
-        lowered = fxscale_backend(gm, example_inputs, self.options)
-        graph = getattr(lowered, "group_graph", None)
-        if graph is None:  # grouping failed (warned): the graph runs eagerly, unpooled
-            return lowered
-        self.group_graphs.append(graph)
-        groups = {g.submodule: g for g in graph.groups}
-        for node in lowered.graph.nodes:
-            if node.op != "call_module" or node.target not in groups:
-                continue
-            group = groups[node.target]
-            weights = tuple(i for i, a in enumerate(node.args)
-                            if isinstance(a, fx.Node) and a.op == "placeholder"
-                            and ("_parameters_" in a.name or "_buffers_" in a.name))
-            batches = group.batchable  # in this graph
-            with self.pools_lock:
-                pool = self.pools.setdefault(group.name, ReplicaPool(
-                    group.name, group.stateful, self.budget))
-                if batches:  # a group may be row-wise in one graph only (the embedding)
-                    pool.max_batch = self.max_batch
-            call = _PoolCall(self, pool, getattr(lowered, node.target), weights, batches)
-            self.pool_calls.append(call)
-            lowered._modules[node.target] = call
-        return lowered
+        for engine in self.engines:
+            engine.finished.clear()
+            engine.counters.update(completed=0, steps=0, tokens=0, samples=0)
+            engine.recent.clear()
+        for pool in self.pools.values():
+            pool.reset_counters()
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, input_ids: torch.Tensor, timeout_s: float | None = None) -> Future:
-        """One forward pass (no KV cache); the future holds the logits."""
-        ids = self._check(input_ids, 0)
-        submitted = time.perf_counter()
-        self._admit(timeout_s)
-        return self._start(self._forward, ids, submitted)
+        """One forward pass over the prompt; the future holds its logits [1, length, vocab]."""
+        ids = self._check(input_ids, 1)
+        return self._start(timeout_s, lambda engine: engine.add(ids, 1, logits=True)).future
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, stream: bool = False,
                  timeout_s: float | None = None, ignore_eos: bool = False
                  ) -> Future | Iterator[int]:
-        """Greedy decoding with a KV cache, stopping at the end-of-sequence token (unless
-        ignore_eos, as benchmarks replaying a trace's lengths want): a future of the new
-        token ids, or (stream=True) an iterator that yields each token as produced."""
+        """Greedy decoding, stopping at the end-of-sequence token (unless ignore_eos, as
+        benchmarks replaying a trace's lengths want): a future of the new token ids (its
+        `record` holds the request's timings once done), or (stream=True) an iterator that
+        yields each token as produced (closing it early cancels the request)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         ids = self._check(input_ids, max_new_tokens)
-        record = {"submitted_at": time.perf_counter()}
-        self._admit(timeout_s)
-        tokens: queue.Queue | None = queue.Queue() if stream else None
-        future = self._start(self._generate, ids, max_new_tokens, tokens, record,
-                             set() if ignore_eos else self.eos)
-        future.record = record  # the request's timings once it finishes (see _generate)
-        return _stream(tokens, future) if stream else future
+        record = self._start(timeout_s, lambda engine: engine.add(
+            ids, max_new_tokens, ignore_eos=ignore_eos, stream=stream))
+        return record.engine.stream(record) if stream else record.future
 
-    def _check(self, input_ids: Any, new_tokens: int) -> torch.Tensor:
+    def _check(self, input_ids: Any, new_tokens: int) -> list[int]:
         """Validate a request at submit time (nothing else is affected by a bad one)."""
         if self.closed:
             raise ServerClosedError("the server is closed; create a new one with fxscale.serve")
@@ -276,11 +252,33 @@ class Server:
         if vocab is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
             raise ValueError(f"token ids must be in [0, {vocab}), got min {int(ids.min())} "
                              f"max {int(ids.max())}")
-        limit = getattr(self.config, "max_position_embeddings", None)
-        if limit is not None and ids.shape[1] + new_tokens > limit:
+        if ids.shape[1] + new_tokens > self.max_len:
             raise ValueError(f"prompt of {ids.shape[1]} tokens + {new_tokens} new tokens exceeds "
-                             f"the model's context of {limit}")
-        return ids.detach().clone()
+                             f"the model's context of {self.max_len}")
+        slots = self.num_blocks * self.schedule.block_size
+        if ids.shape[1] + new_tokens > slots:
+            raise ValueError(f"prompt of {ids.shape[1]} tokens + {new_tokens} new tokens exceeds "
+                             f"the KV cache of {slots} tokens (kv_cache_tokens)")
+        return ids[0].tolist()
+
+    def _start(self, timeout_s: float | None, add: Any) -> Any:
+        """Admit a request (back-pressure), hand it to the least loaded engine, give its
+        slot back when it ends."""
+        self._admit(timeout_s)
+        try:
+            with self.engines_lock:
+                engine = min(self.engines, key=lambda e: e.load())
+            record = add(engine)
+        except EngineClosedError:
+            self._release()
+            raise ServerClosedError("the server closed before this request started; "
+                                    "nothing of it ran") from None
+        except BaseException:
+            self._release()
+            raise
+        record.engine = engine
+        record.future.add_done_callback(lambda _: self._release())
+        return record
 
     def _admit(self, timeout_s: float | None) -> None:
         """Take an in-flight slot, waiting up to the timeout (back-pressure); a close while
@@ -292,23 +290,12 @@ class Server:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise OverloadError(f"fxscale server: {self.max_pending} requests in flight "
-                                        f"for {wait:g} s; retry later, or raise max_pending or "
-                                        "the budget")
+                                        f"for {wait:g} s; retry later, or raise max_pending")
                 self.admission.wait(left)
             if self.closed:
                 raise ServerClosedError("the server closed while this request waited for "
                                         "admission; nothing of it ran")
             self.in_flight += 1
-
-    def _start(self, function: Any, *args: Any) -> Future:
-        """Run an admitted request in a request thread (its slot is given back if the
-        server closed in between)."""
-        try:
-            return self.requests.submit(function, *args)
-        except RuntimeError:  # the executor shut down: close() won the race
-            self._release()
-            raise ServerClosedError("the server closed before this request started; "
-                                    "nothing of it ran") from None
 
     def _release(self) -> None:
         """Give back an in-flight slot."""
@@ -316,103 +303,20 @@ class Server:
             self.in_flight -= 1
             self.admission.notify()
 
-    def _forward(self, ids: torch.Tensor, submitted: float) -> torch.Tensor:
-        """Run one forward pass in a request thread."""
-        self.local.request = next(self.ids)
-        try:
-            with torch.no_grad():
-                logits = self._call(ids, use_cache=False).logits
-            self._finish({"e2e_s": time.perf_counter() - submitted})
-            return logits
-        finally:
-            self._done(self.local.request)
-
-    def _generate(self, ids: torch.Tensor, new_tokens: int, tokens: queue.Queue | None,
-                  record: dict[str, float], stop: set[int]) -> list[int]:
-        """Greedy decoding in a request thread, pushing tokens to `tokens` when streaming;
-        fills `record` with its timings, measured from submission (waits included)."""
-        from transformers import DynamicCache
-
-        start = record["submitted_at"]
-        cpu_start = time.thread_time()  # this thread's own CPU: its Python, not the kernels
-        self.local.request = next(self.ids)
-        out: list[int] = []
-        times: list[float] = []
-        try:
-            cache = DynamicCache(config=self.config)
-            step = ids
-            with torch.no_grad():
-                for _ in range(new_tokens):
-                    logits = self._call(step, past_key_values=cache, use_cache=True).logits
-                    step = logits[:, -1].argmax(-1, keepdim=True)
-                    out.append(int(step))
-                    times.append(time.perf_counter())
-                    if tokens is not None:
-                        tokens.put(out[-1])
-                    if out[-1] in stop:  # stop as Hugging Face generate does
-                        break
-            record.update(token_timings(start, times), first_token_at=times[0],
-                          finished_at=times[-1], tokens=len(out), e2e_s=times[-1] - start,
-                          thread_cpu_s=time.thread_time() - cpu_start)
-            self._finish(record)
-            return out
-        finally:
-            self._done(self.local.request)
-
-    def _done(self, request: int) -> None:
-        """A request ended: its attention replicas forget it, its slot is free."""
-        with self.pools_lock:
-            pools = [p for p in self.pools.values() if p.stateful]
-        for pool in pools:
-            pool.forget(request)
-        self._release()
-
-    def _finish(self, record: dict[str, float]) -> None:
-        """Keep a finished request's timings and count it."""
-        with self.pools_lock:
-            self.finished.append(record)
-            self.completed += 1
-
-    def _call(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the model through the server's graphs; a call they do not cover compiles while
-        no other call of this server runs (Dynamo does not compile safely beside running
-        graphs; group calls of other requests keep running in their pools)."""
-        with self.gate.shared():
-            try:
-                return self.cached(self.model, args, kwargs)
-            except _NeedsGraph:
-                pass
-        with self.gate.exclusive():
-            return self._compile_call(args, kwargs)
-
-    def _compile_call(self, args: tuple, kwargs: dict) -> Any:
-        """Compile (and run) a call, as one graph when the model allows it; a model that
-        breaks into several graphs is served as they come, with a warning."""
-        if not self.fullgraph:
-            return self.compiled(self.model, args, kwargs)
-        try:
-            return self.compiled(self.model, args, kwargs)
-        except torch._dynamo.exc.Unsupported as err:
-            warnings.warn(f"fxscale.serve: {type(self.model).__name__} does not capture as one "
-                          f"graph ({str(err).splitlines()[0][:200]}); it is served graph by "
-                          "graph, and the graphs after a break share Dynamo's recompile limit "
-                          "with other models of its class", stacklevel=4)
-            self._compile(fullgraph=False)
-            return self.compiled(self.model, args, kwargs)
-
     # ---- control ------------------------------------------------------------------------------
     def scale(self, group: str, replicas: int) -> list[str]:
         """Set the replica count of a group (its name, or a pattern like
-        'model.layers.*#1/attention'); returns the groups scaled."""
+        'model.layers.*#1/attention'); returns the groups scaled. Attention groups scale
+        together (a request's KV blocks of every layer live on one attention replica)."""
         names = self._matching(group)
         self._resize({name: replicas for name in names})
         return names
 
     def apply(self, plan: Plan) -> dict[str, int]:
         """Deploy a Plan of this server's policy (from the planner, or Plan.from_dict of its
-        JSON): an operator plan sets each group kind's replicas (and the batch of the groups
-        that batch) from its placement rows; a model plan sets the whole-model replicas to its
-        engine count. Groups the plan does not name keep theirs. Returns the replicas set."""
+        JSON): an operator plan sets each group kind's replicas from its placement rows; a
+        model plan sets the whole-model replicas to its engine count. Groups the plan does not
+        name keep theirs. Returns the replicas set."""
         if not isinstance(plan, Plan):
             raise TypeError(f"apply takes a fxscale Plan, got {type(plan).__name__}; read a "
                             "plan file with fxscale.Plan.from_dict(json.load(f))")
@@ -420,18 +324,12 @@ class Server:
             raise ValueError(f"the plan is for policy {plan.policy!r}; this server runs "
                              f"{self.policy!r}")
         if self.policy == "model":
-            count = sum(e.count for e in plan.engines)
-            targets = {name: (count, 1) for name in self.pools}
+            targets = {name: sum(e.count for e in plan.engines) for name in self.pools}
         else:
-            rows = {g.kind: g for g in plan.groups if g.role == "operator"}
-            targets = {name: (row.replicas, row.max_batch) for kind, row in rows.items()
-                       for name in self._matching(kind)}
-        self._resize({name: n for name, (n, _) in targets.items()})
-        for name, (_, batch) in targets.items():
-            pool = self.pools[name]
-            if pool.max_batch > 1:  # a group that batches: the batch the plan sized it for
-                pool.max_batch = max(2, min(batch, MAX_BATCH))
-        return {name: n for name, (n, _) in targets.items()}
+            rows = {g.kind: g.replicas for g in plan.groups if g.role == "operator"}
+            targets = {name: n for kind, n in rows.items() for name in self._matching(kind)}
+        self._resize(targets)
+        return targets
 
     def _matching(self, group: str) -> list[str]:
         """The groups a name or pattern names (an error when none does)."""
@@ -452,32 +350,96 @@ class Server:
                 raise ValueError(f"replicas must be >= 1 and at most {MAX_REPLICAS_PER_GROUP} "
                                  f"per group (fxscale.serving.MAX_REPLICAS_PER_GROUP), got "
                                  f"{replicas!r}")
-        total = sum(targets.get(n, p.target) for n, p in self.pools.items())
+        attention = [targets[n] for n in targets if self.pools[n].stateful]
+        if len(set(attention)) > 1:
+            raise ValueError(f"attention groups scale together (each request's KV blocks live "
+                             f"on one attention replica); asked for {sorted(set(attention))}")
+        final = {n: targets.get(n, attention[0] if attention and p.stateful else p.target)
+                 for n, p in self.pools.items()}
+        total = sum(final.values())
         if total > MAX_REPLICAS:
             raise ValueError(f"{len(targets)} groups resized would make {total} replicas in "
                              f"all, more than {MAX_REPLICAS} (fxscale.serving.MAX_REPLICAS)")
-        for name, replicas in targets.items():
-            self.pools[name].scale(replicas)
+        dense = [(self.pools[n], r) for n, r in targets.items() if not self.pools[n].stateful]
+        if dense:  # between steps: a step's parts are spread over the replicas it found
+            engine = self.engines[0]
+            engine.control(lambda: [pool.scale(r) for pool, r in dense]).result()
+        if attention:
+            self._attention_replicas(attention[0])
+
+    def _attention_replicas(self, count: int) -> None:
+        """Attention replicas of the operator policy's engine, or model replicas."""
+        if self.policy == "model":
+            self._model_replicas(count)
+            return
+        for pool in self.pools.values():
+            if pool.stateful:
+                pool.target = count
+        engine = self.engines[0]
+        engine.control(lambda: engine.set_attention_replicas(count)).result()
+
+    def _model_replicas(self, count: int) -> None:
+        """Have `count` model replicas (engines): new ones start with copies of the weights
+        and an empty cache; removed ones take no new requests and finish theirs."""
+        with self.engines_lock:
+            while len(self.engines) < count:
+                key = next(self.replica_keys)
+                self.runner.add_attention(key)  # its weights copied before it serves
+                self.engines.append(self._engine(key))
+            extra = self.engines[count:]
+            del self.engines[count:]
+        for pool in self.pools.values():
+            pool.target = count
+        for engine in extra:
+            threading.Thread(target=self._retire, args=(engine,), daemon=True).start()
+
+    def _retire(self, engine: Engine) -> None:
+        """Finish a removed model replica's requests, then free its replica's state."""
+        engine.close()
+        for key in list(engine.scheduler.pools):
+            self.runner.remove_attention(key)
+        self.retired.append(engine)
+
+    def _autoscale(self, group: str, replicas: int) -> None:
+        """The autoscaler's way to resize a group (attention groups together)."""
+        self.scale(group, replicas)
+
+    # ---- reading --------------------------------------------------------------------------------
+    @property
+    def group_graphs(self) -> list:
+        """The GroupGraphs of what this server compiled, newest last."""
+        return getattr(self.runner, "group_graphs", [])
 
     def stats(self) -> dict[str, Any]:
-        """Per group: replicas, queue, utilisation, latency; per request: TTFT, TBT, e2e."""
-        finished = list(self.finished)
-        summary: dict[str, Any] = {"completed": self.completed}
+        """Per group: replicas, executions, tokens per execution, latency; per step: tokens
+        and requests, KV blocks, preemptions; per request: TTFT, TBT, e2e."""
+        engines = list(self.engines)
+        everyone = engines + list(self.retired)
+        finished = [r for e in everyone for r in list(e.finished)]
+        summary: dict[str, Any] = {"completed": sum(e.counters["completed"] for e in everyone)}
         if self.slo is not None:
             generated = [f for f in finished if "ttft_s" in f]
             met = sum(1 for f in generated if f["ttft_s"] <= self.slo.ttft
                       and f.get("tbt_s", 0.0) <= self.slo.tbt)
             summary["slo_attainment"] = met / len(generated) if generated else None
         summary.update(percentiles(finished, ("ttft_s", "tbt_s", "e2e_s")))
-        return {"policy": self.policy, "budget": self.budget_size,
-                "in_flight": self.in_flight,
+        per_engine = [e.stats() for e in engines]
+        steps = {key: sum(s[key] for s in per_engine) for key in
+                 ("steps", "tokens", "samples", "preemptions", "failed_steps", "running",
+                  "waiting", "attention_replicas")}
+        steps["kv_blocks"] = {k: sum(s["kv_blocks"][k] for s in per_engine)
+                              for k in ("used", "free", "total")}
+        for key in ("tokens_per_step", "requests_per_step", "decodes_per_step"):
+            steps[key] = sum(s[key] for s in per_engine) / len(per_engine)
+        return {"policy": self.policy, "budget": self.budget_size, "in_flight": self.in_flight,
+                "engine": steps,
                 "groups": {name: pool.stats() for name, pool in sorted(self.pools.items())},
                 "requests": summary,
                 "autoscaler": self.autoscaler.report() if self.autoscaler else None}
 
     def close(self) -> None:
         """Stop accepting requests (waiting ones get ServerClosedError at once), finish those
-        in flight, drain every pool, release the compiled code and the process settings."""
+        in flight, stop every replica, release the compiled code and the process settings."""
         with self.admission:
             if self.closed:
                 return
@@ -488,12 +450,12 @@ class Server:
         if self.metrics is not None:
             self.metrics.shutdown()
             self.metrics.server_close()
-        self.requests.shutdown(wait=True)
-        for pool in list(self.pools.values()):
-            pool.close()
-        for call in self.pool_calls:  # Dynamo's caches may keep the graphs; not the pools
-            call.release()
-        torch._dynamo.reset_code(self.entry.__code__)
+        for engine in list(self.engines):
+            engine.close()
+        runner = getattr(self, "runner", None)
+        if isinstance(runner, PooledRunner):
+            torch._dynamo.reset_code(runner.entry.__code__)
+            runner.stop()
         if self.holds_settings:
             self.holds_settings = False
             _ProcessSettings.release()
@@ -505,80 +467,7 @@ class Server:
         self.close()
 
 
-class _CompileGate:
-    """Many compiled calls at once (shared), or one that compiles (exclusive); a waiting
-    compile goes before new shared calls, so it cannot starve."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.running = 0
-        self.compiling = False
-        self.waiting = 0
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self.cond:
-            self.cond.wait_for(lambda: not self.compiling and not self.waiting)
-            self.running += 1
-        try:
-            yield
-        finally:
-            with self.cond:
-                self.running -= 1
-                self.cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self.cond:
-            self.waiting += 1
-            self.cond.wait_for(lambda: not self.compiling and not self.running)
-            self.waiting -= 1
-            self.compiling = True
-        try:
-            yield
-        finally:
-            with self.cond:
-                self.compiling = False
-                self.cond.notify_all()
-
-
-class _PoolCall(torch.nn.Module):
-    """Stands in for a group's submodule: hands each call to the group's pool and waits."""
-
-    def __init__(self, server: Server, pool: ReplicaPool, inner: Any,
-                 weights: tuple[int, ...], batches: bool) -> None:
-        super().__init__()
-        self.server, self.pool, self.inner, self.weights = server, pool, inner, weights
-        self.batches = batches  # row-wise in this graph: its calls may batch
-
-    def forward(self, *args: Any) -> Any:
-        if self.pool is None:
-            raise ServerClosedError("this graph belongs to a closed fxscale server")
-        request = getattr(self.server.local, "request", None)
-        key = signature(self.inner, args, self.weights) if self.batches else None
-        return self.pool.submit(Call(self.inner, args, self.weights, request, key)).result()
-
-    def release(self) -> None:
-        """Drop the server, its pool (and so the replicas' weight copies) and the group."""
-        self.server = self.pool = self.inner = None
-
-
-def _stream(tokens: queue.Queue, future: Future) -> Iterator[int]:
-    """Yield tokens as they arrive; re-raise the request's error, if any."""
-    while True:
-        try:
-            yield tokens.get(timeout=0.05)
-            continue
-        except queue.Empty:
-            pass
-        if future.done():
-            while not tokens.empty():
-                yield tokens.get()
-            future.result()  # raises the request's exception, if it failed
-            return
-
-
 def serve(model: torch.nn.Module, policy: str = "operator", slo: SLO | None = None,
           budget: int = 2, backend: str = "local", **options: Any) -> Server:
-    """Serve a model from per-operator-group replica pools on this machine (a Server)."""
+    """Serve a model on the engine, its operator groups in replica pools on this machine."""
     return Server(model, policy=policy, budget=budget, slo=slo, backend=backend, **options)

@@ -3,8 +3,8 @@ model-level autoscaling on the same budget, compared side by side.
 
 The model is a small Llama whose decode reads far more weight bytes than it computes on (as
 a large model's does), built from a config with random weights. Both policies run the same
-server code (fxscale/serving.py) with the autoscaler on; `operator` batches row-wise groups
-across requests and scales each group, `model` scales whole-model replicas.
+engine (runtime/engine: continuous batching, paged KV cache) with the autoscaler on;
+`operator` scales each group, `model` scales whole-model replicas.
 """
 from __future__ import annotations
 
@@ -68,8 +68,8 @@ def serve_trace(config: DemoConfig, policies: tuple[str, ...] = LIVE_POLICIES,
                          progress=(lambda i, n, p=policy: progress(p, i, n)) if progress
                          else None)
             stats = server.stats()
-        run.update(ready_s=ready, autoscaler=stats["autoscaler"],
-                   groups={name: {k: g[k] for k in ("batch_mean", "batch_sizes", "retries")}
+        run.update(ready_s=ready, autoscaler=stats["autoscaler"], engine=stats["engine"],
+                   groups={name: {k: g[k] for k in ("batch_mean", "replicas", "retries")}
                            for name, g in stats["groups"].items()})
         results["policies"][policy] = run
     return results

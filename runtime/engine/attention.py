@@ -104,11 +104,13 @@ def find_attention(model: torch.nn.Module) -> tuple[list[AttentionLayer], str | 
     finally:
         if before is not None:
             setter(before)
-    if not seen:
+        found = list(seen.values())
+        seen.clear()  # the probe stays registered: it must not keep the model alive
+    if not found:
         return [], "its attention does not go through transformers' AttentionInterface"
     if not all(forwarded):
         return [], "it does not pass keyword arguments down to its attention"
-    return list(seen.values()), None
+    return found, None
 
 
 def _device(model: torch.nn.Module) -> torch.device:

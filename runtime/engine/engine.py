@@ -1,11 +1,15 @@
 """The engine loop: requests in, steps out, tokens back.
 
-One thread per engine runs the loop: take new requests and cancellations, ask the scheduler
-for a step, run it (the runner), sample greedily, deliver each new token to its request's
-future and stream, and finish the requests that reached their length or an end-of-sequence
-token. Requests are scheduler state, not threads: the engine has one thread however many
-requests it serves. A step that fails is run once more; if it fails again, only the requests
-in it get the error.
+One thread per engine runs the loop: take new requests, cancellations and control actions,
+ask the scheduler for a step, run it (the runner), sample greedily, deliver each new token
+to its request's future and stream, and finish the requests that reached their length or an
+end-of-sequence token. Requests are scheduler state, not threads: the engine has one thread
+however many requests it serves. A step that fails is run once more; if it fails again, only
+the requests in it get the error (a GroupError that names the step's tokens it held fails
+only the requests of those tokens; the others run in the next step).
+
+A request asks for generated tokens (`generate`) or for the logits of its prompt
+(`forward`: every row of its prompt, no token generated).
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+import torch
 
 from fxscale.contracts.metrics import token_timings
 from fxscale.contracts.step import Step
@@ -30,7 +36,7 @@ class EngineClosedError(RuntimeError):
 
 
 class TokenFuture(Future):
-    """A request's generated tokens; cancel() ends the request and frees its KV blocks."""
+    """A request's result; cancel() ends the request and frees its KV blocks."""
 
     def __init__(self, engine: Engine, request: int) -> None:
         super().__init__()
@@ -57,7 +63,9 @@ class EngineRequest:
     future: TokenFuture
     stream: queue.Queue | None
     submitted: float
+    logits: bool = False               # wants its prompt's logits, not tokens
     token_times: list[float] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)  # logits rows so far
 
     @property
     def generated(self) -> list[int]:
@@ -70,33 +78,39 @@ class Engine:
 
     def __init__(self, runner: Any, config: SchedulerConfig, num_blocks: int,
                  max_len: int, eos: set[int] | frozenset[int] = frozenset(),
-                 name: str = "fxscale-engine") -> None:
+                 name: str = "fxscale-engine", first_replica: int = 0) -> None:
         self.runner, self.config, self.max_len = runner, config, max_len
+        self.num_blocks = num_blocks
         self.eos = frozenset(eos)
-        self.scheduler = Scheduler(config, [num_blocks])
+        self.scheduler = Scheduler(config, [num_blocks], first_replica)
         self.lock = threading.Condition()
         self.inbox: list[EngineRequest] = []
         self.cancelled: set[int] = set()
+        self.actions: list[tuple[Callable[[], Any], Future]] = []
         self.requests: dict[int, EngineRequest] = {}
         self.ids = itertools.count()
         self.closing = False
+        self.draining: set[int] = set()  # attention replicas to remove once empty
         self.counters = {"steps": 0, "tokens": 0, "samples": 0, "preemptions": 0,
                          "failed_steps": 0, "completed": 0}
-        self.recent: deque[dict[str, int]] = deque(maxlen=1000)  # per step: tokens, requests
+        self.recent: deque[dict[str, float]] = deque(maxlen=1000)  # per step
+        self.steps_log: deque[tuple[Step, float, float]] = deque(maxlen=4096)  # step, run s,
+        # step s: what the simulator's engine time is calibrated on
         self.finished: deque[dict[str, float]] = deque(maxlen=100_000)
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
     # ---- requests -----------------------------------------------------------------------------
     def add(self, prompt: list[int], max_new_tokens: int, ignore_eos: bool = False,
-            stream: bool = False) -> EngineRequest:
-        """Queue a request; its future gives the generated tokens (a stream each token)."""
+            stream: bool = False, logits: bool = False) -> EngineRequest:
+        """Queue a request; its future gives the generated tokens (a stream each token), or
+        with `logits` the logits of its prompt [1, length, vocab]."""
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if len(prompt) + max_new_tokens > self.max_len:
             raise ValueError(f"{len(prompt)} prompt + {max_new_tokens} new tokens exceed the "
                              f"model's {self.max_len} positions")
-        slots = max(p.num_blocks for p in self.scheduler.pools.values()) * self.config.block_size
+        slots = self.num_blocks * self.config.block_size
         if len(prompt) + max_new_tokens > slots:
             raise ValueError(f"{len(prompt)} prompt + {max_new_tokens} new tokens exceed the "
                              f"KV cache of {slots} tokens (kv_cache_tokens)")
@@ -107,7 +121,8 @@ class Engine:
             record = EngineRequest(request, list(prompt), len(prompt), max_new_tokens,
                                    frozenset() if ignore_eos else self.eos,
                                    TokenFuture(self, request),
-                                   queue.Queue() if stream else None, time.perf_counter())
+                                   queue.Queue() if stream else None, time.perf_counter(),
+                                   logits)
             self.inbox.append(record)
             self.lock.notify()
         return record
@@ -118,6 +133,19 @@ class Engine:
             self.cancelled.add(request)
             self.lock.notify()
 
+    def control(self, action: Callable[[], Any]) -> Future:
+        """Run an action in the loop thread between steps (replica changes); its future."""
+        future: Future = Future()
+        with self.lock:
+            self.actions.append((action, future))
+            self.lock.notify()
+        return future
+
+    def load(self) -> int:
+        """Requests queued or running (for routing to the least loaded engine)."""
+        with self.lock:
+            return len(self.inbox) + len(self.requests)
+
     def close(self, timeout_s: float | None = None) -> None:
         """Take no more requests, finish those in flight, stop the loop."""
         with self.lock:
@@ -125,52 +153,113 @@ class Engine:
             self.lock.notify()
         self.thread.join(timeout_s)
 
+    # ---- attention replicas (the scheduler's block pools) -----------------------------------
+    def set_attention_replicas(self, count: int) -> None:
+        """Have `count` attention replicas: new ones start empty; extra ones (the newest)
+        admit nothing more and are removed once their requests finish. Loop thread only."""
+        live = sorted(k for k, p in self.scheduler.pools.items() if not p.draining)
+        for key in live[count:]:
+            self.scheduler.drain(key)
+            self.draining.add(key)
+        for _ in range(count - len(live)):
+            key = self.scheduler.add_replica(self.num_blocks)
+            add = getattr(self.runner, "add_attention", None)
+            if add is not None:
+                add(key)
+
+    def attention_replicas(self) -> int:
+        """Attention replicas that admit requests."""
+        return sum(1 for p in self.scheduler.pools.values() if not p.draining)
+
+    def _retire_drained(self) -> None:
+        """Remove drained attention replicas that hold no request any more."""
+        for key in list(self.draining):
+            if not self.scheduler.pools[key].tables:
+                self.scheduler.remove_replica(key)
+                self.draining.discard(key)
+                remove = getattr(self.runner, "remove_attention", None)
+                if remove is not None:
+                    remove(key)
+
     # ---- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self.lock:
-                while not (self.inbox or self.cancelled or self.scheduler.has_work()
-                           or self.closing):
+                while not (self.inbox or self.cancelled or self.actions or self.closing
+                           or self.scheduler.has_work()):
                     self.lock.wait()
                 arrived, self.inbox = self.inbox, []
                 cancelled, self.cancelled = self.cancelled, set()
-                if self.closing and not (arrived or self.scheduler.has_work()):
+                actions, self.actions = self.actions, []
+                if self.closing and not (arrived or actions or self.scheduler.has_work()):
                     return
+            for action, future in actions:
+                try:
+                    future.set_result(action())
+                except Exception as err:  # noqa: BLE001 - handed to whoever asked
+                    future.set_exception(err)
             for record in arrived:
                 self.requests[record.id] = record
                 self.scheduler.add(record.id, record.prompt_len, record.max_new_tokens)
             for request in cancelled:
                 self._end(request, cancelled=True)
+            self._retire_drained()
+            started = time.perf_counter()
             step = self.scheduler.schedule()
             for request in step.preempted:
                 self._forget(request)
+                record = self.requests.get(request)
+                if record is not None:
+                    record.rows.clear()  # a forward request recomputes its rows
             if step.chunks:
-                self._run(step)
-            elif not (arrived or cancelled):  # nothing runnable now: do not spin
+                self._run(step, started)
+            elif not (arrived or cancelled or actions):  # nothing runnable now: do not spin
                 with self.lock:
                     self.lock.wait(0.01)
 
-    def _run(self, step: Step) -> None:
-        """Run a step (once more if it fails), sample, deliver, finish."""
+    def _run(self, step: Step, started: float) -> None:
+        """Run a step (once more if it fails), sample, deliver, finish; record how long the
+        runner took and how long the whole step took (the rest is the engine's own time)."""
         tokens = {c.request: self.requests[c.request].tokens for c in step.chunks}
+        whole = frozenset(c.request for c in step.chunks if self.requests[c.request].logits)
         for attempt in (1, 2):
             try:
-                logits = self.runner.run(step, tokens)
+                run_start = time.perf_counter()
+                logits = self.runner.run(step, tokens, whole)
+                run_s = time.perf_counter() - run_start
                 break
             except Exception as err:  # noqa: BLE001 - a failed step must not stop the engine
                 self.counters["failed_steps"] += 1
+                held = getattr(err, "tokens", None)
+                if held is not None:  # a group named the tokens it failed on: only theirs
+                    self._fail_tokens(step, held, err)
+                    return
                 if attempt == 2:
                     for chunk in step.chunks:
                         self._fail(chunk.request, err)
                     return
         self.scheduler.complete(step)
-        sampled = logits.argmax(dim=-1).tolist() if len(logits) else []
-        now = time.perf_counter()
-        self._count(step)
-        for chunk, token in zip((c for c in step.chunks if c.samples), sampled):
+        self._deliver(step, logits, whole, time.perf_counter())
+        self._count(step, run_s, time.perf_counter() - started)
+
+    def _deliver(self, step: Step, logits: torch.Tensor, whole: frozenset[int],
+                 now: float) -> None:
+        """Hand each chunk its rows: a new token, or (the requests in `whole`) its prompt's
+        logits."""
+        row = 0
+        for chunk in step.chunks:
             record = self.requests.get(chunk.request)
-            if record is None:
+            width = chunk.tokens if chunk.request in whole else int(chunk.samples)
+            rows, row = logits[row:row + width], row + width
+            if record is None or not width:
                 continue
+            if record.logits:
+                record.rows.append(rows)
+                if chunk.samples:
+                    record.future.record["e2e_s"] = now - record.submitted
+                    self._end(chunk.request, result=torch.cat(record.rows)[None])
+                continue
+            token = int(rows[0].argmax())
             record.tokens.append(token)
             record.token_times.append(now)
             if record.stream is not None:
@@ -178,7 +267,15 @@ class Engine:
             if len(record.generated) >= record.max_new_tokens or token in record.stop_ids:
                 self._end(chunk.request)
 
-    def _count(self, step: Step) -> None:
+    def _fail_tokens(self, step: Step, held: tuple[int, int], err: BaseException) -> None:
+        """Fail the requests whose tokens in the step overlap [held)."""
+        start = 0
+        for chunk in step.chunks:
+            if start < held[1] and start + chunk.tokens > held[0]:
+                self._fail(chunk.request, err)
+            start += chunk.tokens
+
+    def _count(self, step: Step, run_s: float, step_s: float) -> None:
         """Per-step statistics."""
         c = self.counters
         c["steps"] += 1
@@ -186,9 +283,11 @@ class Engine:
         c["samples"] += step.num_samples
         c["preemptions"] = self.scheduler.preemptions
         self.recent.append({"tokens": step.num_tokens, "requests": len(step.chunks),
-                            "decodes": step.num_decodes})
+                            "decodes": step.num_decodes, "run_s": run_s,
+                            "engine_s": step_s - run_s})
+        self.steps_log.append((step, run_s, step_s))
 
-    def _end(self, request: int, cancelled: bool = False) -> None:
+    def _end(self, request: int, cancelled: bool = False, result: Any = None) -> None:
         """Finish (or drop a cancelled) request: free its blocks, resolve its future."""
         self.scheduler.finish(request)
         self._forget(request)
@@ -199,11 +298,16 @@ class Engine:
             record.stream.put(_DONE)
         if cancelled or record.future.cancelled():
             return
-        timings = token_timings(record.submitted, record.token_times)
-        record.future.record.update(timings)
-        self.finished.append(timings)
+        if record.token_times:
+            record.future.record.update(
+                token_timings(record.submitted, record.token_times),
+                submitted_at=record.submitted, first_token_at=record.token_times[0],
+                finished_at=record.token_times[-1],
+                tokens=len(record.generated), e2e_s=record.token_times[-1] - record.submitted)
+        record.future.record.setdefault("e2e_s", time.perf_counter() - record.submitted)
+        self.finished.append(dict(record.future.record))
         self.counters["completed"] += 1
-        record.future.set_result(record.generated)
+        record.future.set_result(record.generated if result is None else result)
 
     def _fail(self, request: int, err: BaseException) -> None:
         """End a request with an error."""
@@ -244,9 +348,13 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Steps, tokens and requests per step, KV blocks, preemptions."""
         recent = list(self.recent)
-        mean = (lambda key: sum(r[key] for r in recent) / len(recent)) if recent else \
-            (lambda key: 0.0)
+
+        def mean(key: str) -> float:
+            return sum(r[key] for r in recent) / len(recent) if recent else 0.0
+
         return {**self.counters, "kv_blocks": self.scheduler.blocks(),
+                "attention_replicas": self.attention_replicas(),
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "tokens_per_step": mean("tokens"), "requests_per_step": mean("requests"),
-                "decodes_per_step": mean("decodes")}
+                "decodes_per_step": mean("decodes"), "step_run_s": mean("run_s"),
+                "step_engine_s": mean("engine_s")}

@@ -22,6 +22,7 @@ class StepTensors:
     sample_rows: torch.Tensor    # [n] int64: the token rows whose logits are sampled
     max_seqlen_q: int
     max_seqlen_k: int
+    samples: int                 # real sampled rows (the first `samples` of sample_rows)
 
     def meta(self) -> dict[str, torch.Tensor]:
         """The attention metadata as the model's keyword arguments."""
@@ -31,9 +32,14 @@ class StepTensors:
 
 
 def step_tensors(step: Step, tokens: dict[int, list[int]], block_size: int,
-                 device: torch.device | str = "cpu") -> StepTensors:
+                 device: torch.device | str = "cpu", pad: bool = False,
+                 all_rows: frozenset[int] | set[int] = frozenset()) -> StepTensors:
     """The tensors of a step; `tokens` holds each request's known tokens (prompt and
-    generated)."""
+    generated). The sampled rows are each sampling chunk's last token, and every token of
+    the requests in `all_rows` (whose logits are wanted whole). `pad` appends a dummy
+    sequence of one token (its KV not stored, its output unused) and pads the table width and
+    the sampled rows to at least 2, so that no size is 0 or 1 and a graph compiled for
+    symbolic sizes serves every step."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -48,8 +54,20 @@ def step_tensors(step: Step, tokens: dict[int, list[int]], block_size: int,
         cu.append(cu[-1] + c.tokens)
         lens.append(c.end)
         tables.append(list(c.blocks) + [0] * (width - len(c.blocks)))
-        if c.samples:
+        if c.request in all_rows:
+            samples.extend(range(cu[-2], cu[-1]))
+        elif c.samples:
             samples.append(cu[-1] - 1)
+    real = len(samples)
+    if pad:
+        ids.append(0)
+        positions.append(0)
+        slots.append(-1)
+        cu.append(cu[-1] + 1)
+        lens.append(1)
+        width = max(width, 2)
+        tables = [row + [0] * (width - len(row)) for row in tables] + [[0] * width]
+        samples += [cu[-1] - 1] * max(0, 2 - len(samples))
     as_long = dict(dtype=torch.long, device=device)
     as_int = dict(dtype=torch.int32, device=device)
     return StepTensors(
@@ -57,4 +75,4 @@ def step_tensors(step: Step, tokens: dict[int, list[int]], block_size: int,
         slot_mapping=torch.tensor(slots, **as_long), cu_seqlens_q=torch.tensor(cu, **as_int),
         seq_lens=torch.tensor(lens, **as_int), block_tables=torch.tensor(tables, **as_int),
         sample_rows=torch.tensor(samples, **as_long),
-        max_seqlen_q=max(c.tokens for c in step.chunks), max_seqlen_k=max(lens))
+        max_seqlen_q=max(c.tokens for c in step.chunks), max_seqlen_k=max(lens), samples=real)

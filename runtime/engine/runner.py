@@ -1,20 +1,18 @@
-"""Run a Step through a model: logits of the sampled rows.
-
-`PagedRunner`: the model's attention routed to the paged cache (runtime/engine/attention.py);
-the whole step is one forward pass over the flat batch. `SequentialRunner`: for models whose
-attention cannot be routed, each chunk of the step runs alone over that request's own
-Hugging Face cache (the same scheduler and steps, without batched attention)."""
+"""What a runner of steps needs from the model: a private copy of its modules, its attention
+routed to the paged cache (runtime/engine/attention.py), one step's forward pass; and, for
+models whose attention cannot be routed, `SequentialRunner`: each chunk of a step runs alone
+over that request's own Hugging Face cache (the same scheduler and steps, without batched
+attention). The engine's usual runner is runtime/engine/pooled.py."""
 from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from fxscale.contracts.step import Step
 from fxscale.runtime.engine.attention import ATTENTION, AttentionLayer, register
-from fxscale.runtime.engine.inputs import StepTensors, step_tensors
 
 
 def private_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -25,39 +23,37 @@ def private_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-class PagedRunner:
-    """Steps as one forward pass with paged attention (caches: [num_blocks, block_size,
-    kv_heads, head_dim] per layer, attached to the attention modules as buffers)."""
+def route_attention(model: torch.nn.Module, layers: list[AttentionLayer], num_blocks: int,
+                    block_size: int, backend: str = "auto") -> int:
+    """Attach a paged KV cache ([num_blocks, block_size, kv_heads, head_dim] for K and V) to
+    each attention module as buffers and route the model's attention to it; the bytes used."""
+    register()
+    device = next(model.parameters()).device
+    total = 0
+    for layer in layers:
+        for name in ("fxscale_k_cache", "fxscale_v_cache"):
+            cache = torch.zeros(num_blocks, block_size, layer.kv_heads, layer.head_dim,
+                                dtype=layer.dtype, device=device)
+            layer.module.register_buffer(name, cache, persistent=False)
+            total += cache.numel() * cache.element_size()
+        layer.module.fxscale_backend = backend
+    model.set_attn_implementation(ATTENTION)
+    return total
 
-    def __init__(self, model: torch.nn.Module, layers: list[AttentionLayer], num_blocks: int,
-                 block_size: int, backend: str = "auto") -> None:
-        register()
-        self.model, self.block_size = model, block_size
-        self.device = next(model.parameters()).device
-        self.cache_bytes = 0
-        for layer in layers:
-            for name in ("fxscale_k_cache", "fxscale_v_cache"):
-                cache = torch.zeros(num_blocks, block_size, layer.kv_heads, layer.head_dim,
-                                    dtype=layer.dtype, device=self.device)
-                layer.module.register_buffer(name, cache, persistent=False)
-                self.cache_bytes += cache.numel() * cache.element_size()
-            layer.module.fxscale_backend = backend
-        model.set_attn_implementation(ATTENTION)
-        self.keeps_rows = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.forward: Callable[..., Any] = model
 
-    def run(self, step: Step, tokens: dict[int, list[int]]) -> torch.Tensor:
-        """Logits [samples, vocab] of the step's sampled rows, in chunk order."""
-        t = step_tensors(step, tokens, self.block_size, self.device)
-        return self.run_tensors(t)
+def forward_step(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                 sample_rows: torch.Tensor, meta: dict[str, torch.Tensor],
+                 keep_rows: bool) -> torch.Tensor:
+    """One step's forward pass: logits [samples, vocab] of its sampled rows."""
+    keep = {"logits_to_keep": sample_rows} if keep_rows else {}
+    logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, **keep,
+                   **meta).logits[0]
+    return logits if keep_rows else logits[sample_rows]
 
-    def run_tensors(self, t: StepTensors) -> torch.Tensor:
-        """The forward pass of prepared step tensors."""
-        keep = {"logits_to_keep": t.sample_rows} if self.keeps_rows else {}
-        with torch.inference_mode():
-            logits = self.forward(input_ids=t.input_ids, position_ids=t.positions,
-                                  use_cache=False, **keep, **t.meta()).logits[0]
-        return logits if self.keeps_rows else logits[t.sample_rows]
+
+def keeps_rows(model: torch.nn.Module) -> bool:
+    """Whether the model's forward computes logits of chosen rows only (logits_to_keep)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 class SequentialRunner:
@@ -71,8 +67,9 @@ class SequentialRunner:
         self.caches: dict[int, Any] = {}
         self.cache_bytes = 0
 
-    def run(self, step: Step, tokens: dict[int, list[int]]) -> torch.Tensor:
-        """Logits [samples, vocab] of the step's sampled rows, in chunk order."""
+    def run(self, step: Step, tokens: dict[int, list[int]],
+            all_rows: frozenset[int] = frozenset()) -> torch.Tensor:
+        """Logits [rows, vocab] of the step's sampled rows, in chunk order."""
         rows = []
         with torch.inference_mode():
             for chunk in step.chunks:
@@ -83,7 +80,9 @@ class SequentialRunner:
                 positions = torch.arange(chunk.start, chunk.end, device=self.device)[None]
                 out = self.model(input_ids=ids, position_ids=positions, use_cache=True,
                                  cache=self.caches[chunk.request])
-                if chunk.samples:
+                if chunk.request in all_rows:
+                    rows.extend(out.logits[0])
+                elif chunk.samples:
                     rows.append(out.logits[0, -1])
         return torch.stack(rows) if rows else torch.empty(0)
 

@@ -67,10 +67,11 @@ class SequenceState:
 class Scheduler:
     """Composes steps over a set of attention replicas' block pools (see the module doc)."""
 
-    def __init__(self, config: SchedulerConfig, blocks_per_replica: list[int]) -> None:
+    def __init__(self, config: SchedulerConfig, blocks_per_replica: list[int],
+                 first_replica: int = 0) -> None:
         self.config = config
         self.pools: dict[int, BlockPool] = {}
-        self.replica_ids = itertools.count()
+        self.replica_ids = itertools.count(first_replica)
         for blocks in blocks_per_replica:
             self.add_replica(blocks)
         self.waiting: list[SequenceState] = []   # preempted first, then by arrival

@@ -1,5 +1,6 @@
-"""The local runtime's autoscaler: every interval, measure each group's pool, plan replicas
-(runtime/pool_planner.py) and apply the plan.
+"""The engine's autoscaler: every interval, measure each group's pool (tokens run, the
+executions' fixed and per-token time), plan replicas (runtime/planner/pools.py) and apply
+the plan through the server (attention groups move together).
 
 Hysteresis, so it does not oscillate (contracts/scaling.py, the rule the simulator follows
 too): a group grows as soon as the plan asks for more, and shrinks only after a plan with
@@ -30,13 +31,16 @@ class Autoscaler:
 
     def __init__(self, pools: Callable[[], dict[str, Any]], slo: SLO, budget: int,
                  interval_s: float = 1.0, down_after: int = 3, headroom: float = 0.2,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 scale: Callable[[str, int], Any] | None = None) -> None:
         if interval_s <= 0 or down_after < 1:
             raise ValueError(f"autoscaler: interval_s > 0 and down_after >= 1 needed, got "
                              f"{interval_s}, {down_after}")
         self.pools, self.slo, self.budget = pools, slo, budget
         self.interval_s, self.down_after, self.headroom = interval_s, down_after, headroom
         self.clock = clock
+        # how a decision is applied (the server's scale: attention groups move together)
+        self.scale = scale or (lambda name, n: self.pools()[name].scale(n))
         self.start_time = clock()
         self.last: dict[str, tuple[float, dict]] = {}
         self.hysteresis: dict[str, Hysteresis] = {}  # per group
@@ -74,12 +78,10 @@ class Autoscaler:
         then, before = self.last.get(name, (self.start_time, dict.fromkeys(counters, 0)))
         self.last[name] = (now, counters)
         elapsed = max(now - then, 1e-9)
-        samples = pool.execution_samples()
-        fixed, per_call = fit_execution(samples)
-        # a group that has only ever run calls alone is planned as a queue, not as a batcher
-        batches = pool.max_batch if any(b > 1 for b, _ in samples) else 1
+        fixed, per_token = fit_execution(pool.execution_samples())
         return GroupLoad(name, (counters["arrivals"] - before["arrivals"]) / elapsed, fixed,
-                         per_call, batches, int(counters["queue"]), int(counters["replicas"]))
+                         per_token, pool.max_batch, int(counters["queue"]),
+                         int(counters["replicas"]))
 
     def step(self) -> PoolPlan:
         """Measure, plan and apply once."""
@@ -97,28 +99,28 @@ class Autoscaler:
             rule = self.hysteresis.setdefault(load.name, Hysteresis(self.down_after))
             if up > have:
                 rule.done()
-                self._apply(pools[load.name], Decision(t, load.name, have, up, "scale up", (
-                    f"up: {load.demand(self.interval_s):.1f} calls/s, "
-                    f"{load.fixed_s * 1e3:.2f} ms + {load.per_call_s * 1e3:.2f} ms per call "
+                self._apply(Decision(t, load.name, have, up, "scale up", (
+                    f"up: {load.demand(self.interval_s):.1f} tokens/s, "
+                    f"{load.fixed_s * 1e3:.2f} ms + {load.per_call_s * 1e3:.3f} ms per token "
                     f"per execution; {plan.reason}")))
                 continue
             rule.ask(have, down)
             if rule.due:
                 down = rule.ceiling  # shrink to the most any of those intervals asked for
                 rule.done()
-                self._apply(pools[load.name], Decision(t, load.name, have, down, "scale down", (
+                self._apply(Decision(t, load.name, have, down, "scale down", (
                     f"down: {down} replicas met the SLO with {DOWN_BAND:.0%} more headroom for "
                     f"{self.down_after} intervals in a row "
-                    f"({load.demand(self.interval_s):.1f} calls/s); {tight.reason}")))
+                    f"({load.demand(self.interval_s):.1f} tokens/s); {tight.reason}")))
         self.timeline.append({"t": t, "replicas": {name: pool.counters()["replicas"]
                                                    for name, pool in sorted(pools.items())},
                               "predicted_tbt_s": plan.to_dict()["tbt_s"],
                               "busy_slots": plan.busy_slots, "meets_slo": plan.meets_slo})
         return plan
 
-    def _apply(self, pool: Any, decision: Decision) -> None:
+    def _apply(self, decision: Decision) -> None:
         """Resize a pool and record why."""
-        pool.scale(decision.new)
+        self.scale(decision.scope, decision.new)
         self.decisions.append(decision)
         log.info("t=%.1fs %s: %d -> %d replicas (%s)", decision.t, decision.scope,
                  decision.old, decision.new, decision.reason)

@@ -1,0 +1,291 @@
+"""The local executor: each replica is a thread of this process holding its own copy of its
+group's state; `slots` bounds how many executions run at once over every pool.
+
+A call split into several parts runs them on their replicas' threads side by side; a call of
+one part runs on the caller's thread with that replica's state (no hand-over). A part that
+raises is run once more (a dense part on another replica when there is one); if it fails
+again, a GroupError names the group and the tokens of the part."""
+from __future__ import annotations
+
+import bisect
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from fxscale.contracts.metrics import quantile
+
+
+@dataclass(frozen=True)
+class StateSlots:
+    """Which arguments of a call are the model's state: weights and buffers (copied per
+    replica) and KV caches (each replica its own, zeroed)."""
+
+    indices: tuple[int, ...]
+    caches: frozenset[int]  # the indices that are KV caches
+
+
+LATENCY_BUCKETS_S = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
+                     0.5, 1.0)
+
+
+class GroupError(RuntimeError):
+    """A group's call failed twice; `tokens` is the range of the step's tokens it held."""
+
+    def __init__(self, group: str, tokens: tuple[int, int] | None, cause: BaseException):
+        where = f" (tokens {tokens[0]}-{tokens[1]} of the step)" if tokens else ""
+        super().__init__(f"group {group!r} failed{where}: {type(cause).__name__}: {cause}")
+        self.group, self.tokens = group, tokens
+
+
+class LocalReplica:
+    """A worker thread with its own state: for each state tensor of the model (by id), this
+    replica's copy (replica 0 of a pool holds the model's own tensors)."""
+
+    def __init__(self, key: int, slots: threading.Semaphore, name: str) -> None:
+        self.key, self.slots = key, slots
+        self.state: dict[int, torch.Tensor] = {}
+        self.inbox: queue.Queue = queue.Queue()
+        self.executions, self.busy_s = 0, 0.0
+        self.thread = threading.Thread(target=self._loop, name=f"fxscale-{name}-{key}",
+                                       daemon=True)
+        self.thread.start()
+
+    def start(self, state: dict[int, torch.Tensor]) -> None:
+        """Take the state it holds (model tensor id -> its copy)."""
+        self.state = state
+
+    def run(self, fn: Callable[..., Any], args: list[Any], state: StateSlots,
+            at_least_s: float = 0.0) -> Future:
+        """Queue a call on this replica's thread."""
+        future: Future = Future()
+        self.inbox.put((fn, args, state, at_least_s, future))
+        return future
+
+    def run_here(self, fn: Callable[..., Any], args: list[Any], state: StateSlots,
+                 at_least_s: float = 0.0) -> tuple[Any, float]:
+        """Run a call on the caller's thread with this replica's copies in place of the
+        model's state tensors (the argument indices in `state`), holding its slot for at
+        least `at_least_s` (an injected service time); (result, seconds)."""
+        for index in state.indices:
+            args[index] = self.state[id(args[index])]
+        with self.slots:
+            start = time.perf_counter()
+            try:
+                result = fn(*args)
+                left = at_least_s - (time.perf_counter() - start)
+                if left > 0:
+                    time.sleep(left)  # releases the interpreter lock, as a kernel would
+            finally:
+                seconds = time.perf_counter() - start
+                self.executions += 1
+                self.busy_s += seconds
+        return result, seconds
+
+    def _loop(self) -> None:
+        while True:
+            item = self.inbox.get()
+            if item is None:
+                return
+            fn, args, state, at_least_s, future = item
+            try:
+                future.set_result(self.run_here(fn, args, state, at_least_s))
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                future.set_exception(err)
+
+    def stop(self) -> None:
+        """Finish queued calls, end the thread, drop the state."""
+        self.inbox.put(None)
+        self.thread.join()
+        self.state = {}
+
+    def state_bytes(self, caches: set[int]) -> tuple[int, int]:
+        """Bytes of the weights and of the KV caches it holds (`caches`: ids of the model's
+        cache tensors)."""
+        weights = kv = 0
+        for ident, t in self.state.items():
+            size = t.numel() * t.element_size()
+            if ident in caches:
+                kv += size
+            else:
+                weights += size
+        return weights, kv
+
+
+class LocalPool:
+    """The replicas of one group (see the module docstring). The model's state tensors a
+    group's calls pass are learnt from the calls; replica 0 holds the model's own, a new
+    replica copies the weights and zeroes the KV caches it knows of when it starts (and any
+    tensor first seen later, on first use)."""
+
+    def __init__(self, name: str, stateful: bool, slots: threading.Semaphore,
+                 service: Callable[[int, int], float] | None = None) -> None:
+        self.name, self.stateful, self.slots = name, stateful, slots
+        # service-time injection: (tokens, context tokens) -> seconds an execution takes
+        self.service = service
+        self.known: dict[int, tuple[torch.Tensor, bool]] = {}  # id -> (tensor, is a cache)
+        self.replicas: dict[int, LocalReplica] = {}
+        self.target = 1
+        self.next_key = 0
+        self.lock = threading.Lock()
+        self.ready_s: list[float] = []  # time each new replica took to take its state
+        self.max_batch = 1 << 16  # tokens: a step's are split, never queued
+        self.called = False       # replicas start at the first call (its state is known)
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Start the statistics afresh (after a warm-up)."""
+        self.samples: deque[tuple[int, float]] = deque(maxlen=512)  # (tokens, seconds)
+        self.histogram = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.arrivals = 0      # tokens run
+        self.executions = 0
+        self.busy_s = 0.0
+        self.retries = 0
+        self.started = time.perf_counter()
+
+    # ---- replicas ------------------------------------------------------------------------------
+    def learn(self, args: list[Any], state: StateSlots) -> None:
+        """Note the model's state tensors of a call and give every replica its copies; a
+        dense group starts its replicas at its first call."""
+        new = [i for i in state.indices if id(args[i]) not in self.known]
+        if new:
+            with self.lock:
+                for i in new:
+                    self.known[id(args[i])] = (args[i], i in state.caches)
+                for replica in self.replicas.values():
+                    replica.state.update(self._copies(replica.key, new_only=replica.state))
+        if not self.called:
+            self.called = True
+            if not self.stateful:
+                self.scale(self.target)
+
+    def _copies(self, key: int, new_only: dict | None = None) -> dict[int, torch.Tensor]:
+        """Replica `key`'s copies of the known state (replica 0: the tensors themselves)."""
+        out = {}
+        for ident, (tensor, cache) in self.known.items():
+            if new_only is not None and ident in new_only:
+                continue
+            out[ident] = tensor if key == 0 else \
+                torch.zeros_like(tensor) if cache else tensor.clone()
+        return out
+
+    def add(self, key: int) -> None:
+        """Start a replica with this key (an attention replica: the scheduler's replica id)."""
+        start = time.perf_counter()
+        replica = LocalReplica(key, self.slots, self.name)
+        with self.lock:
+            replica.start(self._copies(key))
+            self.replicas[key] = replica
+            self.next_key = max(self.next_key, key + 1)
+        self.ready_s.append(time.perf_counter() - start)
+
+    def remove(self, key: int) -> None:
+        """Stop the replica with this key."""
+        with self.lock:
+            replica = self.replicas.pop(key)
+        replica.stop()
+
+    def scale(self, replicas: int) -> None:
+        """Have this many replicas (a dense group; started once its state is known)."""
+        self.target = replicas
+        if not self.called:
+            return
+        while len(self.replicas) < replicas:
+            self.add(self.next_key)
+        while len(self.replicas) > replicas:
+            self.remove(max(self.replicas))
+
+    # ---- calls -----------------------------------------------------------------------------------
+    def run(self, fn: Callable[..., Any], parts: list[tuple[int | None, list[Any],
+                                                      tuple[int, int], int]],
+            state: StateSlots) -> list[Any]:
+        """Run fn on each part (replica key or None, arguments, token range, context
+        tokens); results in order. A failing part runs once more, then raises GroupError."""
+        keys = self._keys(parts)
+        floors = [self.service(t1 - t0, context) if self.service else 0.0
+                  for _, _, (t0, t1), context in parts]
+        if len(parts) == 1:
+            futures = [None]
+        else:
+            futures = [self.replicas[k].run(fn, list(args), state, floor)
+                       for k, (_, args, _, _), floor in zip(keys, parts, floors)]
+        results = []
+        for key, future, (_, args, tokens, _), floor in zip(keys, futures, parts, floors):
+            try:
+                result, seconds = self.replicas[key].run_here(fn, list(args), state, floor) \
+                    if future is None else future.result()
+            except Exception as first:  # noqa: BLE001 - retried once, then named
+                result, seconds = self._retry(fn, key, args, tokens, state, first)
+            results.append(result)
+            self._record(tokens[1] - tokens[0], seconds)
+        return results
+
+    def _record(self, tokens: int, seconds: float) -> None:
+        """Count one execution of `tokens` tokens."""
+        with self.lock:
+            self.samples.append((tokens, seconds))
+            self.arrivals += tokens
+            self.executions += 1
+            self.busy_s += seconds
+            self.histogram[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+
+    def _keys(self, parts) -> list[int]:
+        """The replica of each part: its key, or the dense replicas in turn."""
+        dense = sorted(self.replicas)
+        return [key if key is not None else dense[i % len(dense)]
+                for i, (key, _, _, _) in enumerate(parts)]
+
+    def _retry(self, fn, key, args, tokens, state: StateSlots, first: BaseException) -> Any:
+        """Run a failed part once more: on another dense replica if there is one."""
+        others = [k for k in self.replicas if k != key] if not self.stateful else []
+        self.retries += 1
+        try:
+            return self.replicas[others[0] if others else key].run_here(fn, list(args), state)
+        except Exception:  # noqa: BLE001 - the second failure is the caller's error
+            raise GroupError(self.name, tokens, first) from first
+
+    def counters(self) -> dict[str, float]:
+        """What the autoscaler reads each interval: tokens run so far (it differences them),
+        the queue (none: a step's tokens are split, not queued) and the replicas now."""
+        return {"arrivals": self.arrivals, "queue": 0, "replicas": len(self.replicas)}
+
+    def execution_samples(self) -> list[tuple[int, float]]:
+        """Recent executions: (tokens, seconds)."""
+        with self.lock:
+            return list(self.samples)
+
+    def stats(self) -> dict[str, Any]:
+        """Replicas, executions, tokens per execution, latency, state bytes per replica."""
+        with self.lock:
+            samples = list(self.samples)
+            histogram = list(self.histogram)
+            executions, busy = self.executions, self.busy_s
+        replicas = list(self.replicas.values())
+        caches = {ident for ident, (_, cache) in self.known.items() if cache}
+        weights, kv = replicas[-1].state_bytes(caches) if replicas else (0, 0)
+        wall = max(time.perf_counter() - self.started, 1e-9)
+        seconds = [t for _, t in samples]
+        cumulative = list(itertools.accumulate(histogram))
+        return {"replicas": len(replicas), "target": self.target, "stateful": self.stateful,
+                "completed": executions, "retries": self.retries, "queue": 0,
+                "busy_s": busy, "execution_mean_s": busy / executions if executions else None,
+                "utilisation": busy / wall / max(1, len(replicas)),
+                "batch_mean": (sum(n for n, _ in samples) / len(samples)) if samples else None,
+                "latency_p50_s": quantile(seconds, 0.5), "latency_p99_s": quantile(seconds, 0.99),
+                "latency_histogram": {**{f"{b:g}": c for b, c in zip(LATENCY_BUCKETS_S,
+                                                                      cumulative)},
+                                      "+Inf": cumulative[-1]},
+                "weight_bytes_per_replica": weights, "kv_bytes_per_replica": kv,
+                "time_to_ready_s": self.ready_s[-1] if self.ready_s else None}
+
+    def stop(self) -> None:
+        """Stop every replica and forget the model's state."""
+        for key in list(self.replicas):
+            self.remove(key)
+        self.known.clear()
