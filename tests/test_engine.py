@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from fxscale.contracts.group_graph import GroupGraph
 from fxscale.models import zoo
 from fxscale.runtime.engine import Engine
 from fxscale.runtime.engine.attention import find_attention
@@ -17,7 +18,7 @@ from fxscale.runtime.engine.runner import SequentialRunner, private_copy
 from fxscale.runtime.scheduling import SchedulerConfig
 
 
-def engine_for(model, num_blocks=512, budget=512, max_len=512):
+def engine_for(model, num_blocks=512, budget=512, max_len=512, norms=None):
     """An engine over a private copy of the model: its steps compiled into operator groups
     on pools when its attention routes to the paged cache, else one request at a time."""
     copy = private_copy(model)
@@ -27,7 +28,7 @@ def engine_for(model, num_blocks=512, budget=512, max_len=512):
     else:
         runner = PooledRunner(copy, layers, num_blocks, 16,
                               {"granularity": "operator", "lowering": "eager"},
-                              threading.Semaphore(2), backend="torch")
+                              threading.Semaphore(2), backend="torch", norms=norms)
         runner.warm_up()
     return Engine(runner, SchedulerConfig(max_num_batched_tokens=budget), num_blocks, max_len)
 
@@ -62,6 +63,13 @@ def test_sixty_four_concurrent_requests_equal_hugging_face_greedy(llama):
     outputs = [r.future.result(timeout=300) for r in records]
     stats = engine.stats()
     engine.close()
+    graph = engine.runner.group_graphs[-1]
+    attention = [g for g in graph.groups if g.stateful]
+    assert attention and all(g.kernels == ["attention_step"] and g.param_bytes == 0
+                             for g in attention)  # the KV cache is state, not weights
+    assert "fxscale.kernels: attention_step" in graph.table(width=250)
+    assert GroupGraph.from_json(graph.to_json()).groups[graph.groups.index(attention[0])].kernels == \
+        ["attention_step"]
     assert stats["steps"] < sum(len(p) for p in batch)  # tokens were batched across requests
     assert stats["tokens_per_step"] > 16 and stats["kv_blocks"]["used"] == 0
     assert outputs == [reference(llama, p, 8) for p in batch]
@@ -71,9 +79,13 @@ def test_sixty_four_concurrent_requests_equal_hugging_face_greedy(llama):
                                   "gemma2", "starcoder2"])
 def test_decoder_architectures_equal_hugging_face_greedy(name):
     """Learned positions (GPT-2, OPT), MoE (Mixtral), sliding windows and soft-capping
-    (Gemma 2), partial rotary and fused projections."""
+    (Gemma 2), partial rotary and fused projections; Llama-style RMSNorms run on
+    fxscale.kernels.rms_norm (as on a GPU) where the model has them."""
     model = zoo.decoder(name).eval()
-    engine = engine_for(model, budget=64, max_len=256)
+    engine = engine_for(model, budget=64, max_len=256, norms=True)
+    kernel_norms = [n for graph in engine.runner.group_graphs for g in graph.groups
+                    for n in g.nodes if n.startswith("rms_norm")]  # the op's nodes
+    assert bool(kernel_norms) == (name in ("mistral", "mixtral", "qwen2", "phi3"))
     batch = prompts(2, 12, 100)
     records = [engine.add(p, 6, ignore_eos=True) for p in batch]
     outputs = [r.future.result(timeout=300) for r in records]

@@ -21,6 +21,8 @@ from fxscale.passes.node_facts import (
 from fxscale.passes.symbols import SymbolTable
 
 ZERO = sympy.Integer(0)
+# state the engine attaches to attention modules: KV blocks, not weights
+KV_CACHE_BUFFERS = ("_buffers_fxscale_k_cache_", "_buffers_fxscale_v_cache_")
 
 
 def group_reasons(order, assignment, grouping) -> dict[int, str]:
@@ -115,11 +117,15 @@ def _group(gid, nodes, costs, symbols, env, weight_bytes, leaving, reason, granu
         name = f"{layer or 'top'}/{C.ATTENTION if stateful and C.ATTENTION in classes else dominant}"
     b_flops, l_flops = sensitivity(flops, symbols, env)
     b_bytes, l_bytes = sensitivity(read + written, symbols, env)
+    weights = [p for p in params if not p.endswith(KV_CACHE_BUFFERS)]  # the engine's KV cache
     return Group(
         id=f"g{gid}", name=name, nodes=[n.name for n in nodes], classes=classes,
         resource=resource, flops=to_text(flops), bytes_read=to_text(read),
         bytes_written=to_text(written), activation_bytes=to_text(leaving),
-        param_bytes=sum(weight_bytes.get(p, 0) for p in params), kv_bytes_per_token=to_text(kv), row_wise=not any(c.mixes_tokens for c in member_costs),
+        param_bytes=sum(weight_bytes.get(p, 0) for p in weights), kv_bytes_per_token=to_text(kv),
+        row_wise=not any(c.mixes_tokens for c in member_costs),
+        kernels=sorted({str(n.target).split(".")[1] for n in nodes
+                        if str(n.target).startswith("fxscale.")}),
         stateful=stateful, layer=layer, split_reason=reason,
         sensitivity={"flops_batch": b_flops, "flops_length": l_flops,
                      "bytes_batch": b_bytes, "bytes_length": l_bytes},

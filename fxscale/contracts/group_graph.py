@@ -57,6 +57,7 @@ class Group:
     sensitivity: dict[str, float | None] = field(default_factory=dict)
     lowering: str = "not lowered"
     graph: int = 0
+    kernels: list[str] = field(default_factory=list)  # fxscale.kernels ops it calls
     callable: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -172,7 +173,8 @@ class GroupGraph:
                           f"{incoming / 1e6:,.3f}", f"{outgoing / 1e6:,.3f}",
                           f"{kv:,.0f}" if kv else "",
                           "stateful" if g.stateful else ("row-wise" if g.row_wise else "whole"),
-                          g.lowering)
+                          g.lowering + (f" + fxscale.kernels: {', '.join(g.kernels)}"
+                                        if g.kernels else ""))
         buffer = io.StringIO()
         Console(file=buffer, width=width, force_terminal=False, color_system=None).print(table)
         return buffer.getvalue()
@@ -284,6 +286,9 @@ def _group(check: Checker, data: Any, at: str, symbols: dict[str, dict[str, Any]
     for key, value in sensitivity.items():
         if value is not None:
             check.number(value, f"{at}.sensitivity.{key}")
+    kernels = check.array(get("kernels", []), f"{at}.kernels")
+    for i, item in enumerate(kernels):
+        check.string(item, f"{at}.kernels[{i}]")
     return Group(id=get("id"), name=get("name"), nodes=get("nodes"), classes=get("classes"),
                  resource=get("resource"), **costs,
                  param_bytes=int(check.number(get("param_bytes"), f"{at}.param_bytes", 0,
@@ -291,7 +296,7 @@ def _group(check: Checker, data: Any, at: str, symbols: dict[str, dict[str, Any]
                  row_wise=check.boolean(get("row_wise"), f"{at}.row_wise"),
                  stateful=check.boolean(get("stateful"), f"{at}.stateful"), layer=layer,
                  split_reason=get("split_reason", ""), sensitivity=sensitivity,
-                 lowering=get("lowering", "not lowered"),
+                 lowering=get("lowering", "not lowered"), kernels=kernels,
                  graph=int(check.number(get("graph", 0), f"{at}.graph", 0, integer=True)))
 
 

@@ -29,6 +29,7 @@ from fxscale.contracts.group_graph import GroupGraph
 from fxscale.contracts.step import Step
 from fxscale.runtime.engine.attention import AttentionLayer
 from fxscale.runtime.engine.inputs import StepTensors, step_tensors
+from fxscale.runtime.engine.norms import route_norms
 from fxscale.runtime.engine.runner import forward_step, keeps_rows, route_attention
 from fxscale.runtime.engine.split import CACHE, STATE, merge, part_args, roles, splittable
 from fxscale.runtime.executors import LocalPool
@@ -57,13 +58,17 @@ class PooledRunner:
     def __init__(self, model: torch.nn.Module, layers: list[AttentionLayer], num_blocks: int,
                  block_size: int, options: dict[str, Any], slots: threading.Semaphore,
                  backend: str = "auto",
-                 service: Callable[[str, int, int], float] | None = None) -> None:
+                 service: Callable[[str, int, int], float] | None = None,
+                 norms: bool | None = None) -> None:
         self.model, self.block_size, self.slots = model, block_size, slots
         # service-time injection: (group, tokens, context tokens) -> seconds a call takes
         self.service = service
         self.options = options
         self.device = next(model.parameters()).device
         self.cache_bytes = route_attention(model, layers, num_blocks, block_size, backend)
+        # RMSNorm as fxscale's fused kernel where the kernels run as Triton (or when asked)
+        on_gpu = self.device.type == "cuda" and backend in ("auto", "triton")
+        self.norms = route_norms(model, backend) if (on_gpu if norms is None else norms) else 0
         self.keep_rows = keeps_rows(model)
         self.pools: dict[str, LocalPool] = {}
         self.pools_lock = threading.Lock()
