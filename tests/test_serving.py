@@ -126,6 +126,7 @@ def failing(replica, times: float):
         def run_here(*args):
             if replica.faults[0] > 0:
                 replica.faults[0] -= 1
+                replica.fault_at = time.monotonic()
                 raise RuntimeError("injected fault")
             return run(*args)
 
@@ -270,8 +271,10 @@ def test_prometheus_endpoint_is_opt_in_and_on_loopback(llama):
 
 def test_soak_two_thousand_requests_with_faults_and_scaling(llama):
     """A time-scaled slice of the Azure conversation trace (lengths scaled to the small
-    model): random replica crashes, injected failures and scale events while it flows.
-    Nothing lost, nothing duplicated, every output equal to eager."""
+    model) on a KV cache small enough that requests are preempted: injected failures, scale
+    events and cancellations (every 50th request, some still queued, some mid-stream) while
+    it flows. Nothing lost, nothing duplicated, every other output equal to eager, every
+    block freed."""
     from fxscale.runtime.traces.loaders import load_trace
 
     trace = load_trace("azure-conv", duration_s=450).requests[:2000]
@@ -289,13 +292,17 @@ def test_soak_two_thousand_requests_with_faults_and_scaling(llama):
         while not done.is_set():
             if rng.random() < 0.5:
                 server.scale(rng.choice(scaled), rng.randint(1, 3))
-            else:  # one fault at a time per pool: its slice is retried on the other replica
+            else:  # one fault at a time per pool, none while one is being retried: its
+                # slice is retried on the other replica
                 replicas = list(server.pools[rng.choice(faulty)].replicas.values())
-                if not any(getattr(r, "faults", [0])[0] for r in replicas):
+                last = max(getattr(r, "fault_at", 0.0) for r in replicas)
+                if not any(getattr(r, "faults", [0])[0] for r in replicas) and \
+                        time.monotonic() - last > 0.05:
                     failing(rng.choice(replicas), 1)
             time.sleep(0.005)
 
-    with fxscale.serve(llama, budget=2, max_pending=64) as server:
+    cancelled = set(range(0, 2000, 50))
+    with fxscale.serve(llama, budget=2, max_pending=64, kv_cache_tokens=512) as server:
         faulty += ["model.layers.0#0/gemm", "model.layers.1#2/gemm"]  # two replicas each
         for name in faulty:
             server.scale(name, 2)
@@ -306,16 +313,24 @@ def test_soak_two_thousand_requests_with_faults_and_scaling(llama):
         try:
             for i, ids, new in requests:
                 futures[i] = server.generate(ids, max_new_tokens=new, timeout_s=60)
+                if i - 3 in cancelled:  # three requests later: queued or running by now
+                    futures[i - 3].cancel()
             for i, future in futures.items():
-                results[i] = future.result(timeout=120)
+                if i not in cancelled or not future.cancelled():  # finished before its cancel
+                    results[i] = future.result(timeout=120)
         finally:
             done.set()
             monkey.join()
         elapsed = time.perf_counter() - start
         retries = sum(p.stats()["retries"] for p in server.pools.values())
+        engine = server.stats()["engine"]
     assert retries > 0  # failures were injected and recovered from
-    assert sorted(results) == list(range(2000))  # none lost, none duplicated
-    wrong = [i for i, ids, new in requests if results[i] != eager_tokens(llama, ids, new)]
+    assert engine["preemptions"] > 0 and engine["kv_blocks"]["used"] == 0
+    assert sum(futures[i].cancelled() for i in cancelled) > len(cancelled) // 2
+    assert sorted(results) == sorted(i for i in range(2000)   # none lost, none duplicated
+                                     if i not in cancelled or not futures[i].cancelled())
+    wrong = [i for i, ids, new in requests if i in results
+             and results[i] != eager_tokens(llama, ids, new)]
     assert not wrong, f"{len(wrong)} outputs differ from eager, e.g. request {wrong[:3]}"
     assert elapsed < 600  # bounded: the test stops by itself
 
