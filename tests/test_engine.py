@@ -105,6 +105,24 @@ def test_models_whose_attention_does_not_route_run_one_request_at_a_time(name):
     assert outputs == [reference(model, p, 5) for p in batch]
 
 
+def test_two_micro_batches_side_by_side_give_the_same_tokens(llama):
+    """Each step's two halves run at once on two threads (sharing replicas and KV caches:
+    different requests' slots): the tokens are HF greedy's."""
+    copy = private_copy(llama)
+    layers, _ = find_attention(copy)
+    runner = PooledRunner(copy, layers, 256, 16, {"granularity": "operator", "lowering": "eager"},
+                          threading.Semaphore(2), backend="torch")
+    runner.warm_up()
+    engine = Engine(runner, SchedulerConfig(max_num_batched_tokens=64), 256, 512,
+                    micro_batches=2)
+    batch = prompts(8, 16, 80)
+    outputs = [r.future.result(timeout=300) for r in [engine.add(p, 6, ignore_eos=True)
+                                                      for p in batch]]
+    engine.close()
+    assert engine.stats()["kv_blocks"]["used"] == 0
+    assert outputs == [reference(llama, p, 6) for p in batch]
+
+
 def test_a_small_cache_preempts_and_loses_nothing(llama):
     engine = engine_for(llama, num_blocks=14, budget=64)
     batch = prompts(4, 16, 60)

@@ -9,11 +9,13 @@ import pytest
 
 from fxscale.contracts.trace import Request
 from fxscale.runtime.scheduling import Scheduler, SchedulerConfig
+from fxscale.runtime.scheduling.parts import micro_batches
 from fxscale.runtime.simulator.engine import (
     EngineCosts,
     GroupModel,
     group_time,
     simulate_engine,
+    step_time,
 )
 
 
@@ -77,6 +79,21 @@ def test_model_replicas_run_side_by_side_as_slots_allow():
     assert sorted(t[-1] for t in one) == pytest.approx([0.03, 0.04])  # steps take turns
 
 
+def test_micro_batches_split_a_step_by_tokens_and_overlap_as_slots_allow():
+    step = one_step([30, 2, 3, 40])
+    first, second = micro_batches(step)
+    assert first.chunks + second.chunks == step.chunks
+    assert [c.request for c in first.chunks] == [0, 1, 2] and first.num_tokens == 35
+    assert micro_batches(one_step([7])) == [one_step([7])]
+    group = GroupModel("g", "rows", linear(0.001, 0.0001))
+    a = group_time(group, first, 1, 1)
+    b = group_time(group, second, 1, 1)
+    assert step_time([group], step, {}, 2, EngineCosts(), overlap=True) == \
+        pytest.approx(max(a, b))            # side by side on two slots
+    assert step_time([group], step, {}, 1, EngineCosts(), overlap=True) == \
+        pytest.approx(a + b)                # one slot: one after the other
+
+
 def test_engine_costs_are_fitted_back_and_never_negative():
     truth = EngineCosts(0.002, 0.0003, 0.00001)
     points = [(r, t, truth.per_step_s + truth.per_request_s * r + truth.per_token_s * t)
@@ -92,13 +109,13 @@ def test_engine_costs_are_fitted_back_and_never_negative():
 
 @pytest.mark.parametrize("policy,replicas", [("operator", 2), ("model", 1)])
 def test_the_simulator_predicts_the_live_engine_within_ten_percent(policy, replicas):
-    """A 12 s slice served live with injected service times (at the magnitudes the demo's
+    """A 20 s slice served live with injected service times (at the magnitudes the demo's
     model measured) and simulated with the same times and the engine's own time fitted on
-    a calibration burst: TTFT and TBT p50/p90 within 10%. About 20 s per policy."""
+    a calibration burst: TTFT and TBT p50/p90 within 10%. About 25 s each."""
     from fxscale.studies.demo import DemoConfig
     from fxscale.studies.fidelity import measure, relative_errors
 
-    config = DemoConfig(seconds=12.0, speedup=4.0, hidden=64)
+    config = DemoConfig(seconds=20.0, speedup=4.0, hidden=64)
     run = measure(config, policy, "injected", replicas)
     assert run["live_summary"]["completed"] == run["live_summary"]["requests"] > 100
     errors = relative_errors(run["predicted"], run["live"])

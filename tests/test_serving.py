@@ -248,6 +248,23 @@ def test_a_plan_from_the_planner_deploys_on_a_server(server, tmp_path, monkeypat
             server.scale(name, replicas)
 
 
+def test_bf16_serving_stays_within_a_stated_tolerance_of_fp32(llama):
+    """dtype="bfloat16" serves a bf16 copy of the weights (the user's model stays fp32): the
+    logits stay within 3% of fp32 eager (of the largest logit), and a bad dtype is named."""
+    ids = prompt(41, 12)
+    with torch.no_grad():
+        expected = llama(ids).logits
+    with fxscale.serve(llama, budget=1, dtype="bfloat16") as server:
+        got = server.submit(ids).result()
+        assert got.dtype == torch.bfloat16
+        assert len(server.generate(ids, max_new_tokens=3).result()) >= 1
+    assert next(llama.parameters()).dtype == torch.float32
+    error = float((got.float() - expected).abs().max() / expected.abs().max())
+    assert error <= 0.03, error
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        fxscale.serve(llama, budget=1, dtype="int8")
+
+
 def test_prometheus_endpoint_is_opt_in_and_on_loopback(llama):
     import urllib.request
 

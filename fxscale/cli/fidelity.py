@@ -27,6 +27,8 @@ def add_fidelity_command(sub: argparse._SubParsersAction) -> None:
                         help="independent runs per policy (default 3)")
     parser.add_argument("--replicas", type=positive, default=1,
                         help="replicas of every group (operator) or model replicas (model)")
+    parser.add_argument("--micro-batches", type=int, choices=(1, 2), default=1,
+                        help="2: each step's two halves side by side (default 1)")
     parser.add_argument("--speedup", type=positive_float, default=4.0,
                         help="trace seconds replayed per second (default 4)")
     parser.add_argument("--seconds", type=positive_float, default=30.0,
@@ -55,12 +57,13 @@ def _fidelity_command(args: argparse.Namespace) -> int:
     policies = LIVE_POLICIES if args.policy == "both" else (args.policy,)
     reports: dict[str, Any] = {}
     document = {"config": asdict(config), "service": args.service, "replicas": args.replicas,
-                "policies": reports}
+                "micro_batches": args.micro_batches, "policies": reports}
     with Progress(console=Console(stderr=True), transient=True) as bar:
         for policy in policies:
             task = bar.add_task(f"{policy}: calibrate, serve, simulate", total=args.runs)
             reports[policy] = fidelity(
                 config, policy, runs=args.runs, service=args.service, replicas=args.replicas,
+                micro_batches=args.micro_batches,
                 progress=lambda done, total, task=task: bar.update(task, completed=done))
             if args.json and args.json != "-":  # a later failure loses no finished policy
                 write_json(document, args.json)

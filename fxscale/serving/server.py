@@ -25,6 +25,7 @@ and applies replicas per group every interval (runtime/autoscaling/autoscaler.py
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import ipaddress
 import itertools
@@ -95,6 +96,19 @@ class _ProcessSettings:
                 cls.saved = None
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """The serving dtype (None: the model's own), or a ValueError naming the choices."""
+    if value is None or value in DTYPES.values():
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or the torch dtype), got "
+                     f"{value!r}")
+
+
 def _positive(name: str, value: Any, most: int) -> None:
     """An integer from 1 to `most`, or a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
@@ -112,7 +126,8 @@ class Server:
                  autoscale: bool = False, autoscale_interval_s: float = 1.0,
                  kv_cache_tokens: int = 16384, max_num_batched_tokens: int = 512,
                  block_size: int = 16, replicas: int = 1,
-                 service: Callable[[str, int, int], float] | None = None) -> None:
+                 service: Callable[[str, int, int], float] | None = None,
+                 dtype: str | torch.dtype | None = None, micro_batches: int = 1) -> None:
         if policy not in LIVE_POLICIES:
             raise ValueError(f"policy must be one of {LIVE_POLICIES}, got {policy!r}")
         if autoscale and slo is None:
@@ -130,6 +145,7 @@ class Server:
                                   ("block_size", block_size, 1024),
                                   ("replicas", replicas, MAX_REPLICAS_PER_GROUP)):
             _positive(name, value, most)
+        self.dtype = _dtype(dtype)
         if metrics_port is not None and not ipaddress.ip_address(metrics_host).is_loopback:
             warnings.warn(f"fxscale.serve: metrics_host={metrics_host!r} publishes the server's "
                           "metrics beyond this machine (no authentication); use 127.0.0.1 "
@@ -143,6 +159,9 @@ class Server:
         self.num_blocks = -(-kv_cache_tokens // block_size)
         self.schedule = SchedulerConfig(max_num_batched_tokens, max_batch, block_size)
         self.submit_timeout_s, self.max_pending = submit_timeout_s, max_pending
+        if micro_batches not in (1, 2):
+            raise ValueError(f"micro_batches must be 1 or 2, got {micro_batches!r}")
+        self.micro_batches = micro_batches
         self.admission = threading.Condition()
         self.in_flight = 0  # requests admitted and not finished
         self.closed = False
@@ -187,15 +206,18 @@ class Server:
         attention cannot be routed) one request at a time. `service` (for tests and
         benchmarks of the engine itself) makes every group call take that many seconds of
         (group, tokens, context tokens): the call runs, then sleeps the rest."""
-        copy = private_copy(self.model)
-        layers, why = find_attention(copy)
+        served = private_copy(self.model)
+        if self.dtype is not None and self.dtype != next(self.model.parameters()).dtype:
+            # weights of its own in the serving dtype (the user's model keeps its own)
+            served = copy.deepcopy(served).to(self.dtype)
+        layers, why = find_attention(served)
         if why is not None:
             warnings.warn(f"fxscale.serve: {type(self.model).__name__}'s attention cannot use "
                           f"the paged KV cache ({why}); the engine serves it one request at "
                           "a time per step, without operator groups", stacklevel=4)
-            return SequentialRunner(copy)
+            return SequentialRunner(served)
         granularity = "operator" if self.policy == "operator" else "model"
-        runner = PooledRunner(copy, layers, self.num_blocks, self.schedule.block_size,
+        runner = PooledRunner(served, layers, self.num_blocks, self.schedule.block_size,
                               {"granularity": granularity, "lowering": lowering}, self.slots,
                               service=service)
         runner.warm_up()
@@ -204,7 +226,8 @@ class Server:
     def _engine(self, replica: int) -> Engine:
         """An engine over the server's runner whose first attention replica is `replica`."""
         return Engine(self.runner, self.schedule, self.num_blocks, self.max_len, self.eos,
-                      name=f"fxscale-engine-{replica}", first_replica=replica)
+                      name=f"fxscale-engine-{replica}", first_replica=replica,
+                      micro_batches=self.micro_batches)
 
     def _forget_warmup(self) -> None:
         """Start the statistics after the warm-up requests."""

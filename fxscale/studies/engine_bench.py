@@ -36,9 +36,10 @@ class EngineBench:
     new_tokens: int = 32
     budget: int = 2
     seed: int = 0
+    dtype: str = "float32"         # or "bfloat16", "float16": every generator serves in it
 
     def model(self) -> torch.nn.Module:
-        """The Llama (random weights, eval mode)."""
+        """The Llama (random weights, eval mode, in the benchmark's dtype)."""
         import transformers as tf
 
         torch.manual_seed(self.seed)
@@ -47,7 +48,7 @@ class EngineBench:
                                 num_hidden_layers=self.layers,
                                 num_attention_heads=self.hidden // 64, num_key_value_heads=4,
                                 max_position_embeddings=self.longest + self.new_tokens + 16)
-        return tf.LlamaForCausalLM(config).eval()
+        return tf.LlamaForCausalLM(config).eval().to(getattr(torch, self.dtype))
 
     def prompts(self) -> list[list[int]]:
         """The prompts' token ids."""

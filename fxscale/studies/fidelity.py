@@ -27,11 +27,12 @@ from typing import Any, Callable
 from fxscale.contracts.metrics import percentiles, token_timings
 from fxscale.contracts.plan import SLO
 from fxscale.runtime.planner.pools import fit_execution
+from fxscale.runtime.scheduling.parts import micro_batches
 from fxscale.runtime.simulator.engine import (
     EngineCosts,
     GroupModel,
-    group_time,
     simulate_engine,
+    step_time,
 )
 from fxscale.serving.replay import replay
 from fxscale.studies.demo import DemoConfig
@@ -96,19 +97,24 @@ def group_models(server: Any, injected: ServiceTimes | None, layers: int) -> lis
 
 
 def fit_costs(steps: list[tuple[Any, float, float]], groups: list[GroupModel],
-              replicas: dict[str, int], slots: int) -> EngineCosts:
+              replicas: dict[str, int], slots: int, overlap: bool = False) -> EngineCosts:
     """The engine's own time per step, per request and per token in it: each logged step's
-    time beyond what its groups take, fitted by least squares (>= 0)."""
-    return EngineCosts.fit([(len(step.chunks), step.num_tokens,
-                             took - sum(group_time(g, step, replicas.get(g.name, 1), slots)
-                                        for g in groups))
-                            for step, _, took in steps])
+    time beyond what its groups take, fitted by least squares (>= 0); with `overlap`, per
+    micro-batch (each pays its own, one after the other)."""
+    points = []
+    for step, _, took in steps:
+        halves = micro_batches(step) if overlap else [step]
+        extra = took - step_time(groups, step, replicas, slots, EngineCosts(), overlap)
+        points.append((sum(len(h.chunks) for h in halves) / len(halves),
+                       step.num_tokens / len(halves), extra / len(halves)))
+    return EngineCosts.fit(points)
 
 
 def measure(config: DemoConfig, policy: str, service: str = "injected",
-            replicas: int = 1) -> dict[str, Any]:
+            replicas: int = 1, micro_batches: int = 1) -> dict[str, Any]:
     """Calibrate, serve the slice live, simulate it; both sides' timings. `replicas`: of
-    every group (operator), or model replicas (model)."""
+    every group (operator), or model replicas (model); `micro_batches` 2: each step's two
+    halves side by side."""
     import fxscale
 
     injected = INJECTED if service == "injected" else None
@@ -116,20 +122,20 @@ def measure(config: DemoConfig, policy: str, service: str = "injected",
     slo = SLO(config.ttft, config.tbt)
     with fxscale.serve(config.model(), policy=policy, slo=slo, budget=config.budget,
                        service=injected and injected.function(policy, config.layers),
-                       replicas=replicas) as server:
+                       replicas=replicas, micro_batches=micro_batches) as server:
         calibrate(server, requests)
         counts = {name: pool.counters()["replicas"] for name, pool in server.pools.items()}
         groups = group_models(server, injected, config.layers)
         slots = 1 if policy == "model" else config.budget
         costs = fit_costs([s for e in server.engines for s in e.steps_log], groups, counts,
-                          slots)
+                          slots, micro_batches == 2)
         live = replay(server, requests, slo, seed=config.seed)
         engines = len(server.engines)
         attention = server.engines[0].attention_replicas()
         num_blocks, schedule = server.num_blocks, server.schedule
     token_times = simulate_engine(groups, requests, schedule, num_blocks, counts,
                                   config.budget, costs, engines=engines,
-                                  attention_replicas=attention)
+                                  attention_replicas=attention, overlap=micro_batches == 2)
     predicted = [token_timings(r.arrival_s, t) for r, t in zip(requests, token_times) if t]
     ok = [row for row in live["requests"] if row["outcome"] == "ok"]
     return {"policy": policy, "service": service,
@@ -167,12 +173,12 @@ def relative_errors(predicted: dict[str, float], live: dict[str, float]) -> dict
 
 
 def fidelity(config: DemoConfig, policy: str, runs: int = 1, service: str = "injected",
-             replicas: int = 1, progress: Callable[[int, int], None] | None = None
-             ) -> dict[str, Any]:
+             replicas: int = 1, micro_batches: int = 1,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """`runs` independent measurements; each run's errors, and the medians over the runs."""
     reports = []
     for i in range(runs):
-        run = measure(config, policy, service, replicas)
+        run = measure(config, policy, service, replicas, micro_batches)
         run["relative_error"] = relative_errors(run["predicted"], run["live"])
         reports.append(run)
         if progress:

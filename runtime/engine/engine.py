@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -27,8 +27,19 @@ import torch
 from fxscale.contracts.metrics import token_timings
 from fxscale.contracts.step import Step
 from fxscale.runtime.scheduling import Scheduler, SchedulerConfig
+from fxscale.runtime.scheduling.parts import micro_batches
 
 _DONE = object()  # ends a stream
+
+
+def requests_in(step: Step, held: tuple[int, int]) -> list[int]:
+    """The requests whose tokens in the step overlap [held)."""
+    out, start = [], 0
+    for chunk in step.chunks:
+        if start < held[1] and start + chunk.tokens > held[0]:
+            out.append(chunk.request)
+        start += chunk.tokens
+    return out
 
 
 class EngineClosedError(RuntimeError):
@@ -78,8 +89,14 @@ class Engine:
 
     def __init__(self, runner: Any, config: SchedulerConfig, num_blocks: int,
                  max_len: int, eos: set[int] | frozenset[int] = frozenset(),
-                 name: str = "fxscale-engine", first_replica: int = 0) -> None:
+                 name: str = "fxscale-engine", first_replica: int = 0,
+                 micro_batches: int = 1) -> None:
+        if micro_batches not in (1, 2):
+            raise ValueError(f"micro_batches must be 1 or 2, got {micro_batches!r}")
         self.runner, self.config, self.max_len = runner, config, max_len
+        self.micro_batches = micro_batches
+        self.helper = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-micro-batch") \
+            if micro_batches > 1 else None
         self.num_blocks = num_blocks
         self.eos = frozenset(eos)
         self.scheduler = Scheduler(config, [num_blocks], first_replica)
@@ -152,6 +169,8 @@ class Engine:
             self.closing = True
             self.lock.notify()
         self.thread.join(timeout_s)
+        if self.helper is not None:
+            self.helper.shutdown()
 
     # ---- attention replicas (the scheduler's block pools) -----------------------------------
     def set_attention_replicas(self, count: int) -> None:
@@ -218,29 +237,46 @@ class Engine:
                     self.lock.wait(0.01)
 
     def _run(self, step: Step, started: float) -> None:
-        """Run a step (once more if it fails), sample, deliver, finish; record how long the
-        runner took and how long the whole step took (the rest is the engine's own time)."""
+        """Run a step (its two micro-batches side by side when asked), sample, deliver,
+        finish; record how long the runner took and how long the whole step took (the rest
+        is the engine's own time)."""
+        halves = micro_batches(step) if self.micro_batches > 1 else [step]
+        run_start = time.perf_counter()
+        if len(halves) == 1:
+            outcomes = [self._attempt(step)]
+        else:  # one half in the helper thread: their attention and dense groups overlap
+            other = self.helper.submit(self._attempt, halves[1])
+            outcomes = [self._attempt(halves[0]), other.result()]
+        run_s = time.perf_counter() - run_start
+        now = time.perf_counter()
+        for half, (logits, whole, failed, err, failures) in zip(halves, outcomes):
+            self.counters["failed_steps"] += failures
+            for request in failed:
+                self._fail(request, err)
+            if logits is not None:
+                self.scheduler.complete(half)
+                self._deliver(half, logits, whole, now)
+        self._count(step, run_s, time.perf_counter() - started)
+
+    def _attempt(self, step: Step) -> tuple[Any, frozenset[int], list[int], Any, int]:
+        """Run a step, once more if it fails: (logits, its prompt-logits requests, the
+        requests to fail, the error, failed runs). Changes no engine state (it may run in
+        the helper thread)."""
         tokens = {c.request: self.requests[c.request].tokens for c in step.chunks}
         whole = frozenset(c.request for c in step.chunks if self.requests[c.request].logits)
-        for attempt in (1, 2):
-            try:
-                run_start = time.perf_counter()
-                logits = self.runner.run(step, tokens, whole)
-                run_s = time.perf_counter() - run_start
-                break
-            except Exception as err:  # noqa: BLE001 - a failed step must not stop the engine
-                self.counters["failed_steps"] += 1
-                held = getattr(err, "tokens", None)
-                if held is not None:  # a group named the tokens it failed on: only theirs
-                    self._fail_tokens(step, held, err)
-                    return
-                if attempt == 2:
-                    for chunk in step.chunks:
-                        self._fail(chunk.request, err)
-                    return
-        self.scheduler.complete(step)
-        self._deliver(step, logits, whole, time.perf_counter())
-        self._count(step, run_s, time.perf_counter() - started)
+        try:
+            return self.runner.run(step, tokens, whole), whole, [], None, 0
+        except Exception as err:  # noqa: BLE001 - a failed step must not stop the engine
+            held = getattr(err, "tokens", None)
+            if held is not None:  # a group named the tokens it failed on: only theirs
+                return None, whole, requests_in(step, held), err, 1
+        try:
+            return self.runner.run(step, tokens, whole), whole, [], None, 1
+        except Exception as err:  # noqa: BLE001 - twice: its requests fail, the engine runs on
+            held = getattr(err, "tokens", None)
+            failed = requests_in(step, held) if held is not None else \
+                [c.request for c in step.chunks]
+            return None, whole, failed, err, 2
 
     def _deliver(self, step: Step, logits: torch.Tensor, whole: frozenset[int],
                  now: float) -> None:
@@ -266,14 +302,6 @@ class Engine:
                 record.stream.put(token)
             if len(record.generated) >= record.max_new_tokens or token in record.stop_ids:
                 self._end(chunk.request)
-
-    def _fail_tokens(self, step: Step, held: tuple[int, int], err: BaseException) -> None:
-        """Fail the requests whose tokens in the step overlap [held)."""
-        start = 0
-        for chunk in step.chunks:
-            if start < held[1] and start + chunk.tokens > held[0]:
-                self._fail(chunk.request, err)
-            start += chunk.tokens
 
     def _count(self, step: Step, run_s: float, step_s: float) -> None:
         """Per-step statistics."""

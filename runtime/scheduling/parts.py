@@ -1,7 +1,8 @@
 """How a step is spread over a group's replicas, the same in the engine and the simulator:
 an attention group by attention replica (the scheduler keeps each replica's requests
 contiguous in the step), a row-wise group in contiguous token slices of at least
-MIN_PART_TOKENS (one per replica), any other group whole on one replica."""
+MIN_PART_TOKENS (one per replica), any other group whole on one replica; and how a step
+splits into two micro-batches."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,3 +62,18 @@ def token_slices(tokens: int, replicas: int) -> list[tuple[int, int]]:
     parts = max(1, min(replicas, tokens // MIN_PART_TOKENS))
     edges = [round(i * tokens / parts) for i in range(parts + 1)]
     return list(zip(edges, edges[1:]))
+
+
+def micro_batches(step: Step) -> list[Step]:
+    """A step as two micro-batches of about half its tokens each (whole requests, in order;
+    one micro-batch when it has one request): the engine runs them side by side so one's
+    attention overlaps the other's dense groups."""
+    if len(step.chunks) < 2:
+        return [step]
+    half, tokens, cut = step.num_tokens / 2, 0, 1
+    for i, chunk in enumerate(step.chunks[:-1], start=1):
+        tokens += chunk.tokens
+        cut = i
+        if tokens >= half:
+            break
+    return [Step(step.chunks[:cut]), Step(step.chunks[cut:])]

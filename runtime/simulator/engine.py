@@ -23,7 +23,7 @@ from typing import Callable
 from fxscale.contracts.step import Step
 from fxscale.contracts.trace import Request
 from fxscale.runtime.scheduling import Scheduler, SchedulerConfig
-from fxscale.runtime.scheduling.parts import layout_of, token_slices
+from fxscale.runtime.scheduling.parts import layout_of, micro_batches, token_slices
 
 
 @dataclass(frozen=True)
@@ -105,16 +105,26 @@ def group_time(group: GroupModel, step: Step, replicas: int, slots: int) -> floa
 
 
 def step_time(groups: list[GroupModel], step: Step, replicas: dict[str, int], slots: int,
-              costs: EngineCosts) -> float:
-    """Seconds one step takes: the engine's own time and every group in turn."""
-    return costs.of(step) + sum(group_time(g, step, replicas.get(g.name, 1), slots)
-                                for g in groups)
+              costs: EngineCosts, overlap: bool = False) -> float:
+    """Seconds one step takes: the engine's own time and every group in turn; with `overlap`
+    its two micro-batches' group executions run side by side (as long as the longer one, or
+    as the slots allow all their executions: whichever is longer), while the engine's own
+    time of each, Python under one interpreter lock, does not overlap."""
+    halves = micro_batches(step) if overlap else [step]
+    paths = [sum(group_time(g, half, replicas.get(g.name, 1), slots) for g in groups)
+             for half in halves]
+    own = sum(costs.of(half) for half in halves)
+    if len(halves) == 1:
+        return own + paths[0]
+    work = sum(group_time(g, half, replicas.get(g.name, 1), 1) for g in groups
+               for half in halves)  # every execution on one slot, one after another
+    return own + max(max(paths), work / slots)
 
 
 def simulate_engine(groups: list[GroupModel], requests: list[Request], config: SchedulerConfig,
                     num_blocks: int, replicas: dict[str, int], slots: int,
                     costs: EngineCosts = EngineCosts(), engines: int = 1,
-                    attention_replicas: int = 1) -> list[list[float]]:
+                    attention_replicas: int = 1, overlap: bool = False) -> list[list[float]]:
     """Each request's token times (seconds from the start) when the engine(s) serve the
     requests (see the module docstring)."""
     if engines < 1 or attention_replicas < 1 or slots < 1:
@@ -150,7 +160,7 @@ def simulate_engine(groups: list[GroupModel], requests: list[Request], config: S
             return
         busy[e] = True
         pending[e] = step
-        took = step_time(groups, step, replicas, slots if engines == 1 else 1, costs)
+        took = step_time(groups, step, replicas, slots if engines == 1 else 1, costs, overlap)
         heapq.heappush(events, (now + took, next(order), "done", e))
 
     while events:

@@ -55,13 +55,17 @@ def test_operator_vs_model_policy_on_a_trace_slice(benchmark):
         benchmark.extra_info[policy] = run["summary"]
 
 
-@pytest.mark.parametrize("policy", ["operator", "model"])
-def test_engine_simulator_fidelity(benchmark, policy):
-    """A 2-minute slice with injected service times: predicted vs live (goal: within 10%)."""
+@pytest.mark.parametrize("policy, micro_batches", [("operator", 1), ("model", 1),
+                                                   ("operator", 2)])
+def test_engine_simulator_fidelity(benchmark, policy, micro_batches):
+    """A 2-minute slice with injected service times: predicted vs live (goal: within 10%);
+    also the operator policy with two micro-batches side by side (and its gain, live)."""
     from fxscale.studies.fidelity import fidelity
 
     benchmark.group = "engine simulator: predicted vs live on a 2-minute Azure slice"
     config = DemoConfig(seconds=120.0, speedup=4.0, hidden=128)
-    report = benchmark.pedantic(fidelity, args=(config, policy), rounds=1, iterations=1)
+    report = benchmark.pedantic(fidelity, args=(config, policy),
+                                kwargs={"micro_batches": micro_batches}, rounds=1,
+                                iterations=1)
     benchmark.extra_info.update(
         {k: report[k] for k in ("predicted", "measured", "relative_error", "measured_range")})
