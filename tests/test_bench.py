@@ -18,6 +18,7 @@ from fxscale.cli.bench import MARKERS, add_bench_command, splice
 from fxscale.studies import bench
 from fxscale.studies.bench_families import (
     CompileConfig,
+    EngineConfig,
     ProfileConfig,
     RuntimeConfig,
     SimulatorConfig,
@@ -29,7 +30,8 @@ TINY = bench.BenchConfig(
                            repeats=2),
     simulator=SimulatorConfig(models=("llama-2-7b",), layers=1, traces=("azure-conv",),
                               duration_s=60.0, slo_scales=(1.0,)),
-    runtime=RuntimeConfig(seconds=2.0, hidden=64))
+    runtime=RuntimeConfig(seconds=2.0, hidden=64),
+    engine=EngineConfig(hidden=(128,), requests=(4,), longest=24, new_tokens=4, rounds=1))
 README = "# Project\n\nintro\n\n## Results\n\n{start}\nstale table\n{end}\n\nfooter\n"
 ROW_KEYS = {
     "compile": {"model": str, "layers": int, "hidden": int, "batch": int, "length": int,
@@ -54,8 +56,11 @@ ROW_KEYS = {
                 "ttft_p50_s": float, "ttft_p90_s": float, "ttft_p99_s": float,
                 "tbt_p50_s": float, "tbt_p90_s": float, "tbt_p99_s": float,
                 "ready_s": float, "scale_decisions": int},
+    "engine": {"hidden": int, "requests": int, "dtype": str, "generator": str,
+               "tokens_per_s": float, "min_tokens_per_s": float, "max_tokens_per_s": float,
+               "x_hf_batch": float},
 }
-PLOTS = {f"{stem}.{ext}" for stem in ("compile", "profiles", "simulator", "runtime")
+PLOTS = {f"{stem}.{ext}" for stem in ("compile", "profiles", "simulator", "runtime", "engine")
          for ext in ("png", "svg")}
 
 
@@ -131,6 +136,8 @@ def test_results_json_schema(bench_run):
     assert {r["phase"] for r in rows["profiles"]["rows"]} == {"prefill", "decode"}
     assert {r["policy"] for r in rows["simulator"]["rows"]} == set(bench.FULL.simulator.policies)
     assert [r["policy"] for r in rows["runtime"]["rows"]] == ["operator", "model"]
+    assert [r["generator"] for r in rows["engine"]["rows"]] == [
+        "operator", "model", "hf_batch", "hf_static"]
     assert set(data["plots"]) == PLOTS
 
 
@@ -140,13 +147,15 @@ def test_markdown_has_one_table_per_family(bench_run):
     data = json.loads((out / "results.json").read_text())
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert [h.split(":")[0] for h in headings] == [
-        "## Compile path", "## Per-group profiles", "## Simulator", "## Local runtime", "## Plots"]
-    sections = text.split("\n## ")[1:5]
+        "## Compile path", "## Per-group profiles", "## Simulator", "## Local runtime",
+        "## Engine", "## Plots"]
+    sections = text.split("\n## ")[1:6]
     expected = {"compile": len(data["families"]["compile"]["rows"]),
                 "profiles": len({(r["name"], r["phase"])
                                  for r in data["families"]["profiles"]["rows"]}),
                 "simulator": len(data["families"]["simulator"]["rows"]),
-                "runtime": len(data["families"]["runtime"]["rows"])}
+                "runtime": len(data["families"]["runtime"]["rows"]),
+                "engine": len(data["families"]["engine"]["rows"])}
     for section, (family, count) in zip(sections, expected.items()):
         table = [line for line in section.splitlines() if line.startswith("|")]
         assert table[1].startswith("|---"), family

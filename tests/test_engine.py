@@ -216,3 +216,21 @@ def test_sixty_four_requests_with_scale_events_equal_hugging_face_greedy(name):
         outputs = [f.result() for f in futures]
         assert server.stats()["engine"]["kv_blocks"]["used"] == 0
     assert outputs == [reference(model, p, 4) for p in batch]
+
+
+def test_the_gpu_benchmark_script_runs_end_to_end_on_the_cpu(tmp_path):
+    """examples/engine_gpu.py --smoke: the script a GPU session runs once, at tiny sizes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "engine_gpu.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), "--smoke"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "engine.json").read_text())["results"][0]
+    assert set(result["tokens_per_s"]) == {"operator", "model", "hf_batch", "hf_static"}
+    assert all(v["median"] > 0 for v in result["tokens_per_s"].values())
+    assert "| 128 | 4 | float32 |" in (tmp_path / "engine.md").read_text()

@@ -2,8 +2,9 @@
 
     results = run_bench("bench-results", quick=True)   # results.json, results.md, *.png/svg
 
-Families (fxscale/bench_families.py): the compile path against eager and Inductor, per-group
-profiles, the simulator's policy comparison and the local runtime's. `quick` is sized to
+Families (fxscale/studies/bench_families.py): the compile path against eager and Inductor,
+per-group profiles, the simulator's policy comparison, the local runtime's, and the engine's
+tokens/s against Hugging Face's. `quick` is sized to
 finish in a few minutes on a 2-core CPU; the full matrix takes much longer (docs/benchmarks.md).
 """
 from __future__ import annotations
@@ -20,10 +21,12 @@ from typing import Any, Callable
 from fxscale.contracts.jsonio import output_folder, replace_folder
 from fxscale.studies.bench_families import (
     CompileConfig,
+    EngineConfig,
     ProfileConfig,
     RuntimeConfig,
     SimulatorConfig,
     compile_latency,
+    engine_throughput,
     group_profiles,
     runtime_local,
     simulator_policies,
@@ -33,7 +36,8 @@ from fxscale.studies.bench_report import page, write_plots
 # Bump when a key of results.json changes meaning or goes away (tests/test_bench.py checks it).
 SCHEMA_VERSION = 1
 FAMILIES = {"compile": compile_latency, "profiles": group_profiles,
-            "simulator": simulator_policies, "runtime": runtime_local}
+            "simulator": simulator_policies, "runtime": runtime_local,
+            "engine": engine_throughput}
 Progress = Callable[[str, int, int], None]
 
 
@@ -45,6 +49,7 @@ class BenchConfig:
     profiles: ProfileConfig = ProfileConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    engine: EngineConfig = EngineConfig()
 
 
 FULL = BenchConfig()
@@ -54,7 +59,8 @@ QUICK = BenchConfig(
     # every layer: with a few the model fits on one device, where all policies look alike
     simulator=SimulatorConfig(models=("llama-2-70b",), traces=("azure-conv", "azure-code"),
                               duration_s=300.0, slo_scales=(0.5, 1.0)),
-    runtime=RuntimeConfig(seconds=5.0, hidden=256))
+    runtime=RuntimeConfig(seconds=5.0, hidden=256),
+    engine=EngineConfig(hidden=(256,), requests=(16,), longest=64, new_tokens=8, rounds=2))
 
 
 def run_bench(out_dir: str | Path, quick: bool = False, progress: Progress | None = None,

@@ -227,3 +227,42 @@ def runtime_local(config: RuntimeConfig, tick: Tick = _no_tick) -> list[dict]:
 def _finite(value: Any) -> Any:
     """The value, or None for a NaN or infinite float (JSON has neither)."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine against Hugging Face: generated tokens/s of fxscale.serve (both policies),
+    `generate_batch` and a static batch on one Llama and one set of prompts (interleaved
+    rounds: fxscale/studies/engine_bench.py)."""
+
+    hidden: tuple[int, ...] = (1024,)
+    requests: tuple[int, ...] = (16, 64)
+    longest: int = 256
+    new_tokens: int = 32
+    rounds: int = 5
+    dtype: str = "float32"
+
+    def units(self) -> int:
+        """Ticks the family makes: one per (hidden, requests)."""
+        return len(self.hidden) * len(self.requests)
+
+
+def engine_throughput(config: EngineConfig, tick: Tick = _no_tick) -> list[dict]:
+    """Per (hidden, requests, generator): tokens/s median, min and max over the rounds, and
+    the generator's median ratio to Hugging Face's generate_batch."""
+    from fxscale.studies.engine_bench import EngineBench, compare_generators
+
+    rows = []
+    for hidden, requests in itertools.product(config.hidden, config.requests):
+        tick(f"engine: {requests} requests on llama 2x{hidden}, {config.dtype}, "
+             f"{config.rounds} interleaved rounds")
+        bench = EngineBench(hidden=hidden, requests=requests, longest=config.longest,
+                            new_tokens=config.new_tokens, dtype=config.dtype)
+        result = compare_generators(bench, rounds=config.rounds)
+        base = result["tokens_per_s"]["hf_batch"]["median"]
+        for generator, rate in result["tokens_per_s"].items():
+            rows.append({"hidden": hidden, "requests": requests, "dtype": config.dtype,
+                         "generator": generator, "tokens_per_s": rate["median"],
+                         "min_tokens_per_s": rate["min"], "max_tokens_per_s": rate["max"],
+                         "x_hf_batch": rate["median"] / base})
+    return rows

@@ -19,7 +19,8 @@ def tables(results: dict[str, Any], level: int = 2) -> str:
     for title, render in ((f"Compile path: {_compile_caption(results)}", _compile_table),
                           (f"Per-group profiles: {_profile_caption(results)}", _profile_table),
                           (f"Simulator: {_simulator_caption(results)}", _simulator_table),
-                          (f"Local runtime: {_runtime_caption(results)}", _runtime_table)):
+                          (f"Local runtime: {_runtime_caption(results)}", _runtime_table),
+                          (f"Engine: {_engine_caption(results)}", _engine_table)):
         lines += ["", f"{head} {title}", "", *render(results)]
     return "\n".join(lines) + "\n"
 
@@ -136,6 +137,22 @@ def _runtime_table(results: dict[str, Any]) -> list[str]:
                    "TBT p50/p90/p99 s", "scale decisions"), body)
 
 
+def _engine_caption(results: dict[str, Any]) -> str:
+    """What the engine rows compared."""
+    c = results["config"]["engine"]
+    return (f"generated tokens/s (prefill included) of 2-layer Llamas, prompts 16-"
+            f"{c['longest']} tokens, {c['new_tokens']} new, {c['dtype']}, median (min-max) of "
+            f"{c['rounds']} interleaved rounds")
+
+
+def _engine_table(results: dict[str, Any]) -> list[str]:
+    """Tokens/s per generator and its ratio to Hugging Face's generate_batch."""
+    body = [[f"{r['hidden']}", f"{r['requests']}", r["generator"],
+             f"{r['tokens_per_s']:.0f} ({r['min_tokens_per_s']:.0f}-{r['max_tokens_per_s']:.0f})",
+             f"{r['x_hf_batch']:.2f}"] for r in _rows(results, "engine")]
+    return _table(("hidden", "requests", "generator", "tokens/s", "x generate_batch"), body)
+
+
 def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
     """One figure per family, as PNG and SVG; the file names written."""
     import matplotlib
@@ -145,7 +162,8 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
 
     names = []
     for stem, draw in (("compile", _plot_compile), ("profiles", _plot_profiles),
-                       ("simulator", _plot_simulator), ("runtime", _plot_runtime)):
+                       ("simulator", _plot_simulator), ("runtime", _plot_runtime),
+                       ("engine", _plot_engine)):
         fig = draw(plt, results)
         fig.tight_layout()
         for ext in PLOT_FORMATS:
@@ -228,4 +246,17 @@ def _plot_runtime(plt, results: dict[str, Any]):
     _bars(axes[2], labels, {k: [None if r[f"{k}_p90_s"] is None else r[f"{k}_p90_s"] * 1e3
                                 for r in rows] for k in ("ttft", "tbt")}, "p90 latency (ms)")
     fig.suptitle("local runtime: operator- vs model-level autoscaling", fontsize=9)
+    return fig
+
+
+def _plot_engine(plt, results: dict[str, Any]):
+    """Tokens/s per generator, one group of bars per (hidden, requests)."""
+    rows = _rows(results, "engine")
+    cases = sorted({(r["hidden"], r["requests"]) for r in rows})
+    generators = list(dict.fromkeys(r["generator"] for r in rows))
+    by = {(r["hidden"], r["requests"], r["generator"]): r["tokens_per_s"] for r in rows}
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    _bars(ax, [f"{h} x {n}" for h, n in cases],
+          {g: [by.get((*c, g)) for c in cases] for g in generators}, "tokens/s")
+    ax.set_title("engine vs Hugging Face: generated tokens/s (hidden x requests)", fontsize=9)
     return fig

@@ -37,6 +37,7 @@ class EngineBench:
     budget: int = 2
     seed: int = 0
     dtype: str = "float32"         # or "bfloat16", "float16": every generator serves in it
+    device: str = "cpu"            # where the model's weights live (the engine follows them)
 
     def model(self) -> torch.nn.Module:
         """The Llama (random weights, eval mode, in the benchmark's dtype)."""
@@ -46,9 +47,10 @@ class EngineBench:
         config = tf.LlamaConfig(vocab_size=4096, hidden_size=self.hidden,
                                 intermediate_size=2 * self.hidden,
                                 num_hidden_layers=self.layers,
-                                num_attention_heads=self.hidden // 64, num_key_value_heads=4,
+                                num_attention_heads=self.hidden // 64,
+                                num_key_value_heads=min(4, self.hidden // 64),
                                 max_position_embeddings=self.longest + self.new_tokens + 16)
-        return tf.LlamaForCausalLM(config).eval().to(getattr(torch, self.dtype))
+        return tf.LlamaForCausalLM(config).eval().to(self.device, getattr(torch, self.dtype))
 
     def prompts(self) -> list[list[int]]:
         """The prompts' token ids."""
@@ -65,7 +67,7 @@ def _engine(bench: EngineBench, model: torch.nn.Module, policy: str) -> Callable
     server = fxscale.serve(model, policy=policy, budget=bench.budget,
                            max_pending=bench.requests, max_batch=bench.requests,
                            kv_cache_tokens=bench.requests * (bench.longest + bench.new_tokens))
-    prompts = [torch.tensor([p]) for p in bench.prompts()]
+    prompts = [torch.tensor([p]) for p in bench.prompts()]  # ids go in on the CPU
 
     def run() -> list:
         futures = [server.generate(p, max_new_tokens=bench.new_tokens, ignore_eos=True)
@@ -97,8 +99,9 @@ def _hf_static(bench: EngineBench, model: torch.nn.Module) -> Callable[[], list]
     """One left-padded batch through model.generate."""
     prompts = bench.prompts()
     width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = next(model.parameters()).device
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
 
     def run() -> list:
         with torch.no_grad():
@@ -148,3 +151,77 @@ def compare_generators(bench: EngineBench, rounds: int = 5,
                                                "min": min(pairs), "max": max(pairs)}
     result["ratios"] = ratios
     return result
+
+
+def poisson_latency(bench: EngineBench, policy: str, capacity_rps: float,
+                    fractions: tuple[float, ...] = (0.5, 0.9), seconds: float = 60.0,
+                    seed: int = 0) -> dict[str, Any]:
+    """TTFT and TBT p50/p99 of the engine under Poisson arrivals at fractions of a measured
+    capacity (requests per second; e.g. a closed-loop run's tokens/s over new tokens per
+    request), prompts and lengths as `bench`."""
+    import fxscale
+    from fxscale.contracts.metrics import percentiles
+
+    model = bench.model()
+    prompts = bench.prompts()
+    out: dict[str, Any] = {"capacity_rps": capacity_rps, "policy": policy, "seconds": seconds}
+    with fxscale.serve(model, policy=policy, budget=bench.budget, max_pending=4096,
+                       max_batch=bench.requests,
+                       kv_cache_tokens=4 * bench.requests * (bench.longest + bench.new_tokens)
+                       ) as server:
+        for fraction in fractions:
+            rng = random.Random(seed)
+            rate, start, futures, t = fraction * capacity_rps, time.perf_counter(), [], 0.0
+            while t < seconds:
+                t += rng.expovariate(rate)
+                delay = start + t - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                ids = torch.tensor([prompts[len(futures) % len(prompts)]])
+                futures.append((start + t, server.generate(ids, max_new_tokens=bench.new_tokens,
+                                                           ignore_eos=True)))
+            rows = []
+            for arrival, future in futures:
+                future.result()
+                rows.append({"ttft_s": future.record["first_token_at"] - arrival,
+                             "tbt_s": future.record["tbt_s"]})
+            out[f"{fraction:g}"] = {"rate_rps": rate, "requests": len(rows),
+                                    **percentiles(rows, ("ttft_s", "tbt_s"), (50, 99))}
+    return out
+
+
+def rss_soak(bench: EngineBench, policy: str, rate_rps: float, minutes: float = 10.0,
+             sample_s: float = 10.0) -> dict[str, Any]:
+    """Resident memory of this process, sampled while the engine serves Poisson arrivals for
+    `minutes`: it must stay flat (Linux: /proc/self/statm)."""
+    import os
+
+    import fxscale
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    model, prompts = bench.model(), bench.prompts()
+    samples, rng, served = [], random.Random(0), 0
+    with fxscale.serve(model, policy=policy, budget=bench.budget, max_pending=4096,
+                       max_batch=bench.requests) as server:
+        start = next_sample = time.perf_counter()
+        pending = []
+        while time.perf_counter() - start < minutes * 60:
+            time.sleep(rng.expovariate(rate_rps))
+            ids = torch.tensor([prompts[served % len(prompts)][:64]])
+            pending.append(server.generate(ids, max_new_tokens=8, ignore_eos=True))
+            served += 1
+            pending = [f for f in pending if not f.done()]
+            if time.perf_counter() >= next_sample:
+                samples.append((time.perf_counter() - start, rss()))
+                next_sample += sample_s
+        for future in pending:
+            future.result()
+    first = samples[len(samples) // 10][1]  # after the first tenth: warm
+    return {"requests": served, "samples": samples, "rss_after_warmup": first,
+            "rss_end": samples[-1][1], "rss_max": max(r for _, r in samples),
+            "growth": (samples[-1][1] - first) / first}

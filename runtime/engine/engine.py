@@ -30,6 +30,7 @@ from fxscale.runtime.scheduling import Scheduler, SchedulerConfig
 from fxscale.runtime.scheduling.parts import micro_batches
 
 _DONE = object()  # ends a stream
+FINISHED_WINDOW = 2048  # finished requests whose timings stats() reports
 
 
 def requests_in(step: Step, held: tuple[int, int]) -> list[int]:
@@ -110,10 +111,12 @@ class Engine:
         self.draining: set[int] = set()  # attention replicas to remove once empty
         self.counters = {"steps": 0, "tokens": 0, "samples": 0, "preemptions": 0,
                          "failed_steps": 0, "completed": 0}
-        self.recent: deque[dict[str, float]] = deque(maxlen=1000)  # per step
-        self.steps_log: deque[tuple[Step, float, float]] = deque(maxlen=4096)  # step, run s,
-        # step s: what the simulator's engine time is calibrated on
-        self.finished: deque[dict[str, float]] = deque(maxlen=100_000)
+        # bounded windows (a long-running server's memory stays flat): per step, the last
+        # steps with their run and total seconds (what the simulator is calibrated on), and
+        # the last finished requests' timings (what stats() reports percentiles of)
+        self.recent: deque[dict[str, float]] = deque(maxlen=1000)
+        self.steps_log: deque[tuple[Step, float, float]] = deque(maxlen=1024)
+        self.finished: deque[dict[str, float]] = deque(maxlen=FINISHED_WINDOW)
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
