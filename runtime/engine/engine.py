@@ -318,16 +318,19 @@ class Engine:
                             "engine_s": step_s - run_s})
         self.steps_log.append((step, run_s, step_s))
 
-    def _end(self, request: int, cancelled: bool = False, result: Any = None) -> None:
-        """Finish (or drop a cancelled) request: free its blocks, resolve its future."""
+    def _release(self, request: int) -> EngineRequest | None:
+        """Free a request's blocks, forget it, end its stream; its record (None: gone)."""
         self.scheduler.finish(request)
         self._forget(request)
         record = self.requests.pop(request, None)
-        if record is None:
-            return
-        if record.stream is not None:
+        if record is not None and record.stream is not None:
             record.stream.put(_DONE)
-        if cancelled or record.future.cancelled():
+        return record
+
+    def _end(self, request: int, cancelled: bool = False, result: Any = None) -> None:
+        """Finish (or drop a cancelled) request: free its blocks, resolve its future."""
+        record = self._release(request)
+        if record is None or cancelled or record.future.cancelled():
             return
         if record.token_times:
             record.future.record.update(
@@ -342,14 +345,8 @@ class Engine:
 
     def _fail(self, request: int, err: BaseException) -> None:
         """End a request with an error."""
-        self.scheduler.finish(request)
-        self._forget(request)
-        record = self.requests.pop(request, None)
-        if record is None:
-            return
-        if record.stream is not None:
-            record.stream.put(_DONE)
-        if not record.future.cancelled():
+        record = self._release(request)
+        if record is not None and not record.future.cancelled():
             record.future.set_exception(err)
 
     def _forget(self, request: int) -> None:
