@@ -17,7 +17,7 @@ _EXPORTS = {
     "explain": "compiler.capture", "Options": "compiler.options",
     "InputError": "contracts.errors", "Group": "contracts.group_graph",
     "GroupEdge": "contracts.group_graph", "GroupGraph": "contracts.group_graph",
-    "SLO": "contracts.plan", "Plan": "contracts.plan",
+    "SLO": "contracts.plan", "Plan": "contracts.plan", "Sampling": "contracts.sampling",
     "Grid": "profiling.measure", "profile": "profiling.measure",
     "serve": "serving.server", "Server": "serving.server", "OverloadError": "serving.server",
     "ServerClosedError": "serving.server",

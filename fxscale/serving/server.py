@@ -40,6 +40,7 @@ import torch
 
 from fxscale.contracts.metrics import percentiles
 from fxscale.contracts.plan import LIVE_POLICIES, SLO, Plan
+from fxscale.contracts.sampling import Sampling
 from fxscale.runtime.autoscaling.autoscaler import Autoscaler
 from fxscale.runtime.engine import Engine
 from fxscale.runtime.engine.attention import find_attention
@@ -245,19 +246,31 @@ class Server:
         return self._start(timeout_s, lambda engine: engine.add(ids, 1, logits=True)).future
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, stream: bool = False,
-                 timeout_s: float | None = None, ignore_eos: bool = False
-                 ) -> Future | Iterator[int]:
-        """Greedy decoding, stopping at the end-of-sequence token (unless ignore_eos, as
-        benchmarks replaying a trace's lengths want): a future of the new token ids (its
-        `record` holds the request's timings once done), or (stream=True) an iterator that
-        yields each token as produced (closing it early cancels the request)."""
+                 timeout_s: float | None = None, ignore_eos: bool = False,
+                 sampling: Sampling | None = None) -> Future | Iterator[int]:
+        """Decoding (greedy, or as `sampling` says: fxscale.Sampling), stopping at the
+        end-of-sequence token (unless ignore_eos, as benchmarks replaying a trace's lengths
+        want): a future of the new token ids (its `record` holds the request's timings once
+        done), or (stream=True) an iterator that yields each token as produced (closing it
+        early cancels the request)."""
+        record = self.start_generation(input_ids, max_new_tokens, stream, timeout_s,
+                                       ignore_eos, sampling)
+        return record.engine.stream(record) if stream else record.future
+
+    def start_generation(self, input_ids: Any, max_new_tokens: int, stream: bool = False,
+                         timeout_s: float | None = None, ignore_eos: bool = False,
+                         sampling: Sampling | None = None) -> Any:
+        """`generate`'s request record itself (its future, its stream queue, its logprobs):
+        what a front end streaming tokens with their logprobs reads."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise ValueError(f"sampling must be a fxscale.Sampling, got {type(sampling).__name__}")
         ids = self._check(input_ids, max_new_tokens)
-        record = self._start(timeout_s, lambda engine: engine.add(
-            ids, max_new_tokens, ignore_eos=ignore_eos, stream=stream))
-        return record.engine.stream(record) if stream else record.future
+        return self._start(timeout_s, lambda engine: engine.add(
+            ids, max_new_tokens, ignore_eos=ignore_eos, stream=stream,
+            sampling=sampling or Sampling()))
 
     def _check(self, input_ids: Any, new_tokens: int) -> list[int]:
         """Validate a request at submit time (nothing else is affected by a bad one)."""

@@ -1,7 +1,8 @@
 """The engine loop: requests in, steps out, tokens back.
 
 One thread per engine runs the loop: take new requests, cancellations and control actions,
-ask the scheduler for a step, run it (the runner), sample greedily, deliver each new token
+ask the scheduler for a step, run it (the runner), choose each request's token (greedy, or
+sampled with its own seeded random stream: runtime/engine/sampling.py), deliver it
 to its request's future and stream, and finish the requests that reached their length or an
 end-of-sequence token. Requests are scheduler state, not threads: the engine has one thread
 however many requests it serves. A step that fails is run once more; if it fails again, only
@@ -25,7 +26,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from fxscale.contracts.metrics import token_timings
+from fxscale.contracts.sampling import Sampling
 from fxscale.contracts.step import Step
+from fxscale.runtime.engine.sampling import generator_for, next_token
 from fxscale.runtime.scheduling import Scheduler, SchedulerConfig
 from fxscale.runtime.scheduling.parts import micro_batches
 
@@ -76,8 +79,11 @@ class EngineRequest:
     stream: queue.Queue | None
     submitted: float
     logits: bool = False               # wants its prompt's logits, not tokens
+    sampling: Sampling = Sampling()    # how its tokens are chosen (greedy by default)
     token_times: list[float] = field(default_factory=list)
     rows: list[torch.Tensor] = field(default_factory=list)  # logits rows so far
+    logprobs: list[dict] = field(default_factory=list)  # per token, when sampling asks
+    generator: Any = None              # its own random stream (created at its first token)
 
     @property
     def generated(self) -> list[int]:
@@ -122,9 +128,12 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------------
     def add(self, prompt: list[int], max_new_tokens: int, ignore_eos: bool = False,
-            stream: bool = False, logits: bool = False) -> EngineRequest:
+            stream: bool = False, logits: bool = False,
+            sampling: Sampling = Sampling()) -> EngineRequest:
         """Queue a request; its future gives the generated tokens (a stream each token), or
-        with `logits` the logits of its prompt [1, length, vocab]."""
+        with `logits` the logits of its prompt [1, length, vocab]. `sampling` chooses its
+        tokens (greedy by default); with `sampling.logprobs` the record's `logprobs` holds
+        each token's."""
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if len(prompt) + max_new_tokens > self.max_len:
@@ -142,7 +151,7 @@ class Engine:
                                    frozenset() if ignore_eos else self.eos,
                                    TokenFuture(self, request),
                                    queue.Queue() if stream else None, time.perf_counter(),
-                                   logits)
+                                   logits, sampling)
             self.inbox.append(record)
             self.lock.notify()
         return record
@@ -298,7 +307,12 @@ class Engine:
                     record.future.record["e2e_s"] = now - record.submitted
                     self._end(chunk.request, result=torch.cat(record.rows)[None])
                 continue
-            token = int(rows[0].argmax())
+            if record.generator is None and not record.sampling.greedy:
+                record.generator = generator_for(record.sampling, rows.device)
+            token, report = next_token(rows[0], record.sampling, record.generator,
+                                       record.generated)
+            if report is not None:
+                record.logprobs.append(report)
             record.tokens.append(token)
             record.token_times.append(now)
             if record.stream is not None:
