@@ -1,7 +1,9 @@
-"""Helpers shared by the tests: compare a model output with eager; bad JSON files."""
+"""Helpers shared by the tests: compare a model output with eager; bad JSON files; a replica
+that fails on demand."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -35,3 +37,21 @@ def assert_bad_file_names_the_field(load, data, mutate, message, tmp_path):
     with pytest.raises(ValueError, match=message) as info:
         load(path)
     assert str(path) in str(info.value)
+
+
+def failing(replica, times: float):
+    """Make a replica's next `times` executions raise (math.inf: all of them); returns the
+    count left, a list the caller may reset."""
+    if not hasattr(replica, "faults"):
+        run, replica.faults = replica.run_here, [0]
+
+        def run_here(*args):
+            if replica.faults[0] > 0:
+                replica.faults[0] -= 1
+                replica.fault_at = time.monotonic()
+                raise RuntimeError("injected fault")
+            return run(*args)
+
+        replica.run_here = run_here
+    replica.faults[0] = max(replica.faults[0], times)
+    return replica.faults

@@ -23,6 +23,7 @@ from fxscale.runtime.simulator import simulate
 from fxscale.runtime.traces import load_trace
 from fxscale.runtime.devices import load_device
 from fxscale.kernels import paged_attention, rms_norm, rotary, write_kv
+from fxscale.serving.api import build_app
 for name in fxscale.__all__:
     getattr(fxscale, name)
 print(json.dumps({"file": fxscale.__file__, "requests": len(load_trace("azure-conv").requests),

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from helpers import failing
 
 import fxscale
 from fxscale.contracts.group_graph import kind_name
@@ -115,24 +116,6 @@ def test_every_group_has_a_pool_and_new_replicas_copy_only_their_weights(server,
 def test_streaming_yields_tokens_as_generate_returns_them(server, llama):
     ids = prompt(7, 5)
     assert list(server.generate(ids, max_new_tokens=5, stream=True)) == eager_tokens(llama, ids, 5)
-
-
-def failing(replica, times: float):
-    """Make a replica's next `times` executions raise (math.inf: all of them); returns the
-    count left, a list the caller may reset."""
-    if not hasattr(replica, "faults"):
-        run, replica.faults = replica.run_here, [0]
-
-        def run_here(*args):
-            if replica.faults[0] > 0:
-                replica.faults[0] -= 1
-                replica.fault_at = time.monotonic()
-                raise RuntimeError("injected fault")
-            return run(*args)
-
-        replica.run_here = run_here
-    replica.faults[0] = max(replica.faults[0], times)
-    return replica.faults
 
 
 def test_a_failing_replica_is_retried_once_then_reported(server, llama):
@@ -265,6 +248,17 @@ def test_bf16_serving_stays_within_a_stated_tolerance_of_fp32(llama):
         fxscale.serve(llama, budget=1, dtype="int8")
 
 
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus exposition (an error if it is not there)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"no sample {name}{labels} in the exposition")
+
+
 def test_prometheus_endpoint_is_opt_in_and_on_loopback(llama):
     import urllib.request
 
@@ -274,14 +268,22 @@ def test_prometheus_endpoint_is_opt_in_and_on_loopback(llama):
         server.generate(prompt(31), max_new_tokens=3).result()
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         text = text.decode()
-        assert 'fxscale_group_replicas{group="model.layers.0#1/attention"} 1.0' in text
-        assert "fxscale_requests_total" in text and "fxscale_request_ttft_p50_s" in text
+        model = {"model_name": "LlamaForCausalLM"}
+        assert metric(text, "fxscale:group_replicas", group="model.layers.0#1/attention",
+                      **model) == 1
+        # one request of three tokens, ended by its length: warm-up not counted
+        assert metric(text, "fxscale:request_success_total", finished_reason="length",
+                      **model) == 1
+        assert metric(text, "fxscale:generation_tokens_total", **model) == 3
+        assert metric(text, "fxscale:time_to_first_token_seconds_count", **model) == 1
+        assert metric(text, "fxscale:inter_token_latency_seconds_count", **model) == 2
+        assert metric(text, "fxscale:kv_cache_usage_perc", **model) == 0
         calls = server.stats()["groups"]["top#1/gemm"]["completed"]
-        assert calls == 3  # this request's prefill and two decode steps: warm-up not counted
+        assert calls == 3  # this request's prefill and two decode steps
         assert server.stats()["requests"]["completed"] == 1
-        assert (f'fxscale_group_call_latency_seconds_bucket{{group="top#1/gemm",le="+Inf"}} '
-                f'{calls:.1f}' in text)
-        assert "fxscale_group_batch_mean" in text
+        assert metric(text, "fxscale:group_call_latency_seconds_bucket", group="top#1/gemm",
+                      le="+Inf", **model) == calls
+        assert "fxscale:group_batch_mean" in text
     with fxscale.serve(llama, budget=1) as server:
         assert server.metrics is None
 

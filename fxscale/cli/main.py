@@ -1,5 +1,5 @@
 """The `fxscale` command line: demo, explain, profile, simulate, report, export-onnx, bench,
-fidelity."""
+fidelity, serve."""
 from __future__ import annotations
 
 import argparse
@@ -15,10 +15,12 @@ from fxscale.cli.export import add_export_command
 from fxscale.cli.fidelity import add_fidelity_command
 from fxscale.cli.profile import add_profile_command
 from fxscale.cli.report import add_report_command
+from fxscale.cli.serve import add_serve_command
 from fxscale.cli.simulate import add_simulate_command
 
 COMMANDS = (add_demo_command, add_explain_command, add_profile_command, add_simulate_command,
-            add_report_command, add_export_command, add_bench_command, add_fidelity_command)
+            add_report_command, add_export_command, add_bench_command, add_fidelity_command,
+            add_serve_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from fxscale.contracts.metrics import percentiles
+from fxscale.contracts.metrics import merge_reports, percentiles
 from fxscale.contracts.plan import LIVE_POLICIES, SLO, Plan
 from fxscale.contracts.sampling import Sampling
 from fxscale.runtime.autoscaling.autoscaler import Autoscaler
@@ -128,7 +128,8 @@ class Server:
                  kv_cache_tokens: int = 16384, max_num_batched_tokens: int = 512,
                  block_size: int = 16, replicas: int = 1,
                  service: Callable[[str, int, int], float] | None = None,
-                 dtype: str | torch.dtype | None = None, micro_batches: int = 1) -> None:
+                 dtype: str | torch.dtype | None = None, micro_batches: int = 1,
+                 max_model_len: int | None = None) -> None:
         if policy not in LIVE_POLICIES:
             raise ValueError(f"policy must be one of {LIVE_POLICIES}, got {policy!r}")
         if autoscale and slo is None:
@@ -156,6 +157,9 @@ class Server:
         eos = getattr(self.config, "eos_token_id", None)
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.max_len = getattr(self.config, "max_position_embeddings", None) or 1 << 30
+        if max_model_len is not None:  # a shorter context than the model's, never longer
+            _positive("max_model_len", max_model_len, self.max_len)
+            self.max_len = max_model_len
         self.slots = threading.Semaphore(budget)
         self.num_blocks = -(-kv_cache_tokens // block_size)
         self.schedule = SchedulerConfig(max_num_batched_tokens, max_batch, block_size)
@@ -197,7 +201,8 @@ class Server:
             if metrics_port is not None:  # opt-in Prometheus endpoint (loopback by default)
                 from fxscale.serving.prometheus import start_metrics
 
-                self.metrics = start_metrics(self.stats, metrics_port, metrics_host)
+                self.metrics = start_metrics(self.stats, type(model).__name__, metrics_port,
+                                             metrics_host)
         except BaseException:
             self.close()  # nothing of a failed start stays behind (settings restored)
             raise
@@ -233,9 +238,7 @@ class Server:
     def _forget_warmup(self) -> None:
         """Start the statistics after the warm-up requests."""
         for engine in self.engines:
-            engine.finished.clear()
-            engine.counters.update(completed=0, steps=0, tokens=0, samples=0)
-            engine.recent.clear()
+            engine.reset_counters()
         for pool in self.pools.values():
             pool.reset_counters()
 
@@ -260,8 +263,9 @@ class Server:
     def start_generation(self, input_ids: Any, max_new_tokens: int, stream: bool = False,
                          timeout_s: float | None = None, ignore_eos: bool = False,
                          sampling: Sampling | None = None) -> Any:
-        """`generate`'s request record itself (its future, its stream queue, its logprobs):
-        what a front end streaming tokens with their logprobs reads."""
+        """`generate`'s request record itself (its future, its stream, its logprobs): what a
+        front end streaming tokens with their logprobs reads. `stream` may be an object with
+        put() that takes each token and then runtime.engine.engine.STREAM_END."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -463,6 +467,14 @@ class Server:
         steps = {key: sum(s[key] for s in per_engine) for key in
                  ("steps", "tokens", "samples", "preemptions", "failed_steps", "running",
                   "waiting", "attention_replicas")}
+        # counts since the start: a retired model replica's stay in them
+        ever = per_engine + [e.stats() for e in self.retired]
+        for key in ("prompt_tokens", "generation_tokens"):
+            summary[key] = sum(s[key] for s in ever)
+        summary["finish_reasons"] = {k: sum(s["finish_reasons"][k] for s in ever)
+                                     for k in ever[0]["finish_reasons"]}
+        summary["histograms"] = {k: merge_reports([s["histograms"][k] for s in ever])
+                                 for k in ever[0]["histograms"]}
         steps["kv_blocks"] = {k: sum(s["kv_blocks"][k] for s in per_engine)
                               for k in ("used", "free", "total")}
         for key in ("tokens_per_step", "requests_per_step", "decodes_per_step"):

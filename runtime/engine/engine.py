@@ -25,14 +25,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from fxscale.contracts.metrics import token_timings
+from fxscale.contracts.metrics import REQUEST_BUCKETS_S, Histogram, token_timings
 from fxscale.contracts.sampling import Sampling
 from fxscale.contracts.step import Step
 from fxscale.runtime.engine.sampling import generator_for, next_token
 from fxscale.runtime.scheduling import Scheduler, SchedulerConfig
 from fxscale.runtime.scheduling.parts import micro_batches
 
-_DONE = object()  # ends a stream
+STREAM_END = object()  # the last item of a request's stream
 FINISHED_WINDOW = 2048  # finished requests whose timings stats() reports
 
 
@@ -76,7 +76,7 @@ class EngineRequest:
     max_new_tokens: int
     stop_ids: frozenset[int]
     future: TokenFuture
-    stream: queue.Queue | None
+    stream: Any                        # a queue.Queue, or the caller's sink (put()), or None
     submitted: float
     logits: bool = False               # wants its prompt's logits, not tokens
     sampling: Sampling = Sampling()    # how its tokens are chosen (greedy by default)
@@ -84,6 +84,7 @@ class EngineRequest:
     rows: list[torch.Tensor] = field(default_factory=list)  # logits rows so far
     logprobs: list[dict] = field(default_factory=list)  # per token, when sampling asks
     generator: Any = None              # its own random stream (created at its first token)
+    finish_reason: str | None = None   # stop (end-of-sequence or the caller), length, abort
 
     @property
     def generated(self) -> list[int]:
@@ -109,31 +110,45 @@ class Engine:
         self.scheduler = Scheduler(config, [num_blocks], first_replica)
         self.lock = threading.Condition()
         self.inbox: list[EngineRequest] = []
-        self.cancelled: set[int] = set()
+        self.cancelled: dict[int, bool] = {}  # request -> finish it (else cancel it)
         self.actions: list[tuple[Callable[[], Any], Future]] = []
         self.requests: dict[int, EngineRequest] = {}
         self.ids = itertools.count()
         self.closing = False
         self.draining: set[int] = set()  # attention replicas to remove once empty
-        self.counters = {"steps": 0, "tokens": 0, "samples": 0, "preemptions": 0,
-                         "failed_steps": 0, "completed": 0}
         # bounded windows (a long-running server's memory stays flat): per step, the last
         # steps with their run and total seconds (what the simulator is calibrated on), and
         # the last finished requests' timings (what stats() reports percentiles of)
         self.recent: deque[dict[str, float]] = deque(maxlen=1000)
         self.steps_log: deque[tuple[Step, float, float]] = deque(maxlen=1024)
         self.finished: deque[dict[str, float]] = deque(maxlen=FINISHED_WINDOW)
+        self.reset_counters()
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
+    def reset_counters(self) -> None:
+        """Start the statistics afresh (after a warm-up): counters and histograms only grow
+        from here, the windows of steps and finished requests start empty."""
+        self.counters = {"steps": 0, "tokens": 0, "samples": 0, "preemptions": 0,
+                         "failed_steps": 0, "completed": 0, "prompt_tokens": 0,
+                         "generation_tokens": 0}
+        self.finish_reasons = {"stop": 0, "length": 0, "abort": 0, "error": 0}
+        self.histograms = {key: Histogram(REQUEST_BUCKETS_S)
+                           for key in ("ttft_s", "itl_s", "e2e_s")}
+        self.preempted_before = self.scheduler.preemptions
+        for window in (self.recent, self.steps_log, self.finished):
+            window.clear()
+
     # ---- requests -----------------------------------------------------------------------------
     def add(self, prompt: list[int], max_new_tokens: int, ignore_eos: bool = False,
-            stream: bool = False, logits: bool = False,
+            stream: Any = False, logits: bool = False,
             sampling: Sampling = Sampling()) -> EngineRequest:
-        """Queue a request; its future gives the generated tokens (a stream each token), or
-        with `logits` the logits of its prompt [1, length, vocab]. `sampling` chooses its
-        tokens (greedy by default); with `sampling.logprobs` the record's `logprobs` holds
-        each token's."""
+        """Queue a request; its future gives the generated tokens, or with `logits` the
+        logits of its prompt [1, length, vocab]. `stream`: True puts each token on a
+        queue.Queue (`stream(record)` iterates it), or pass any object with put() (an
+        asyncio front end's bridge); STREAM_END comes last. `sampling` chooses its tokens
+        (greedy by default); with `sampling.logprobs` the record's `logprobs` holds each
+        token's, appended before the token is put on the stream."""
         if not prompt:
             raise ValueError("the prompt has no tokens")
         if len(prompt) + max_new_tokens > self.max_len:
@@ -150,16 +165,19 @@ class Engine:
             record = EngineRequest(request, list(prompt), len(prompt), max_new_tokens,
                                    frozenset() if ignore_eos else self.eos,
                                    TokenFuture(self, request),
-                                   queue.Queue() if stream else None, time.perf_counter(),
+                                   queue.Queue() if stream is True else stream or None,
+                                   time.perf_counter(),
                                    logits, sampling)
             self.inbox.append(record)
             self.lock.notify()
         return record
 
-    def cancel(self, request: int) -> None:
-        """End a request before its next step (its future is cancelled by the caller)."""
+    def cancel(self, request: int, finish: bool = False) -> None:
+        """End a request before its next step: cancelled (its future is cancelled by the
+        caller), or with `finish` finished as it stands (a front end found a stop string):
+        its future gets the tokens so far."""
         with self.lock:
-            self.cancelled.add(request)
+            self.cancelled[request] = finish or self.cancelled.get(request, False)
             self.lock.notify()
 
     def control(self, action: Callable[[], Any]) -> Future:
@@ -220,7 +238,7 @@ class Engine:
                            or self.scheduler.has_work()):
                     self.lock.wait()
                 arrived, self.inbox = self.inbox, []
-                cancelled, self.cancelled = self.cancelled, set()
+                cancelled, self.cancelled = self.cancelled, {}
                 actions, self.actions = self.actions, []
                 if self.closing and not (arrived or actions or self.scheduler.has_work()):
                     return
@@ -231,9 +249,10 @@ class Engine:
                     future.set_exception(err)
             for record in arrived:
                 self.requests[record.id] = record
+                self.counters["prompt_tokens"] += record.prompt_len
                 self.scheduler.add(record.id, record.prompt_len, record.max_new_tokens)
-            for request in cancelled:
-                self._end(request, cancelled=True)
+            for request, finish in cancelled.items():
+                self._end(request, cancelled=not finish, reason="stop")
             self._retire_drained()
             started = time.perf_counter()
             step = self.scheduler.schedule()
@@ -315,10 +334,13 @@ class Engine:
                 record.logprobs.append(report)
             record.tokens.append(token)
             record.token_times.append(now)
+            self.counters["generation_tokens"] += 1
             if record.stream is not None:
                 record.stream.put(token)
-            if len(record.generated) >= record.max_new_tokens or token in record.stop_ids:
-                self._end(chunk.request)
+            if token in record.stop_ids:
+                self._end(chunk.request, reason="stop")
+            elif len(record.generated) >= record.max_new_tokens:
+                self._end(chunk.request, reason="length")
 
     def _count(self, step: Step, run_s: float, step_s: float) -> None:
         """Per-step statistics."""
@@ -326,42 +348,65 @@ class Engine:
         c["steps"] += 1
         c["tokens"] += step.num_tokens
         c["samples"] += step.num_samples
-        c["preemptions"] = self.scheduler.preemptions
+        c["preemptions"] = self.scheduler.preemptions - self.preempted_before
         self.recent.append({"tokens": step.num_tokens, "requests": len(step.chunks),
                             "decodes": step.num_decodes, "run_s": run_s,
                             "engine_s": step_s - run_s})
         self.steps_log.append((step, run_s, step_s))
 
     def _release(self, request: int) -> EngineRequest | None:
-        """Free a request's blocks, forget it, end its stream; its record (None: gone)."""
+        """Free a request's blocks and forget it; its record (None: gone)."""
         self.scheduler.finish(request)
         self._forget(request)
-        record = self.requests.pop(request, None)
-        if record is not None and record.stream is not None:
-            record.stream.put(_DONE)
-        return record
+        return self.requests.pop(request, None)
 
-    def _end(self, request: int, cancelled: bool = False, result: Any = None) -> None:
-        """Finish (or drop a cancelled) request: free its blocks, resolve its future."""
+    def _end(self, request: int, cancelled: bool = False, result: Any = None,
+             reason: str = "length") -> None:
+        """Finish (or drop a cancelled) request: free its blocks, count it, resolve its
+        future, then end its stream (a reader at the end finds the outcome)."""
         record = self._release(request)
-        if record is None or cancelled or record.future.cancelled():
+        if record is None:
             return
+        try:
+            if cancelled or record.future.cancelled():
+                self.finish_reasons["abort"] += 1
+                Future.cancel(record.future)  # resolved (not TokenFuture.cancel: it is gone)
+                return
+            self._finish(record, reason)
+            record.future.set_result(record.generated if result is None else result)
+        finally:
+            if record.stream is not None:
+                record.stream.put(STREAM_END)
+
+    def _finish(self, record: EngineRequest, reason: str) -> None:
+        """Count a finished request: its timings, histograms and finish reason."""
+        record.finish_reason = reason
+        timings = record.future.record
         if record.token_times:
-            record.future.record.update(
-                token_timings(record.submitted, record.token_times),
-                submitted_at=record.submitted, first_token_at=record.token_times[0],
-                finished_at=record.token_times[-1],
-                tokens=len(record.generated), e2e_s=record.token_times[-1] - record.submitted)
-        record.future.record.setdefault("e2e_s", time.perf_counter() - record.submitted)
-        self.finished.append(dict(record.future.record))
+            timings.update(token_timings(record.submitted, record.token_times),
+                           submitted_at=record.submitted, first_token_at=record.token_times[0],
+                           finished_at=record.token_times[-1], tokens=len(record.generated),
+                           e2e_s=record.token_times[-1] - record.submitted)
+            self.histograms["ttft_s"].observe(timings["ttft_s"])
+            for before, after in zip(record.token_times, record.token_times[1:]):
+                self.histograms["itl_s"].observe(after - before)
+        timings.setdefault("e2e_s", time.perf_counter() - record.submitted)
+        timings["finish_reason"] = reason
+        self.histograms["e2e_s"].observe(timings["e2e_s"])
+        self.finished.append(dict(timings))
         self.counters["completed"] += 1
-        record.future.set_result(record.generated if result is None else result)
+        self.finish_reasons[reason] += 1
 
     def _fail(self, request: int, err: BaseException) -> None:
-        """End a request with an error."""
+        """End a request with an error (its stream after its future)."""
         record = self._release(request)
-        if record is not None and not record.future.cancelled():
+        if record is None:
+            return
+        if not record.future.cancelled():
+            self.finish_reasons["error"] += 1
             record.future.set_exception(err)
+        if record.stream is not None:
+            record.stream.put(STREAM_END)
 
     def _forget(self, request: int) -> None:
         """Let the runner drop what it keeps for a request (a sequential runner's cache)."""
@@ -377,24 +422,27 @@ class Engine:
         try:
             while True:
                 token = record.stream.get()
-                if token is _DONE:
+                if token is STREAM_END:
                     finished = True
                     break
                 yield token
-            if record.future.done() and not record.future.cancelled():
+            if not record.future.cancelled():
                 record.future.result()  # raise the request's error, if it failed
         finally:
             if not finished:
                 record.future.cancel()
 
     def stats(self) -> dict[str, Any]:
-        """Steps, tokens and requests per step, KV blocks, preemptions."""
+        """Steps, tokens and requests per step, KV blocks, preemptions; prompt and generated
+        tokens, requests by finish reason and latency histograms since the start."""
         recent = list(self.recent)
 
         def mean(key: str) -> float:
             return sum(r[key] for r in recent) / len(recent) if recent else 0.0
 
-        return {**self.counters, "kv_blocks": self.scheduler.blocks(),
+        return {**self.counters, "finish_reasons": dict(self.finish_reasons),
+                "histograms": {k: h.report() for k, h in self.histograms.items()},
+                "kv_blocks": self.scheduler.blocks(),
                 "attention_replicas": self.attention_replicas(),
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "tokens_per_step": mean("tokens"), "requests_per_step": mean("requests"),

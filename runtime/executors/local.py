@@ -7,8 +7,6 @@ raises is run once more (a dense part on another replica when there is one); if 
 again, a GroupError names the group and the tokens of the part."""
 from __future__ import annotations
 
-import bisect
-import itertools
 import queue
 import threading
 import time
@@ -19,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from fxscale.contracts.metrics import quantile
+from fxscale.contracts.metrics import CALL_BUCKETS_S, Histogram, quantile
 
 
 @dataclass(frozen=True)
@@ -29,10 +27,6 @@ class StateSlots:
 
     indices: tuple[int, ...]
     caches: frozenset[int]  # the indices that are KV caches
-
-
-LATENCY_BUCKETS_S = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
-                     0.5, 1.0)
 
 
 class GroupError(RuntimeError):
@@ -142,7 +136,7 @@ class LocalPool:
     def reset_counters(self) -> None:
         """Start the statistics afresh (after a warm-up)."""
         self.samples: deque[tuple[int, float]] = deque(maxlen=512)  # (tokens, seconds)
-        self.histogram = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.histogram = Histogram(CALL_BUCKETS_S)
         self.arrivals = 0      # tokens run
         self.executions = 0
         self.busy_s = 0.0
@@ -233,7 +227,7 @@ class LocalPool:
             self.arrivals += tokens
             self.executions += 1
             self.busy_s += seconds
-            self.histogram[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+            self.histogram.observe(seconds)
 
     def _keys(self, parts) -> list[int]:
         """The replica of each part: its key, or the dense replicas in turn."""
@@ -264,23 +258,20 @@ class LocalPool:
         """Replicas, executions, tokens per execution, latency, state bytes per replica."""
         with self.lock:
             samples = list(self.samples)
-            histogram = list(self.histogram)
+            histogram = self.histogram.report()
             executions, busy = self.executions, self.busy_s
         replicas = list(self.replicas.values())
         caches = {ident for ident, (_, cache) in self.known.items() if cache}
         weights, kv = replicas[-1].state_bytes(caches) if replicas else (0, 0)
         wall = max(time.perf_counter() - self.started, 1e-9)
         seconds = [t for _, t in samples]
-        cumulative = list(itertools.accumulate(histogram))
         return {"replicas": len(replicas), "target": self.target, "stateful": self.stateful,
                 "completed": executions, "retries": self.retries, "queue": 0,
                 "busy_s": busy, "execution_mean_s": busy / executions if executions else None,
                 "utilisation": busy / wall / max(1, len(replicas)),
                 "batch_mean": (sum(n for n, _ in samples) / len(samples)) if samples else None,
                 "latency_p50_s": quantile(seconds, 0.5), "latency_p99_s": quantile(seconds, 0.99),
-                "latency_histogram": {**{f"{b:g}": c for b, c in zip(LATENCY_BUCKETS_S,
-                                                                      cumulative)},
-                                      "+Inf": cumulative[-1]},
+                "latency_histogram": histogram,
                 "weight_bytes_per_replica": weights, "kv_bytes_per_replica": kv,
                 "time_to_ready_s": self.ready_s[-1] if self.ready_s else None}
 
