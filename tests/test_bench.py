@@ -19,6 +19,7 @@ from fxscale.studies import bench
 from fxscale.studies.bench_families import (
     CompileConfig,
     EngineConfig,
+    HttpConfig,
     ProfileConfig,
     RuntimeConfig,
     SimulatorConfig,
@@ -31,7 +32,8 @@ TINY = bench.BenchConfig(
     simulator=SimulatorConfig(models=("llama-2-7b",), layers=1, traces=("azure-conv",),
                               duration_s=60.0, slo_scales=(1.0,)),
     runtime=RuntimeConfig(seconds=2.0, hidden=64),
-    engine=EngineConfig(hidden=(128,), requests=(4,), longest=24, new_tokens=4, rounds=1))
+    engine=EngineConfig(hidden=(128,), requests=(4,), longest=24, new_tokens=4, rounds=1),
+    http=HttpConfig(hidden=64, rates=(4.0,), seconds=2.0, rounds=1, policies=("operator",)))
 README = "# Project\n\nintro\n\n## Results\n\n{start}\nstale table\n{end}\n\nfooter\n"
 ROW_KEYS = {
     "compile": {"model": str, "layers": int, "hidden": int, "batch": int, "length": int,
@@ -59,9 +61,18 @@ ROW_KEYS = {
     "engine": {"hidden": int, "requests": int, "dtype": str, "generator": str,
                "tokens_per_s": float, "min_tokens_per_s": float, "max_tokens_per_s": float,
                "x_hf_batch": float},
+    "http": {"hidden": int, "layers": int, "trace": str, "policy": str, "rate_rps": float,
+             "requests": int, "http_completed": int, "in_process_completed": int,
+             **{f"{path}_{figure}": float for path in ("http", "in_process")
+                for figure in ("ttft_p50_s", "ttft_p99_s", "tbt_p50_s", "tbt_p99_s",
+                               "tokens_per_s", "slo_attainment")},
+             **{f"{name}{stat}{unit}": float
+                for name, unit in (("ttft_p50_overhead", "_s"), ("tbt_p50_overhead", "_s"),
+                                   ("tokens_per_s_ratio", ""))
+                for stat in ("", "_min", "_max")}},
 }
-PLOTS = {f"{stem}.{ext}" for stem in ("compile", "profiles", "simulator", "runtime", "engine")
-         for ext in ("png", "svg")}
+PLOTS = {f"{stem}.{ext}" for stem in ("compile", "profiles", "simulator", "runtime", "engine",
+                                      "http") for ext in ("png", "svg")}
 
 
 def run_command(*argv: str) -> tuple[int, str]:
@@ -85,11 +96,12 @@ def bench_run(tmp_path_factory):
     calls = []
     original = bench.run_bench
 
-    def recording(out_dir, quick=False, progress=None):
+    def recording(out_dir, quick=False, progress=None, families=None):
         def both(message, done, total):
             calls.append((message, done, total))
             progress(message, done, total)
-        return original(out_dir, quick=quick, progress=both, config=TINY if quick else None)
+        return original(out_dir, quick=quick, progress=both, config=TINY if quick else None,
+                        families=families)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench, "run_bench", recording)
@@ -138,6 +150,9 @@ def test_results_json_schema(bench_run):
     assert [r["policy"] for r in rows["runtime"]["rows"]] == ["operator", "model"]
     assert [r["generator"] for r in rows["engine"]["rows"]] == [
         "operator", "model", "hf_batch", "hf_static"]
+    http = rows["http"]["rows"]
+    assert [(r["policy"], r["rate_rps"]) for r in http] == [("operator", 4.0)]
+    assert http[0]["http_completed"] == http[0]["in_process_completed"] == http[0]["requests"]
     assert set(data["plots"]) == PLOTS
 
 
@@ -148,14 +163,15 @@ def test_markdown_has_one_table_per_family(bench_run):
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert [h.split(":")[0] for h in headings] == [
         "## Compile path", "## Per-group profiles", "## Simulator", "## Local runtime",
-        "## Engine", "## Plots"]
-    sections = text.split("\n## ")[1:6]
+        "## Engine", "## HTTP server", "## Plots"]
+    sections = text.split("\n## ")[1:7]
     expected = {"compile": len(data["families"]["compile"]["rows"]),
                 "profiles": len({(r["name"], r["phase"])
                                  for r in data["families"]["profiles"]["rows"]}),
                 "simulator": len(data["families"]["simulator"]["rows"]),
                 "runtime": len(data["families"]["runtime"]["rows"]),
-                "engine": len(data["families"]["engine"]["rows"])}
+                "engine": len(data["families"]["engine"]["rows"]),
+                "http": len(data["families"]["http"]["rows"])}
     for section, (family, count) in zip(sections, expected.items()):
         table = [line for line in section.splitlines() if line.startswith("|")]
         assert table[1].startswith("|---"), family
@@ -206,6 +222,26 @@ def test_readme_without_markers_fails_before_running(tmp_path, monkeypatch):
     assert readme.read_text() == "# Project\n\nno markers here\n"
     with pytest.raises(FileNotFoundError):
         run_command("--quick", "-o", str(tmp_path / "out"), "--readme", str(tmp_path / "none"))
+
+
+def test_one_family_writes_only_its_results(tmp_path, monkeypatch):
+    original = bench.run_bench
+    monkeypatch.setattr(bench, "run_bench", lambda out, quick=False, progress=None,
+                        families=None: original(out, quick, progress, TINY, families))
+    code, _ = run_command("--family", "simulator", "-o", str(tmp_path / "out"))
+    assert code == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text(), parse_constant=no_nan)
+    assert set(data["families"]) == set(data["config"]) == {"simulator"}
+    assert sorted(data["plots"]) == ["simulator.png", "simulator.svg"]
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert [line.split(":")[0] for line in text.splitlines() if line.startswith("## ")] == [
+        "## Simulator", "## Plots"]
+    with pytest.raises(ValueError, match="--readme rewrites every results table"):
+        run_command("--family", "http", "-o", str(tmp_path / "x"), "--readme", "README.md")
+    with pytest.raises(SystemExit):  # argparse: not a family
+        run_command("--family", "nope")
+    with pytest.raises(ValueError, match="unknown benchmark families"):
+        original(tmp_path / "y", families=("nope",))
 
 
 @pytest.mark.parametrize("text", [f"{MARKERS[1]}\nx\n{MARKERS[0]}\n",

@@ -38,8 +38,9 @@ httpx = require("httpx")
 require("fastapi")
 require("uvicorn")
 
-from fxscale.serving.loading import check_model_dir  # noqa: E402
+from fxscale.models.loading import check_model_dir, load_model  # noqa: E402
 from fxscale.serving.tokenizer import train_tokenizer  # noqa: E402
+from fxscale.studies.http_bench import start_serve  # noqa: E402
 
 KEY = "test-key-123"
 WORDS = ("operator", "group", "attention", "cache", "token", "scale", "model", "replica",
@@ -79,32 +80,9 @@ def hf(model_dir):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def start_server(model: Path | str, *extra: str) -> tuple[subprocess.Popen, str]:
-    """`fxscale serve` on a free port of 127.0.0.1; its process and base URL once ready."""
-    proc = subprocess.Popen([sys.executable, "-m", "fxscale", "serve", str(model), "--port", "0",
-                             "--log-level", "warning", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if "http://" not in line:
-        proc.kill()
-        raise AssertionError(f"fxscale serve did not start: {line}{proc.stderr.read()}")
-    base = line.split(" on ")[1].split("/v1")[0]
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise AssertionError("fxscale serve was not ready in 240 s")
-
-
 @pytest.fixture(scope="module")
 def served(model_dir):
-    proc, base = start_server(model_dir, "--api-key", KEY, "--max-pending", "40",
+    proc, base = start_serve(model_dir, "--api-key", KEY, "--max-pending", "40",
                               "--kv-cache-tokens", "4096")
     yield proc, base
     if proc.poll() is None:
@@ -387,7 +365,7 @@ def test_a_real_fault_is_a_500_without_internals(monkeypatch):
 
     from fxscale.serving.api import ServeSettings, build_app
 
-    app = build_app(ServeSettings("llama", options={"budget": 1}))
+    app = build_app(ServeSettings(lambda: load_model("llama"), options={"budget": 1}))
     with TestClient(app, raise_server_exceptions=False) as http:
         deadline = time.monotonic() + 120
         while http.get("/ready").status_code != 200:

@@ -18,6 +18,11 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
                             "(default: bench-results)")
     bench.add_argument("--quick", action="store_true",
                        help="small sizes and short traces: a few minutes on a 2-core CPU")
+    from fxscale.studies.bench import FAMILIES  # light: the families import their work lazily
+
+    bench.add_argument("--family", action="append", metavar="NAME", choices=tuple(FAMILIES),
+                       help=f"run only this family (repeatable; default: all): "
+                            f"{', '.join(FAMILIES)}")
     bench.add_argument("--readme", metavar="PATH",
                        help=f"also rewrite the part of PATH between {MARKERS[0]} and "
                             f"{MARKERS[1]} with the result tables")
@@ -42,6 +47,9 @@ def _bench_command(args: argparse.Namespace) -> int:
     output_folder(args.output, bench.bench_file, "benchmark results")  # fail before the run
 
     readme = Path(args.readme) if args.readme else None
+    if readme and args.family:
+        raise ValueError("--readme rewrites every results table: run the whole matrix "
+                         "(without --family)")
     if readme:
         splice(readme.read_text(), "", readme)  # a missing marker fails now, not after the run
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -52,7 +60,8 @@ def _bench_command(args: argparse.Namespace) -> int:
         def progress(message: str, done: int, total: int) -> None:
             bar.update(task, description=message, completed=done, total=total)
 
-        results = bench.run_bench(args.output, quick=args.quick, progress=progress)
+        results = bench.run_bench(args.output, quick=args.quick, progress=progress,
+                                  families=tuple(args.family) if args.family else None)
     print(f"wrote {Path(args.output) / 'results.json'}, results.md and "
           f"{len(results['plots'])} plots in {results['wall_s']:.0f} s")
     if readme:

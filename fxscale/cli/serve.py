@@ -3,6 +3,7 @@ operator-level engine. MODEL is a local Hugging Face model directory or a zoo na
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import logging
 import os
@@ -114,7 +115,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from fxscale.serving.api import ServeSettings, build_app
-    from fxscale.serving.loading import check_model
+    from fxscale.models.loading import check_model, load_model
 
     if not _is_loopback(args.host) and not args.api_key:
         raise ValueError(f"--host {args.host} serves beyond this machine: set --api-key (or "
@@ -128,7 +129,8 @@ def _serve_command(args: argparse.Namespace) -> int:
     logger.setLevel(args.log_level.upper())
 
     failed: list[BaseException] = []
-    settings = ServeSettings(args.model, args.served_model_name, args.api_key, options)
+    settings = ServeSettings(functools.partial(load_model, args.model, args.served_model_name),
+                             args.api_key, options)
     config = uvicorn.Config(build_app(settings), log_level=args.log_level,
                             access_log=args.log_level == "debug",
                             timeout_graceful_shutdown=int(args.grace_period + 0.999))

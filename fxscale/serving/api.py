@@ -33,7 +33,6 @@ from starlette.exceptions import HTTPException
 from fxscale.contracts.sampling import Sampling
 from fxscale.runtime.engine.engine import STREAM_END
 from fxscale.serving.detokenize import TextStream
-from fxscale.serving.loading import ServedModel, load_model
 from fxscale.serving.prometheus import exposition, registry_for
 from fxscale.serving.protocol import ApiError, ChatRequest, CompletionRequest
 from fxscale.serving.server import OverloadError, Server, ServerClosedError
@@ -44,11 +43,20 @@ POLL_DISCONNECT_S = 0.25  # how often a non-streaming request checks that its cl
 
 
 @dataclass
+class ServedModel:
+    """A model ready to serve: the module, its tokenizer, the name clients ask for."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str  # where it came from: a directory, or "zoo"
+
+
+@dataclass
 class ServeSettings:
     """What `fxscale serve` was asked to serve, and how."""
 
-    model: str                                   # a model directory or a zoo name
-    served_name: str | None = None               # the name clients ask for
+    load: Callable[[], ServedModel]              # loads the model (fxscale/models/loading.py)
     api_key: str | None = None                   # Bearer token of /v1 and /metrics
     options: dict[str, Any] = field(default_factory=dict)  # fxscale.serve's
     retry_after_s: int = 1
@@ -105,13 +113,13 @@ class Frontend:
     def load(self) -> None:
         """Load the model, compile and warm it up (the background thread's work)."""
         try:
-            served = load_model(self.settings.model, self.settings.served_name)
+            served = self.settings.load()
             self.server = Server(served.model, **self.settings.options)
             self.registry = registry_for(self.server.stats, served.name)
             self.served = served  # last: it marks the front end ready
             log.info("fxscale serve: %s is ready", served.name)
         except BaseException as err:  # noqa: BLE001 - reported, then the process stops
-            log.error("fxscale serve: could not load %s: %s", self.settings.model, err)
+            log.error("fxscale serve: could not load the model: %s", err)
             if self.settings.on_failure is not None:
                 self.settings.on_failure(err)
 

@@ -41,9 +41,8 @@ def scaled_slice(trace: str = "azure-conv", start_s: float = 0.0, duration_s: fl
 def replay(server: Server, requests: list[Request], slo: SLO, seed: int = 0,
            sample_s: float = 1.0, progress: Callable[[int, int], None] | None = None) -> dict:
     """Serve the requests on their schedule; per-request timings, a summary and a timeline."""
-    vocab = getattr(server.config, "vocab_size", 256)
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, vocab, (1, r.prompt_tokens), generator=g) for r in requests]
+    prompts = [torch.tensor([ids]) for ids in
+               trace_prompts(requests, getattr(server.config, "vocab_size", 256), seed)]
     start = time.perf_counter()
     futures: list[Any] = [None] * len(requests)
     done = threading.Event()
@@ -74,6 +73,13 @@ def replay(server: Server, requests: list[Request], slo: SLO, seed: int = 0,
     rows = [_timing(r, f, start) for r, f in zip(requests, futures)]
     return {"summary": summarize(rows, slo, time.perf_counter() - start),
             "requests": rows, "timeline": timeline}
+
+
+def trace_prompts(requests: list[Request], vocab: int, seed: int = 0) -> list[list[int]]:
+    """Random prompt ids, one prompt per request, of its length (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (r.prompt_tokens,), generator=g).tolist()
+            for r in requests]
 
 
 def _timing(request: Request, future: Any, start: float) -> dict:

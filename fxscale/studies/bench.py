@@ -3,9 +3,10 @@
     results = run_bench("bench-results", quick=True)   # results.json, results.md, *.png/svg
 
 Families (fxscale/studies/bench_families.py): the compile path against eager and Inductor,
-per-group profiles, the simulator's policy comparison, the local runtime's, and the engine's
-tokens/s against Hugging Face's. `quick` is sized to
-finish in a few minutes on a 2-core CPU; the full matrix takes much longer (docs/benchmarks.md).
+per-group profiles, the simulator's policy comparison, the local runtime's, the engine's
+tokens/s against Hugging Face's, and `fxscale serve` over HTTP against the engine in process.
+`quick` is sized to finish in a few minutes on a 2-core CPU; the full matrix takes much
+longer (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ from fxscale.contracts.jsonio import output_folder, replace_folder
 from fxscale.studies.bench_families import (
     CompileConfig,
     EngineConfig,
+    HttpConfig,
     ProfileConfig,
     RuntimeConfig,
     SimulatorConfig,
     compile_latency,
     engine_throughput,
     group_profiles,
+    http_serving,
     runtime_local,
     simulator_policies,
 )
@@ -37,7 +40,7 @@ from fxscale.studies.bench_report import page, write_plots
 SCHEMA_VERSION = 1
 FAMILIES = {"compile": compile_latency, "profiles": group_profiles,
             "simulator": simulator_policies, "runtime": runtime_local,
-            "engine": engine_throughput}
+            "engine": engine_throughput, "http": http_serving}
 Progress = Callable[[str, int, int], None]
 
 
@@ -50,6 +53,7 @@ class BenchConfig:
     simulator: SimulatorConfig = SimulatorConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     engine: EngineConfig = EngineConfig()
+    http: HttpConfig = HttpConfig()
 
 
 FULL = BenchConfig()
@@ -60,17 +64,25 @@ QUICK = BenchConfig(
     simulator=SimulatorConfig(models=("llama-2-70b",), traces=("azure-conv", "azure-code"),
                               duration_s=300.0, slo_scales=(0.5, 1.0)),
     runtime=RuntimeConfig(seconds=5.0, hidden=256),
-    engine=EngineConfig(hidden=(256,), requests=(16,), longest=64, new_tokens=8, rounds=2))
+    engine=EngineConfig(hidden=(256,), requests=(16,), longest=64, new_tokens=8, rounds=2),
+    http=HttpConfig(hidden=256, rates=(8.0,), seconds=5.0, rounds=2))
 
 
 def run_bench(out_dir: str | Path, quick: bool = False, progress: Progress | None = None,
-              config: BenchConfig | None = None) -> dict[str, Any]:
-    """Run the matrix (QUICK or FULL unless `config` is given) and write results.json,
-    results.md and the plots into `out_dir`; `progress(message, done, total)` is called
-    before each unit of work and once at the end. Returns what results.json holds."""
+              config: BenchConfig | None = None,
+              families: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Run the matrix (QUICK or FULL unless `config` is given; only `families` if given) and
+    write results.json, results.md and the plots into `out_dir`; `progress(message, done,
+    total)` is called before each unit of work and once at the end. Returns what
+    results.json holds."""
     config = config or (QUICK if quick else FULL)
+    names = list(FAMILIES) if families is None else [n for n in FAMILIES if n in families]
+    unknown = set(families or ()) - set(FAMILIES)
+    if unknown or not names:
+        raise ValueError(f"unknown benchmark families {sorted(unknown)}; choose from "
+                         f"{', '.join(FAMILIES)}")
     target = output_folder(out_dir, bench_file, "benchmark results")  # before the work
-    total = sum(getattr(config, name).units() for name in FAMILIES)
+    total = sum(getattr(config, name).units() for name in names)
     done = 0
 
     def tick(message: str) -> None:
@@ -81,16 +93,17 @@ def run_bench(out_dir: str | Path, quick: bool = False, progress: Progress | Non
 
     load = os.getloadavg()  # other work on the machine makes latencies noisy: record it
     start = time.perf_counter()
-    families = {}
-    for name, family in FAMILIES.items():
+    ran = {}
+    for name in names:
         began = time.perf_counter()
-        rows = family(getattr(config, name), tick)
-        families[name] = {"wall_s": time.perf_counter() - began, "rows": rows}
+        rows = FAMILIES[name](getattr(config, name), tick)
+        ran[name] = {"wall_s": time.perf_counter() - began, "rows": rows}
     results = {"schema_version": SCHEMA_VERSION,
                "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "quick": quick, "wall_s": time.perf_counter() - start,
                "machine": {**machine(), "load_average_at_start": list(load)},
-               "config": asdict(config), "families": families}
+               "config": {name: asdict(getattr(config, name)) for name in names},
+               "families": ran}
     if progress:
         progress("writing results", total, total)
     with replace_folder(target, bench_file, "benchmark results") as out:

@@ -266,3 +266,32 @@ def engine_throughput(config: EngineConfig, tick: Tick = _no_tick) -> list[dict]
                          "min_tokens_per_s": rate["min"], "max_tokens_per_s": rate["max"],
                          "x_hf_batch": rate["median"] / base})
     return rows
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """`fxscale serve` driven over the OpenAI API against the same engine in process, at
+    several request rates of Azure conversation lengths, both policies
+    (fxscale/studies/http_bench.py)."""
+
+    hidden: int = 1024
+    rates: tuple[float, ...] = (4.0, 12.0, 20.0)
+    seconds: float = 15.0
+    rounds: int = 3
+    policies: tuple[str, ...] = LIVE_POLICIES
+
+    def units(self) -> int:
+        """Ticks the family makes: one per (policy, rate)."""
+        return len(self.policies) * len(self.rates)
+
+
+def http_serving(config: HttpConfig, tick: Tick = _no_tick) -> list[dict]:
+    """Per (policy, rate): TTFT/TBT p50/p99, tokens/s and SLO attainment over HTTP and in
+    process, and the HTTP overhead (median, min, max over rounds)."""
+    from fxscale.studies.http_bench import HttpBench, compare_paths
+
+    bench = HttpBench(hidden=config.hidden, seconds=config.seconds)
+    rows = compare_paths(bench, config.rates, rounds=config.rounds, policies=config.policies,
+                         progress=lambda message: tick(f"http: {message}"))
+    return [{"hidden": bench.hidden, "layers": bench.layers, "trace": bench.trace, **row}
+            for row in rows]

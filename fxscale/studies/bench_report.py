@@ -16,12 +16,9 @@ def tables(results: dict[str, Any], level: int = 2) -> str:
              f"{results['generated']} in {results['wall_s']:.0f} s: {machine['device']}, "
              f"{machine['threads']} threads, {machine['platform']}; {versions}; load average "
              f"{machine['load_average_at_start'][0]:.1f} at the start."]
-    for title, render in ((f"Compile path: {_compile_caption(results)}", _compile_table),
-                          (f"Per-group profiles: {_profile_caption(results)}", _profile_table),
-                          (f"Simulator: {_simulator_caption(results)}", _simulator_table),
-                          (f"Local runtime: {_runtime_caption(results)}", _runtime_table),
-                          (f"Engine: {_engine_caption(results)}", _engine_table)):
-        lines += ["", f"{head} {title}", "", *render(results)]
+    for family, title, caption, render in SECTIONS:
+        if family in results["families"]:
+            lines += ["", f"{head} {title}: {caption(results)}", "", *render(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -153,17 +150,50 @@ def _engine_table(results: dict[str, Any]) -> list[str]:
     return _table(("hidden", "requests", "generator", "tokens/s", "x generate_batch"), body)
 
 
+def _http_caption(results: dict[str, Any]) -> str:
+    """What the HTTP rows compared."""
+    c, r = results["config"]["http"], _rows(results, "http")[0]
+    return (f"`fxscale serve` driven over the OpenAI API (streaming /v1/completions) against "
+            f"the same engine in process, {c['seconds']:g} s of {r['trace']} lengths per rate "
+            f"on a {r['layers']}-layer Llama (hidden {r['hidden']}), medians of {c['rounds']} "
+            f"interleaved rounds; overhead: http minus in process, median (min to max)")
+
+
+def _http_table(results: dict[str, Any]) -> list[str]:
+    """Latency percentiles and tokens/s of both paths per (policy, rate), and the overhead."""
+    def pair(r: dict, figure: str, scale: float = 1e3) -> str:
+        values = [r[f"{path}_{figure}"] for path in ("http", "in_process")]
+        return " / ".join("–" if v is None else f"{v * scale:.3g}" for v in values)
+
+    def spread(r: dict, name: str, unit: str, scale: float) -> str:
+        mid, low, high = (r[f"{name}{stat}{unit}"] for stat in ("", "_min", "_max"))
+        if mid is None:
+            return "–"
+        return f"{mid * scale:.3g} ({low * scale:.3g} to {high * scale:.3g})"
+
+    body = [[r["policy"], f"{r['rate_rps']:g}",
+             f"{r['http_completed']}/{r['requests']}", pair(r, "ttft_p50_s"),
+             pair(r, "ttft_p99_s"), pair(r, "tbt_p50_s"), pair(r, "tbt_p99_s"),
+             pair(r, "tokens_per_s", 1.0), spread(r, "ttft_p50_overhead", "_s", 1e3),
+             spread(r, "tbt_p50_overhead", "_s", 1e3), spread(r, "tokens_per_s_ratio", "", 1.0)]
+            for r in _rows(results, "http")]
+    return _table(("policy", "requests/s", "completed (http)", "TTFT p50 ms http / in process",
+                   "TTFT p99 ms", "TBT p50 ms", "TBT p99 ms", "tokens/s",
+                   "TTFT p50 overhead ms", "TBT p50 overhead ms", "tokens/s http / in process"),
+                  body)
+
+
 def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
-    """One figure per family, as PNG and SVG; the file names written."""
+    """One figure per family that ran, as PNG and SVG; the file names written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = []
-    for stem, draw in (("compile", _plot_compile), ("profiles", _plot_profiles),
-                       ("simulator", _plot_simulator), ("runtime", _plot_runtime),
-                       ("engine", _plot_engine)):
+    for stem, draw in PLOTS.items():
+        if stem not in results["families"]:
+            continue
         fig = draw(plt, results)
         fig.tight_layout()
         for ext in PLOT_FORMATS:
@@ -260,3 +290,35 @@ def _plot_engine(plt, results: dict[str, Any]):
           {g: [by.get((*c, g)) for c in cases] for g in generators}, "tokens/s")
     ax.set_title("engine vs Hugging Face: generated tokens/s (hidden x requests)", fontsize=9)
     return fig
+
+
+def _plot_http(plt, results: dict[str, Any]):
+    """TTFT and TBT p50 against the request rate, over HTTP and in process, per policy."""
+    rows = _rows(results, "http")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, figure, label in ((axes[0], "ttft_p50_s", "TTFT p50 (ms)"),
+                              (axes[1], "tbt_p50_s", "TBT p50 (ms)")):
+        for i, policy in enumerate(dict.fromkeys(r["policy"] for r in rows)):
+            for path, style in (("http", "-"), ("in_process", "--")):  # one colour per policy
+                points = [(r["rate_rps"], r[f"{path}_{figure}"] * 1e3) for r in rows
+                          if r["policy"] == policy and r[f"{path}_{figure}"] is not None]
+                if points:
+                    ax.plot(*zip(*points), style, color=f"C{i}", marker="o",
+                            label=f"{policy}, {path}")
+        ax.set_xlabel("requests/s")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("fxscale serve over HTTP vs the engine in process", fontsize=9)
+    return fig
+
+
+# family: (heading, caption, table), in the order the page shows them; family: plot
+SECTIONS = (("compile", "Compile path", _compile_caption, _compile_table),
+            ("profiles", "Per-group profiles", _profile_caption, _profile_table),
+            ("simulator", "Simulator", _simulator_caption, _simulator_table),
+            ("runtime", "Local runtime", _runtime_caption, _runtime_table),
+            ("engine", "Engine", _engine_caption, _engine_table),
+            ("http", "HTTP server", _http_caption, _http_table))
+PLOTS = {"compile": _plot_compile, "profiles": _plot_profiles, "simulator": _plot_simulator,
+         "runtime": _plot_runtime, "engine": _plot_engine, "http": _plot_http}

@@ -10,26 +10,17 @@ Jinja. Each missing or refused file is a clear error naming it, raised before an
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fxscale.models import zoo
+from fxscale.serving.api import ServedModel
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth",
                   "tf_model.h5", "flax_model.msgpack")
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
-
-@dataclass
-class ServedModel:
-    """A model ready to serve: the module, its tokenizer, the name clients ask for."""
-
-    model: Any
-    tokenizer: Any
-    name: str
-    source: str  # the directory, or "zoo"
 
 
 def check_model_dir(path: Path) -> None:
