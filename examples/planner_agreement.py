@@ -1,6 +1,7 @@
 """Planner vs simulator on steady Poisson load: a Markdown table of predicted and replayed p99.
 
     python examples/planner_agreement.py [--model llama-2-70b] [--device h100] [--minutes 20]
+        [--rates 2,5,10] [--layers N]
 
 For each policy and rate the planner's plan is held fixed and replayed on Poisson arrivals
 whose prompt and output lengths are drawn from the Azure 2023 conversation trace.
@@ -24,10 +25,13 @@ def main() -> None:
     parser.add_argument("--device", default="h100")
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--rates", default="2,5,10")
+    parser.add_argument("--layers", type=int, help="only this many layers (a quick check)")
     args = parser.parse_args()
-    service = preset_service(args.model, args.device)
+    service = preset_service(args.model, args.device, args.layers)
     slo = SLO(*default_slo(service.weight_bytes / 2))
-    base = load_trace("azure-conv")
+    base, context = load_trace("azure-conv").within_context(service.context_limit)
+    print(f"Azure conversation requests within the {context['limit']}-token context: "
+          f"{context['rejected']} rejected, {context['shortened_outputs']} outputs stopped at it\n")
     print("| policy | req/s | plan | devices | TTFT p99 planned / replayed | "
           "TBT p99 planned / replayed | attainment |")
     print("|---|---|---|---|---|---|---|")
@@ -37,7 +41,7 @@ def main() -> None:
         for policy in ("model", "phase", "operator"):
             p = plan(service, work, slo, policy)
             m = metrics(simulate(service, trace, policy, slo, fixed=p, workload=work), slo)
-            shape = " + ".join(f"{e['count']}x {_shape(e['engine'])}" for e in p.engines)
+            shape = " + ".join(f"{e.count}x {_shape(e.engine.to_dict())}" for e in p.engines)
             print(f"| {policy} | {rate:g} | {shape} | {p.devices} | {p.ttft_p99:.3f} / "
                   f"{m['ttft_p99']:.3f} s ({m['ttft_p99'] / p.ttft_p99 - 1:+.0%}) | "
                   f"{p.tbt_p99 * 1e3:.1f} / {m['tbt_p99'] * 1e3:.1f} ms "

@@ -10,11 +10,12 @@ import pytest
 
 from fxscale.contracts.errors import InputError
 from fxscale.contracts.group_graph import kind_name
-from fxscale.contracts.plan import SLO, Plan
+from fxscale.contracts.plan import SLO, EngineCount, LockstepShape, Plan
 from fxscale.contracts.trace import Request, Trace
 from fxscale.models.presets import preset_graph
 from fxscale.runtime.devices import load_device
-from fxscale.runtime.planner.search import Workload, plan
+from fxscale.runtime.planner.engines import LockstepEngine
+from fxscale.runtime.planner.search import Workload, plan, prefill_alone_s, prompt_points
 from fxscale.runtime.planner.service import Batch, service_model
 from fxscale.runtime.simulator.evaluate import (
     compare,
@@ -76,11 +77,41 @@ def test_kinds_fold_layers_and_reproduce_group_costs(graphs, service):
                 flops, shared, variable = service.work(kind, work)
                 expect_flops = sum(graph.cost(g, "flops", batch=batch, length=length,
                                               context=context) for g in kind_groups(graph, kind))
+                paged = graph is decode and kind.stateful  # K/V read once (finding 2)
                 expect_bytes = sum(graph.bytes_moved(g, batch=batch, length=length,
-                                                     context=context)
+                                                     context=0 if paged else context)
                                    for g in kind_groups(graph, kind))
+                if paged:
+                    expect_bytes += batch * context * kind.kv_bytes_per_token * kind.count
                 assert flops == pytest.approx(expect_flops / kind.count, rel=1e-9)
                 assert shared + variable == pytest.approx(expect_bytes / kind.count, rel=1e-9)
+
+
+def test_decode_attention_reads_the_kv_cache_once(graphs, service):
+    """Review finding 2: the paged engine reads each cached token's K and V once per step;
+    the capture's concatenating cache moves about three times that (more with GQA)."""
+    _, decode = graphs
+    stateful = [k for k in service.kinds if k.stateful]
+    assert stateful
+    for kind in stateful:
+        assert kind.decode_bytes.per_request[1] == kind.kv_bytes_per_token > 0
+        captured = sum(decode.bytes_moved(g, batch=1, length=1, context=1001)
+                       - decode.bytes_moved(g, batch=1, length=1, context=1)
+                       for g in kind_groups(decode, kind)) / kind.count / 1000
+        assert captured >= 2.5 * kind.kv_bytes_per_token
+
+
+def test_a_device_holds_what_it_reports_so_a_tp2_70b_replica_keeps_16_gb_of_kv(service):
+    """Review finding 1: an H100 80GB reports 81559 MiB (79.6 GiB), not 80e9 bytes; a
+    tensor-parallel-2 replica of Llama-2-70B (137.95 GB of weights, 320 KiB of KV per token)
+    keeps about 16 GB for KV after the 10% headroom, not 6 GB."""
+    h100 = load_device("h100")
+    assert h100.memory_bytes == 81559 * 2 ** 20
+    assert load_device("a100").memory_bytes == 81920 * 2 ** 20
+    kind = replace(service.kinds[0], count=1, param_bytes=137.95e9, kv_bytes_per_token=327680)
+    llama70 = replace(service, device=h100, kinds=[kind])
+    kv_bytes = LockstepEngine("model", 2).kv_capacity_tokens(llama70) * 327680
+    assert 15.5e9 < kv_bytes < 16.5e9
 
 
 def kind_groups(graph, kind):
@@ -149,6 +180,105 @@ def test_planner_refuses_what_cannot_be_met(service, azure):
         plan(service, workload, SLO_TIGHT, "magic")
     with pytest.raises(ValueError, match="SLO ttft and tbt must be positive"):
         SLO(ttft=0, tbt=0.1)
+
+
+def test_requests_beyond_the_context_are_rejected_or_truncated_and_counted(service):
+    """Review finding 6: a model's context is enforced, alike for every policy, and counted."""
+    trace = Trace("t", "test", [Request(0.0, 100, 10), Request(0.5, 5000, 10),
+                                Request(1.0, 4090, 20)])
+    kept, counts = trace.within_context(4096, "reject")
+    assert [(r.prompt_tokens, r.output_tokens) for r in kept.requests] == [(100, 10), (4090, 6)]
+    assert counts == {"limit": 4096, "mode": "reject", "rejected": 1, "truncated_prompts": 0,
+                      "shortened_outputs": 1}
+    cut, counts = trace.within_context(4096, "truncate")
+    assert [(r.prompt_tokens, r.output_tokens) for r in cut.requests] == [
+        (100, 10), (4095, 1), (4090, 6)]
+    assert (counts["rejected"], counts["truncated_prompts"]) == (0, 1)
+    with pytest.raises(ValueError, match="over-context mode"):
+        trace.within_context(4096, "ignore")
+    assert preset_service_context() == 4096  # Llama-2-70B's published context
+    limited = replace(service, context_limit=4096)
+    result = simulate(limited, trace, "model", SLO(5.0, 1.0))
+    assert result.context["rejected"] == 1 and len(result.ttft) == 2
+    outcome = compare(limited, trace, ("model", "operator"), SLO(5.0, 1.0),
+                      ScalingConfig(interval_s=10), tune=False, over_context="truncate")
+    assert [r["context"]["truncated_prompts"] for r in outcome["rows"]] == [1, 1]
+    assert all(r["requests"] == 3 for r in outcome["rows"])
+
+
+def preset_service_context() -> int | None:
+    """The context the preset's service model carries (the fixture's cache holds it)."""
+    from fxscale.models.presets import preset_service
+
+    return preset_service("llama-2-70b", "h100", layers=4).context_limit
+
+
+def test_the_planner_sees_the_longest_prompts():
+    """Review finding 6: the planner's prompt lengths reach the longest prompt, with the tail
+    in finer steps, instead of stopping at the 97.5th percentile."""
+    points = prompt_points(list(range(1, 10001)))
+    assert sum(w for _, w in points) == pytest.approx(1.0)
+    assert max(p for p, _ in points) == 10000
+    assert sum(w for p, w in points if p > 9900) == pytest.approx(0.01, abs=0.003)
+    work = Workload.from_requests([Request(0.0, p, 10) for p in range(1, 10001)], 1.0)
+    assert work.prompt_points == points
+
+
+def test_ttft_may_scale_with_the_prompt_and_an_infeasible_slo_names_the_long_prompts(service):
+    """Review finding 7: a TTFT allowance per prompt token; when one TTFT for all cannot be
+    met, the error says which prompts make it so."""
+    slo = SLO(0.1, 0.004, ttft_per_token=1e-4)
+    assert slo.ttft_for(1000) == pytest.approx(0.2)
+    assert slo.met(0.15, 0.001, 1000) and not slo.met(0.15, 0.001, 0)
+    with pytest.raises(ValueError, match="ttft_per_token must be seconds >= 0"):
+        SLO(1.0, 1.0, ttft_per_token=-1.0)
+    requests = [Request(i * 0.1, 30000 if i % 10 == 0 else 500, 20) for i in range(1000)]
+    work = Workload.from_requests(requests, 2.0)
+    alone = prefill_alone_s(service, 30000)
+    assert alone > 3 * prefill_alone_s(service, 500)
+    tight = SLO(alone / 2, 0.05)
+    with pytest.raises(ValueError, match=r"about 10\.0% of requests, more than the 1\.0% .* "
+                                         r"prompts of 30000 tokens or more"):
+        plan(service, work, tight, "model")
+    allowed = replace(tight, ttft_per_token=2 * alone / 30000)
+    assert plan(service, work, allowed, "model").devices >= 2
+
+
+def test_a_changed_tp_degree_retires_the_old_replicas_once_the_new_are_ready(service, azure):
+    """Review finding 5: model-level replicas of a shape the plan dropped drain when their
+    successors are ready (as an operator re-shard swaps its pool), not three intervals
+    later."""
+    base, workload = azure
+    sim = Simulation(service, poisson_resample(base, 5.0, 60, seed=1), "model", SLO_TIGHT,
+                     workload.at(5.0), ScalingConfig(interval_s=10))
+    first = plan(service, workload.at(5.0), SLO_TIGHT, "model")
+    shards = first.engines[0].engine.shards
+    wider = replace(first, engines=(EngineCount(LockstepShape("model", 8 if shards < 8 else 4),
+                                                1),))
+    sim._apply(first, 0.0, warm=True)
+    old = list(sim.engines)
+    sim._apply(wider, 10.0)
+    new = [e for e in sim.engines if e not in old]
+    assert len(new) == 1 and new[0].ready_at > 10.0
+    assert not any(e.draining for e in old)  # they serve while the successor loads
+    sim._retire_superseded(new[0].ready_at)
+    assert all(e.draining and e.retired_at == new[0].ready_at for e in old)  # idle: gone
+    assert not new[0].draining
+
+
+def test_the_agreement_example_runs(graphs, capsys, monkeypatch):
+    """examples/planner_agreement.py, the script behind docs/simulator.md's agreement table,
+    on the fixture's 4-layer model (its analysis is cached)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "planner_agreement.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--layers", "4", "--minutes", "1",
+                                      "--rates", "5"])
+    runpy.run_path(str(script), run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| model", "| phase", "| operator"]
 
 
 def test_bound_is_below_every_policy(service, azure):

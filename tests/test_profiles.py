@@ -99,7 +99,7 @@ def test_device_constants_load_with_sources():
     assert {"h100", "h200", "a100", "l4", "cpu"} <= set(device_names())
     h100 = load_device("h100")
     assert h100.peak("bf16") == pytest.approx(989.4e12) and h100.memory_bandwidth == 3.35e12
-    assert h100.memory_bytes == 80e9 and h100.interconnect["nvlink"] == 900e9
+    assert h100.memory_bytes == 81559 * 2 ** 20 and h100.interconnect["nvlink"] == 900e9
     for name in ("h100", "h200", "a100", "l4"):
         device = load_device(name)
         for key in ("peak_flops", "memory_bandwidth", "memory_bytes", "max_power_w",

@@ -14,6 +14,7 @@ from fxscale.cli.args import (
     write_json,
 )
 from fxscale.contracts.plan import POLICIES
+from fxscale.contracts.trace import CONTEXT_MODES
 
 
 def add_simulate_command(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +40,13 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
                      help="TTFT target in seconds (default by model size, see docs)")
     sim.add_argument("--slo-tbt", type=positive_float,
                      help="mean time between tokens target in seconds (default by model size)")
+    sim.add_argument("--slo-ttft-per-token", type=non_negative_float, default=0.0, metavar="S",
+                     help="TTFT allowance per prompt token in seconds, on top of --slo-ttft "
+                          "(long-context SLOs: a request's target is TTFT + S x its prompt "
+                          "tokens; default 0)")
+    sim.add_argument("--over-context", choices=CONTEXT_MODES, default="reject",
+                     help="requests whose prompt does not fit the model's context: reject "
+                          "them (default) or truncate the prompt; counted in the output")
     sim.add_argument("--attainment", type=fraction, default=0.99,
                      help="fraction of requests that must meet both targets (default 0.99)")
     sim.add_argument("--interval", type=positive_float, default=30.0,
@@ -69,17 +77,20 @@ def _simulate(args: argparse.Namespace) -> int:
     with console.status(f"analysing {args.model} (first use: about a minute, then cached)"):
         service = preset_service(args.model, args.device, args.layers)
     ttft, tbt = default_slo(service.weight_bytes / 2)
-    slo = SLO(args.slo_ttft or ttft, args.slo_tbt or tbt, args.attainment)
+    slo = SLO(args.slo_ttft or ttft, args.slo_tbt or tbt, args.attainment,
+              args.slo_ttft_per_token)
     scaling = ScalingConfig(interval_s=args.interval, headroom=args.headroom or 1.0)
     policies = tuple(POLICIES) if args.policy == "all" else (args.policy,)
     with console.status("simulating") as status:
         outcome = compare(service, trace, policies, slo, scaling, tune=args.headroom is None,
-                          fixed_gpus=args.fixed_gpus, progress=status.update)
+                          fixed_gpus=args.fixed_gpus, progress=status.update,
+                          over_context=args.over_context)
     config = {"model": args.model, "layers": args.layers, "device": args.device,
               "trace": trace.name,
               "trace_source": trace.source, "requests": len(trace.requests),
               "duration_s": trace.duration_s(), "slo_ttft": slo.ttft, "slo_tbt": slo.tbt,
-              "attainment_target": slo.attainment, "interval_s": args.interval}
+              "attainment_target": slo.attainment, "interval_s": args.interval,
+              "slo_ttft_per_token": slo.ttft_per_token, "context": outcome["context"]}
     runs = {row["policy"]: _run_json(row) for row in outcome["rows"]}
     print(simulate_table(runs, config))
     if args.json:
@@ -95,7 +106,7 @@ def _run_json(row: dict) -> dict:
     result = row["result"]
     keys = ("gpu_hours", "energy_kwh", "slo_attainment", "ttft_p50", "ttft_p99", "tbt_p50",
             "tbt_p99", "throughput_tok_s", "lower_bound_gpu_hours", "lower_bound_energy_kwh",
-            "wall_s", "requests", "policy", "headroom", "floor", "meets_target")
+            "wall_s", "requests", "policy", "headroom", "floor", "meets_target", "context")
     data = {k: row[k] for k in keys}
     data["max_rate_at_slo"] = row.get("max_rate_at_slo")
     data["fixed_gpus"] = row.get("fixed_gpus")
@@ -110,10 +121,12 @@ def simulate_table(runs: dict, config: dict) -> str:
     from rich.console import Console
     from rich.table import Table
 
+    per_token = (f" + {config['slo_ttft_per_token'] * 1e3:g} ms per prompt token"
+                 if config.get("slo_ttft_per_token") else "")
     table = Table(title=f"{config['model']} on {config['device']}, trace {config['trace']} "
                         f"({config['requests']} requests, {config['duration_s'] / 60:.0f} min); "
-                        f"SLO TTFT {config['slo_ttft']} s, TBT {config['slo_tbt']} s at "
-                        f"{config['attainment_target']:.0%}", title_justify="left")
+                        f"SLO TTFT {config['slo_ttft']} s{per_token}, TBT {config['slo_tbt']} s "
+                        f"at {config['attainment_target']:.0%}", title_justify="left")
     for col in ("policy", "GPU-h", "x bound", "energy kWh", "SLO met", "TTFT p50/p99 s",
                 "TBT p50/p99 ms", "tok/s", "setting", "max req/s @ N"):
         table.add_column(col, justify="left" if col in ("policy", "setting") else "right")
@@ -131,6 +144,13 @@ def simulate_table(runs: dict, config: dict) -> str:
     table.caption = (f"fluid lower bound: {first['lower_bound_gpu_hours']:.2f} GPU-h, "
                      f"{first['lower_bound_energy_kwh']:.2f} kWh; (!) = attainment target "
                      "not reached at any searched setting")
+    context = config.get("context") or {}
+    over = context.get("rejected", 0) + context.get("truncated_prompts", 0)
+    if over or context.get("shortened_outputs"):
+        done = "rejected" if context["mode"] == "reject" else "truncated"
+        table.caption += (f"; {over} requests longer than the model's {context['limit']}-token "
+                          f"context {done}, {context['shortened_outputs']} outputs stopped at "
+                          "it (every policy alike)")
     buffer = io.StringIO()
     Console(file=buffer, width=200, force_terminal=False, color_system=None).print(table)
     return buffer.getvalue()

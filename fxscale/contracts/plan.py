@@ -13,12 +13,14 @@ from fxscale.contracts.jsonio import Checker
 
 @dataclass(frozen=True)
 class SLO:
-    """Latency targets: TTFT and mean time between tokens (seconds), met by `attainment` of
-    requests (and predicted at that percentile)."""
+    """Latency targets: TTFT (a base, plus an allowance per prompt token) and mean time
+    between tokens (seconds), met by `attainment` of requests (and predicted at that
+    percentile)."""
 
     ttft: float
     tbt: float
     attainment: float = 0.99
+    ttft_per_token: float = 0.0  # seconds of TTFT allowed per prompt token on top of ttft
 
     def __post_init__(self) -> None:
         if not (self.ttft > 0 and self.tbt > 0):
@@ -26,6 +28,18 @@ class SLO:
                              f"{self.tbt}")
         if not 0 < self.attainment < 1:
             raise ValueError(f"SLO attainment must be in (0, 1), got {self.attainment}")
+        if not (isinstance(self.ttft_per_token, (int, float)) and self.ttft_per_token >= 0):
+            raise ValueError(f"SLO ttft_per_token must be seconds >= 0, got "
+                             f"{self.ttft_per_token!r}")
+
+    def ttft_for(self, prompt_tokens: float) -> float:
+        """The TTFT target of a request with this many prompt tokens (long prompts may be
+        allowed more, as long-context serving studies set it)."""
+        return self.ttft + self.ttft_per_token * prompt_tokens
+
+    def met(self, ttft: float, tbt: float, prompt_tokens: float = 0) -> bool:
+        """Whether a request with this TTFT and mean time between tokens met the SLO."""
+        return ttft <= self.ttft_for(prompt_tokens) and tbt <= self.tbt
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import InputError
+
+CONTEXT_MODES = ("reject", "truncate")  # what to do with a prompt longer than the context
 
 
 class TraceError(InputError):
@@ -49,6 +52,35 @@ class Trace:
         return Trace(f"{self.name}[{start_s:g}s+{duration_s if duration_s else 'end'}]",
                      self.source, [Request(r.arrival_s - start_s, r.prompt_tokens,
                                            r.output_tokens) for r in kept])
+
+    def within_context(self, limit: int | None, mode: str = "reject"
+                       ) -> tuple[Trace, dict[str, Any]]:
+        """The requests a model with a `limit`-token context can serve, and what was done to
+        the others: a prompt that leaves no room for one output token is dropped ("reject",
+        as a server answers 400) or cut to leave that room ("truncate", keeping its end);
+        an output that would run past the context stops there (finish reason "length")."""
+        if mode not in CONTEXT_MODES:
+            raise ValueError(f"over-context mode must be one of {CONTEXT_MODES}, got {mode!r}")
+        counts: dict[str, Any] = {"limit": limit, "mode": mode, "rejected": 0,
+                                  "truncated_prompts": 0, "shortened_outputs": 0}
+        if limit is None:
+            return self, counts
+        kept = []
+        for r in self.requests:
+            prompt = r.prompt_tokens
+            if prompt >= limit:
+                if mode == "reject":
+                    counts["rejected"] += 1
+                    continue
+                counts["truncated_prompts"] += 1
+                prompt = limit - 1
+            output = min(r.output_tokens, limit - prompt)
+            counts["shortened_outputs"] += output < r.output_tokens
+            kept.append(Request(r.arrival_s, prompt, output))
+        if not kept:
+            raise TraceError(f"{self.name}: every prompt is longer than the model's {limit}-token "
+                             "context; use a model with a longer context or mode 'truncate'")
+        return Trace(self.name, self.source, kept), counts
 
     def scaled(self, rate_factor: float) -> Trace:
         """The same requests arriving `rate_factor` times as fast (arrival times divided)."""

@@ -123,4 +123,5 @@ def preset_service(name: str, device: str = "h100", layers: int | None = None):
     from fxscale.runtime.planner.service import service_model
 
     return service_model(preset_graph(name, layers), preset_graph(name, layers, phase="decode"),
-                         device_model(device))
+                         device_model(device),
+                         context_limit=PRESETS[name][1].get("max_position_embeddings"))

@@ -101,8 +101,8 @@ def _timing(request: Request, future: Any, start: float) -> dict:
 
 def meets(row: dict, slo: SLO) -> bool:
     """Whether a request finished within the SLO (TTFT, and TBT when it has two tokens)."""
-    return row.get("outcome") == "ok" and row["ttft_s"] <= slo.ttft \
-        and row.get("tbt_s", 0.0) <= slo.tbt
+    return row.get("outcome") == "ok" and slo.met(row["ttft_s"], row.get("tbt_s", 0.0),
+                                                  row["prompt_tokens"])
 
 
 def summarize(rows: list[dict], slo: SLO, seconds: float) -> dict:

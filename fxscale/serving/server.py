@@ -459,8 +459,8 @@ class Server:
         summary: dict[str, Any] = {"completed": sum(e.counters["completed"] for e in everyone)}
         if self.slo is not None:
             generated = [f for f in finished if "ttft_s" in f]
-            met = sum(1 for f in generated if f["ttft_s"] <= self.slo.ttft
-                      and f.get("tbt_s", 0.0) <= self.slo.tbt)
+            met = sum(self.slo.met(f["ttft_s"], f.get("tbt_s", 0.0), f["prompt_tokens"])
+                      for f in generated)
             summary["slo_attainment"] = met / len(generated) if generated else None
         summary.update(percentiles(finished, ("ttft_s", "tbt_s", "e2e_s")))
         per_engine = [e.stats() for e in engines]

@@ -391,7 +391,7 @@ class Engine:
             for before, after in zip(record.token_times, record.token_times[1:]):
                 self.histograms["itl_s"].observe(after - before)
         timings.setdefault("e2e_s", time.perf_counter() - record.submitted)
-        timings["finish_reason"] = reason
+        timings.update(finish_reason=reason, prompt_tokens=record.prompt_len)
         self.histograms["e2e_s"].observe(timings["e2e_s"])
         self.finished.append(dict(timings))
         self.counters["completed"] += 1

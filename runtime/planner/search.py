@@ -28,7 +28,9 @@ CHUNKS = (512, 1024, 2048)
 PREFILL_CHUNKS = (1024, 2048, 4096, 8192)  # prefill-only replicas: no decode to protect
 SHARDS = (1, 2, 4, 8)
 MAX_LOOP_GAIN = 0.8
-QUANTILES = 20
+QUANTILES = 20      # equally likely prompt lengths below the tail
+TAIL = 0.05         # the longest prompts, planned in finer steps up to the longest
+TAIL_STEPS = 20
 
 
 # Default SLOs by model size (parameters): (TTFT s, mean time between tokens s). Smaller
@@ -48,7 +50,7 @@ class Workload:
     rate: float
     prompt_mean: float
     prompt_sq_mean: float
-    prompt_quantiles: tuple[float, ...]  # QUANTILES equally likely prompt lengths
+    prompt_points: tuple[tuple[float, float], ...]  # (prompt length, probability)
     output_mean: float
     context_mean: float  # mean KV length over decode steps (token-weighted)
     size_sq_mean: float  # mean of (prompt + output)^2: the spread of KV reservations
@@ -64,8 +66,7 @@ class Workload:
                                                         outputs))
         return cls(rate=rate, prompt_mean=statistics.fmean(prompts),
                    prompt_sq_mean=statistics.fmean(p * p for p in prompts),
-                   prompt_quantiles=tuple(float(prompts[int((k + 0.5) / QUANTILES * len(prompts))])
-                                          for k in range(QUANTILES)),
+                   prompt_points=prompt_points(prompts),
                    output_mean=statistics.fmean(outputs), context_mean=weighted / sum(outputs),
                    size_sq_mean=statistics.fmean((r.prompt_tokens + o) ** 2
                                                  for r, o in zip(requests, outputs)))
@@ -73,6 +74,21 @@ class Workload:
     def at(self, rate: float) -> Workload:
         """The same token statistics at another arrival rate."""
         return replace(self, rate=rate)
+
+
+def prompt_points(prompts: list[int]) -> tuple[tuple[float, float], ...]:
+    """Sorted prompt lengths as (length, probability): the middle of each of QUANTILES - 1
+    equal bins below the top TAIL, then of each of TAIL_STEPS bins of the tail, the last
+    one taken at the longest prompt (so the planner sees the tail it must serve)."""
+    n = len(prompts)
+    body = QUANTILES - 1
+    points = [(float(prompts[int((k + 0.5) * (1 - TAIL) / body * n)]), (1 - TAIL) / body)
+              for k in range(body)]
+    for j in range(TAIL_STEPS):
+        middle = int((1 - TAIL + TAIL * (j + 0.5) / TAIL_STEPS) * n)
+        rank = n - 1 if j == TAIL_STEPS - 1 else middle
+        points.append((float(prompts[rank]), TAIL / TAIL_STEPS))
+    return tuple(points)
 
 
 @dataclass
@@ -86,6 +102,7 @@ class Prediction:
     ttft_p99: float
     batch_p99: float
     busy_fraction: float
+    ttft_miss: float = 0.0  # predicted share of requests past their TTFT target
 
 
 def poisson_quantile(mean: float, q: float) -> float:
@@ -165,18 +182,19 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
         tbt99 = engine.step(service, worst)[0]
         busy_fraction = min(1.0, engine.step(service, here)[1] / (step * engine.devices))
     if not prefill:
-        return Prediction(step, step, tbt99, 0.0, 0.0, batch99, busy_fraction)
+        return Prediction(step, step, tbt99, 0.0, 0.0, batch99, busy_fraction, 0.0)
     ttft = _ttft(service, engine, count, work, slo, chunk * lanes, step, mean_batch)
     if ttft is None:
         return None
     if not decode:
         busy_fraction = ttft[2]
-    return Prediction(step, step, tbt99, ttft[0], ttft[1], batch99, busy_fraction)
+    return Prediction(step, step, tbt99, ttft[0], ttft[1], batch99, busy_fraction, ttft[3])
 
 
 def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, chunk: int,
-          step: float, decoding: float) -> tuple[float, float, float] | None:
-    """(TTFT p50, TTFT at the attainment percentile, prefill utilisation), or None.
+          step: float, decoding: float) -> tuple[float, float, float, float] | None:
+    """(TTFT p50, TTFT at the attainment percentile, prefill utilisation, share of requests
+    past their own TTFT target), or None.
 
     Prompts queue for prefill tokens: an M/G/c queue whose service time is a prompt's tokens
     over the engine's prefill rate (chunk tokens per full step). Wait: Erlang C scaled by
@@ -213,24 +231,26 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
     # tokens, i.e. its wait stretches by (1 + utilisation). Mixed replicas chunk instead.
     joining = 0.0 if step else work.rate / count * typical
     stretch = 1.0 if step else 1.0 + load / count
-    owns = [own(p, joining) + residual for p in work.prompt_quantiles]
+    owns = [(own(p, joining) + residual, p, w) for p, w in work.prompt_points]
+
+    def late(t: float, o: float) -> float:
+        """P(TTFT > t) of a prompt whose own prefill takes o."""
+        left = (t - o) / stretch
+        return 1.0 if left < 0 else (
+            waiting * math.exp(-left * waiting / mean_wait) if mean_wait > 0 else 0.0)
 
     def tail(t: float) -> float:
-        total = 0.0
-        for o in owns:
-            left = (t - o) / stretch
-            total += 1.0 if left < 0 else (
-                waiting * math.exp(-left * waiting / mean_wait) if mean_wait > 0 else 0.0)
-        return total / len(owns)
+        return sum(w * late(t, o) for o, _, w in owns)
 
     def percentile(q: float) -> float:
-        low, high = 0.0, max(owns) + 50 * mean_wait + 1.0
+        low, high = 0.0, max(o for o, _, _ in owns) + 50 * mean_wait + 1.0
         for _ in range(30):
             mid = (low + high) / 2
             low, high = (mid, high) if tail(mid) > 1 - q else (low, mid)
         return high
 
-    return percentile(0.5), percentile(slo.attainment), load / count
+    miss = sum(w * late(slo.ttft_for(p), o) for o, p, w in owns)
+    return percentile(0.5), percentile(slo.attainment), load / count, miss
 
 
 def _power(service: ServiceModel, devices: int, busy: float) -> float:
@@ -258,7 +278,7 @@ def _fewest(ok, low: int = 1, high: int = 4096) -> int | None:
 
 def _meets(p: Prediction | None, slo: SLO) -> bool:
     """Whether a prediction meets the SLO."""
-    return p is not None and p.tbt_p99 <= slo.tbt and p.ttft_p99 <= slo.ttft
+    return p is not None and p.tbt_p99 <= slo.tbt and p.ttft_miss <= 1 - slo.attainment
 
 
 def _candidates_model(service, work, slo):
@@ -285,7 +305,7 @@ def _candidates_phase(service, work, slo):
             continue
         count = _fewest(lambda n: (p := predict(service, engine, n, work, slo, chunk,
                                                 decode=False)) is not None
-                        and p.ttft_p99 <= slo.ttft)
+                        and p.ttft_miss <= 1 - slo.attainment)
         if count is not None:
             p = predict(service, engine, count, work, slo, chunk, decode=False)
             cand = (count * shards, _power(service, count * shards, p.busy_fraction),
@@ -298,7 +318,7 @@ def _candidates_phase(service, work, slo):
         # the cache crosses min(prefill, decode) network links
         transfer = kv_transfer_s(service, work.prompt_mean, min(shards, best_prefill[2].shards)
                                  if best_prefill else shards)
-        budget = SLO(slo.ttft, slo.tbt - transfer / work.output_mean, slo.attainment)
+        budget = replace(slo, tbt=slo.tbt - transfer / work.output_mean)
         if budget.tbt <= 0:
             continue
         count = _fewest(lambda n: (p := predict(service, engine, n, work, budget, 0,
@@ -363,7 +383,8 @@ def plan(service: ServiceModel, work: Workload, slo: SLO, policy: str,
         limit = f" within {max_devices} devices" if max_devices else ""
         raise ValueError(f"no {policy} deployment of {service.model} on {service.device.name} "
                          f"meets TTFT {slo.ttft} s and TBT {slo.tbt} s at {work.rate:.3g} "
-                         f"req/s{limit}; relax the SLO or allow more devices")
+                         f"req/s{limit}{too_long_for_ttft(service, work, slo)}; relax the SLO "
+                         "(--slo-ttft-per-token allows long prompts more) or allow more devices")
     devices, power, pools, chunk = best
     decode_pred = pools[-1][2]
     prefill_pred = pools[0][2]
@@ -373,6 +394,30 @@ def plan(service: ServiceModel, work: Workload, slo: SLO, policy: str,
                 ttft_p50=prefill_pred.ttft_p50, ttft_p99=prefill_pred.ttft_p99,
                 tbt_p50=decode_pred.tbt_p50, tbt_p99=decode_pred.tbt_p99, chunk=chunk,
                 groups=tuple(group_placement(service, pools, slo, work, chunk)))
+
+
+def prefill_alone_s(service: ServiceModel, prompt: float) -> float:
+    """Seconds one prompt's prefill takes alone on the fastest shape (the widest tensor
+    parallelism, the largest chunk): no deployment gives it a shorter TTFT."""
+    engine, chunk = LockstepEngine("prefill", max(SHARDS)), max(PREFILL_CHUNKS)
+    tokens = min(prompt, chunk)
+    return math.ceil(prompt / chunk) * engine.step(service, Batch(1, tokens, tokens * tokens))[0]
+
+
+def too_long_for_ttft(service: ServiceModel, work: Workload, slo: SLO) -> str:
+    """Which prompts miss their TTFT target even alone on the fastest shape, as a clause
+    for an error message ('' when every prompt can meet it)."""
+    late = [(p, w, t) for p, w in work.prompt_points
+            if (t := prefill_alone_s(service, p)) > slo.ttft_for(p)]
+    if not late:
+        return ""
+    share = sum(w for _, w, _ in late)
+    longest, _, seconds = max(late)
+    verdict = "more than" if share > 1 - slo.attainment else "within"
+    return (f" (about {share:.1%} of requests, {verdict} the {1 - slo.attainment:.1%} the "
+            f"attainment target allows to miss, have prompts of {min(p for p, _, _ in late):.0f}"
+            f" tokens or more, which no deployment prefills within their TTFT: the longest, "
+            f"{longest:.0f} tokens, takes {seconds:.2f} s alone on {max(SHARDS)} devices)")
 
 
 def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,

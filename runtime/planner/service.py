@@ -96,6 +96,7 @@ class ServiceModel:
     device: DeviceModel
     kinds: list[Kind]
     dtype: str = "bf16"
+    context_limit: int | None = None  # longest prompt + output the model takes (tokens)
 
     @property
     def weight_bytes(self) -> float:
@@ -186,8 +187,17 @@ def _poly(text: str, roles: dict[str, str], where: str) -> Poly:
     return Poly(tuple(shared), tuple(per_request))
 
 
+def paged_decode_bytes(captured: Poly, kv_bytes_per_token: float) -> Poly:
+    """A stateful group's decode bytes as the paged engine moves them: each cached token's K
+    and V read once. The capture's concatenating cache reads the old cache, writes it again
+    with the new token and reads that copy (about three reads, more with GQA's repeated
+    heads); the terms that do not grow with the context are kept."""
+    p0, _, _ = captured.per_request
+    return Poly(captured.shared, (p0, kv_bytes_per_token, 0.0))
+
+
 def service_model(prefill: GroupGraph, decode: GroupGraph, device: DeviceModel,
-                  dtype: str = "bf16") -> ServiceModel:
+                  dtype: str = "bf16", context_limit: int | None = None) -> ServiceModel:
     """Fold a model's prefill and decode GroupGraphs into kinds on a device."""
     decode_by_name = {g.name: g for g in decode.groups}
     missing = [g.name for g in prefill.groups if g.name not in decode_by_name]
@@ -211,6 +221,8 @@ def service_model(prefill: GroupGraph, decode: GroupGraph, device: DeviceModel,
             raise ValueError(f"decode group {d.id}: a cost quadratic in the context is outside "
                              "the service model (decode iterations track context sums only)")
         kv = parse_expr(d.kv_bytes_per_token)  # decode holds the real cache (no GQA repeat)
+        if g.stateful and float(kv):
+            costs = (*costs[:3], paged_decode_bytes(costs[3], float(kv)))
         key = (kind_name(g.name), costs, g.param_bytes, str(kv), g.stateful)
         entry = folded.setdefault(key, {"ids": [], "group": g, "costs": costs, "kv": float(kv)})
         entry["ids"].append(g.id)
@@ -221,4 +233,4 @@ def service_model(prefill: GroupGraph, decode: GroupGraph, device: DeviceModel,
                   prefill_flops=e["costs"][0], prefill_bytes=e["costs"][1],
                   decode_flops=e["costs"][2], decode_bytes=e["costs"][3])
              for key, e in folded.items()]
-    return ServiceModel(prefill.model, device, kinds, dtype)
+    return ServiceModel(prefill.model, device, kinds, dtype, context_limit)

@@ -51,8 +51,9 @@ def weighted_quantile(samples: list[tuple[float, int]], q: float) -> float:
 
 def metrics(result: Result, slo: SLO) -> dict:
     """The per-run numbers of a replay (latencies in seconds, energy in kWh)."""
-    met = sum(1 for ttft, tpot in zip(result.ttft, result.tpot)
-              if ttft <= slo.ttft and tpot <= slo.tbt)
+    prompts = result.prompts or [0] * len(result.ttft)
+    met = sum(slo.met(ttft, tpot, prompt)
+              for ttft, tpot, prompt in zip(result.ttft, result.tpot, prompts))
     return {"gpu_hours": result.device_seconds / 3600, "energy_kwh": result.energy_j / 3.6e6,
             "slo_attainment": met / len(result.ttft),
             "ttft_p50": quantile(result.ttft, 0.5), "ttft_p99": quantile(result.ttft, 0.99),
@@ -110,7 +111,7 @@ def best_setting(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
     workload = Workload.from_requests(trace.requests, trace.rate())
     settings = [(h, f) for f in (FLOORS if policy != "static" else (0.0,))
                 for h in HEADROOMS] if tune else [(scaling.headroom, 0.0)]
-    best = fallback = None
+    best = fallback = refusal = None
     done_floors: set[float] = set()
     for headroom, floor in settings:
         if floor in done_floors:
@@ -120,8 +121,9 @@ def best_setting(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
         try:
             result, row = run_setting(service, trace, policy, slo,
                                       replace(scaling, headroom=headroom), floor, workload)
-        except ValueError:
-            continue  # no deployment of this policy meets the SLO at that rate
+        except ValueError as err:
+            refusal = err  # no deployment of this policy meets the SLO at that rate
+            continue
         row.update(policy=policy, headroom=headroom, floor=floor, result=result)
         if row["slo_attainment"] >= slo.attainment:
             done_floors.add(floor)
@@ -133,7 +135,7 @@ def best_setting(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
             fallback = row
     chosen = best or fallback
     if chosen is None:
-        raise ValueError(f"no {policy} deployment meets the SLO at any headroom; relax the SLO")
+        raise ValueError(f"no {policy} deployment meets the SLO at any headroom: {refusal or 'no setting was replayed'}")
     chosen["meets_target"] = best is not None
     return chosen
 
@@ -202,9 +204,13 @@ def widest_plan(service: ServiceModel, workload: Workload, slo: SLO, policy: str
 
 def compare(service: ServiceModel, trace: Trace, policies, slo: SLO, scaling: ScalingConfig,
             tune: bool = True, fixed_gpus: int | None = None,
-            progress: Callable[[str], None] | None = None) -> dict:
-    """Run policies on a trace; return rows (metrics per policy) and the bound."""
+            progress: Callable[[str], None] | None = None,
+            over_context: str = "reject") -> dict:
+    """Run policies on a trace; return rows (metrics per policy) and the bound. Requests
+    beyond the model's context are rejected or truncated alike for every policy (counted in
+    each row's `context`)."""
     start = time.perf_counter()
+    trace, context = trace.within_context(service.context_limit, over_context)
     bound = lower_bound(service, trace, scaling.interval_s)
     rows = []
     for policy in policies:
@@ -212,7 +218,8 @@ def compare(service: ServiceModel, trace: Trace, policies, slo: SLO, scaling: Sc
         row = best_setting(service, trace, policy, slo, scaling, tune, progress)
         if fixed_gpus is not None:
             row.update(max_rate_at_slo(service, trace, policy, slo, fixed_gpus, progress))
-        row.update(bound)
+        row.update(bound, context=context)
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
-    return {"rows": rows, "bound": bound, "wall_s": time.perf_counter() - start}
+    return {"rows": rows, "bound": bound, "context": context,
+            "wall_s": time.perf_counter() - start}

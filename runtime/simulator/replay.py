@@ -57,6 +57,7 @@ class EngineState:
         self.ready_at, self.requested_at = ready_at, requested_at
         self.retired_at: float | None = None
         self.draining = False
+        self.superseded = False  # its shape left the plan: it drains once successors serve
         self.waiting: deque[int] = deque()
         self.prefilling: list[list[int]] = []  # [request, tokens done]
         self.joining: deque[int] = deque()     # prefilled elsewhere, waiting for a decode slot
@@ -99,6 +100,8 @@ class Result:
     duration_s: float
     timeline: list[dict] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
+    prompts: list[int] = field(default_factory=list)  # per request, for length-scaled SLOs
+    context: dict | None = None  # requests rejected or cut at the model's context
 
 
 class Simulation:
@@ -164,6 +167,10 @@ class Simulation:
             have = [e for e in live if e.spec == spec]
             for _ in range(count - len(have)):
                 self._add(spec, role, now, warm, p.chunk)
+        shapes = {spec for spec, _, _ in target}
+        for engine in live:  # a changed tensor-parallel degree replaces these replicas
+            engine.superseded = engine.spec not in shapes
+        self._retire_superseded(now)
         settled = all(e.ready_at <= now for e in live)
         if (self.shrink.due and settled) or warm:
             keep = {spec: count for spec, _, count in target}
@@ -176,6 +183,19 @@ class Simulation:
                     engine.draining = True
                     self._retire_if_idle(engine, now)
             self.shrink.done()
+
+    def _retire_superseded(self, now: float) -> None:
+        """Drain the replicas of a shape the plan dropped once every replica of their role
+        in the plan's shapes is ready: replaced at the successor's readiness, as an operator
+        re-shard swaps its dense pool, rather than after the shrink hysteresis."""
+        for engine in self.engines:
+            if not engine.superseded or engine.draining or engine.retired_at is not None:
+                continue
+            successors = [e for e in self.engines if e.role == engine.role and not e.superseded
+                          and not e.draining and e.retired_at is None]
+            if successors and all(e.ready_at <= now for e in successors):
+                engine.draining = True
+                self._retire_if_idle(engine, now)
 
     def _apply_operator(self, p: Plan, live: list[EngineState], now: float, warm: bool) -> None:
         """Resize the one operator engine: a larger shape serves once its added devices have
@@ -247,6 +267,7 @@ class Simulation:
                 remaining -= self._complete(payload, now)
             elif what == "ready":
                 self._wake(payload, now)
+                self._retire_superseded(now)
             elif what == "tick":
                 self._tick(now)
             elif what == "transfer":
@@ -538,13 +559,18 @@ class Simulation:
                 for fin, ft, r in zip(self.finish, self.first_token, self.requests)]
         return Result(self.policy, ttft, tpot, self.gaps, device_s, energy,
                       sum(r.output_tokens for r in self.requests),
-                      end - self.requests[0].arrival_s, self.timeline, self.decisions)
+                      end - self.requests[0].arrival_s, self.timeline, self.decisions,
+                      [r.prompt_tokens for r in self.requests])
 
 
 def simulate(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
              scaling: ScalingConfig | None = None, fixed: Plan | None = None,
-             workload: Workload | None = None) -> Result:
-    """Replay `trace` under `policy` (autoscaled, or held at a `fixed` plan)."""
+             workload: Workload | None = None, over_context: str = "reject") -> Result:
+    """Replay `trace` under `policy` (autoscaled, or held at a `fixed` plan); requests beyond
+    the model's context are rejected or truncated first (counted in `Result.context`)."""
+    trace, context = trace.within_context(service.context_limit, over_context)
     work = workload or Workload.from_requests(trace.requests, trace.rate())
-    return Simulation(service, trace, policy, slo, work, scaling or ScalingConfig(),
-                      fixed).run()
+    result = Simulation(service, trace, policy, slo, work, scaling or ScalingConfig(),
+                        fixed).run()
+    result.context = context
+    return result

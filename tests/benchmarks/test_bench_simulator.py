@@ -43,7 +43,7 @@ def test_planner_call(benchmark, service, conversation, policy, rate):
 @pytest.mark.parametrize("trace_name", ["azure-conv", "azure-code"])
 def test_one_hour_replay(benchmark, service, policy, trace_name):
     benchmark.group = f"1-hour replay, llama-2-70b on h100, {trace_name}"
-    trace = load_trace(trace_name)
+    trace, _ = load_trace(trace_name).within_context(service.context_limit)
     fixed = None
     if policy == "static":  # the static deployment: planned for the peak 30-s rate
         fixed = plan(service, Workload.from_requests(trace.requests, peak_rate(trace, 30.0)),
