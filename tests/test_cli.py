@@ -122,6 +122,30 @@ def test_simulate_all_policies_table(tmp_path, monkeypatch, capsys):
         assert SIMULATE_KEYS <= set(run) and run["max_rate_at_slo"] is None
 
 
+def test_simulate_enforces_the_context_and_scales_ttft_with_the_prompt(tmp_path, monkeypatch,
+                                                                       capsys):
+    """Llama-2-7B takes 4,096 tokens: a trace with longer prompts has them rejected or cut,
+    counted in the caption and the JSON; --slo-ttft-per-token reaches the SLO."""
+    monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    trace = tmp_path / "long.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:{i // 60:02d}:{i % 60:02d}.0,{6000 if i % 4 == 0 else 300},20\n"
+        for i in range(0, 120, 2)))
+    for mode, done in (("reject", "rejected"), ("truncate", "truncated")):
+        out = tmp_path / f"{mode}.json"
+        assert main(["simulate", "--model", "llama-2-7b", "--layers", "2", "--trace",
+                     str(trace), "--policy", "model", "--slo-ttft", "0.5", "--slo-tbt", "0.05",
+                     "--slo-ttft-per-token", "0.0001", "--headroom", "1",
+                     "--over-context", mode, "--json", str(out)]) == 0
+        caption = " ".join(capsys.readouterr().out.split())
+        assert f"30 prompts that do not fit the model's 4096-token context {done}" in caption
+        assert "+ 0.1 ms per prompt token" in caption
+        data = json.loads(out.read_text())
+        assert data["context"]["rejected" if mode == "reject" else "truncated_prompts"] == 30
+        assert data["config"]["slo_ttft_per_token"] == 0.0001
+        assert data["requests"] == (30 if mode == "reject" else 60)
+
+
 def test_simulate_bad_input_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,x,3\n")

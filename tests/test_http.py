@@ -40,7 +40,7 @@ require("uvicorn")
 
 from fxscale.models.loading import check_model_dir, load_model  # noqa: E402
 from fxscale.serving.tokenizer import train_tokenizer  # noqa: E402
-from fxscale.studies.http_bench import start_serve  # noqa: E402
+from fxscale.studies.http_bench import start_serve, stop_serve  # noqa: E402
 
 KEY = "test-key-123"
 WORDS = ("operator", "group", "attention", "cache", "token", "scale", "model", "replica",
@@ -85,9 +85,7 @@ def served(model_dir):
     proc, base = start_serve(model_dir, "--api-key", KEY, "--max-pending", "40",
                               "--kv-cache-tokens", "4096")
     yield proc, base
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    stop_serve(proc, grace_s=10)
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,12 @@ from fxscale.runtime.traces import load_trace
 from fxscale.runtime.devices import load_device
 from fxscale.kernels import paged_attention, rms_norm, rotary, write_kv
 from fxscale.serving.api import build_app
+from fxscale.runtime.devices.calibrate import load_all_reduce
 for name in fxscale.__all__:
     getattr(fxscale, name)
 print(json.dumps({"file": fxscale.__file__, "requests": len(load_trace("azure-conv").requests),
-                  "h100": load_device("h100").memory_bytes}))
+                  "h100": load_device("h100").memory_bytes,
+                  "all_reduce_sizes": len(load_all_reduce("h100")[8][0])}))
 """
 
 
@@ -73,6 +75,7 @@ def test_public_imports_and_data_files_come_from_the_wheel(fresh, tmp_path):
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["file"].startswith(str(fresh)), found  # not the source tree
     assert found["requests"] > 1000 and found["h100"] == 81559 * 2 ** 20
+    assert found["all_reduce_sizes"] > 900  # the measured profiles ship in the wheel
 
 
 def test_the_cli_runs_from_the_wheel(fresh, tmp_path):

@@ -192,8 +192,12 @@ def test_requests_beyond_the_context_are_rejected_or_truncated_and_counted(servi
                       "shortened_outputs": 1}
     cut, counts = trace.within_context(4096, "truncate")
     assert [(r.prompt_tokens, r.output_tokens) for r in cut.requests] == [
-        (100, 10), (4095, 1), (4090, 6)]
-    assert (counts["rejected"], counts["truncated_prompts"]) == (0, 1)
+        (100, 10), (4086, 10), (4090, 6)]  # the cut prompt leaves room for its output
+    assert (counts["rejected"], counts["truncated_prompts"], counts["shortened_outputs"]) == (
+        0, 1, 1)
+    long_answer, _ = Trace("t", "test", [Request(0.0, 5000, 9000)]).within_context(4096,
+                                                                                 "truncate")
+    assert [(r.prompt_tokens, r.output_tokens) for r in long_answer.requests] == [(2048, 2048)]
     with pytest.raises(ValueError, match="over-context mode"):
         trace.within_context(4096, "ignore")
     assert preset_service_context() == 4096  # Llama-2-70B's published context

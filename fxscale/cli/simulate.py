@@ -148,9 +148,9 @@ def simulate_table(runs: dict, config: dict) -> str:
     over = context.get("rejected", 0) + context.get("truncated_prompts", 0)
     if over or context.get("shortened_outputs"):
         done = "rejected" if context["mode"] == "reject" else "truncated"
-        table.caption += (f"; {over} requests longer than the model's {context['limit']}-token "
-                          f"context {done}, {context['shortened_outputs']} outputs stopped at "
-                          "it (every policy alike)")
+        table.caption += (f"; {over} prompts that do not fit the model's {context['limit']}-"
+                          f"token context {done}, {context['shortened_outputs']} outputs stopped "
+                          "at it (every policy alike)")
     buffer = io.StringIO()
     Console(file=buffer, width=200, force_terminal=False, color_system=None).print(table)
     return buffer.getvalue()

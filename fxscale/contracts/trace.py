@@ -57,8 +57,9 @@ class Trace:
                        ) -> tuple[Trace, dict[str, Any]]:
         """The requests a model with a `limit`-token context can serve, and what was done to
         the others: a prompt that leaves no room for one output token is dropped ("reject",
-        as a server answers 400) or cut to leave that room ("truncate", keeping its end);
-        an output that would run past the context stops there (finish reason "length")."""
+        as a server answers 400) or cut, keeping its end, to leave room for its output (or
+        for half the context, if the output is longer: "truncate"); an output that would run
+        past the context stops there (finish reason "length")."""
         if mode not in CONTEXT_MODES:
             raise ValueError(f"over-context mode must be one of {CONTEXT_MODES}, got {mode!r}")
         counts: dict[str, Any] = {"limit": limit, "mode": mode, "rejected": 0,
@@ -67,15 +68,16 @@ class Trace:
             return self, counts
         kept = []
         for r in self.requests:
-            prompt = r.prompt_tokens
+            prompt, output = r.prompt_tokens, r.output_tokens
             if prompt >= limit:
                 if mode == "reject":
                     counts["rejected"] += 1
                     continue
                 counts["truncated_prompts"] += 1
-                prompt = limit - 1
-            output = min(r.output_tokens, limit - prompt)
-            counts["shortened_outputs"] += output < r.output_tokens
+                prompt = max(limit // 2, limit - output)
+            elif prompt + output > limit:
+                counts["shortened_outputs"] += 1
+            output = min(output, limit - prompt)
             kept.append(Request(r.arrival_s, prompt, output))
         if not kept:
             raise TraceError(f"{self.name}: every prompt is longer than the model's {limit}-token "

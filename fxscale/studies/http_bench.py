@@ -18,6 +18,7 @@ generated token is one streamed chunk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import statistics
@@ -103,30 +104,42 @@ class HttpBench:
 def start_serve(model: Path | str, *args: str,
                 timeout_s: float = READY_TIMEOUT_S) -> tuple[subprocess.Popen, str]:
     """`fxscale serve MODEL` on a free port of 127.0.0.1 in its own process; the process and
-    its base URL once /ready answers (a clear error with its stderr if it never does)."""
+    its base URL once /ready answers (a clear error with its log if it never does). Its
+    stderr goes to a temporary file (`server_log`), so a chatty server never blocks."""
     import httpx
 
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "fxscale", "serve", str(model), "--port", "0",
                              "--log-level", "warning", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    proc.log = log  # read by server_log, closed by stop_serve
     line = proc.stdout.readline()
-    if "http://" not in line:
-        proc.kill()
-        raise RuntimeError(f"fxscale serve did not start: {line}{proc.stderr.read()}")
-    base = line.split(" on ")[1].split("/v1")[0]
+    failure = None if "http://" in line else f"fxscale serve did not start: {line}"
+    base = "" if failure else line.split(" on ")[1].split("/v1")[0]
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while failure is None:
         if proc.poll() is not None:
-            raise RuntimeError(f"fxscale serve exited with {proc.returncode}: "
-                               f"{proc.stderr.read()}")
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
+            failure = f"fxscale serve exited with {proc.returncode}: "
+        elif time.monotonic() > deadline:
+            failure = f"fxscale serve was not ready in {timeout_s:g} s: "
+        else:
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    return proc, base
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+    message = failure + server_log(proc)
     proc.kill()
-    raise RuntimeError(f"fxscale serve was not ready in {timeout_s:g} s: {proc.stderr.read()}")
+    stop_serve(proc)
+    raise RuntimeError(message)
+
+
+def server_log(proc: subprocess.Popen) -> str:
+    """What a server started by start_serve has written to stderr so far."""
+    proc.log.flush()
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def stop_serve(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
@@ -138,7 +151,7 @@ def stop_serve(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    for stream in (proc.stdout, proc.stderr):
+    for stream in (proc.stdout, getattr(proc, "log", None)):
         if stream:
             stream.close()
 
@@ -225,15 +238,17 @@ def compare_paths(bench: HttpBench, rates: tuple[float, ...], rounds: int = 3,
         served = load_model(str(model_dir))
         vocab = served.model.config.vocab_size
         for policy in policies:
-            proc, base = start_serve(model_dir, "--policy", policy, *cli)
-            server = fxscale.serve(served.model, policy=policy, **bench.server_options())
+            with contextlib.ExitStack() as stack:  # whatever started stops, whatever fails
+                proc, base = start_serve(model_dir, "--policy", policy, *cli)
+                stack.callback(stop_serve, proc)
+                server = stack.enter_context(fxscale.serve(served.model, policy=policy,
+                                                           **bench.server_options()))
 
-            def run(path: str, requests: list[Request], prompts: list[list[int]]) -> dict:
-                if path == "http":
-                    return http_load(base, key, served.name, requests, prompts, slo)
-                return replay(server, requests, slo, seed=bench.seed)  # the same prompts
+                def run(path: str, requests: list[Request], prompts: list[list[int]]) -> dict:
+                    if path == "http":
+                        return http_load(base, key, served.name, requests, prompts, slo)
+                    return replay(server, requests, slo, seed=bench.seed)  # the same prompts
 
-            try:
                 warm = bench.schedule(rates[0])[:8]  # shapes, threads, connections: untimed
                 for path in PATHS:
                     run(path, warm, trace_prompts(warm, vocab, bench.seed))
@@ -248,9 +263,6 @@ def compare_paths(bench: HttpBench, rates: tuple[float, ...], rounds: int = 3,
                         for path in PATHS if i % 2 == 0 else PATHS[::-1]:  # drift hits both
                             runs[path].append(run(path, requests, prompts)["summary"])
                     out.append(_row(policy, rate, runs))
-            finally:
-                server.close()
-                stop_serve(proc)
     return out
 
 

@@ -39,4 +39,6 @@ def load_device(name: str) -> DeviceModel:
         max_power_w=spec["max_power_w"], idle_power_w=spec["idle_power_w"],
         compute_efficiency=eff["compute"], memory_efficiency=eff["memory"],
         half_time_s=eff["half_time_s"], launch_overhead_s=eff["launch_overhead_s"],
-        sources={**spec["sources"], "efficiency": catalogue["efficiency"]["sources"]})
+        sources={**spec["sources"], "efficiency": catalogue["efficiency"]["sources"]},
+        all_reduce={int(n): (c["latency_s"], c["bandwidth"])
+                    for n, c in spec.get("all_reduce", {}).items()})

@@ -7,6 +7,9 @@ Pure Python: the planner and simulator import this without torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+UNMEASURED_ALL_REDUCE_LATENCY_S = 10e-6  # assumption, for devices without measured profiles
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class DeviceModel:
     half_time_s: float
     launch_overhead_s: float
     sources: dict[str, str] = field(default_factory=dict)
+    # workers on one node -> (latency s, ring bandwidth B/s), fitted to measured all-reduces
+    all_reduce: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for a dtype, with a clear error for dtypes the device has no rate for."""
@@ -49,6 +54,22 @@ class DeviceModel:
         return self.launch_overhead_s + max(self.compute_time(flops, dtype),
                                             self.memory_time(nbytes))
 
+    def all_reduce_time(self, nbytes: float, workers: int) -> float:
+        """Seconds of an all-reduce of `nbytes` over `workers` devices of one node: the
+        measured ring constants of the smallest measured worker count >= `workers` (the
+        largest otherwise); without measurements, a ring over the fastest link at
+        UNMEASURED_ALL_REDUCE_LATENCY_S (an assumption)."""
+        if workers <= 1:
+            return 0.0
+        if self.all_reduce:
+            counts = sorted(self.all_reduce)
+            latency, bandwidth = self.all_reduce[next((n for n in counts if n >= workers),
+                                                      counts[-1])]
+        else:
+            latency = UNMEASURED_ALL_REDUCE_LATENCY_S
+            bandwidth = self.interconnect.get("nvlink", self.interconnect["pcie"])
+        return ring_all_reduce_time(nbytes, workers, latency, bandwidth)
+
     def bound(self, flops: float, nbytes: float, dtype: str = "bf16") -> str:
         """'compute' or 'memory': which side of the roofline the work falls on."""
         return "compute" if self.compute_time(flops, dtype) >= self.memory_time(nbytes) \
@@ -58,6 +79,12 @@ class DeviceModel:
         """Arithmetic intensity (FLOP/B) where the roofline turns from memory- to compute-bound."""
         return (self.peak(dtype) * self.compute_efficiency) / (
             self.memory_bandwidth * self.memory_efficiency)
+
+
+def ring_all_reduce_time(nbytes: Any, workers: int, latency: float, bandwidth: float) -> Any:
+    """A ring all-reduce: a fixed latency plus 2(n-1)/n of the bytes over each link (also
+    elementwise over an array of sizes)."""
+    return latency + 2 * (workers - 1) / workers * nbytes / bandwidth
 
 
 def _ramp_time(work: float, rate: float, half_time: float) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from fxscale.contracts.plan import LockstepShape, OperatorShape
+from fxscale.runtime.devices.model import UNMEASURED_ALL_REDUCE_LATENCY_S
 from fxscale.runtime.planner.service import Batch, ServiceModel
 
 MEMORY_HEADROOM = 0.10
@@ -77,12 +78,14 @@ class OperatorEngine(OperatorShape):
         return attention, dense, comm, busy
 
     def _hop(self, service: ServiceModel, batch: Batch, bytes_per_token: float) -> float:
-        """Seconds to move one micro-batch's activations between pools (NVLink within a
-        node of 8, the network beyond)."""
-        link = service.device.interconnect
-        bandwidth = link.get("nvlink", link["pcie"]) if self.devices <= 8 else link["network"]
-        per_device = max(1, min(self.attention, self.dense_replicas))
-        return 10e-6 + batch.tokens * max(bytes_per_token, 1.0) / (bandwidth * per_device)
+        """Seconds to move one micro-batch's activations between pools, over as many links
+        as the smaller pool has devices: within a node of 8, what a measured 2-device
+        all-reduce of those bytes takes (one exchange over NVLink); beyond, the network."""
+        links = max(1, min(self.attention, self.dense_replicas))
+        nbytes = batch.tokens * max(bytes_per_token, 1.0) / links
+        if self.devices <= 8:
+            return service.device.all_reduce_time(nbytes, 2)
+        return UNMEASURED_ALL_REDUCE_LATENCY_S + nbytes / service.device.interconnect["network"]
 
     def step(self, service: ServiceModel, batch: Batch) -> tuple[float, float]:
         """(seconds, busy device-seconds) of one iteration over the whole batch."""

@@ -199,8 +199,8 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
     Prompts queue for prefill tokens: an M/G/c queue whose service time is a prompt's tokens
     over the engine's prefill rate (chunk tokens per full step). Wait: Erlang C scaled by
     (1 + Cs^2) / 2 (Allen-Cunneen), exponential given that it waits. TTFT = wait + the
-    prompt's own chunks + half a step; its percentile mixes the wait over the prompt-length
-    quantiles."""
+    prompt's own chunks + half a step; its percentile mixes the wait over the weighted prompt
+    lengths (prompt_points)."""
     ctx = work.context_mean
 
     def own(p: float, joining: float = 0.0) -> float:
@@ -381,10 +381,13 @@ def plan(service: ServiceModel, work: Workload, slo: SLO, policy: str,
             best = cand
     if best is None:
         limit = f" within {max_devices} devices" if max_devices else ""
+        per_token = f" + {slo.ttft_per_token:g} s per prompt token" if slo.ttft_per_token \
+            else ""
         raise ValueError(f"no {policy} deployment of {service.model} on {service.device.name} "
-                         f"meets TTFT {slo.ttft} s and TBT {slo.tbt} s at {work.rate:.3g} "
-                         f"req/s{limit}{too_long_for_ttft(service, work, slo)}; relax the SLO "
-                         "(--slo-ttft-per-token allows long prompts more) or allow more devices")
+                         f"meets TTFT {slo.ttft} s{per_token} and TBT {slo.tbt} s at "
+                         f"{work.rate:.3g} req/s{limit}{too_long_for_ttft(service, work, slo)}; "
+                         "relax the SLO (SLO.ttft_per_token, `fxscale simulate "
+                         "--slo-ttft-per-token`, allows long prompts more) or allow more devices")
     devices, power, pools, chunk = best
     decode_pred = pools[-1][2]
     prefill_pred = pools[0][2]

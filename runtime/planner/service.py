@@ -19,9 +19,6 @@ from fxscale.contracts.exprs import parse_expr
 from fxscale.contracts.group_graph import GroupGraph, kind_name
 from fxscale.runtime.devices.model import DeviceModel
 
-# All-reduce start-up latency per call (NCCL small-message latency on NVLink; an assumption
-# documented in docs/simulator.md).
-ALLREDUCE_LATENCY_S = 10e-6
 _B, _X = sympy.symbols("b x")
 
 
@@ -138,8 +135,8 @@ class ServiceModel:
         device = self.device
         one = device.latency(flops / split, shared / shards + variable / split, self.dtype)
         if shards > 1 and kind.sharded_comm:
-            one += allreduce_time(batch.tokens * kind.out_bytes_per_token / replicas, shards,
-                                  device.interconnect.get("nvlink", device.interconnect["pcie"]))
+            one += device.all_reduce_time(batch.tokens * kind.out_bytes_per_token / replicas,
+                                          shards)
         return one * kind.count
 
     def iteration_time(self, batch: Batch, shards: int = 1) -> float:
@@ -157,11 +154,6 @@ class ServiceModel:
             flops, _, variable = self.work(k, batch)
             seconds += k.count * max(flops / rate, variable / bandwidth)
         return seconds
-
-
-def allreduce_time(nbytes: float, shards: int, bandwidth: float) -> float:
-    """Ring all-reduce of `nbytes` over `shards` devices: 2(n-1)/n of the bytes per link."""
-    return ALLREDUCE_LATENCY_S + 2 * (shards - 1) / shards * nbytes / bandwidth
 
 
 def _poly(text: str, roles: dict[str, str], where: str) -> Poly:

@@ -135,7 +135,7 @@ def best_setting(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
             fallback = row
     chosen = best or fallback
     if chosen is None:
-        raise ValueError(f"no {policy} deployment meets the SLO at any headroom: {refusal or 'no setting was replayed'}")
+        raise ValueError(str(refusal) if refusal else f"no {policy} setting was replayed")
     chosen["meets_target"] = best is not None
     return chosen
 

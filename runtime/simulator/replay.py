@@ -168,8 +168,9 @@ class Simulation:
             for _ in range(count - len(have)):
                 self._add(spec, role, now, warm, p.chunk)
         shapes = {spec for spec, _, _ in target}
+        replacing = wanted >= current or self.shrink.due or warm  # shrinking waits, as ever
         for engine in live:  # a changed tensor-parallel degree replaces these replicas
-            engine.superseded = engine.spec not in shapes
+            engine.superseded = replacing and engine.spec not in shapes
         self._retire_superseded(now)
         settled = all(e.ready_at <= now for e in live)
         if (self.shrink.due and settled) or warm:
