@@ -44,6 +44,7 @@ ROW_KEYS = {
                  "length": int, "median_ms": float, "p10_ms": float, "p90_ms": float,
                  "repeats": int},
     "simulator": {"model": str, "layers": int, "device": str, "trace": str, "requests": int,
+                  "rejected_over_context": int,
                   "duration_s": float, "slo_scale": float, "slo_ttft_s": float,
                   "slo_tbt_s": float, "policy": str, "gpu_hours": float,
                   "lower_bound_gpu_hours": float, "energy_kwh": float,

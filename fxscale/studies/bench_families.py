@@ -180,6 +180,7 @@ def simulator_policies(config: SimulatorConfig, tick: Tick = _no_tick) -> list[d
             outcome = compare(service, trace, config.policies, slo, scaling)
             rows += [{"model": model, "layers": config.layers, "device": config.device,
                       "trace": trace_name, "requests": len(trace.requests),
+                      "rejected_over_context": outcome["context"]["rejected"],
                       "duration_s": trace.duration_s(), "slo_scale": scale,
                       "slo_ttft_s": slo.ttft, "slo_tbt_s": slo.tbt,
                       **{key: _finite(row[key]) for key in SIMULATOR_KEYS},
