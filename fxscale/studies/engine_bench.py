@@ -41,16 +41,9 @@ class EngineBench:
 
     def model(self) -> torch.nn.Module:
         """The Llama (random weights, eval mode, in the benchmark's dtype)."""
-        import transformers as tf
-
-        torch.manual_seed(self.seed)
-        config = tf.LlamaConfig(vocab_size=4096, hidden_size=self.hidden,
-                                intermediate_size=2 * self.hidden,
-                                num_hidden_layers=self.layers,
-                                num_attention_heads=self.hidden // 64,
-                                num_key_value_heads=min(4, self.hidden // 64),
-                                max_position_embeddings=self.longest + self.new_tokens + 16)
-        return tf.LlamaForCausalLM(config).eval().to(self.device, getattr(torch, self.dtype))
+        model = bench_llama(self.hidden, self.layers, 4096, self.longest + self.new_tokens + 16,
+                            self.seed)
+        return model.eval().to(self.device, getattr(torch, self.dtype))
 
     def prompts(self) -> list[list[int]]:
         """The prompts' token ids."""
@@ -58,6 +51,20 @@ class EngineBench:
         return [[rng.randrange(3, 4096) for _ in range(rng.randint(self.shortest,
                                                                    self.longest))]
                 for _ in range(self.requests)]
+
+
+def bench_llama(hidden: int, layers: int, vocab_size: int, max_positions: int, seed: int,
+                **config: Any) -> torch.nn.Module:
+    """A Llama from a config with random weights (seeded): head dim 64, up to 4 KV heads, an
+    MLP twice as wide as `hidden`; `config` adds LlamaConfig fields (special token ids)."""
+    import transformers as tf
+
+    heads = max(1, hidden // 64)
+    torch.manual_seed(seed)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=min(4, heads), max_position_embeddings=max_positions, **config))
 
 
 def _engine(bench: EngineBench, model: torch.nn.Module, policy: str) -> Callable[[], list]:

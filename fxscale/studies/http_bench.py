@@ -76,19 +76,14 @@ class HttpBench:
     def write_model(self, path: Path) -> Path:
         """Save the Llama and the built-in tokenizer to `path`, a model directory."""
         import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
 
         from fxscale.serving.tokenizer import SPECIALS, builtin_tokenizer
+        from fxscale.studies.engine_bench import bench_llama
 
         tokenizer = builtin_tokenizer()
-        heads = max(1, self.hidden // 64)
-        torch.manual_seed(self.seed)
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=self.hidden,
-            intermediate_size=2 * self.hidden, num_hidden_layers=self.layers,
-            num_attention_heads=heads, num_key_value_heads=min(4, heads),
-            max_position_embeddings=self.max_prompt + self.max_new + 16,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2))
+        model = bench_llama(self.hidden, self.layers, len(tokenizer),
+                            self.max_prompt + self.max_new + 16, self.seed,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
         with torch.no_grad():  # special tokens decode to no text: never emit one
             model.lm_head.weight[:len(SPECIALS)] = 0.0
         model.save_pretrained(path)
