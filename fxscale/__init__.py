@@ -18,6 +18,7 @@ _EXPORTS = {
     "InputError": "contracts.errors", "Group": "contracts.group_graph",
     "GroupEdge": "contracts.group_graph", "GroupGraph": "contracts.group_graph",
     "SLO": "contracts.plan", "Plan": "contracts.plan", "Sampling": "contracts.sampling",
+    "Devices": "contracts.devices", "PlacementError": "contracts.devices",
     "Grid": "profiling.measure", "profile": "profiling.measure",
     "serve": "serving.server", "Server": "serving.server", "OverloadError": "serving.server",
     "ServerClosedError": "serving.server",

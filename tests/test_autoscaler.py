@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fxscale
+from fxscale.contracts.devices import PlacementError
 from fxscale.contracts.plan import SLO
 from fxscale.models import zoo
 from fxscale.runtime.autoscaling.autoscaler import Autoscaler
@@ -162,6 +163,65 @@ def test_autoscaler_does_not_flap_on_a_load_at_the_threshold():
     for tokens in THRESHOLD_LOADS:  # 3 replicas, then 2 would do (just)
         interval(tokens)
     assert len(pool.scaled_to) == 1, f"flapped: {pool.scaled_to}"
+
+
+class BoundPool(FakePool):
+    """A pool on devices with room for `room` replicas: more is refused, as a Server does."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def scale(self, n):
+        if n > self.room:
+            raise PlacementError(f"no device has room for replica {n}")
+        super().scale(n)
+
+
+def test_autoscaler_grows_as_far_as_the_devices_allow_and_says_they_bind(caplog):
+    pool = BoundPool(room=2)
+    scaler, interval = stepped(pool, down_after=3)
+    with caplog.at_level(logging.INFO, logger="fxscale.autoscaler"):
+        interval(250)                  # the plan wants 3 or more; 2 fit
+    assert pool.replicas == 2 and pool.scaled_to == [2]
+    grown = scaler.decisions[-1]
+    assert (grown.old, grown.new, grown.action) == (1, 2, "scale up")
+    assert "devices bind at 2" in grown.reason and "room for replica" in grown.reason
+    assert "devices bind" in caplog.text
+    interval(250)                      # still bound as said: no new decision
+    interval(250)
+    assert scaler.decisions == [grown] and pool.replicas == 2
+    full = BoundPool(room=1)           # bound from the start: one hold, said once
+    scaler, interval = stepped(full, down_after=3)
+    for _ in range(3):
+        interval(250)
+    assert [(d.old, d.new, d.action) for d in scaler.decisions] == \
+        [(1, 1, "hold (devices bind)")] and full.scaled_to == []
+
+
+def test_attention_replicas_grow_to_hold_the_kv_the_requests_want_and_shrink_with_it():
+    pool = FakePool()
+    pool.stateful = True
+    wanted = [300]
+    clock = [0.0]
+    scaler = Autoscaler(lambda: {"attention": pool}, SLO(1.0, 0.05), budget=2,
+                        interval_s=1.0, down_after=2, clock=lambda: clock[0],
+                        kv=lambda: (wanted[0], 100))
+    scaler.last = {"attention": (0.0, pool.counters())}
+
+    def interval():
+        clock[0] += 1.0
+        scaler.step()
+
+    interval()                         # no compute load; 300 blocks over 100 each + 20%
+    assert pool.replicas == 4 and "KV: the requests held want 300 blocks" in \
+        scaler.decisions[-1].reason    # beyond the compute budget of 2: KV is memory
+    wanted[0] = 70
+    interval()
+    assert pool.replicas == 4          # hysteresis
+    interval()
+    assert pool.replicas == 2          # 70 blocks with 40% headroom: 2 replicas of 100
+    assert scaler.timeline[-1]["kv_blocks_wanted"] == 70
 
 
 def test_autoscale_needs_an_slo():

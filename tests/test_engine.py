@@ -9,7 +9,9 @@ import threading
 import pytest
 import torch
 
+from fxscale.contracts.devices import Devices
 from fxscale.contracts.group_graph import GroupGraph
+from fxscale.contracts.placement import Placement
 from fxscale.models import zoo
 from fxscale.runtime.engine import Engine
 from fxscale.runtime.engine.attention import find_attention
@@ -28,7 +30,7 @@ def engine_for(model, num_blocks=512, budget=512, max_len=512, norms=None):
     else:
         runner = PooledRunner(copy, layers, num_blocks, 16,
                               {"granularity": "operator", "lowering": "eager"},
-                              threading.Semaphore(2), backend="torch", norms=norms)
+                              Placement(Devices(slots=2)), backend="torch", norms=norms)
         runner.warm_up()
     return Engine(runner, SchedulerConfig(max_num_batched_tokens=budget), num_blocks, max_len)
 
@@ -111,7 +113,7 @@ def test_two_micro_batches_side_by_side_give_the_same_tokens(llama):
     copy = private_copy(llama)
     layers, _ = find_attention(copy)
     runner = PooledRunner(copy, layers, 256, 16, {"granularity": "operator", "lowering": "eager"},
-                          threading.Semaphore(2), backend="torch")
+                          Placement(Devices(slots=2)), backend="torch")
     runner.warm_up()
     engine = Engine(runner, SchedulerConfig(max_num_batched_tokens=64), 256, 512,
                     micro_batches=2)

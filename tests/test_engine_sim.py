@@ -122,3 +122,63 @@ def test_the_simulator_predicts_the_live_engine_within_ten_percent(policy, repli
     assert set(errors) == {"ttft_p50_s", "ttft_p90_s", "tbt_p50_s", "tbt_p90_s"}
     assert all(math.isfinite(e) for e in errors.values())
     assert max(errors.values()) <= 0.10, (run["live"], run["predicted"])
+
+
+# ---- a deployment in simulated time: replicas on devices, scaled by the live autoscaler ----
+def deployed(policy: str, devices, autoscale: bool = True):
+    """A 1-layer Llama-like deployment: weights 100 bytes, KV 50 bytes per replica."""
+    from fxscale.contracts.plan import SLO
+    from fxscale.runtime.simulator.deployment import DeployedGroup, Deployment
+
+    groups = [DeployedGroup(GroupModel("emb", "rows", linear(1e-4, 1e-6)), False, 10, 0),
+              DeployedGroup(GroupModel("l0/gemm", "rows", linear(2e-3, 2e-5)), False, 40, 0),
+              DeployedGroup(GroupModel("l0/attention", "attention",
+                                       linear(2e-4, 1e-6, 1e-8)), True, 0, 50),
+              DeployedGroup(GroupModel("l0/mlp", "rows", linear(3e-3, 3e-5)), False, 50, 0)]
+    if policy == "model":
+        whole = [g.model for g in groups]
+        groups = [DeployedGroup(GroupModel(
+            "model", "attention", lambda t, c: sum(g.seconds(t, c) for g in whole)), True,
+            100, 50)]
+    return Deployment(policy, tuple(groups), SchedulerConfig(), 64, devices, SLO(2.0, 0.2),
+                      autoscale=autoscale)
+
+
+def long_requests(count: int = 300, seed: int = 0) -> list[Request]:
+    """Requests whose KV outgrows one replica's 64 blocks."""
+    import random
+
+    rng = random.Random(seed)
+    return sorted((Request(rng.uniform(0, 10), rng.randint(100, 300), rng.randint(20, 60))
+                   for _ in range(count)), key=lambda r: r.arrival_s)
+
+
+def test_a_fixed_deployment_is_the_engine_simulator_step_for_step():
+    from fxscale.contracts.devices import Devices
+    from fxscale.runtime.simulator.deployment import simulate_deployment
+
+    requests = long_requests(120)
+    deployment = deployed("operator", Devices(1, None, 2), autoscale=False)
+    got = simulate_deployment(deployment, requests)["token_times"]
+    assert got == simulate_engine([g.model for g in deployment.groups], requests,
+                                  SchedulerConfig(), 64, {}, 2)
+
+
+def test_the_same_devices_bind_model_replicas_before_attention_replicas():
+    """Two devices of 180 bytes: a model replica (150) fits once per device; operator-level
+    holds its 100 bytes of weights once and adds 50-byte attention replicas. Every request
+    is served, no device holds more than its memory, and the decisions say the devices bind."""
+    from fxscale.contracts.devices import Devices
+    from fxscale.runtime.simulator.deployment import simulate_deployment
+
+    requests = long_requests()
+    peak = {}
+    for policy in ("model", "operator"):
+        out = simulate_deployment(deployed(policy, Devices(2, 180, 1)), requests)
+        assert all(len(t) == r.output_tokens for t, r in zip(out["token_times"], requests))
+        assert all(b <= 180 for s in out["samples"] for b in s["device_bytes"])
+        stateful = "model" if policy == "model" else "l0/attention"
+        peak[policy] = max(s["replicas"][stateful] for s in out["samples"])
+        reasons = " ".join(d["reason"] for d in out["autoscaler"]["decisions"])
+        assert "KV: the requests held want" in reasons and "devices bind" in reasons
+    assert peak == {"model": 2, "operator": 4}, peak

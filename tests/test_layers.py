@@ -21,9 +21,9 @@ LAYERS = {
     "fxscale.runtime.traces": 1, "fxscale.runtime.scheduling": 1,
     "fxscale.runtime.executors": 1,
     "fxscale.compiler": 2, "fxscale.runtime.planner": 2,
-    "fxscale.runtime.simulator": 3, "fxscale.runtime.autoscaling": 3, "fxscale.export": 3,
-    "fxscale.runtime.engine": 3,
-    "fxscale.profiling": 4, "fxscale.serving": 4,
+    "fxscale.runtime.autoscaling": 3, "fxscale.export": 3, "fxscale.runtime.engine": 3,
+    # the simulator drives the live autoscaler in simulated time
+    "fxscale.profiling": 4, "fxscale.serving": 4, "fxscale.runtime.simulator": 4,
     "fxscale.models": 5, "fxscale.reporting": 5,
     "fxscale.studies": 6,
     "fxscale.cli": 7,

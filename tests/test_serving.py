@@ -436,7 +436,7 @@ def test_close_ends_the_wait_of_clients_not_yet_admitted(llama):
             outcomes.append(err)
 
     clients = [threading.Thread(target=client, args=(i,)) for i in range(6)]
-    with server.slots:  # budget 1: no group call runs while the test holds it
+    with server.placement.slots[0]:  # budget 1 (one device, one slot): no group call runs while the test holds it
         for thread in clients:
             thread.start()
         while server.in_flight < 2:

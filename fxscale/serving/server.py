@@ -1,6 +1,7 @@
 """`fxscale.serve`: serve a model on the engine, its operator groups in replica pools.
 
-    with fxscale.serve(model, policy="operator", budget=2) as server:
+    devices = fxscale.Devices(count=2, memory=512 << 20, slots=1)
+    with fxscale.serve(model, policy="operator", devices=devices) as server:
         logits = server.submit(input_ids).result()
         tokens = server.generate(input_ids, max_new_tokens=32).result()
         for token in server.generate(input_ids, max_new_tokens=32, stream=True): ...
@@ -10,7 +11,11 @@
 Requests go to the engine (runtime/engine): iteration-level continuous batching with chunked
 prefill over a paged KV cache; each step is one flat batch of tokens, compiled once through
 the fxscale backend and run group by group on per-group pools of replicas (runtime/executors:
-threads of this process, `budget` executions at once). `policy="operator"`: one engine whose
+threads of this process). Every replica is placed on one of the deployment's `devices`
+(fxscale.Devices: count, memory, slots; by default one device of unbounded memory with `budget`
+slots): its weights and KV caches must fit in that device's memory, and its calls take that
+device's slots; a replica that fits nowhere is refused (PlacementError), and the autoscaler
+then scales as far as the devices allow and says so. `policy="operator"`: one engine whose
 groups scale alone (a row-wise group splits a step's tokens over its replicas; attention
 replicas each hold the KV blocks of their requests, so all attention groups scale together).
 `policy="model"`: the whole model is one group, each replica of it an engine of its own, and
@@ -38,7 +43,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from fxscale.contracts.devices import Devices
 from fxscale.contracts.metrics import merge_reports, percentiles
+from fxscale.contracts.placement import Demand, Placement
 from fxscale.contracts.plan import LIVE_POLICIES, SLO, Plan
 from fxscale.contracts.sampling import Sampling
 from fxscale.runtime.autoscaling.autoscaler import Autoscaler
@@ -116,10 +123,29 @@ def _positive(name: str, value: Any, most: int) -> None:
         raise ValueError(f"{name} must be an integer from 1 to {most}, got {value!r}")
 
 
+def _devices(devices: Devices | str | None, budget: int | None) -> Devices:
+    """The deployment's devices: as given ('4x512MiB' parsed), or one device of unbounded
+    memory with `budget` slots (2 when neither is given)."""
+    if budget is not None:
+        _positive("budget", budget, MAX_BUDGET)
+    if devices is None:
+        return Devices(1, None, budget or 2)
+    if isinstance(devices, str):
+        devices = Devices.parse(devices)
+    if not isinstance(devices, Devices):
+        raise ValueError(f"devices must be a fxscale.Devices (or 'COUNTxMEMORY[xSLOTS]'), got "
+                         f"{type(devices).__name__}")
+    if budget is not None and budget != devices.total_slots:
+        raise ValueError(f"budget={budget} disagrees with devices ({devices.describe()}: "
+                         f"{devices.total_slots} slots); give one or the other")
+    return devices
+
+
 class Server:
     """A model served by the engine from per-group replica pools (module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, policy: str = "operator", budget: int = 2,
+    def __init__(self, model: torch.nn.Module, policy: str = "operator",
+                 budget: int | None = None,
                  slo: SLO | None = None, backend: str = "local", max_pending: int = 64,
                  submit_timeout_s: float = 10.0, lowering: str = "eager",
                  warmup: bool = True, metrics_port: int | None = None,
@@ -129,7 +155,8 @@ class Server:
                  block_size: int = 16, replicas: int = 1,
                  service: Callable[[str, int, int], float] | None = None,
                  dtype: str | torch.dtype | None = None, micro_batches: int = 1,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None,
+                 devices: Devices | str | None = None) -> None:
         if policy not in LIVE_POLICIES:
             raise ValueError(f"policy must be one of {LIVE_POLICIES}, got {policy!r}")
         if autoscale and slo is None:
@@ -138,7 +165,9 @@ class Server:
         if backend != "local":
             raise ValueError(f"backend {backend!r} is not available; this build serves on "
                              "the embedded local runtime: backend='local'")
-        for name, value, most in (("budget", budget, MAX_BUDGET),
+        devices = _devices(devices, budget)
+        budget = devices.total_slots
+        for name, value, most in (("budget (devices x slots)", budget, MAX_BUDGET),
                                   ("max_pending", max_pending, MAX_PENDING),
                                   ("max_batch", max_batch, MAX_BATCH),
                                   ("max_num_batched_tokens", max_num_batched_tokens,
@@ -160,7 +189,8 @@ class Server:
         if max_model_len is not None:  # a shorter context than the model's, never longer
             _positive("max_model_len", max_model_len, self.max_len)
             self.max_len = max_model_len
-        self.slots = threading.Semaphore(budget)
+        self.devices = devices
+        self.placement = Placement(devices)
         self.num_blocks = -(-kv_cache_tokens // block_size)
         self.schedule = SchedulerConfig(max_num_batched_tokens, max_batch, block_size)
         self.submit_timeout_s, self.max_pending = submit_timeout_s, max_pending
@@ -196,7 +226,8 @@ class Server:
                 self._forget_warmup()
             if autoscale:
                 self.autoscaler = Autoscaler(lambda: dict(self.pools), slo, budget,
-                                             autoscale_interval_s, scale=self._autoscale)
+                                             autoscale_interval_s, scale=self._autoscale,
+                                             kv=self.kv_demand)
                 self.autoscaler.start()
             if metrics_port is not None:  # opt-in Prometheus endpoint (loopback by default)
                 from fxscale.serving.prometheus import start_metrics
@@ -220,11 +251,14 @@ class Server:
         if why is not None:
             warnings.warn(f"fxscale.serve: {type(self.model).__name__}'s attention cannot use "
                           f"the paged KV cache ({why}); the engine serves it one request at "
-                          "a time per step, without operator groups", stacklevel=4)
+                          "a time per step, without operator groups"
+                          + (" or placement on the devices' memory"
+                             if self.devices.memory is not None else ""), stacklevel=4)
             return SequentialRunner(served)
         granularity = "operator" if self.policy == "operator" else "model"
         runner = PooledRunner(served, layers, self.num_blocks, self.schedule.block_size,
-                              {"granularity": granularity, "lowering": lowering}, self.slots,
+                              {"granularity": granularity, "lowering": lowering},
+                              self.placement,
                               service=service)
         runner.warm_up()
         return runner
@@ -347,7 +381,8 @@ class Server:
     def scale(self, group: str, replicas: int) -> list[str]:
         """Set the replica count of a group (its name, or a pattern like
         'model.layers.*#1/attention'); returns the groups scaled. Attention groups scale
-        together (a request's KV blocks of every layer live on one attention replica)."""
+        together (a request's KV blocks of every layer live on one attention replica). A
+        PlacementError (nothing changed) when the new replicas do not fit on the devices."""
         names = self._matching(group)
         self._resize({name: replicas for name in names})
         return names
@@ -401,11 +436,21 @@ class Server:
             raise ValueError(f"{len(targets)} groups resized would make {total} replicas in "
                              f"all, more than {MAX_REPLICAS} (fxscale.serving.MAX_REPLICAS)")
         dense = [(self.pools[n], r) for n, r in targets.items() if not self.pools[n].stateful]
+        self.placement.check([d for pool, r in dense for d in pool.additions(r)] +
+                             (self._attention_additions(attention[0]) if attention else []))
         if dense:  # between steps: a step's parts are spread over the replicas it found
             engine = self.engines[0]
             engine.control(lambda: [pool.scale(r) for pool, r in dense]).result()
         if attention:
             self._attention_replicas(attention[0])
+
+    def _attention_additions(self, count: int) -> list[Demand]:
+        """The replicas `count` attention (or model) replicas would start: each new one's
+        state in every stateful pool, kept together (keys stand in for the ones it will get)."""
+        have = len(self.engines) if self.policy == "model" else \
+            self.engines[0].attention_replicas()
+        stateful = [p for p in self.pools.values() if p.stateful]
+        return [pool.demand(-1 - i) for i in range(count - have) for pool in stateful]
 
     def _attention_replicas(self, count: int) -> None:
         """Attention replicas of the operator policy's engine, or model replicas."""
@@ -480,10 +525,28 @@ class Server:
         for key in ("tokens_per_step", "requests_per_step", "decodes_per_step"):
             steps[key] = sum(s[key] for s in per_engine) / len(per_engine)
         return {"policy": self.policy, "budget": self.budget_size, "in_flight": self.in_flight,
+                "devices": self.placement.stats(),
                 "engine": steps,
                 "groups": {name: pool.stats() for name, pool in sorted(self.pools.items())},
                 "requests": summary,
                 "autoscaler": self.autoscaler.report() if self.autoscaler else None}
+
+    def kv_demand(self) -> tuple[int, int]:
+        """(KV blocks the requests held need at their full length, blocks an attention or
+        model replica holds): what the autoscaler sizes attention replicas by."""
+        with self.engines_lock:
+            engines = list(self.engines)
+        return sum(e.scheduler.blocks_wanted() for e in engines), self.num_blocks
+
+    def device_bytes(self) -> list[dict[str, int]]:
+        """Per device, the weight and KV bytes its replicas hold now, measured from their
+        tensors (what the placement promised to keep within each device's memory)."""
+        held = [{"weight_bytes": 0, "kv_bytes": 0} for _ in range(self.devices.count)]
+        for pool in list(self.pools.values()):
+            for device, weights, kv in pool.held():
+                held[device]["weight_bytes"] += weights
+                held[device]["kv_bytes"] += kv
+        return held
 
     def close(self) -> None:
         """Stop accepting requests (waiting ones get ServerClosedError at once), finish those
@@ -516,6 +579,8 @@ class Server:
 
 
 def serve(model: torch.nn.Module, policy: str = "operator", slo: SLO | None = None,
-          budget: int = 2, backend: str = "local", **options: Any) -> Server:
-    """Serve a model on the engine, its operator groups in replica pools on this machine."""
+          budget: int | None = None, backend: str = "local", **options: Any) -> Server:
+    """Serve a model on the engine, its operator groups in replica pools on this machine's
+    (virtual) devices: `devices=fxscale.Devices(count, memory, slots)`, or `budget` slots on
+    one device of unbounded memory."""
     return Server(model, policy=policy, budget=budget, slo=slo, backend=backend, **options)

@@ -26,6 +26,7 @@ import torch.fx.experimental._config as fx_config
 
 from fxscale.compiler.backend import fxscale_backend
 from fxscale.contracts.group_graph import GroupGraph
+from fxscale.contracts.placement import Placement
 from fxscale.contracts.step import Step
 from fxscale.runtime.engine.attention import AttentionLayer
 from fxscale.runtime.engine.inputs import StepTensors, step_tensors
@@ -56,11 +57,11 @@ class PooledRunner:
     """A compiled step function whose group calls run on per-group pools (module docstring)."""
 
     def __init__(self, model: torch.nn.Module, layers: list[AttentionLayer], num_blocks: int,
-                 block_size: int, options: dict[str, Any], slots: threading.Semaphore,
+                 block_size: int, options: dict[str, Any], placement: Placement,
                  backend: str = "auto",
                  service: Callable[[str, int, int], float] | None = None,
                  norms: bool | None = None) -> None:
-        self.model, self.block_size, self.slots = model, block_size, slots
+        self.model, self.block_size, self.placement = model, block_size, placement
         # service-time injection: (group, tokens, context tokens) -> seconds a call takes
         self.service = service
         self.options = options
@@ -100,7 +101,7 @@ class PooledRunner:
                 "rows" if group.batchable and splittable(io, tokens) else "whole"
             with self.pools_lock:
                 pool = self.pools.setdefault(group.name, LocalPool(
-                    group.name, group.stateful, self.slots,
+                    group.name, group.stateful, self.placement,
                     None if self.service is None else functools.partial(self.service,
                                                                         group.name)))
             state = StateSlots(tuple(i for i, r in enumerate(arg_roles)

@@ -1,5 +1,6 @@
 """The local executor: each replica is a thread of this process holding its own copy of its
-group's state; `slots` bounds how many executions run at once over every pool.
+group's state, placed on one of the deployment's devices (contracts/placement.py):
+its state counts against that device's memory, and its executions take that device's slots.
 
 A call split into several parts runs them on their replicas' threads side by side; a call of
 one part runs on the caller's thread with that replica's state (no hand-over). A part that
@@ -18,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from fxscale.contracts.metrics import CALL_BUCKETS_S, Histogram, quantile
+from fxscale.contracts.placement import Demand, Placement
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,12 @@ class GroupError(RuntimeError):
 
 class LocalReplica:
     """A worker thread with its own state: for each state tensor of the model (by id), this
-    replica's copy (replica 0 of a pool holds the model's own tensors)."""
+    replica's copy (replica 0 of a pool holds the model's own tensors); its calls take the
+    slots of its device."""
 
-    def __init__(self, key: int, slots: threading.Semaphore, name: str) -> None:
-        self.key, self.slots = key, slots
+    def __init__(self, key: int, slots: threading.Semaphore, name: str, device: int = 0
+                 ) -> None:
+        self.key, self.slots, self.device = key, slots, device
         self.state: dict[int, torch.Tensor] = {}
         self.inbox: queue.Queue = queue.Queue()
         self.executions, self.busy_s = 0, 0.0
@@ -102,25 +106,19 @@ class LocalReplica:
     def state_bytes(self, caches: set[int]) -> tuple[int, int]:
         """Bytes of the weights and of the KV caches it holds (`caches`: ids of the model's
         cache tensors)."""
-        weights = kv = 0
-        for ident, t in self.state.items():
-            size = t.numel() * t.element_size()
-            if ident in caches:
-                kv += size
-            else:
-                weights += size
-        return weights, kv
+        return split_bytes(self.state, caches)
 
 
 class LocalPool:
     """The replicas of one group (see the module docstring). The model's state tensors a
     group's calls pass are learnt from the calls; replica 0 holds the model's own, a new
     replica copies the weights and zeroes the KV caches it knows of when it starts (and any
-    tensor first seen later, on first use)."""
+    tensor first seen later, on first use). Each replica is placed on a device when it starts
+    (an attention replica next to its other layers) and frees that memory when it stops."""
 
-    def __init__(self, name: str, stateful: bool, slots: threading.Semaphore,
+    def __init__(self, name: str, stateful: bool, placement: Placement,
                  service: Callable[[int, int], float] | None = None) -> None:
-        self.name, self.stateful, self.slots = name, stateful, slots
+        self.name, self.stateful, self.placement = name, stateful, placement
         # service-time injection: (tokens, context tokens) -> seconds an execution takes
         self.service = service
         self.known: dict[int, tuple[torch.Tensor, bool]] = {}  # id -> (tensor, is a cache)
@@ -153,7 +151,10 @@ class LocalPool:
                 for i in new:
                     self.known[id(args[i])] = (args[i], i in state.caches)
                 for replica in self.replicas.values():
-                    replica.state.update(self._copies(replica.key, new_only=replica.state))
+                    copies = self._copies(replica.key, new_only=replica.state)
+                    replica.state.update(copies)
+                    self.placement.charge(self.name, replica.key, *split_bytes(
+                        copies, {ident for ident in copies if self.known[ident][1]}))
         if not self.called:
             self.called = True
             if not self.stateful:
@@ -169,10 +170,24 @@ class LocalPool:
                 torch.zeros_like(tensor) if cache else tensor.clone()
         return out
 
+    def demand(self, key: int) -> Demand:
+        """What a replica with this key would hold (to place it, or to check it would fit)."""
+        with self.lock:
+            tensors = {ident: tensor for ident, (tensor, _) in self.known.items()}
+            caches = {ident for ident, (_, cache) in self.known.items() if cache}
+        weights, kv = split_bytes(tensors, caches)
+        return Demand(self.name, key, weights, kv, key if self.stateful else None)
+
     def add(self, key: int) -> None:
-        """Start a replica with this key (an attention replica: the scheduler's replica id)."""
+        """Start a replica with this key (an attention replica: the scheduler's replica id)
+        on a device with room (PlacementError when none has)."""
         start = time.perf_counter()
-        replica = LocalReplica(key, self.slots, self.name)
+        device = self.placement.place(self.demand(key))
+        try:
+            replica = LocalReplica(key, self.placement.slots[device], self.name, device)
+        except BaseException:
+            self.placement.release(self.name, key)
+            raise
         with self.lock:
             replica.start(self._copies(key))
             self.replicas[key] = replica
@@ -180,10 +195,17 @@ class LocalPool:
         self.ready_s.append(time.perf_counter() - start)
 
     def remove(self, key: int) -> None:
-        """Stop the replica with this key."""
+        """Stop the replica with this key and free its device's memory."""
         with self.lock:
             replica = self.replicas.pop(key)
         replica.stop()
+        self.placement.release(self.name, key)
+
+    def additions(self, replicas: int) -> list[Demand]:
+        """The replicas `scale(replicas)` would start (to check they fit first)."""
+        keys = range(self.next_key, self.next_key + replicas - len(self.replicas)) \
+            if self.called else ()
+        return [self.demand(key) for key in keys]
 
     def scale(self, replicas: int) -> None:
         """Have this many replicas (a dense group; started once its state is known)."""
@@ -254,6 +276,12 @@ class LocalPool:
         with self.lock:
             return list(self.samples)
 
+    def held(self) -> list[tuple[int, int, int]]:
+        """(device, weight bytes, KV bytes) of the state each replica holds now, measured
+        from its tensors."""
+        caches = {ident for ident, (_, cache) in self.known.items() if cache}
+        return [(r.device, *r.state_bytes(caches)) for r in list(self.replicas.values())]
+
     def stats(self) -> dict[str, Any]:
         """Replicas, executions, tokens per execution, latency, state bytes per replica."""
         with self.lock:
@@ -280,3 +308,15 @@ class LocalPool:
         for key in list(self.replicas):
             self.remove(key)
         self.known.clear()
+
+
+def split_bytes(by_id: dict[int, torch.Tensor], caches: set[int]) -> tuple[int, int]:
+    """(weight bytes, KV cache bytes) of these tensors (`caches`: ids of the KV caches)."""
+    weights = kv = 0
+    for ident, tensor in by_id.items():
+        size = tensor.numel() * tensor.element_size()
+        if ident in caches:
+            kv += size
+        else:
+            weights += size
+    return weights, kv

@@ -228,6 +228,12 @@ class Scheduler:
         free = sum(p.num_free for p in self.pools.values())
         return {"used": total - free, "free": free, "total": total}
 
+    def blocks_wanted(self) -> int:
+        """KV blocks the requests held (waiting or running) need at their full length."""
+        block = self.config.block_size
+        return sum(-(-(s.prompt_tokens + s.max_new_tokens) // block)
+                   for s in list(self.requests.values()))
+
     def requests_on(self, replica: int) -> list[int]:
         """The requests whose blocks live on a replica."""
         return [s.id for s in self.running if s.replica == replica]

@@ -90,17 +90,22 @@ def least_squares(columns: list[list[float]], y: list[float]) -> list[float] | N
     return [a[i][n] / a[i][i] for i in range(n)]
 
 
+def group_parts(group: GroupModel, step: Step, replicas: int) -> list[tuple[int, float]]:
+    """(tokens, seconds) of each execution of a group in a step, split as the engine splits
+    it: by attention replica, by token slices over the replicas, or whole."""
+    layout = layout_of(step)
+    if group.kind == "attention":
+        return [(p.t1 - p.t0, group.seconds(p.t1 - p.t0, p.context)) for p in layout.parts]
+    if group.kind == "rows":
+        return [(b - a, group.seconds(b - a, 0))
+                for a, b in token_slices(layout.tokens, replicas)]
+    return [(layout.tokens, group.seconds(layout.tokens, 0))]
+
+
 def group_time(group: GroupModel, step: Step, replicas: int, slots: int) -> float:
     """Seconds a group's execution of a step takes, split as the engine splits it; parts
     beyond the slots wait for one (in waves)."""
-    layout = layout_of(step)
-    if group.kind == "attention":
-        times = [group.seconds(p.t1 - p.t0, p.context) for p in layout.parts]
-    elif group.kind == "rows":
-        times = [group.seconds(b - a, 0) for a, b in token_slices(layout.tokens, replicas)]
-    else:
-        times = [group.seconds(layout.tokens, 0)]
-    times.sort(reverse=True)
+    times = sorted((s for _, s in group_parts(group, step, replicas)), reverse=True)
     return sum(times[i] for i in range(0, len(times), max(1, slots)))
 
 
