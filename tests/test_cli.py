@@ -1,4 +1,5 @@
-"""The command line: demo and explain, with conventional exit codes and JSON output."""
+"""The command line: explain, profile and the rest, with conventional exit codes and JSON
+output (the demo has tests/test_demo.py)."""
 from __future__ import annotations
 
 import json
@@ -13,25 +14,6 @@ from fxscale.cli.main import main
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "fxscale", *args], capture_output=True,
                           text=True, timeout=600)
-
-
-def test_demo_checks_against_eager_then_serves_a_trace_slice_with_both_policies(tmp_path):
-    out = tmp_path / "serving.json"
-    result = run_cli("demo", "--lowering", "eager", "--serve-seconds", "4",
-                     "--serve-hidden", "128", "--results", str(out))
-    assert result.returncode == 0, result.stderr
-    assert "operator groups" in result.stdout and "-> OK" in result.stdout
-    assert "attention" in result.stdout and "replicas per group over time" in result.stdout
-    data = json.loads(out.read_text())
-    assert set(data["policies"]) == {"operator", "model"}
-    for policy, run in data["policies"].items():
-        summary = run["summary"]
-        assert summary["requests"] == data["requests"] > 0
-        assert summary["completed"] == summary["requests"], f"{policy} lost requests"
-        assert 0 <= summary["slo_attainment"] <= 1 and summary["tokens_per_s"] > 0
-        assert run["timeline"] and all("replicas" in row for row in run["timeline"])
-        assert isinstance(run["autoscaler"]["decisions"], list)
-    assert set(data["policies"]["model"]["timeline"][-1]["replicas"]) == {"model"}
 
 
 def test_explain_json_to_stdout(capsys):

@@ -115,7 +115,7 @@ def test_the_simulator_predicts_the_live_engine_within_ten_percent(policy, repli
     from fxscale.studies.demo import DemoConfig
     from fxscale.studies.fidelity import measure, relative_errors
 
-    config = DemoConfig(seconds=20.0, speedup=4.0, hidden=64)
+    config = DemoConfig.engine_slice(seconds=20.0, speedup=4.0, hidden=64)
     run = measure(config, policy, "injected", replicas)
     assert run["live_summary"]["completed"] == run["live_summary"]["requests"] > 100
     errors = relative_errors(run["predicted"], run["live"])
@@ -176,7 +176,8 @@ def test_the_same_devices_bind_model_replicas_before_attention_replicas():
     for policy in ("model", "operator"):
         out = simulate_deployment(deployed(policy, Devices(2, 180, 1)), requests)
         assert all(len(t) == r.output_tokens for t, r in zip(out["token_times"], requests))
-        assert all(b <= 180 for s in out["samples"] for b in s["device_bytes"])
+        assert all(w + kv <= 180 for s in out["samples"]
+                   for w, kv in zip(s["device_weight_bytes"], s["device_kv_bytes"]))
         stateful = "model" if policy == "model" else "l0/attention"
         peak[policy] = max(s["replicas"][stateful] for s in out["samples"])
         reasons = " ".join(d["reason"] for d in out["autoscaler"]["decisions"])

@@ -43,8 +43,6 @@ def add_fidelity_command(sub: argparse._SubParsersAction) -> None:
 
 def _fidelity_command(args: argparse.Namespace) -> int:
     """Measure and predict each policy's runs with a progress bar; print tables, write JSON."""
-    from dataclasses import asdict
-
     from rich.console import Console
     from rich.progress import Progress
 
@@ -53,10 +51,10 @@ def _fidelity_command(args: argparse.Namespace) -> int:
 
     # injected times dwarf a small model's own compute, so the engine's logic is measured
     hidden = args.hidden or (128 if args.service == "injected" else 2048)
-    config = DemoConfig(seconds=args.seconds, speedup=args.speedup, hidden=hidden)
+    config = DemoConfig.engine_slice(seconds=args.seconds, speedup=args.speedup, hidden=hidden)
     policies = LIVE_POLICIES if args.policy == "both" else (args.policy,)
     reports: dict[str, Any] = {}
-    document = {"config": asdict(config), "service": args.service, "replicas": args.replicas,
+    document = {"config": config.to_dict(), "service": args.service, "replicas": args.replicas,
                 "micro_batches": args.micro_batches, "policies": reports}
     with Progress(console=Console(stderr=True), transient=True) as bar:
         for policy in policies:

@@ -6,7 +6,8 @@ tokens become tens). Each request is submitted at its scaled arrival time with r
 ids, generating exactly the trace's output length (the end-of-sequence token does not stop
 it); its TTFT and mean time between tokens are measured from that moment, so waits for
 admission count. A sampler records, every `sample_s`, the request rate, the replicas of every
-group and the SLO attainment of the requests finished in that window.
+group, the requests running and waiting, the KV blocks held, what each device holds, and the
+SLO attainment of the requests finished in that window.
 """
 from __future__ import annotations
 
@@ -40,14 +41,15 @@ def scaled_slice(trace: str = "azure-conv", start_s: float = 0.0, duration_s: fl
 
 def replay(server: Server, requests: list[Request], slo: SLO, seed: int = 0,
            sample_s: float = 1.0, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Serve the requests on their schedule; per-request timings, a summary and a timeline."""
+    """Serve the requests on their schedule; per-request timings, a summary, a timeline and
+    (`outputs`, not for JSON) each request's generated tokens (None when it failed)."""
     prompts = [torch.tensor([ids]) for ids in
                trace_prompts(requests, getattr(server.config, "vocab_size", 256), seed)]
     start = time.perf_counter()
     futures: list[Any] = [None] * len(requests)
     done = threading.Event()
     timeline: list[dict] = [{"t": 0.0, "rate": 0.0, "finished": 0, "attainment": None,
-                             "replicas": _replicas(server)}]
+                             "replicas": _replicas(server), **server.occupancy()}]
     sampler = threading.Thread(target=_sample, daemon=True,
                                args=(server, requests, futures, slo, start, sample_s, done,
                                      timeline))
@@ -71,8 +73,10 @@ def replay(server: Server, requests: list[Request], slo: SLO, seed: int = 0,
         done.set()
         sampler.join()
     rows = [_timing(r, f, start) for r, f in zip(requests, futures)]
+    outputs = [f.result() if not isinstance(f, Exception) and f.exception() is None else None
+               for f in futures]
     return {"summary": summarize(rows, slo, time.perf_counter() - start),
-            "requests": rows, "timeline": timeline}
+            "requests": rows, "timeline": timeline, "outputs": outputs}
 
 
 def trace_prompts(requests: list[Request], vocab: int, seed: int = 0) -> list[list[int]]:
@@ -131,7 +135,7 @@ def _sample(server: Server, requests: list[Request], futures: list, slo: SLO,
         timeline.append({
             "t": now, "rate": arrived / sample_s, "finished": len(finished) - seen,
             "attainment": sum(meets(r, slo) for r in window) / len(window) if window else None,
-            "replicas": _replicas(server)})
+            "replicas": _replicas(server), **server.occupancy()})
         seen = len(finished)
 
 

@@ -223,12 +223,9 @@ class Server:
                 self.submit(torch.tensor([probe])).result()
                 self.generate(torch.tensor([probe]), max_new_tokens=2,
                               ignore_eos=True).result()
-                self._forget_warmup()
+                self.reset_stats()
             if autoscale:
-                self.autoscaler = Autoscaler(lambda: dict(self.pools), slo, budget,
-                                             autoscale_interval_s, scale=self._autoscale,
-                                             kv=self.kv_demand)
-                self.autoscaler.start()
+                self.start_autoscaler(autoscale_interval_s)
             if metrics_port is not None:  # opt-in Prometheus endpoint (loopback by default)
                 from fxscale.serving.prometheus import start_metrics
 
@@ -269,8 +266,20 @@ class Server:
                       name=f"fxscale-engine-{replica}", first_replica=replica,
                       micro_batches=self.micro_batches)
 
-    def _forget_warmup(self) -> None:
-        """Start the statistics after the warm-up requests."""
+    def start_autoscaler(self, interval_s: float = 1.0) -> None:
+        """Plan and apply replicas per group every interval from now on (`autoscale=True`
+        starts it with the server; a benchmark may start it after calibrating)."""
+        if self.slo is None:
+            raise ValueError("autoscaling needs an SLO to plan for: serve with "
+                             "slo=fxscale.SLO(ttft=..., tbt=...)")
+        if self.autoscaler is not None:
+            raise RuntimeError("the autoscaler is already running")
+        self.autoscaler = Autoscaler(lambda: dict(self.pools), self.slo, self.budget_size,
+                                     interval_s, scale=self._autoscale, kv=self.kv_demand)
+        self.autoscaler.start()
+
+    def reset_stats(self) -> None:
+        """Start the statistics afresh (after the warm-up, or a calibration burst)."""
         for engine in self.engines:
             engine.reset_counters()
         for pool in self.pools.values():
@@ -537,6 +546,18 @@ class Server:
         with self.engines_lock:
             engines = list(self.engines)
         return sum(e.scheduler.blocks_wanted() for e in engines), self.num_blocks
+
+    def occupancy(self) -> dict[str, Any]:
+        """What the deployment holds now: requests running and waiting, KV blocks used, and
+        each device's weight and KV bytes, measured from its replicas' tensors."""
+        with self.engines_lock:
+            engines = list(self.engines)
+        held = self.device_bytes()
+        return {"running": sum(len(e.scheduler.running) for e in engines),
+                "waiting": sum(len(e.scheduler.waiting) for e in engines),
+                "kv_blocks_used": sum(e.scheduler.blocks()["used"] for e in engines),
+                "device_weight_bytes": [d["weight_bytes"] for d in held],
+                "device_kv_bytes": [d["kv_bytes"] for d in held]}
 
     def device_bytes(self) -> list[dict[str, int]]:
         """Per device, the weight and KV bytes its replicas hold now, measured from their

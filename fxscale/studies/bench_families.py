@@ -196,7 +196,8 @@ SIMULATOR_KEYS = ("policy", "gpu_hours", "lower_bound_gpu_hours", "energy_kwh",
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Local runtime: `fxscale demo`'s served trace slice, once per autoscaling policy."""
+    """Local runtime: the engine slice (DemoConfig.engine_slice), served once per autoscaling
+    policy."""
 
     seconds: float = 30.0
     hidden: int = 2048
@@ -211,17 +212,17 @@ def runtime_local(config: RuntimeConfig, tick: Tick = _no_tick) -> list[dict]:
     """SLO attainment, throughput and latency percentiles of each policy serving the slice."""
     from fxscale.studies.demo import DemoConfig, serve_trace
 
-    demo = DemoConfig(seconds=config.seconds, hidden=config.hidden)
+    demo = DemoConfig.engine_slice(seconds=config.seconds, hidden=config.hidden)
     rows = []
     for policy in config.policies:  # one at a time, so each gets its own tick
         tick(f"runtime: {demo.seconds:g} s of {demo.trace}, llama {demo.layers}x{demo.hidden}, "
              f"{policy}-level autoscaling")
         results = serve_trace(demo, policies=(policy,))
-        run = results["policies"][policy]
+        live = results["policies"][policy]["live"]
         rows.append({"policy": policy, "trace": demo.trace, "layers": demo.layers,
                      "hidden": demo.hidden, "budget": demo.budget, "slo_ttft_s": demo.ttft,
-                     "slo_tbt_s": demo.tbt, **run["summary"], "ready_s": run["ready_s"],
-                     "scale_decisions": len(run["autoscaler"]["decisions"])})
+                     "slo_tbt_s": demo.tbt, **live["summary"], "ready_s": live["ready_s"],
+                     "scale_decisions": len(live["autoscaler"]["decisions"])})
     return rows
 
 

@@ -26,20 +26,17 @@ from typing import Any, Callable
 
 from fxscale.contracts.metrics import percentiles, token_timings
 from fxscale.contracts.plan import SLO
-from fxscale.runtime.planner.pools import fit_execution
-from fxscale.runtime.scheduling.parts import micro_batches
-from fxscale.runtime.simulator.engine import (
-    EngineCosts,
-    GroupModel,
-    simulate_engine,
-    step_time,
-)
+from fxscale.runtime.simulator.engine import GroupModel, simulate_engine
 from fxscale.serving.replay import replay
+from fxscale.studies.calibration import (
+    calibrate,
+    fit_costs,
+    group_kinds,
+    measured_groups,
+)
 from fxscale.studies.demo import DemoConfig
 
 KEYS, LEVELS = ("ttft_s", "tbt_s"), (50, 90)  # what is compared
-CALIBRATION_REQUESTS = 24  # the burst
-ALONE = 4                  # served one at a time before it
 
 
 @dataclass(frozen=True)
@@ -84,30 +81,11 @@ INJECTED = ServiceTimes()
 def group_models(server: Any, injected: ServiceTimes | None, layers: int) -> list[GroupModel]:
     """The simulator's groups for a server: the injected function, or each pool's executions
     fitted as a line in their tokens."""
-    kinds = {call.pool.name: call.kind for call in server.runner.calls}
-    models = []
-    for name, kind in kinds.items():
-        if injected is not None:
-            service = injected.function(server.policy, layers)
-            models.append(GroupModel(name, kind, functools.partial(service, name)))
-        else:
-            fixed, per_token = fit_execution(server.pools[name].execution_samples())
-            models.append(GroupModel(name, kind, lambda t, c, a=fixed, b=per_token: a + b * t))
-    return models
-
-
-def fit_costs(steps: list[tuple[Any, float, float]], groups: list[GroupModel],
-              replicas: dict[str, int], slots: int, overlap: bool = False) -> EngineCosts:
-    """The engine's own time per step, per request and per token in it: each logged step's
-    time beyond what its groups take, fitted by least squares (>= 0); with `overlap`, per
-    micro-batch (each pays its own, one after the other)."""
-    points = []
-    for step, _, took in steps:
-        halves = micro_batches(step) if overlap else [step]
-        extra = took - step_time(groups, step, replicas, slots, EngineCosts(), overlap)
-        points.append((sum(len(h.chunks) for h in halves) / len(halves),
-                       step.num_tokens / len(halves), extra / len(halves)))
-    return EngineCosts.fit(points)
+    if injected is None:
+        return measured_groups(server)
+    service = injected.function(server.policy, layers)
+    return [GroupModel(name, kind, functools.partial(service, name))
+            for name, kind in group_kinds(server).items()]
 
 
 def measure(config: DemoConfig, policy: str, service: str = "injected",
@@ -145,25 +123,6 @@ def measure(config: DemoConfig, policy: str, service: str = "injected",
             "live_summary": live["summary"],
             # the replay's own lateness handing requests over (the simulator has none)
             "submit_delay": percentiles(ok, ("submit_delay_s",), LEVELS)}
-
-
-def calibrate(server: Any, requests: list) -> None:
-    """Serve calibration requests shaped like the slice's: a few alone (steps of one request),
-    then a burst (steps of many), so the engine's own time is seen across step sizes."""
-    shapes = [(r.prompt_tokens, r.output_tokens) for r in requests[:CALIBRATION_REQUESTS]]
-    for i, (prompt, new) in enumerate(shapes[:ALONE]):
-        server.generate(_prompt(prompt, i), max_new_tokens=new, ignore_eos=True).result()
-    burst = [server.generate(_prompt(prompt, i), max_new_tokens=new, ignore_eos=True)
-             for i, (prompt, new) in enumerate(shapes)]
-    for future in burst:
-        future.result()
-
-
-def _prompt(length: int, seed: int) -> Any:
-    """Token ids of a calibration prompt."""
-    import torch
-
-    return torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 def relative_errors(predicted: dict[str, float], live: dict[str, float]) -> dict[str, float]:

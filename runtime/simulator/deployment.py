@@ -28,6 +28,7 @@ from fxscale.contracts.step import Step
 from fxscale.contracts.trace import Request
 from fxscale.runtime.autoscaling.autoscaler import Autoscaler
 from fxscale.runtime.scheduling import Scheduler, SchedulerConfig
+from fxscale.runtime.scheduling.parts import layout_of
 from fxscale.runtime.simulator.engine import EngineCosts, GroupModel, group_parts, step_time
 
 
@@ -197,8 +198,9 @@ class DeploymentSimulation:
         return sum(e.scheduler.blocks_wanted() for e in self.engines), self.d.num_blocks
 
     # ---- the run ---------------------------------------------------------------------------------
-    def run(self, requests: list[Request]) -> dict[str, Any]:
-        """Serve the requests; each one's token times, the decisions, samples over time."""
+    def run(self, requests: list[Request], sample_s: float | None = None) -> dict[str, Any]:
+        """Serve the requests; each one's token times, the decisions, and what the deployment
+        held every `sample_s` (default: every autoscaler interval)."""
         times: list[list[float]] = [[] for _ in requests]
         owner: dict[int, SimulatedEngine] = {}
         rejected: list[int] = []
@@ -206,6 +208,8 @@ class DeploymentSimulation:
             self._push(request.arrival_s, "arrive", i)
         if self.d.autoscale:
             self._push(self.d.interval_s, "tick", 0)
+        self._push(0.0, "sample", 0)
+        sample_s = sample_s or self.d.interval_s
         while self.events:
             self.now, _, kind, index = heapq.heappop(self.events)
             if kind == "arrive":
@@ -222,17 +226,24 @@ class DeploymentSimulation:
                     self._start_all()
             elif kind == "tick":
                 self.autoscaler.step()
-                self._sample()
-                if any(e.scheduler.has_work() for e in self.engines) or \
-                        any(k == "arrive" for _, _, k, _ in self.events):
+                if self._busy():
                     self._push(self.now + self.d.interval_s, "tick", 0)
                 self._start_all()
+            elif kind == "sample":
+                self._sample()
+                if self._busy():
+                    self._push(self.now + sample_s, "sample", 0)
             else:
                 self._finish_step(self.engines_by_key[index], times)
         self._sample()
         return {"token_times": times, "rejected": rejected,
                 "autoscaler": self.autoscaler.report(), "samples": self.samples,
                 "devices": self.placement.stats()}
+
+    def _busy(self) -> bool:
+        """Whether requests are held or still to arrive."""
+        return any(e.scheduler.has_work() for e in self.engines) or \
+            any(k == "arrive" for _, _, k, _ in self.events)
 
     @property
     def engines_by_key(self) -> dict[int, SimulatedEngine]:
@@ -260,9 +271,10 @@ class DeploymentSimulation:
         engine.busy, engine.step = True, step
         models = [g.model for g in self.d.groups]
         slots = 1 if model else self.d.devices.total_slots
+        layout = layout_of(step)
         for g in models:
             pool = self.pools[g.name]
-            for tokens, seconds in group_parts(g, step, self.dense.get(g.name, 1)):
+            for tokens, seconds in group_parts(g, layout, self.dense.get(g.name, 1)):
                 pool.samples.append((tokens, seconds))
                 pool.arrivals += tokens
         took = step_time(models, step, self.dense, slots, self.d.costs)
@@ -288,13 +300,16 @@ class DeploymentSimulation:
         """What the deployment holds now (the live demo samples the same)."""
         used = sum(e.scheduler.blocks()["used"] for e in self.engines)
         running = sum(len(e.scheduler.running) for e in self.engines)
+        waiting = sum(len(e.scheduler.waiting) for e in self.engines)
         stats = self.placement.stats()["devices"]
         self.samples.append({
-            "t": self.now, "kv_blocks_used": used, "running": running,
+            "t": self.now, "kv_blocks_used": used, "running": running, "waiting": waiting,
             "replicas": {name: pool.replicas for name, pool in sorted(self.pools.items())},
-            "device_bytes": [r["weight_bytes"] + r["kv_bytes"] for r in stats]})
+            "device_weight_bytes": [r["weight_bytes"] for r in stats],
+            "device_kv_bytes": [r["kv_bytes"] for r in stats]})
 
 
-def simulate_deployment(deployment: Deployment, requests: list[Request]) -> dict[str, Any]:
+def simulate_deployment(deployment: Deployment, requests: list[Request],
+                        sample_s: float | None = None) -> dict[str, Any]:
     """Serve the requests on the deployment in simulated time (DeploymentSimulation.run)."""
-    return DeploymentSimulation(deployment).run(requests)
+    return DeploymentSimulation(deployment).run(requests, sample_s)

@@ -23,7 +23,7 @@ from typing import Callable
 from fxscale.contracts.step import Step
 from fxscale.contracts.trace import Request
 from fxscale.runtime.scheduling import Scheduler, SchedulerConfig
-from fxscale.runtime.scheduling.parts import layout_of, micro_batches, token_slices
+from fxscale.runtime.scheduling.parts import Layout, layout_of, micro_batches, token_slices
 
 
 @dataclass(frozen=True)
@@ -90,10 +90,9 @@ def least_squares(columns: list[list[float]], y: list[float]) -> list[float] | N
     return [a[i][n] / a[i][i] for i in range(n)]
 
 
-def group_parts(group: GroupModel, step: Step, replicas: int) -> list[tuple[int, float]]:
-    """(tokens, seconds) of each execution of a group in a step, split as the engine splits
-    it: by attention replica, by token slices over the replicas, or whole."""
-    layout = layout_of(step)
+def group_parts(group: GroupModel, layout: Layout, replicas: int) -> list[tuple[int, float]]:
+    """(tokens, seconds) of each execution of a group in a step (its layout), split as the
+    engine splits it: by attention replica, by token slices over the replicas, or whole."""
     if group.kind == "attention":
         return [(p.t1 - p.t0, group.seconds(p.t1 - p.t0, p.context)) for p in layout.parts]
     if group.kind == "rows":
@@ -102,10 +101,12 @@ def group_parts(group: GroupModel, step: Step, replicas: int) -> list[tuple[int,
     return [(layout.tokens, group.seconds(layout.tokens, 0))]
 
 
-def group_time(group: GroupModel, step: Step, replicas: int, slots: int) -> float:
+def group_time(group: GroupModel, step: Step, replicas: int, slots: int,
+               layout: Layout | None = None) -> float:
     """Seconds a group's execution of a step takes, split as the engine splits it; parts
-    beyond the slots wait for one (in waves)."""
-    times = sorted((s for _, s in group_parts(group, step, replicas)), reverse=True)
+    beyond the slots wait for one (in waves). `layout`: the step's, when already known."""
+    parts = group_parts(group, layout or layout_of(step), replicas)
+    times = sorted((s for _, s in parts), reverse=True)
     return sum(times[i] for i in range(0, len(times), max(1, slots)))
 
 
@@ -116,13 +117,15 @@ def step_time(groups: list[GroupModel], step: Step, replicas: dict[str, int], sl
     as the slots allow all their executions: whichever is longer), while the engine's own
     time of each, Python under one interpreter lock, does not overlap."""
     halves = micro_batches(step) if overlap else [step]
-    paths = [sum(group_time(g, half, replicas.get(g.name, 1), slots) for g in groups)
-             for half in halves]
+    layouts = [layout_of(half) for half in halves]
+    paths = [sum(group_time(g, half, replicas.get(g.name, 1), slots, layout) for g in groups)
+             for half, layout in zip(halves, layouts)]
     own = sum(costs.of(half) for half in halves)
     if len(halves) == 1:
         return own + paths[0]
-    work = sum(group_time(g, half, replicas.get(g.name, 1), 1) for g in groups
-               for half in halves)  # every execution on one slot, one after another
+    # every execution on one slot, one after another
+    work = sum(group_time(g, half, replicas.get(g.name, 1), 1, layout) for g in groups
+               for half, layout in zip(halves, layouts))
     return own + max(max(paths), work / slots)
 
 

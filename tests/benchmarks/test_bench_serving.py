@@ -49,10 +49,10 @@ def test_engine_tokens_per_second_against_hugging_face(benchmark, requests, hidd
 
 
 def test_operator_vs_model_policy_on_a_trace_slice(benchmark):
-    benchmark.group = "Azure conversation slice, budget 2 (llama-2x2048 from the zoo)"
+    benchmark.group = "the demo's slice and devices, both policies, live and predicted"
     results = benchmark.pedantic(serve_trace, args=(DemoConfig(),), rounds=1, iterations=1)
     for policy, run in results["policies"].items():
-        benchmark.extra_info[policy] = run["summary"]
+        benchmark.extra_info[policy] = run["figures"]
 
 
 @pytest.mark.parametrize("policy, micro_batches", [("operator", 1), ("model", 1),
@@ -63,7 +63,7 @@ def test_engine_simulator_fidelity(benchmark, policy, micro_batches):
     from fxscale.studies.fidelity import fidelity
 
     benchmark.group = "engine simulator: predicted vs live on a 2-minute Azure slice"
-    config = DemoConfig(seconds=120.0, speedup=4.0, hidden=128)
+    config = DemoConfig.engine_slice(seconds=120.0, speedup=4.0, hidden=128)
     report = benchmark.pedantic(fidelity, args=(config, policy),
                                 kwargs={"micro_batches": micro_batches}, rounds=1,
                                 iterations=1)

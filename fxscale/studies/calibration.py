@@ -1,0 +1,60 @@
+"""What a live server's run is predicted from: its groups' executions fitted as lines in
+their tokens, and the engine's own time per step, both measured on a calibration burst
+served before the run it predicts (never on that run)."""
+from __future__ import annotations
+
+from typing import Any
+
+from fxscale.runtime.planner.pools import fit_execution
+from fxscale.runtime.scheduling.parts import micro_batches
+from fxscale.runtime.simulator.engine import EngineCosts, GroupModel, step_time
+
+CALIBRATION_REQUESTS = 24  # the burst
+ALONE = 4                  # served one at a time before it
+
+
+def calibrate(server: Any, requests: list) -> None:
+    """Serve calibration requests shaped like the slice's: a few alone (steps of one request),
+    then a burst (steps of many), so the engine's own time is seen across step sizes."""
+    shapes = [(r.prompt_tokens, r.output_tokens) for r in requests[:CALIBRATION_REQUESTS]]
+    for i, (prompt, new) in enumerate(shapes[:ALONE]):
+        server.generate(_prompt(prompt, i), max_new_tokens=new, ignore_eos=True).result()
+    burst = [server.generate(_prompt(prompt, i), max_new_tokens=new, ignore_eos=True)
+             for i, (prompt, new) in enumerate(shapes)]
+    for future in burst:
+        future.result()
+
+
+def group_kinds(server: Any) -> dict[str, str]:
+    """Each group of a server and how the engine splits its calls (rows, attention, whole)."""
+    return {call.pool.name: call.kind for call in server.runner.calls}
+
+
+def measured_groups(server: Any) -> list[GroupModel]:
+    """Each group of a server with its pool's executions fitted as a line in their tokens."""
+    models = []
+    for name, kind in group_kinds(server).items():
+        fixed, per_token = fit_execution(server.pools[name].execution_samples())
+        models.append(GroupModel(name, kind, lambda t, c, a=fixed, b=per_token: a + b * t))
+    return models
+
+
+def fit_costs(steps: list[tuple[Any, float, float]], groups: list[GroupModel],
+              replicas: dict[str, int], slots: int, overlap: bool = False) -> EngineCosts:
+    """The engine's own time per step, per request and per token in it: each logged step's
+    time beyond what its groups take, fitted by least squares (>= 0); with `overlap`, per
+    micro-batch (each pays its own, one after the other)."""
+    points = []
+    for step, _, took in steps:
+        halves = micro_batches(step) if overlap else [step]
+        extra = took - step_time(groups, step, replicas, slots, EngineCosts(), overlap)
+        points.append((sum(len(h.chunks) for h in halves) / len(halves),
+                       step.num_tokens / len(halves), extra / len(halves)))
+    return EngineCosts.fit(points)
+
+
+def _prompt(length: int, seed: int) -> Any:
+    """Token ids of a calibration prompt."""
+    import torch
+
+    return torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(seed))
