@@ -3,8 +3,8 @@ live median with its spread over the runs, and the live-vs-predicted error per f
 
     python examples/demo_runs.py [--runs 3] [--out docs/demo-runs]
 
-Writes OUT/run-K.txt (what `fxscale demo` printed), OUT/run-K.json (`--json`) and
-OUT/summary.md.
+Writes OUT/run-K.txt (what `fxscale demo` printed) and OUT/summary.md (from each run's
+`--json`, kept in a temporary folder: every request's timings make it large).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from fxscale.contracts.jsonio import write_atomic
@@ -27,13 +28,14 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
-    for k in range(1, args.runs + 1):
-        target = args.out / f"run-{k}.json"
-        done = subprocess.run([sys.executable, "-m", "fxscale", "demo", "--json", str(target)],
-                              capture_output=True, text=True, check=True)
-        write_atomic(args.out / f"run-{k}.txt", done.stdout)
-        runs.append(json.loads(target.read_text()))
-        print(f"run {k}: {runs[-1]['verdict']}", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        for k in range(1, args.runs + 1):
+            target = Path(folder) / f"run-{k}.json"
+            done = subprocess.run([sys.executable, "-m", "fxscale", "demo", "--json",
+                                   str(target)], capture_output=True, text=True, check=True)
+            write_atomic(args.out / f"run-{k}.txt", done.stdout)
+            runs.append(json.loads(target.read_text()))
+            print(f"run {k}: {runs[-1]['verdict']}", flush=True)
     write_atomic(args.out / "summary.md", summary(runs))
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fxscale.runtime.planner.pools import fit_execution
 from fxscale.runtime.scheduling.parts import micro_batches
-from fxscale.runtime.simulator.engine import EngineCosts, GroupModel, step_time
+from fxscale.runtime.simulator.engine import EngineCosts, GroupModel, fit_plane, step_time
 
 CALIBRATION_REQUESTS = 24  # the burst
 ALONE = 4                  # served one at a time before it
@@ -31,11 +30,16 @@ def group_kinds(server: Any) -> dict[str, str]:
 
 
 def measured_groups(server: Any) -> list[GroupModel]:
-    """Each group of a server with its pool's executions fitted as a line in their tokens."""
+    """Each group of a server with its pool's executions fitted as a plane in their tokens and
+    the context tokens they read (attention's time grows with its context; the model
+    policy's whole model is attention too), by relative error: a decode step's small
+    executions count as much as a prompt's large ones."""
     models = []
     for name, kind in group_kinds(server).items():
-        fixed, per_token = fit_execution(server.pools[name].execution_samples())
-        models.append(GroupModel(name, kind, lambda t, c, a=fixed, b=per_token: a + b * t))
+        samples = server.pools[name].context_execution_samples()
+        fixed, per_token, per_context = fit_plane(samples, relative=True)
+        models.append(GroupModel(name, kind, lambda t, c, a=fixed, b=per_token,
+                                 k=per_context: a + b * t + k * c))
     return models
 
 

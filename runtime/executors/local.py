@@ -134,6 +134,8 @@ class LocalPool:
     def reset_counters(self) -> None:
         """Start the statistics afresh (after a warm-up)."""
         self.samples: deque[tuple[int, float]] = deque(maxlen=512)  # (tokens, seconds)
+        # (tokens, context tokens read, seconds): attention's time grows with its context
+        self.context_samples: deque[tuple[int, int, float]] = deque(maxlen=512)
         self.histogram = Histogram(CALL_BUCKETS_S)
         self.arrivals = 0      # tokens run
         self.executions = 0
@@ -232,20 +234,22 @@ class LocalPool:
             futures = [self.replicas[k].run(fn, list(args), state, floor)
                        for k, (_, args, _, _), floor in zip(keys, parts, floors)]
         results = []
-        for key, future, (_, args, tokens, _), floor in zip(keys, futures, parts, floors):
+        for key, future, (_, args, tokens, context), floor in zip(keys, futures, parts,
+                                                                   floors):
             try:
                 result, seconds = self.replicas[key].run_here(fn, list(args), state, floor) \
                     if future is None else future.result()
             except Exception as first:  # noqa: BLE001 - retried once, then named
                 result, seconds = self._retry(fn, key, args, tokens, state, first)
             results.append(result)
-            self._record(tokens[1] - tokens[0], seconds)
+            self._record(tokens[1] - tokens[0], context, seconds)
         return results
 
-    def _record(self, tokens: int, seconds: float) -> None:
-        """Count one execution of `tokens` tokens."""
+    def _record(self, tokens: int, context: int, seconds: float) -> None:
+        """Count one execution of `tokens` tokens that read `context` KV tokens."""
         with self.lock:
             self.samples.append((tokens, seconds))
+            self.context_samples.append((tokens, context, seconds))
             self.arrivals += tokens
             self.executions += 1
             self.busy_s += seconds
@@ -275,6 +279,11 @@ class LocalPool:
         """Recent executions: (tokens, seconds)."""
         with self.lock:
             return list(self.samples)
+
+    def context_execution_samples(self) -> list[tuple[int, int, float]]:
+        """Recent executions: (tokens, context tokens read, seconds)."""
+        with self.lock:
+            return list(self.context_samples)
 
     def held(self) -> list[tuple[int, int, int]]:
         """(device, weight bytes, KV bytes) of the state each replica holds now, measured

@@ -50,26 +50,34 @@ class EngineCosts:
 
     @classmethod
     def fit(cls, points: list[tuple[int, int, float]]) -> EngineCosts:
-        """Least squares over (requests, tokens, seconds) points, every cost >= 0 (a
-        regressor whose cost comes out negative is dropped and the rest refitted); points
-        far above the rest (a replica's first use copying its weights) are left out."""
-        if len(points) > 10:
-            ordered = sorted(p[2] for p in points)
-            median = ordered[len(ordered) // 2]
-            spread = ordered[int(0.9 * len(ordered))] - median
-            points = [p for p in points if p[2] <= median + 10 * max(spread, 1e-4)]
-        regressors = {"per_request_s": 0, "per_token_s": 1}  # cost -> its point field
-        while True:
-            columns = [[1.0] * len(points)] + [[float(p[i]) for p in points]
-                                               for i in regressors.values()]
-            coefficients = least_squares(columns, [p[2] for p in points])
-            if coefficients is None:  # too few distinct points: all of it per step
-                return cls(max(0.0, sum(p[2] for p in points) / max(1, len(points))))
-            fitted = dict(zip(regressors, coefficients[1:]))
-            negative = [name for name, c in fitted.items() if c < 0]
-            if not negative:
-                return cls(max(0.0, coefficients[0]), **fitted)
-            del regressors[negative[0]]
+        """Least squares over (requests, tokens, seconds) points (fit_plane)."""
+        return cls(*fit_plane(points))
+
+
+def fit_plane(points: list[tuple[float, float, float]], relative: bool = False
+              ) -> tuple[float, float, float]:
+    """(c0, c1, c2), each >= 0, minimising |c0 + c1 x1 + c2 x2 - y|^2 over (x1, x2, y) points
+    (with `relative`, the squared relative errors: small and large executions count alike);
+    a regressor that never varies or whose coefficient comes out negative is dropped and the
+    rest refitted; points far above the rest (a replica's first use copying its weights) are
+    left out."""
+    if len(points) > 10:
+        ordered = sorted(p[2] for p in points)
+        median = ordered[len(ordered) // 2]
+        spread = ordered[int(0.9 * len(ordered))] - median
+        points = [p for p in points if p[2] <= median + 10 * max(spread, 1e-4)]
+    weights = [1.0 / max(p[2], 1e-9) if relative else 1.0 for p in points]
+    regressors = [i for i in (0, 1) if len({p[i] for p in points}) > 1]
+    while True:
+        columns = [weights] + [[w * p[i] for w, p in zip(weights, points)] for i in regressors]
+        coefficients = least_squares(columns, [w * p[2] for w, p in zip(weights, points)])
+        if coefficients is None:  # too few distinct points: all of it fixed
+            return max(0.0, sum(p[2] for p in points) / max(1, len(points))), 0.0, 0.0
+        fitted = dict(zip(regressors, coefficients[1:]))
+        negative = [i for i, c in fitted.items() if c < 0]
+        if not negative:
+            return max(0.0, coefficients[0]), fitted.get(0, 0.0), fitted.get(1, 0.0)
+        regressors.remove(negative[0])
 
 
 def least_squares(columns: list[list[float]], y: list[float]) -> list[float] | None:
