@@ -82,7 +82,7 @@ def _demo(args: argparse.Namespace) -> int:
     from fxscale.compiler.backend import Backend
     from fxscale.models import zoo
 
-    console = Console(width=220)
+    console = Console(width=220, stderr=args.json == "-")  # stdout: the JSON alone
     if args.sweep:
         return _sweep(args, console)
     entry = zoo.build(args.model, batch=args.batch, length=args.length, layers=args.layers,

@@ -12,8 +12,9 @@ from fxscale.contracts.errors import InputError
 
 MAX_DEVICES = 256
 MAX_SLOTS = 256
+UNIT_NAMES = ("B", "KB", "MB", "GB", "KiB", "MiB", "GiB")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20,
-         "GIB": 1 << 30}
+         "GIB": 1 << 30}  # by the name in capitals
 
 
 class PlacementError(RuntimeError):
@@ -79,7 +80,7 @@ def parse_bytes(text: str) -> int:
     unit = match.group(2).upper() if match else None
     if unit not in UNITS:
         raise InputError(f"memory {text!r}: expected a number with a unit, one of "
-                         f"{', '.join(u for u in UNITS if u)}, e.g. 512MiB")
+                         f"{', '.join(UNIT_NAMES)}, e.g. 512MiB")
     return int(float(match.group(1)) * UNITS[unit])
 
 
