@@ -70,3 +70,22 @@ def test_the_sweep_page_is_labelled_predicted_and_names_the_demo_point_by_its_ru
     assert "**predicted**" in page and "fxscale demo --sweep x.md" in page
     assert "does not fit" in page and "operator-level ahead at 2, model-level at 1" in page
     assert "1 device(s) of 64 MiB" in page
+
+
+def test_the_verdict_names_a_winner_only_past_the_tie_margins():
+    from fxscale.studies.demo import verdict
+
+    def results(operator, model, operator_tokens=100.0):
+        def run(attainment, tokens):
+            figures = {"slo_attainment": attainment, "tokens_per_s": tokens,
+                       "peak_kv_replicas": 1, "peak_kv_blocks": 10}
+            return {"figures": {"live": figures}, "kv_blocks_per_replica": 4,
+                    "groups": [{"stateful": True, "kv_bytes": 4096}]}
+        return {"weight_bytes": 1 << 20, "policies": {"model": run(model, 100.0),
+                                                      "operator": run(operator,
+                                                                      operator_tokens)}}
+
+    assert verdict(results(0.91, 0.90, 50.0)).startswith("Model-level did better")
+    assert verdict(results(0.91, 0.90)).startswith("A tie")
+    assert verdict(results(0.99, 0.50)).startswith("Operator-level did better")
+    assert verdict(results(None, None)).startswith("A tie")  # no requests: no crash

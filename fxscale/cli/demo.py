@@ -4,6 +4,7 @@ autoscaling on the same devices, each beside the simulator's prediction of it.""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from fxscale.cli.args import (
@@ -68,8 +69,9 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
                            "memory and attainment over time)")
     demo.add_argument("--sweep", metavar="PATH.md", type=file_target,
                       help="instead of serving, predict both policies over the declared "
-                           "sweep of devices and slices; write it as Markdown (and the "
-                           "numbers as JSON beside it)")
+                           "sweep of devices and slices (the model, slice length and SLO "
+                           "are the demo's); write it as Markdown (and the numbers as JSON "
+                           "beside it)")
     demo.set_defaults(run=_demo)
 
 
@@ -184,6 +186,10 @@ def _sweep(args: argparse.Namespace, console) -> int:
     with console.status("sweeping...") as status:
         result = sweep(_config(args), progress=lambda message: status.update(message))
     page = Path(args.sweep)
+    if page.suffix != ".md":
+        print(f"fxscale demo: --sweep {args.sweep}: give a Markdown page (.md); its numbers "
+              "go beside it as .json", file=sys.stderr)
+        return 2
     command = f"fxscale demo --sweep {args.sweep}"
     write_atomic(page, sweep_markdown(result, command))
     write_json(result, str(page.with_suffix(".json")))

@@ -28,7 +28,7 @@ class Devices:
 
     count: int = 1
     memory: int | None = None
-    slots: int = 2
+    slots: int = 1
 
     def __post_init__(self) -> None:
         for name, value, most in (("count", self.count, MAX_DEVICES),

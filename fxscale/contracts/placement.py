@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from fxscale.contracts.devices import Devices, PlacementError, format_bytes
 
@@ -42,12 +42,13 @@ class Demand:
 class Placement:
     """The devices and what each holds (see the module docstring); thread-safe."""
 
-    def __init__(self, devices: Devices) -> None:
-        self.devices = devices
+    def __init__(self, devices: Devices, clock: Callable[[], float] = time.perf_counter
+                 ) -> None:
+        self.devices, self.clock = devices, clock
         self.slots = [threading.Semaphore(devices.slots) for _ in range(devices.count)]
         self.held: dict[tuple[str, int], tuple[int, Demand]] = {}  # (group, key) -> device
         self.lock = threading.Lock()
-        self.started = time.perf_counter()
+        self.started = clock()
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.peak = [0] * devices.count
 
@@ -129,7 +130,7 @@ class Placement:
             kv[device] += demand.kv_bytes
         for d in range(self.devices.count):
             self.peak[d] = max(self.peak[d], weights[d] + kv[d])
-        self.history.append({"t": time.perf_counter() - self.started, "weight_bytes": weights,
+        self.history.append({"t": self.clock() - self.started, "weight_bytes": weights,
                              "kv_bytes": kv})
 
     # ---- reading -----------------------------------------------------------------------------

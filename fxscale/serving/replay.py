@@ -11,6 +11,7 @@ SLO attainment of the requests finished in that window.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Callable
@@ -22,6 +23,8 @@ from fxscale.contracts.plan import SLO
 from fxscale.contracts.trace import Request
 from fxscale.runtime.traces.loaders import load_trace
 from fxscale.serving.server import OverloadError, Server
+
+log = logging.getLogger("fxscale.replay")
 
 
 def scaled_slice(trace: str = "azure-conv", start_s: float = 0.0, duration_s: float = 60.0,
@@ -127,16 +130,26 @@ def _sample(server: Server, requests: list[Request], futures: list, slo: SLO,
     """Every sample_s: request rate, replicas per group, attainment of the window's finishes."""
     seen = 0
     while not done.wait(sample_s):
-        now = time.perf_counter() - start
-        arrived = sum(1 for r in requests if now - sample_s <= r.arrival_s < now)
-        finished = [_timing(r, f, start) for r, f in zip(requests, futures)
-                    if f is not None and not isinstance(f, Exception) and f.done()]
-        window = [r for r in finished if r["outcome"] == "ok" and r["finished_s"] > now - sample_s]
-        timeline.append({
-            "t": now, "rate": arrived / sample_s, "finished": len(finished) - seen,
-            "attainment": sum(meets(r, slo) for r in window) / len(window) if window else None,
-            "replicas": _replicas(server), **server.occupancy()})
-        seen = len(finished)
+        try:
+            seen = _sample_once(server, requests, futures, slo, start, sample_s, timeline,
+                                seen)
+        except Exception:  # noqa: BLE001 - one missed sample must not end the timeline
+            log.exception("replay: a timeline sample failed; sampling goes on")
+
+
+def _sample_once(server: Server, requests: list[Request], futures: list, slo: SLO,
+                 start: float, sample_s: float, timeline: list, seen: int) -> int:
+    """Append one timeline row; the requests finished so far."""
+    now = time.perf_counter() - start
+    arrived = sum(1 for r in requests if now - sample_s <= r.arrival_s < now)
+    finished = [_timing(r, f, start) for r, f in zip(requests, futures)
+                if f is not None and not isinstance(f, Exception) and f.done()]
+    window = [r for r in finished if r["outcome"] == "ok" and r["finished_s"] > now - sample_s]
+    timeline.append({
+        "t": now, "rate": arrived / sample_s, "finished": len(finished) - seen,
+        "attainment": sum(meets(r, slo) for r in window) / len(window) if window else None,
+        "replicas": _replicas(server), **server.occupancy()})
+    return len(finished)
 
 
 def _replicas(server: Server) -> dict[str, int]:

@@ -206,6 +206,7 @@ class Server:
         self.engines: list[Engine] = []
         self.retired: list[Engine] = []  # model replicas scaled away (their counts kept)
         self.engines_lock = threading.Lock()
+        self.resize_lock = threading.Lock()  # a check and the change it allows, together
         self.replica_keys = itertools.count(1)  # model replicas: each its own replica key
         try:
             # before compiling: Dynamo guards on the thread count, a later change recompiles
@@ -445,13 +446,14 @@ class Server:
             raise ValueError(f"{len(targets)} groups resized would make {total} replicas in "
                              f"all, more than {MAX_REPLICAS} (fxscale.serving.MAX_REPLICAS)")
         dense = [(self.pools[n], r) for n, r in targets.items() if not self.pools[n].stateful]
-        self.placement.check([d for pool, r in dense for d in pool.additions(r)] +
-                             (self._attention_additions(attention[0]) if attention else []))
-        if dense:  # between steps: a step's parts are spread over the replicas it found
-            engine = self.engines[0]
-            engine.control(lambda: [pool.scale(r) for pool, r in dense]).result()
-        if attention:
-            self._attention_replicas(attention[0])
+        with self.resize_lock:
+            self.placement.check([d for pool, r in dense for d in pool.additions(r)] +
+                                 (self._attention_additions(attention[0]) if attention else []))
+            if dense:  # between steps: a step's parts are spread over the replicas it found
+                engine = self.engines[0]
+                engine.control(lambda: [pool.scale(r) for pool, r in dense]).result()
+            if attention:
+                self._attention_replicas(attention[0])
 
     def _attention_additions(self, count: int) -> list[Demand]:
         """The replicas `count` attention (or model) replicas would start: each new one's

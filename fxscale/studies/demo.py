@@ -134,11 +134,7 @@ def predicted_run(deployment: Deployment, requests: list[Request], slo: SLO,
         rows.append({**row, "outcome": "ok", "tokens": len(times), "finished_s": times[-1],
                      **token_timings(request.arrival_s, times)})
     seconds = max((r["finished_s"] for r in rows if r["outcome"] == "ok"), default=1.0)
-    timeline = [{"t": s["t"], "replicas": s["replicas"], "running": s["running"],
-                 "waiting": s["waiting"], "kv_blocks_used": s["kv_blocks_used"],
-                 "device_weight_bytes": s["device_weight_bytes"],
-                 "device_kv_bytes": s["device_kv_bytes"]} for s in out["samples"]]
-    return {"summary": summarize(rows, slo, seconds), "timeline": timeline,
+    return {"summary": summarize(rows, slo, seconds), "timeline": out["samples"],
             "autoscaler": out["autoscaler"]}
 
 
@@ -183,6 +179,7 @@ def serve_policy(config: DemoConfig, policy: str, model: Any, requests: list[Req
     return {"live": live, "predicted": predicted,
             "figures": {"live": figures(live, stateful),
                         "predicted": figures(predicted, stateful)},
+            "kv_blocks_per_replica": deployment.num_blocks,
             "groups": [{"name": g.model.name, "kind": g.model.kind, "stateful": g.stateful,
                         "weight_bytes": g.weight_bytes, "kv_bytes": g.kv_bytes}
                        for g in deployment.groups],
@@ -248,16 +245,17 @@ def verdict(results: dict[str, Any]) -> str:
     compute = (f"model-level ran {_count(a['peak_kv_replicas'], 'whole-model engine')}, each "
                "stepping on its own, while operator-level's one engine steps through its "
                "groups one after another")
-    gain = b["slo_attainment"] - a["slo_attainment"]
+    gain = (b["slo_attainment"] or 0.0) - (a["slo_attainment"] or 0.0)  # None: no requests
     speed = b["tokens_per_s"] / a["tokens_per_s"] - 1 if a["tokens_per_s"] else 0.0
-    scores = (f"SLO attainment {b['slo_attainment']:.1%} vs {a['slo_attainment']:.1%} "
-              f"(operator vs model), tokens/s {speed:+.0%}")
+    scores = (f"SLO attainment {format_figure('slo_attainment', b['slo_attainment'])} vs "
+              f"{format_figure('slo_attainment', a['slo_attainment'])} (operator vs model), "
+              f"tokens/s {speed:+.0%}")
     if abs(gain) < TIE_ATTAINMENT and abs(speed) < TIE_THROUGHPUT:
         extra = ", and the extra KV room did not change the outcome" \
             if b["peak_kv_blocks"] > a["peak_kv_blocks"] else ""
         return (f"A tie on this run ({scores}): {memory}{extra}; {SWEEP_PAGE} shows where "
                 "the policies differ.")
-    if gain > 0 or (abs(gain) < TIE_ATTAINMENT and speed > 0):
+    if gain >= TIE_ATTAINMENT or (abs(gain) < TIE_ATTAINMENT and speed > 0):
         return f"Operator-level did better than model-level ({scores}): {memory}."
     return f"Model-level did better than operator-level ({scores}): {compute}."
 
@@ -269,11 +267,9 @@ def _count(n: int, noun: str) -> str:
 
 def _kv_block_bytes(results: dict[str, Any]) -> int:
     """Bytes of one KV block (every layer) of the served model."""
-    config = results["config"]
     run = results["policies"]["model"]
     kv = sum(g["kv_bytes"] for g in run["groups"] if g["stateful"])
-    blocks = -(-config["kv_cache_tokens"] // 16)
-    return kv // blocks if blocks else 0
+    return kv // run["kv_blocks_per_replica"]
 
 
 def summary_table(results: dict[str, Any]) -> Any:

@@ -92,7 +92,7 @@ def sweep(config: DemoConfig, grid: SweepGrid = SweepGrid(),
 def _difference(row: dict[str, Any]) -> float | None:
     """Operator-level's SLO attainment minus model-level's (None where one cannot run)."""
     a, b = row.get("model", {}), row.get("operator", {})
-    if "slo_attainment" not in a or "slo_attainment" not in b:
+    if a.get("slo_attainment") is None or b.get("slo_attainment") is None:
         return None
     return b["slo_attainment"] - a["slo_attainment"]
 
@@ -138,8 +138,7 @@ def sweep_markdown(result: dict[str, Any], command: str) -> str:
     for row in result["rows"]:
         cells = [str(row["devices"]), str(row["memory_mib"]), f"{row['start_s']:g}",
                  f"{row['speedup']:g}", str(row["requests"])]
-        for key in ("slo_attainment",):
-            cells += [_cell(row[p], key) for p in POLICIES]
+        cells += [_cell(row[p], "slo_attainment") for p in POLICIES]
         cells.append("-" if row["difference"] is None else f"{row['difference']:+.1%}")
         cells += [_cell(row[p], "tokens_per_s") for p in POLICIES]
         cells += [_cell(row[p], "peak_kv_replicas") for p in POLICIES]

@@ -8,7 +8,9 @@ more headroom has asked for fewer for `down_after` intervals in a row (to the mo
 intervals asked for). Every change is a Decision with its reason, kept in order and logged
 to "fxscale.autoscaler".
 
-Attention groups (a model replica, for the model policy) hold the KV blocks: they get at least
+Attention groups move together (a request's KV blocks of every layer live on one attention
+replica): the first of them decides for all, one decision per interval. They (a model replica,
+for the model policy) hold the KV blocks: they get at least
 the replicas whose blocks hold every request's KV at its full length with the headroom, so a
 deployment short of KV room adds it (the same rule for both policies).
 
@@ -114,7 +116,12 @@ class Autoscaler:
                            min(0.95, self.headroom + DOWN_BAND))
         t = now - self.start_time
         wanted, per_replica = self.kv() if self.kv else (0, 0)
+        attention_done = False  # attention groups move together: one decision per step
         for load in loads:
+            if getattr(pools[load.name], "stateful", False):
+                if attention_done:
+                    continue
+                attention_done = True
             have = load.replicas
             up, down = plan.replicas[load.name], max(plan.replicas[load.name],
                                                      tight.replicas[load.name])
@@ -168,8 +175,8 @@ class Autoscaler:
                     continue
                 got = fewer
                 break
-            if got == decision.old and self.bound.get(decision.scope) == str(err):
-                return  # still bound as before: said already
+            if got == decision.old and decision.scope in self.bound:
+                return  # still bound: said already
             self.bound[decision.scope] = str(err)
             decision = replace(decision, new=got, action=action(decision.old, got) if
                                got != decision.old else "hold (devices bind)",

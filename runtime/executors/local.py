@@ -185,15 +185,18 @@ class LocalPool:
         on a device with room (PlacementError when none has)."""
         start = time.perf_counter()
         device = self.placement.place(self.demand(key))
+        replica = None
         try:
             replica = LocalReplica(key, self.placement.slots[device], self.name, device)
-        except BaseException:
+            with self.lock:
+                replica.start(self._copies(key))
+                self.replicas[key] = replica
+                self.next_key = max(self.next_key, key + 1)
+        except BaseException:  # nothing of a replica that did not start stays behind
+            if replica is not None:
+                replica.stop()
             self.placement.release(self.name, key)
             raise
-        with self.lock:
-            replica.start(self._copies(key))
-            self.replicas[key] = replica
-            self.next_key = max(self.next_key, key + 1)
         self.ready_s.append(time.perf_counter() - start)
 
     def remove(self, key: int) -> None:

@@ -224,8 +224,9 @@ class Scheduler:
 
     def blocks(self) -> dict[str, int]:
         """KV blocks used and free over the replicas."""
-        total = sum(p.num_blocks for p in self.pools.values())
-        free = sum(p.num_free for p in self.pools.values())
+        pools = list(self.pools.values())  # one snapshot (another thread may add a replica)
+        total = sum(p.num_blocks for p in pools)
+        free = sum(p.num_free for p in pools)
         return {"used": total - free, "free": free, "total": total}
 
     def blocks_wanted(self) -> int:

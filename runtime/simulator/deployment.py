@@ -4,7 +4,7 @@ autoscaler itself.
 
 Everything but the groups' execution times is the live engine's own code: the scheduler
 (runtime/scheduling) composes every step and holds the KV blocks; the placement
-(runtime/scheduling/placement.py) puts each replica on a device or refuses it; the autoscaler
+(contracts/placement.py) puts each replica on a device or refuses it; the autoscaler
 (runtime/autoscaling) decides every interval on what the simulated pools measured, as it does
 on the live pools. A group's execution takes what its profile says (GroupModel), and each
 step the engine's own time (EngineCosts). `policy="model"`: one whole-model group, each
@@ -97,7 +97,7 @@ class DeploymentSimulation:
                              f"{deployment.policy!r}")
         self.d = deployment
         self.now = 0.0
-        self.placement = Placement(deployment.devices)
+        self.placement = Placement(deployment.devices, clock=lambda: self.now)
         self.pools = {g.model.name: SimulatedPool(g.model.name, g.stateful)
                       for g in deployment.groups}
         self.dense = {g.model.name: 1 for g in deployment.groups if not g.stateful}
@@ -193,9 +193,14 @@ class DeploymentSimulation:
         for group in self._stateful():
             self.pools[group.model.name].replicas = count
 
+    def _serving(self) -> list[SimulatedEngine]:
+        """The engines taking requests (a retiring model replica is no longer counted, as
+        the live server stops counting it)."""
+        return [e for e in self.engines if not e.draining]
+
     def kv_demand(self) -> tuple[int, int]:
         """(KV blocks the requests held need, blocks per replica): as the live server's."""
-        return sum(e.scheduler.blocks_wanted() for e in self.engines), self.d.num_blocks
+        return sum(e.scheduler.blocks_wanted() for e in self._serving()), self.d.num_blocks
 
     # ---- the run ---------------------------------------------------------------------------------
     def run(self, requests: list[Request], sample_s: float | None = None) -> dict[str, Any]:
@@ -298,9 +303,10 @@ class DeploymentSimulation:
 
     def _sample(self) -> None:
         """What the deployment holds now (the live demo samples the same)."""
-        used = sum(e.scheduler.blocks()["used"] for e in self.engines)
-        running = sum(len(e.scheduler.running) for e in self.engines)
-        waiting = sum(len(e.scheduler.waiting) for e in self.engines)
+        serving = self._serving()
+        used = sum(e.scheduler.blocks()["used"] for e in serving)
+        running = sum(len(e.scheduler.running) for e in serving)
+        waiting = sum(len(e.scheduler.waiting) for e in serving)
         stats = self.placement.stats()["devices"]
         self.samples.append({
             "t": self.now, "kv_blocks_used": used, "running": running, "waiting": waiting,
