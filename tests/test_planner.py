@@ -10,11 +10,11 @@ import pytest
 
 from fxscale.contracts.errors import InputError
 from fxscale.contracts.group_graph import kind_name
-from fxscale.contracts.plan import SLO, EngineCount, LockstepShape, Plan
+from fxscale.contracts.plan import SLO, EngineCount, LockstepShape, OperatorShape, Plan
 from fxscale.contracts.trace import Request, Trace
 from fxscale.models.presets import preset_graph
 from fxscale.runtime.devices import load_device
-from fxscale.runtime.planner.engines import LockstepEngine
+from fxscale.runtime.planner.engines import LockstepEngine, OperatorEngine
 from fxscale.runtime.planner.search import Workload, plan, prefill_alone_s, prompt_points
 from fxscale.runtime.planner.service import Batch, service_model
 from fxscale.runtime.simulator.evaluate import (
@@ -268,6 +268,31 @@ def test_a_changed_tp_degree_retires_the_old_replicas_once_the_new_are_ready(ser
     sim._retire_superseded(new[0].ready_at)
     assert all(e.draining and e.retired_at == new[0].ready_at for e in old)  # idle: gone
     assert not new[0].draining
+
+
+def test_co_located_operator_replicas_keep_each_request_and_its_tokens_on_one(service, azure):
+    """Review finding 3: a co-located operator engine is replicas that each hold their own
+    requests, not one divisible pool: one prompt is not spread over every replica, and a
+    balanced load costs what one replica's share costs."""
+    colocated, replica = OperatorEngine(0, 2, 2), LockstepEngine("model", 2)
+    prompt = Batch(1, 512, 512 ** 2)
+    assert colocated.step(service, prompt)[0] == pytest.approx(
+        replica.step(service, prompt)[0])
+    decodes = Batch(decode_n=64, decode_s1=64 * 900.0)
+    assert colocated.step(service, decodes)[0] == pytest.approx(
+        replica.step(service, decodes.split(2))[0])
+    assert colocated.prompt_lane(512) == 512 and OperatorEngine(2, 2, 2).prompt_lane(512) == 1024
+    # replayed: a long prompt alone takes as long on two co-located replicas as on one
+    base, workload = azure
+    p = plan(service, workload.at(5.0), SLO(ttft=10.0, tbt=1.0), "model")
+    one = Trace("one", "test", [Request(0.0, 3000, 4)])
+    ttft = {}
+    for shape in (LockstepShape("model", 2), OperatorShape(0, 2, 2)):
+        fixed = replace(p, engines=(EngineCount(shape, 1),), chunk=512)
+        ttft[type(shape)] = simulate(service, one, "operator" if shape.devices > 2 else "model",
+                                     SLO(ttft=10.0, tbt=1.0), fixed=fixed,
+                                     workload=workload).ttft[0]
+    assert ttft[OperatorShape] == pytest.approx(ttft[LockstepShape], rel=1e-6)
 
 
 def test_the_agreement_example_runs(graphs, capsys, monkeypatch):

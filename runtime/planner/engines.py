@@ -9,7 +9,9 @@ Two shapes cover every policy:
   on `dense_replicas` replicas, each sharded over `dense_shards` devices. Two micro-batches
   alternate between the pools (ping-pong), so one decode step takes
   max(traversal of a micro-batch, 2 x the busier pool's time per micro-batch).
-  With `attention == 0` every kind shares the dense devices (co-located).
+  With `attention == 0` every kind shares the dense devices (co-located): each replica then
+  holds its own requests, their KV and their tokens (nothing crosses between replicas
+  unpriced), and a step lasts as long as the busiest replica's share.
 Memory: a device keeps MEMORY_HEADROOM of its capacity free for activations and fragmentation.
 """
 from __future__ import annotations
@@ -29,6 +31,11 @@ class LockstepEngine(LockstepShape):
     shape with what one iteration costs."""
 
     prefill_lanes = 1  # one chunk of prompt tokens per step
+
+    @staticmethod
+    def prompt_lane(chunk: int) -> int:
+        """Tokens one prompt may advance per step."""
+        return chunk
 
     def step(self, service: ServiceModel, batch: Batch) -> tuple[float, float]:
         """(seconds, busy device-seconds) of one iteration."""
@@ -57,23 +64,29 @@ class OperatorEngine(OperatorShape):
         """Dense replicas each take a chunk of prompt tokens per step."""
         return self.dense_replicas
 
+    def prompt_lane(self, chunk: int) -> int:
+        """Tokens one prompt may advance per step: a disaggregated dense pool splits a
+        prompt's tokens over its replicas (the hops to the attention devices are charged);
+        co-located replicas each hold their own requests, so a prompt takes one chunk."""
+        return chunk * self.dense_replicas if self.attention else chunk
+
     def pool_times(self, service: ServiceModel, batch: Batch) -> tuple[float, float, float,
                                                                          float]:
         """(attention pool s, dense pool s, communication s, busy device-seconds) for one
-        micro-batch; a pool's devices count as busy only while they hold work."""
+        micro-batch of a disaggregated engine; a pool's devices count as busy only while
+        they hold work."""
         attention = dense = comm = busy = 0.0
-        spread = self.attention or self.dense_shards * self.dense_replicas
         for kind in service.kinds:
-            if kind.stateful:  # requests spread over the attention devices (or all of them)
-                seconds = service.kind_time(kind, batch, 1, spread)
+            if kind.stateful:  # requests spread over the attention devices
+                seconds = service.kind_time(kind, batch, 1, self.attention)
                 attention += seconds
-                busy += seconds * service.busy_replicas(kind, batch, spread)
+                busy += seconds * service.busy_replicas(kind, batch, self.attention)
             else:
                 seconds = service.kind_time(kind, batch, self.dense_shards, self.dense_replicas)
                 dense += seconds
                 busy += seconds * self.dense_shards * service.busy_replicas(
                     kind, batch, self.dense_replicas)
-            if self.attention and kind.stateful:
+            if kind.stateful:
                 comm += kind.count * 2 * self._hop(service, batch, kind.out_bytes_per_token)
         return attention, dense, comm, busy
 
@@ -90,11 +103,27 @@ class OperatorEngine(OperatorShape):
     def step(self, service: ServiceModel, batch: Batch) -> tuple[float, float]:
         """(seconds, busy device-seconds) of one iteration over the whole batch."""
         if not self.attention:
-            attention, dense, _, busy = self.pool_times(service, batch)
-            return attention + dense, busy
+            return self._colocated_step(service, batch)
         half = batch.split(2)
         attention, dense, comm, busy = self.pool_times(service, half)
         return max(attention + dense + comm, 2 * max(attention, dense)), 2 * busy
+
+    def _colocated_step(self, service: ServiceModel, batch: Batch) -> tuple[float, float]:
+        """(seconds, busy device-seconds) of co-located replicas that each run their own
+        requests, tensor parallel `dense_shards` ways: the busiest replica holds its even
+        part of the prompts and of the decodes, but at least one whole request of each."""
+        replicas = self.dense_replicas
+
+        def busiest(n: float) -> float:
+            return 1.0 if n <= 1 else max(1 / replicas, 1 / n)
+
+        p, d = busiest(batch.prefill_n), busiest(batch.decode_n)
+        share = Batch(batch.prefill_n * p, batch.prefill_s1 * p, batch.prefill_s2 * p,
+                      batch.decode_n * d, batch.decode_s1 * d)
+        busy = min(float(replicas), max(1.0, batch.prefill_n + batch.decode_n))
+        even = service.iteration_time(batch.split(busy), self.dense_shards)
+        return (service.iteration_time(share, self.dense_shards),
+                even * busy * self.dense_shards)
 
     def kv_capacity_tokens(self, service: ServiceModel) -> float:
         """Tokens of KV cache: the attention devices' memory, or what the weights leave free."""

@@ -183,7 +183,8 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
         busy_fraction = min(1.0, engine.step(service, here)[1] / (step * engine.devices))
     if not prefill:
         return Prediction(step, step, tbt99, 0.0, 0.0, batch99, busy_fraction, 0.0)
-    ttft = _ttft(service, engine, count, work, slo, chunk * lanes, step, mean_batch)
+    ttft = _ttft(service, engine, count, work, slo, chunk * lanes, engine.prompt_lane(chunk),
+                 step, mean_batch)
     if ttft is None:
         return None
     if not decode:
@@ -192,20 +193,21 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
 
 
 def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, chunk: int,
-          step: float, decoding: float) -> tuple[float, float, float, float] | None:
+          lane: int, step: float, decoding: float) -> tuple[float, float, float, float] | None:
     """(TTFT p50, TTFT at the attainment percentile, prefill utilisation, share of requests
     past their own TTFT target), or None.
 
     Prompts queue for prefill tokens: an M/G/c queue whose service time is a prompt's tokens
-    over the engine's prefill rate (chunk tokens per full step). Wait: Erlang C scaled by
+    over the engine's prefill rate (chunk tokens per full step, at most `lane` of them from
+    one prompt). Wait: Erlang C scaled by
     (1 + Cs^2) / 2 (Allen-Cunneen), exponential given that it waits. TTFT = wait + the
     prompt's own chunks + half a step; its percentile mixes the wait over the weighted prompt
     lengths (prompt_points)."""
     ctx = work.context_mean
 
     def own(p: float, joining: float = 0.0) -> float:
-        chunks = max(1, math.ceil(p / chunk))
-        tokens = min(p, chunk)
+        chunks = max(1, math.ceil(p / lane))
+        tokens = min(p, lane)
         # prompts queued behind it share its step while the chunk has room
         others = min(joining, max(0.0, (chunk - tokens) / work.prompt_mean))
         return chunks * engine.step(service, Batch(
@@ -437,19 +439,21 @@ def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
         max_batch = math.ceil(pred.batch_p99) if pred.batch_p99 else \
             max(1, math.ceil(chunk / work.prompt_mean))
         devices = list(range(first_device, first_device + engine.devices * count))
-        if isinstance(engine, OperatorEngine):
+        if isinstance(engine, OperatorEngine) and engine.attention:
             attention, dense, _, _ = engine.pool_times(service, batch)
             total = attention + dense
-            split = engine.attention or engine.dense_shards * engine.dense_replicas
-            places = {True: (devices[:engine.attention] or devices, split, 1, split),
+            places = {True: (devices[:engine.attention], engine.attention, 1, engine.attention),
                       False: (devices[engine.attention:], engine.dense_replicas,
                               engine.dense_shards, engine.dense_replicas)}
             role = "operator"
-        else:
-            total = service.iteration_time(batch, engine.shards)
-            # each of `count` replicas runs its own batch: time at one replica's batch
-            places = {flag: (devices, count, engine.shards, 1) for flag in (True, False)}
-            role = engine.role
+        else:  # replicas that each run their own requests: time at one replica's batch
+            if isinstance(engine, OperatorEngine):  # co-located: r replicas in one engine
+                replicas, shards, role = engine.dense_replicas, engine.dense_shards, "operator"
+                batch = batch.split(replicas)
+            else:
+                replicas, shards, role = count, engine.shards, engine.role
+            total = service.iteration_time(batch, shards)
+            places = {flag: (devices, replicas, shards, 1) for flag in (True, False)}
         for kind in service.kinds:
             where, replicas, shards, split = places[kind.stateful]
             share = service.kind_time(kind, batch, shards, split) / max(total, 1e-12)

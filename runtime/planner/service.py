@@ -77,7 +77,7 @@ class Batch:
         """Tokens that flow through the row-wise groups in this iteration."""
         return self.prefill_s1 + self.decode_n
 
-    def split(self, parts: int) -> Batch:
+    def split(self, parts: float) -> Batch:
         """The share of this batch one of `parts` equal replicas receives."""
         if parts == 1:
             return self

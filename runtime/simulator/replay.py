@@ -53,7 +53,8 @@ class EngineState:
     """One running engine: its queues, decoding set, KV reservation and accounting."""
 
     def __init__(self, spec, role: str, ready_at: float, requested_at: float, chunk: int) -> None:
-        self.spec, self.role, self.chunk = spec, role, chunk
+        self.spec, self.role = spec, role
+        self.shape(spec, chunk)
         self.ready_at, self.requested_at = ready_at, requested_at
         self.retired_at: float | None = None
         self.draining = False
@@ -75,6 +76,11 @@ class EngineState:
         self.since, self.banked, self.extra_devices = requested_at, 0.0, 0
         self.pending_spec = None
         self.first_step_at: float | None = None  # when it first served (tests: >= ready_at)
+
+    def shape(self, spec, chunk: int) -> None:
+        """Take a (new) shape: prompt tokens per step, and per prompt per step."""
+        self.spec = spec
+        self.chunk, self.lane = chunk * spec.prefill_lanes, spec.prompt_lane(chunk)
 
     def load(self, service: ServiceModel) -> tuple[bool, float, float]:
         """Routing key, fewer first: KV nearly full, prompt tokens still to prefill, KV held."""
@@ -148,7 +154,7 @@ class Simulation:
         """Request a new engine (ready at once when warm, else after its cold start)."""
         delay = 0.0 if warm else self.scaling.startup_s + \
             spec.load_bytes_per_device(self.service) / self.scaling.load_bandwidth
-        engine = EngineState(spec, role, now + delay, now, chunk * spec.prefill_lanes)
+        engine = EngineState(spec, role, now + delay, now, chunk)
         self.engines.append(engine)
         if delay:
             self._push(now + delay, "ready", engine)
@@ -235,7 +241,7 @@ class Simulation:
             if self.shrink.due and engine.pending_spec is None and \
                     spec.kv_capacity_tokens(self.service) >= engine.kv_reserved:
                 self._close_account(engine, now)
-                engine.spec, engine.chunk = spec, p.chunk * spec.prefill_lanes
+                engine.shape(spec, p.chunk)
                 self.shrink.done()
 
     def _close_account(self, engine: EngineState, now: float) -> None:
@@ -281,8 +287,8 @@ class Simulation:
                 elif engine.pending_spec == grown:  # a newer decision may have replaced it
                     self.resizes.append((asked, now))
                     self._close_account(engine, now)
-                    engine.spec, engine.extra_devices, engine.pending_spec = grown, 0, None
-                    engine.chunk = chunk * grown.prefill_lanes
+                    engine.extra_devices, engine.pending_spec = 0, None
+                    engine.shape(grown, chunk)
                     self._wake(engine, now)
         lost = [i for i, f in enumerate(self.finish) if f != f]
         if remaining != 0 or lost:
@@ -472,7 +478,7 @@ class Simulation:
             if budget <= 0:
                 break
             i, done = entry
-            take = min(requests[i].prompt_tokens - done, budget)
+            take = min(requests[i].prompt_tokens - done, budget, engine.lane)
             budget -= take
             engine.backlog -= take
             chunks.append((entry, take))
