@@ -14,7 +14,7 @@ from fxscale.contracts.plan import SLO, EngineCount, LockstepShape, OperatorShap
 from fxscale.contracts.trace import Request, Trace
 from fxscale.models.presets import preset_graph
 from fxscale.runtime.devices import load_device
-from fxscale.runtime.planner.engines import LockstepEngine, OperatorEngine
+from fxscale.runtime.planner.engines import LockstepEngine, OperatorEngine, engine_for
 from fxscale.runtime.planner.search import Workload, plan, prefill_alone_s, prompt_points
 from fxscale.runtime.planner.service import Batch, service_model
 from fxscale.runtime.simulator.evaluate import (
@@ -23,6 +23,7 @@ from fxscale.runtime.simulator.evaluate import (
     metrics,
     weighted_quantile,
 )
+from fxscale.runtime.simulator.prefix import PrefixCache, reused_tokens
 from fxscale.runtime.simulator.replay import ScalingConfig, Simulation, simulate
 from fxscale.runtime.traces.loaders import load_trace, poisson_resample
 
@@ -438,3 +439,40 @@ def test_a_hundred_day_gap_costs_decisions_for_the_requests_not_the_days(service
     result = simulate(service, trace, "operator", SLO_TIGHT)
     assert result.device_seconds >= 100 * 86400  # the deployment was held through the gap
     assert len(result.decisions) < 50  # stepping every 30 s would make 288,000
+
+
+def test_prefix_cache_keeps_the_most_recent_blocks_and_reuses_leading_runs():
+    cache = PrefixCache(3)
+    cache.store((1, 2, 3))
+    assert cache.reuse((1, 2, 9, 3)) == 2  # leading run only
+    cache.store((4,))  # evicts 3, the least recently used
+    assert cache.reuse((1, 2, 3)) == 2 and cache.reuse((4,)) == 1
+    cache.resize(1)
+    assert cache.reuse((4,)) == 1 and cache.reuse((1,)) == 0
+    assert reused_tokens(2, 512, 1024) == 1023  # one token is always prefilled
+
+
+def test_prefix_caching_skips_the_cached_prefill_for_every_policy(service, azure):
+    """Review finding 8: a prompt whose prefix blocks its KV holder already has skips their
+    prefill, by the same rule for every policy, only when asked; the bound counts each
+    block's prefill once."""
+    shared = tuple(range(6))  # 6 blocks of 512 tokens: a 3072-token shared prefix
+    requests = [Request(float(t), 3200, 8, shared + (100 + t,)) for t in range(0, 40, 2)]
+    trace = Trace("shared", "test", requests, prefix_block_tokens=512)
+    _, workload = azure
+    slo = SLO(ttft=10.0, tbt=1.0)
+    for policy in ("model", "phase", "operator"):
+        p = plan(service, workload.at(0.5), slo, policy)
+        cold = simulate(service, trace, policy, slo, fixed=p, workload=workload)
+        warm = simulate(service, trace, policy, slo, fixed=p, workload=workload,
+                        prefix_caching=True)
+        assert cold.prefix is None
+        holders = sum(engine_for(e.engine).kv_holders * e.count for e in p.engines
+                      if getattr(e.engine, "role", "operator") != "decode")
+        # every prompt after its holder's first reuses the 3072 shared tokens
+        assert warm.prefix["reused_tokens"] >= (len(requests) - holders) * 3072
+        assert warm.ttft[-1] < 0.5 * cold.ttft[-1]
+    bound = (lower_bound(service, trace, 30.0),
+             lower_bound(service, trace.without_prefixes(), 30.0))
+    assert bound[0]["lower_bound_gpu_hours"] <= bound[1]["lower_bound_gpu_hours"]
+    assert bound[0]["lower_bound_energy_kwh"] < 0.95 * bound[1]["lower_bound_energy_kwh"]

@@ -174,3 +174,22 @@ def test_poisson_resample_keeps_the_length_mix_at_a_steady_rate():
     pairs = {(r.prompt_tokens, r.output_tokens) for r in base.requests}
     assert all((r.prompt_tokens, r.output_tokens) in pairs for r in steady.requests)
     assert steady.requests == poisson_resample(base, 4.0, 600, seed=3).requests
+
+
+def test_mooncake_prefix_hashes_are_kept_through_windows_and_cut_with_the_prompt(tmp_path):
+    trace = load_trace("mooncake-conversation")
+    assert trace.prefix_block_tokens == 512
+    first = trace.requests[0]
+    assert first.prefix[:3] == (0, 1, 2) and len(first.prefix) == -(-first.prompt_tokens // 512)
+    window = trace.window(10, 60).scaled(2)
+    assert window.prefix_block_tokens == 512 and all(r.prefix for r in window.requests)
+    fitted, counts = trace.within_context(8192, "truncate")
+    cut = [r for r, o in zip(fitted.requests, trace.requests) if r.prompt_tokens < o.prompt_tokens]
+    assert cut and counts["truncated_prompts"] == len(cut) and not any(r.prefix for r in cut)
+    assert not any(r.prefix for r in trace.without_prefixes().requests)
+    assert load_trace("azure-conv").prefix_block_tokens == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"timestamp": 0, "input_length": 5, "output_length": 1, '
+                   '"hash_ids": [1, "x"]}\n')
+    with pytest.raises(TraceError, match="bad.jsonl:1: field 'hash_ids'"):
+        load_trace(bad)

@@ -47,6 +47,9 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--over-context", choices=CONTEXT_MODES, default="reject",
                      help="requests whose prompt does not fit the model's context: reject "
                           "them (default) or truncate the prompt; counted in the output")
+    sim.add_argument("--prefix-caching", action="store_true",
+                     help="reuse the KV of cached prompt prefixes, by the trace's prefix hashes "
+                          "(Mooncake traces carry them), for every policy alike")
     sim.add_argument("--attainment", type=fraction, default=0.99,
                      help="fraction of requests that must meet both targets (default 0.99)")
     sim.add_argument("--interval", type=positive_float, default=30.0,
@@ -84,13 +87,15 @@ def _simulate(args: argparse.Namespace) -> int:
     with console.status("simulating") as status:
         outcome = compare(service, trace, policies, slo, scaling, tune=args.headroom is None,
                           fixed_gpus=args.fixed_gpus, progress=status.update,
-                          over_context=args.over_context)
+                          over_context=args.over_context, prefix_caching=args.prefix_caching)
     config = {"model": args.model, "layers": args.layers, "device": args.device,
               "trace": trace.name,
               "trace_source": trace.source, "requests": len(trace.requests),
               "duration_s": trace.duration_s(), "slo_ttft": slo.ttft, "slo_tbt": slo.tbt,
               "attainment_target": slo.attainment, "interval_s": args.interval,
-              "slo_ttft_per_token": slo.ttft_per_token, "context": outcome["context"]}
+              "slo_ttft_per_token": slo.ttft_per_token, "context": outcome["context"],
+              "prefix_caching": args.prefix_caching,
+              "prefix_block_tokens": trace.prefix_block_tokens}
     runs = {row["policy"]: _run_json(row) for row in outcome["rows"]}
     print(simulate_table(runs, config))
     if args.json:
@@ -106,7 +111,8 @@ def _run_json(row: dict) -> dict:
     result = row["result"]
     keys = ("gpu_hours", "energy_kwh", "slo_attainment", "ttft_p50", "ttft_p99", "tbt_p50",
             "tbt_p99", "throughput_tok_s", "lower_bound_gpu_hours", "lower_bound_energy_kwh",
-            "wall_s", "requests", "policy", "headroom", "floor", "meets_target", "context")
+            "wall_s", "requests", "policy", "headroom", "floor", "meets_target", "context",
+            "prefix_reuse")
     data = {k: row[k] for k in keys}
     data["max_rate_at_slo"] = row.get("max_rate_at_slo")
     data["fixed_gpus"] = row.get("fixed_gpus")
@@ -151,6 +157,11 @@ def simulate_table(runs: dict, config: dict) -> str:
         table.caption += (f"; {over} prompts that do not fit the model's {context['limit']}-"
                           f"token context {done}, {context['shortened_outputs']} outputs stopped "
                           "at it (every policy alike)")
+    if config.get("prefix_caching"):
+        reuse = ", ".join(f"{name} {r['prefix_reuse']:.1%}" for name, r in runs.items()
+                          if r.get("prefix_reuse") is not None)
+        table.caption += (f"; prefix caching: prompt tokens reused {reuse}" if reuse else
+                          "; prefix caching on, but the trace has no prefix hashes")
     buffer = io.StringIO()
     Console(file=buffer, width=200, force_terminal=False, color_system=None).print(table)
     return buffer.getvalue()

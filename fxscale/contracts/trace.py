@@ -1,10 +1,11 @@
 """The Trace contract: requests with arrival time, prompt tokens and tokens to generate, in
-arrival order; what every trace reader returns and what the simulator, the runtime model and
-the live replay consume. No torch."""
+arrival order (and, where the trace has them, the hashes of their prompt's prefix blocks);
+what every trace reader returns and what the simulator, the runtime model and the live replay
+consume. No torch."""
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import InputError
@@ -23,6 +24,9 @@ class Request:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    # hash of each prefix block of the prompt (the trace's `prefix_block_tokens` each): equal
+    # hashes at the same position mean the same prefix, so its KV cache may be reused
+    prefix: tuple[int, ...] = ()
 
 
 @dataclass
@@ -32,6 +36,12 @@ class Trace:
     name: str
     source: str
     requests: list[Request]
+    prefix_block_tokens: int = 0  # tokens per prefix-hash block; 0: no prefix hashes
+
+    def without_prefixes(self) -> Trace:
+        """The same requests without prefix hashes (no prefix-cache reuse)."""
+        return replace(self, requests=[replace(r, prefix=()) for r in self.requests],
+                       prefix_block_tokens=0)
 
     def duration_s(self) -> float:
         """Time from the first to the last arrival."""
@@ -49,9 +59,8 @@ class Trace:
                              f"duration={duration_s}")
         end = float("inf") if duration_s is None else start_s + duration_s
         kept = [r for r in self.requests if start_s <= r.arrival_s < end]
-        return Trace(f"{self.name}[{start_s:g}s+{duration_s if duration_s else 'end'}]",
-                     self.source, [Request(r.arrival_s - start_s, r.prompt_tokens,
-                                           r.output_tokens) for r in kept])
+        return replace(self, name=f"{self.name}[{start_s:g}s+{duration_s or 'end'}]",
+                       requests=[replace(r, arrival_s=r.arrival_s - start_s) for r in kept])
 
     def within_context(self, limit: int | None, mode: str = "reject"
                        ) -> tuple[Trace, dict[str, Any]]:
@@ -78,19 +87,21 @@ class Trace:
             elif prompt + output > limit:
                 counts["shortened_outputs"] += 1
             output = min(output, limit - prompt)
-            kept.append(Request(r.arrival_s, prompt, output))
+            # a cut prompt keeps its end: its prefix blocks are no longer the trace's
+            kept.append(Request(r.arrival_s, prompt, output,
+                                r.prefix if prompt == r.prompt_tokens else ()))
         if not kept:
             raise TraceError(f"{self.name}: every prompt is longer than the model's {limit}-token "
                              "context; use a model with a longer context or mode 'truncate'")
-        return Trace(self.name, self.source, kept), counts
+        return replace(self, requests=kept), counts
 
     def scaled(self, rate_factor: float) -> Trace:
         """The same requests arriving `rate_factor` times as fast (arrival times divided)."""
         if not rate_factor > 0:
             raise ValueError(f"rate factor must be positive, got {rate_factor}")
-        return Trace(f"{self.name}x{rate_factor:g}", self.source,
-                     [Request(r.arrival_s / rate_factor, r.prompt_tokens, r.output_tokens)
-                      for r in self.requests])
+        return replace(self, name=f"{self.name}x{rate_factor:g}",
+                       requests=[replace(r, arrival_s=r.arrival_s / rate_factor)
+                                 for r in self.requests])
 
     def summary(self) -> dict[str, float]:
         """Count, duration, rate and token statistics."""

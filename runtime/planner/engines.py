@@ -31,6 +31,7 @@ class LockstepEngine(LockstepShape):
     shape with what one iteration costs."""
 
     prefill_lanes = 1  # one chunk of prompt tokens per step
+    kv_holders = 1  # the replica's KV cache is one (sharded by heads)
 
     @staticmethod
     def prompt_lane(chunk: int) -> int:
@@ -63,6 +64,11 @@ class OperatorEngine(OperatorShape):
     def prefill_lanes(self) -> int:
         """Dense replicas each take a chunk of prompt tokens per step."""
         return self.dense_replicas
+
+    @property
+    def kv_holders(self) -> int:
+        """Separate KV caches: one per attention device, or per co-located replica."""
+        return self.attention or self.dense_replicas
 
     def prompt_lane(self, chunk: int) -> int:
         """Tokens one prompt may advance per step: a disaggregated dense pool splits a

@@ -11,6 +11,7 @@ peak interval rate times the headroom.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import replace
 from typing import Callable
@@ -20,6 +21,7 @@ from fxscale.contracts.plan import SLO, Plan
 from fxscale.contracts.trace import Trace
 from fxscale.runtime.planner.search import Workload, plan
 from fxscale.runtime.planner.service import Batch, ServiceModel
+from fxscale.runtime.simulator.prefix import PrefixCache, reused_tokens
 from fxscale.runtime.simulator.replay import Result, ScalingConfig, Simulation
 
 HEADROOMS = (1.0, 1.25, 1.5, 2.0, 3.0)
@@ -61,7 +63,8 @@ def metrics(result: Result, slo: SLO) -> dict:
             "tbt_p99": weighted_quantile(result.gaps, 0.99),
             "throughput_tok_s": result.output_tokens / result.duration_s
             if result.duration_s > 0 else 0.0,
-            "requests": len(result.ttft)}
+            "requests": len(result.ttft),
+            "prefix_reuse": result.prefix["reuse"] if result.prefix else None}
 
 
 def lower_bound(service: ServiceModel, trace: Trace, interval_s: float) -> dict:
@@ -69,13 +72,18 @@ def lower_bound(service: ServiceModel, trace: Trace, interval_s: float) -> dict:
 
     In each interval the devices needed are the larger of the weights' memory and the work of
     the requests arriving in it at the efficient compute and bandwidth rates (weights read
-    once, amortised away). Energy: that work at max power, the rest of the held devices idle."""
+    once, amortised away). With prefix hashes, every prefix block is prefilled once, by an
+    unbounded cache. Energy: that work at max power, the rest of the held devices idle."""
     device = service.device
     memory = service.weight_bytes / device.memory_bytes
     work: dict[int, float] = {}
+    cached = PrefixCache(sys.maxsize)
     for r in trace.requests:
         out = max(0, r.output_tokens - 1)
-        batch = Batch(1, r.prompt_tokens, r.prompt_tokens ** 2, out,
+        reused = reused_tokens(cached.reuse(r.prefix), trace.prefix_block_tokens,
+                               r.prompt_tokens) if r.prefix else 0
+        cached.store(r.prefix)
+        batch = Batch(1, r.prompt_tokens - reused, r.prompt_tokens ** 2 - reused ** 2, out,
                       out * (r.prompt_tokens + 1 + out / 2))
         key = int(r.arrival_s // interval_s)
         work[key] = work.get(key, 0.0) + service.peak_work_time(batch)
@@ -205,12 +213,15 @@ def widest_plan(service: ServiceModel, workload: Workload, slo: SLO, policy: str
 def compare(service: ServiceModel, trace: Trace, policies, slo: SLO, scaling: ScalingConfig,
             tune: bool = True, fixed_gpus: int | None = None,
             progress: Callable[[str], None] | None = None,
-            over_context: str = "reject") -> dict:
+            over_context: str = "reject", prefix_caching: bool = False) -> dict:
     """Run policies on a trace; return rows (metrics per policy) and the bound. Requests
     beyond the model's context are rejected or truncated alike for every policy (counted in
-    each row's `context`)."""
+    each row's `context`); with `prefix_caching` every policy reuses cached prefixes by the
+    same rule (each row's `prefix_reuse`)."""
     start = time.perf_counter()
     trace, context = trace.within_context(service.context_limit, over_context)
+    if not prefix_caching:
+        trace = trace.without_prefixes()
     bound = lower_bound(service, trace, scaling.interval_s)
     rows = []
     for policy in policies:

@@ -3,8 +3,9 @@
 Each engine runs continuous batching: every iteration admits waiting prompts while their KV
 cache (prompt + output tokens, reserved on admission) fits, spends up to a chunk of prefill
 tokens, and advances every decoding request by one token; its duration is the engine's step
-time from the service model. Phase-split deployments prefill on one pool and move the KV cache
-over the network to a decode replica. An autoscaler re-plans every interval from the observed
+time from the service model. With a trace's prefix hashes, a prompt skips the prefill of the
+leading blocks its KV holder already caches (runtime/simulator/prefix.py). Phase-split
+deployments prefill on one pool and move the KV cache over the network to a decode replica. An autoscaler re-plans every interval from the observed
 arrival rate; new capacity serves only after its start-up and weight-loading delay, and
 scale-down waits for `down_after` consecutive lower targets, then drains. Devices are counted
 from the moment they are requested until they are released; a device draws max power while
@@ -24,6 +25,7 @@ from fxscale.contracts.trace import Trace
 from fxscale.runtime.planner.engines import engine_for
 from fxscale.runtime.planner.search import Workload, kv_transfer_s, plan
 from fxscale.runtime.planner.service import Batch, ServiceModel
+from fxscale.runtime.simulator.prefix import PrefixCache, reused_tokens
 
 # The simulator skips autoscaler ticks that would change nothing (an idle deployment, at its
 # smallest, with no arrival before them), so its run time follows the requests, not the time
@@ -52,15 +54,18 @@ class ScalingConfig:
 class EngineState:
     """One running engine: its queues, decoding set, KV reservation and accounting."""
 
-    def __init__(self, spec, role: str, ready_at: float, requested_at: float, chunk: int) -> None:
+    def __init__(self, spec, role: str, ready_at: float, requested_at: float, chunk: int,
+                 cache_blocks: int) -> None:
         self.spec, self.role = spec, role
-        self.shape(spec, chunk)
+        self.caches: list[PrefixCache] = []  # one per KV holder, with prefix caching
+        self.next_holder = 0
+        self.shape(spec, chunk, cache_blocks)
         self.ready_at, self.requested_at = ready_at, requested_at
         self.retired_at: float | None = None
         self.draining = False
         self.superseded = False  # its shape left the plan: it drains once successors serve
         self.waiting: deque[int] = deque()
-        self.prefilling: list[list[int]] = []  # [request, tokens done]
+        self.prefilling: list[list[int]] = []  # [request, tokens done, KV holder]
         self.joining: deque[int] = deque()     # prefilled elsewhere, waiting for a decode slot
         self.decoding: list[tuple[int, int]] = []  # heap of (finish iteration, request)
         self.decode_n = 0
@@ -77,10 +82,16 @@ class EngineState:
         self.pending_spec = None
         self.first_step_at: float | None = None  # when it first served (tests: >= ready_at)
 
-    def shape(self, spec, chunk: int) -> None:
-        """Take a (new) shape: prompt tokens per step, and per prompt per step."""
+    def shape(self, spec, chunk: int, cache_blocks: int) -> None:
+        """Take a (new) shape: prompt tokens per step, per prompt per step, and a prefix
+        cache of `cache_blocks` blocks per KV holder (none when 0 or decoding only)."""
         self.spec = spec
         self.chunk, self.lane = chunk * spec.prefill_lanes, spec.prompt_lane(chunk)
+        holders = spec.kv_holders if cache_blocks and self.role != "decode" else 0
+        self.caches = self.caches[:holders] + [
+            PrefixCache(cache_blocks) for _ in range(holders - len(self.caches))]
+        for cache in self.caches:
+            cache.resize(cache_blocks)
 
     def load(self, service: ServiceModel) -> tuple[bool, float, float]:
         """Routing key, fewer first: KV nearly full, prompt tokens still to prefill, KV held."""
@@ -108,6 +119,7 @@ class Result:
     decisions: list[Decision] = field(default_factory=list)
     prompts: list[int] = field(default_factory=list)  # per request, for length-scaled SLOs
     context: dict | None = None  # requests rejected or cut at the model's context
+    prefix: dict | None = None  # prefix-cache reuse, when the trace has prefix hashes
 
 
 class Simulation:
@@ -136,6 +148,8 @@ class Simulation:
         self.shrink = Hysteresis(scaling.down_after)  # the deployment's devices
         self.quiet_ticks = 0  # consecutive ticks with nothing to do (see _idle_ticks)
         self.last_deployment: tuple | None = None
+        self.block_tokens = trace.prefix_block_tokens  # 0: no prefix caching
+        self.prompt_tokens = self.reused_tokens = 0  # prefix-cache accounting
 
     # ---- deployment ---------------------------------------------------------------------
     def _plan(self, rate: float) -> Plan:
@@ -154,7 +168,7 @@ class Simulation:
         """Request a new engine (ready at once when warm, else after its cold start)."""
         delay = 0.0 if warm else self.scaling.startup_s + \
             spec.load_bytes_per_device(self.service) / self.scaling.load_bandwidth
-        engine = EngineState(spec, role, now + delay, now, chunk)
+        engine = EngineState(spec, role, now + delay, now, chunk, self._cache_blocks(spec))
         self.engines.append(engine)
         if delay:
             self._push(now + delay, "ready", engine)
@@ -241,8 +255,29 @@ class Simulation:
             if self.shrink.due and engine.pending_spec is None and \
                     spec.kv_capacity_tokens(self.service) >= engine.kv_reserved:
                 self._close_account(engine, now)
-                engine.shape(spec, p.chunk)
+                engine.shape(spec, p.chunk, self._cache_blocks(spec))
                 self.shrink.done()
+
+    def _cache_blocks(self, spec) -> int:
+        """Prefix-cache blocks per KV holder of a shape: its KV memory, in blocks."""
+        if not self.block_tokens:
+            return 0
+        return int(spec.kv_capacity_tokens(self.service) / spec.kv_holders / self.block_tokens)
+
+    def _reuse(self, engine: EngineState, i: int) -> list[int]:
+        """A prompt admitted for prefill: [request, tokens its KV holder's prefix cache
+        already has, holder] (holders taken in turn)."""
+        prompt = self.requests[i].prompt_tokens
+        self.prompt_tokens += prompt
+        if not engine.caches:
+            return [i, 0, 0]
+        holder = engine.next_holder % len(engine.caches)
+        engine.next_holder = holder + 1
+        done = reused_tokens(engine.caches[holder].reuse(self.requests[i].prefix),
+                             self.block_tokens, prompt)
+        engine.backlog -= done
+        self.reused_tokens += done
+        return [i, done, holder]
 
     def _close_account(self, engine: EngineState, now: float) -> None:
         """Bank the device-seconds of an operator engine's current size before resizing."""
@@ -288,7 +323,7 @@ class Simulation:
                     self.resizes.append((asked, now))
                     self._close_account(engine, now)
                     engine.extra_devices, engine.pending_spec = 0, None
-                    engine.shape(grown, chunk)
+                    engine.shape(grown, chunk, self._cache_blocks(grown))
                     self._wake(engine, now)
         lost = [i for i, f in enumerate(self.finish) if f != f]
         if remaining != 0 or lost:
@@ -470,14 +505,14 @@ class Simulation:
                     break
                 engine.waiting.popleft()
                 engine.kv_reserved += need
-                engine.prefilling.append([i, 0])
+                engine.prefilling.append(self._reuse(engine, i))
         budget = engine.chunk
         chunks = []
         n = s1 = s2 = 0.0
         for entry in engine.prefilling:
             if budget <= 0:
                 break
-            i, done = entry
+            i, done = entry[0], entry[1]
             take = min(requests[i].prompt_tokens - done, budget, engine.lane)
             budget -= take
             engine.backlog -= take
@@ -531,6 +566,8 @@ class Simulation:
             if entry[1] < r.prompt_tokens:
                 continue
             engine.prefilling.remove(entry)
+            if engine.caches:
+                engine.caches[entry[2]].store(r.prefix)
             self.first_token[i] = now
             if engine.role == "prefill":
                 if r.output_tokens <= 1:
@@ -567,15 +604,25 @@ class Simulation:
         return Result(self.policy, ttft, tpot, self.gaps, device_s, energy,
                       sum(r.output_tokens for r in self.requests),
                       end - self.requests[0].arrival_s, self.timeline, self.decisions,
-                      [r.prompt_tokens for r in self.requests])
+                      [r.prompt_tokens for r in self.requests],
+                      prefix={"block_tokens": self.block_tokens,
+                              "prompt_tokens": self.prompt_tokens,
+                              "reused_tokens": self.reused_tokens,
+                              "reuse": self.reused_tokens / max(1, self.prompt_tokens)}
+                      if self.block_tokens else None)
 
 
 def simulate(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
              scaling: ScalingConfig | None = None, fixed: Plan | None = None,
-             workload: Workload | None = None, over_context: str = "reject") -> Result:
+             workload: Workload | None = None, over_context: str = "reject",
+             prefix_caching: bool = False) -> Result:
     """Replay `trace` under `policy` (autoscaled, or held at a `fixed` plan); requests beyond
-    the model's context are rejected or truncated first (counted in `Result.context`)."""
+    the model's context are rejected or truncated first (counted in `Result.context`); with
+    `prefix_caching`, prompts reuse the KV of prefixes their holder has (the trace's prefix
+    hashes; counted in `Result.prefix`)."""
     trace, context = trace.within_context(service.context_limit, over_context)
+    if not prefix_caching:
+        trace = trace.without_prefixes()
     work = workload or Workload.from_requests(trace.requests, trace.rate())
     result = Simulation(service, trace, policy, slo, work, scaling or ScalingConfig(),
                         fixed).run()

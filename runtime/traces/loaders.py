@@ -5,7 +5,8 @@ Loads the traces shipped with the package by name (`azure-conv`, `azure-code`,
 ServeGen's distributions; sources and licences in trace_data/README.md)
 or a file in a supported format: Azure LLM inference CSV (`TIMESTAMP,ContextTokens,
 GeneratedTokens`, 2023 and 2024 timestamp styles) or Mooncake JSONL (`timestamp` in ms,
-`input_length`, `output_length`). A malformed file raises TraceError naming file, line and
+`input_length`, `output_length`, optional `hash_ids`: the prompt's prefix-block hashes, 512
+tokens per block, kept for prefix caching). A malformed file raises TraceError naming file, line and
 field. Pure Python: the planner and simulator use it without torch.
 """
 from __future__ import annotations
@@ -15,10 +16,11 @@ import io
 import json
 import math
 import re
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from fxscale.contracts.jsonio import read_text
 from fxscale.contracts.trace import Request, Trace, TraceError
@@ -35,6 +37,7 @@ SHIPPED = {
 }
 # Sampled from published distributions rather than read (runtime/servegen.py).
 SERVEGEN = "servegen-mm-image"
+MOONCAKE_BLOCK_TOKENS = 512  # tokens per `hash_ids` block (Mooncake's trace README)
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 _FRACTION = re.compile(r"\.(\d+)")
 
@@ -54,8 +57,9 @@ def poisson_resample(base: Trace, rate: float, seconds: float, seed: int) -> Tra
     t, requests = 0.0, []
     while (t := t + rng.expovariate(rate)) < seconds:
         r = rng.choice(base.requests)
-        requests.append(Request(t, r.prompt_tokens, r.output_tokens))
-    return Trace(f"poisson-{rate:g}", f"Poisson resampling of {base.name}", requests)
+        requests.append(replace(r, arrival_s=t))
+    return Trace(f"poisson-{rate:g}", f"Poisson resampling of {base.name}", requests,
+                 base.prefix_block_tokens)
 
 
 def load_trace(name_or_path: str | Path, start_s: float = 0.0, duration_s: float | None = None,
@@ -91,7 +95,8 @@ def load_trace(name_or_path: str | Path, start_s: float = 0.0, duration_s: float
                          "Mooncake .jsonl file")
     if not requests:
         raise TraceError(f"{where}: the trace has no requests")
-    trace = Trace(name, source, requests)
+    trace = Trace(name, source, requests,
+                  MOONCAKE_BLOCK_TOKENS if any(r.prefix for r in requests) else 0)
     if start_s or duration_s is not None:
         trace = trace.window(start_s, duration_s)
         if not trace.requests:
@@ -173,8 +178,18 @@ def parse_mooncake_jsonl(lines: Iterable[str], where: str) -> list[Request]:
             raise TraceError(f"{where}:{line}: field 'timestamp' must be milliseconds >= 0, "
                              f"got {stamp!r}")
         rows.append((stamp / 1e3, _count(record["input_length"], where, line, "input_length", 1),
-                     _count(record["output_length"], where, line, "output_length", 0)))
+                     _count(record["output_length"], where, line, "output_length", 0),
+                     _hashes(record.get("hash_ids", []), where, line)))
     return _relative(rows, lambda first, moment: moment - first)
+
+
+def _hashes(value: Any, where: str, line: int) -> tuple[int, ...]:
+    """A Mooncake record's prefix-block hashes: a list of integers >= 0."""
+    if not isinstance(value, list) or len(value) > MAX_TOKENS or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in value):
+        raise TraceError(f"{where}:{line}: field 'hash_ids' must be a list of integers >= 0 "
+                         "(one per prefix block)")
+    return tuple(value)
 
 
 def _relative(rows: list, offset) -> list[Request]:
@@ -183,4 +198,4 @@ def _relative(rows: list, offset) -> list[Request]:
         return []
     rows.sort(key=lambda r: r[0])
     first = rows[0][0]
-    return [Request(offset(first, moment), prompt, output) for moment, prompt, output in rows]
+    return [Request(offset(first, moment), *rest) for moment, *rest in rows]
