@@ -69,7 +69,7 @@ def test_explain_preset(tmp_path, monkeypatch, capsys):
 
 SIMULATE_KEYS = {"gpu_hours", "energy_kwh", "slo_attainment", "ttft_p50", "ttft_p99", "tbt_p50",
                  "tbt_p99", "throughput_tok_s", "max_rate_at_slo", "lower_bound_gpu_hours",
-                 "wall_s"}
+                 "step_bound_gpu_hours", "prefix_reuse", "wall_s"}
 
 
 def test_simulate_one_policy_writes_the_documented_keys(tmp_path, monkeypatch, capsys):
@@ -83,7 +83,7 @@ def test_simulate_one_policy_writes_the_documented_keys(tmp_path, monkeypatch, c
     assert SIMULATE_KEYS <= set(data)
     assert data["policy"] == "operator" and data["headroom"] == 1.5
     assert 0 <= data["slo_attainment"] <= 1 and data["max_rate_at_slo"] > 0
-    assert data["lower_bound_gpu_hours"] <= data["gpu_hours"]
+    assert data["lower_bound_gpu_hours"] <= data["step_bound_gpu_hours"] <= data["gpu_hours"]
     assert data["timeline"] and {"t", "devices", "rate_rps"} <= set(data["timeline"][0])
     assert data["config"]["slo_tbt"] == 0.01
     assert "operator" in capsys.readouterr().out

@@ -317,10 +317,13 @@ def test_bound_is_below_every_policy(service, azure):
     outcome = compare(service, trace, ("static", "model", "phase", "operator"), SLO_TIGHT,
                       ScalingConfig(interval_s=10), tune=False)
     bound = outcome["bound"]
-    assert bound == lower_bound(service, trace, 10)
+    assert bound == lower_bound(service, trace, 10, SLO_TIGHT.tbt)
+    # the step bound (weight reads per step, KV held) lies between the fluid bound and all
+    assert bound["step_bound_gpu_hours"] > bound["lower_bound_gpu_hours"]
+    assert bound["step_bound_energy_kwh"] > bound["lower_bound_energy_kwh"]
     for row in outcome["rows"]:
-        assert bound["lower_bound_gpu_hours"] <= row["gpu_hours"]
-        assert bound["lower_bound_energy_kwh"] <= row["energy_kwh"]
+        assert bound["step_bound_gpu_hours"] <= row["gpu_hours"]
+        assert bound["step_bound_energy_kwh"] <= row["energy_kwh"]
         assert row["requests"] == len(trace.requests)
         result = row["result"]
         finished = [f for f in result.ttft if f == f]

@@ -184,12 +184,13 @@ def simulator_policies(config: SimulatorConfig, tick: Tick = _no_tick) -> list[d
                       "duration_s": trace.duration_s(), "slo_scale": scale,
                       "slo_ttft_s": slo.ttft, "slo_tbt_s": slo.tbt,
                       **{key: _finite(row[key]) for key in SIMULATOR_KEYS},
-                      "x_bound": row["gpu_hours"] / row["lower_bound_gpu_hours"]}
+                      "x_bound": row["gpu_hours"] / row["step_bound_gpu_hours"]}
                      for row in outcome["rows"]]
     return rows
 
 
-SIMULATOR_KEYS = ("policy", "gpu_hours", "lower_bound_gpu_hours", "energy_kwh",
+SIMULATOR_KEYS = ("policy", "gpu_hours", "lower_bound_gpu_hours", "step_bound_gpu_hours",
+                  "energy_kwh",
                   "slo_attainment", "meets_target", "ttft_p50", "ttft_p99", "tbt_p50",
                   "tbt_p99", "throughput_tok_s", "headroom", "floor", "wall_s")
 

@@ -101,7 +101,8 @@ def _simulator_caption(results: dict[str, Any]) -> str:
 
 
 def _simulator_table(results: dict[str, Any]) -> list[str]:
-    """GPU-hours against the fluid bound, energy and SLO attainment per case and policy."""
+    """GPU-hours against the step bound (runtime/simulator/evaluate.py), energy and SLO
+    attainment per case and policy."""
     body = [[r["model"], r["trace"], f"x{r['slo_scale']:g} ({_num(r['slo_ttft_s'])} s / "
              f"{_num(r['slo_tbt_s'] * 1e3)} ms)", r["policy"], _num(r["gpu_hours"]),
              _num(r["x_bound"]), _num(r["energy_kwh"]),
@@ -253,7 +254,7 @@ def _plot_profiles(plt, results: dict[str, Any]):
 
 
 def _plot_simulator(plt, results: dict[str, Any]):
-    """GPU-hours over the fluid bound per case, one bar per policy."""
+    """GPU-hours over the step bound per case, one bar per policy."""
     rows = _rows(results, "simulator")
     cases = list(dict.fromkeys((r["model"], r["trace"], r["slo_scale"]) for r in rows))
     policies = list(dict.fromkeys(r["policy"] for r in rows))
@@ -261,7 +262,7 @@ def _plot_simulator(plt, results: dict[str, Any]):
     fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(cases)), 4))
     _bars(ax, [f"{m}\n{t}, SLO x{s:g}" for m, t, s in cases],
           {p: [by.get((*c, p)) for c in cases] for p in policies},
-          "GPU-hours / fluid lower bound")
+          "GPU-hours / step lower bound")
     ax.set_title("simulator: cost of each policy at its best setting", fontsize=9)
     return fig
 

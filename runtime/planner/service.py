@@ -143,14 +143,15 @@ class ServiceModel:
         """Seconds of one lock-step iteration of the whole model, tensor parallel `shards` ways."""
         return sum(self.kind_time(k, batch, shards) for k in self.kinds)
 
-    def peak_work_time(self, batch: Batch) -> float:
-        """Device-seconds of a batch at the efficient rates, without launch or ramp overheads
-        (what perfectly divisible devices need: the fluid bound)."""
+    def peak_work_time(self, batch: Batch, kinds: list[Kind] | None = None) -> float:
+        """Device-seconds of a batch (on all kinds, or the given ones) at the efficient rates,
+        without weight reads, launch or ramp overheads (what perfectly divisible devices need:
+        the fluid bound)."""
         device = self.device
         rate = device.peak(self.dtype) * device.compute_efficiency
         bandwidth = device.memory_bandwidth * device.memory_efficiency
         seconds = 0.0
-        for k in self.kinds:
+        for k in self.kinds if kinds is None else kinds:
             flops, _, variable = self.work(k, batch)
             seconds += k.count * max(flops / rate, variable / bandwidth)
         return seconds

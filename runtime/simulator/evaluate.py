@@ -19,7 +19,7 @@ from typing import Callable
 from fxscale.contracts.metrics import quantile
 from fxscale.contracts.plan import SLO, Plan
 from fxscale.contracts.trace import Trace
-from fxscale.runtime.planner.search import Workload, plan
+from fxscale.runtime.planner.search import SHARDS, Workload, plan
 from fxscale.runtime.planner.service import Batch, ServiceModel
 from fxscale.runtime.simulator.prefix import PrefixCache, reused_tokens
 from fxscale.runtime.simulator.replay import Result, ScalingConfig, Simulation
@@ -67,16 +67,34 @@ def metrics(result: Result, slo: SLO) -> dict:
             "prefix_reuse": result.prefix["reuse"] if result.prefix else None}
 
 
-def lower_bound(service: ServiceModel, trace: Trace, interval_s: float) -> dict:
-    """The fluid bound: perfectly divisible devices, no queueing, no overheads.
+def lower_bound(service: ServiceModel, trace: Trace, interval_s: float,
+                tbt: float | None = None) -> dict:
+    """Two bounds on device-hours and energy: the fluid bound and, given the TBT target, the
+    step bound above it.
 
-    In each interval the devices needed are the larger of the weights' memory and the work of
-    the requests arriving in it at the efficient compute and bandwidth rates (weights read
-    once, amortised away). With prefix hashes, every prefix block is prefilled once, by an
-    unbounded cache. Energy: that work at max power, the rest of the held devices idle."""
+    Fluid: perfectly divisible devices, no queueing, no overheads. In each interval the
+    devices needed are the larger of the weights' memory and the work of the requests arriving
+    in it at the efficient compute and bandwidth rates (weights read once, amortised away).
+    With prefix hashes, every prefix block is prefilled once, by an unbounded cache.
+
+    Step: besides, every decode step reads the weights, and a step carries at most the
+    largest batch whose weightless (dense) work fits the TBT on the widest tensor-parallel
+    shape any policy forms; and each request holds its KV for at least its decode steps at the
+    shortest step (the widest shape reading its weights). Energy: the work at max power, the
+    rest of the held devices idle."""
     device = service.device
-    memory = service.weight_bytes / device.memory_bytes
-    work: dict[int, float] = {}
+    bandwidth = device.memory_bandwidth * device.memory_efficiency
+    weight_read_s = service.weight_bytes / bandwidth  # device-seconds of one step's reads
+    widest = max(SHARDS)
+    shortest_step_s = weight_read_s / widest
+    dense = [k for k in service.kinds if not k.stateful]
+    per_request_s = max(1e-15, service.peak_work_time(Batch(decode_n=1, decode_s1=1.0),
+                                                      dense))
+    largest_batch = max(1.0, math.floor(widest * (tbt or math.inf) / per_request_s)) \
+        if tbt else math.inf
+    fluid: dict[int, float] = {}
+    step: dict[int, float] = {}
+    kv_byte_s: dict[int, float] = {}
     cached = PrefixCache(sys.maxsize)
     for r in trace.requests:
         out = max(0, r.output_tokens - 1)
@@ -86,15 +104,29 @@ def lower_bound(service: ServiceModel, trace: Trace, interval_s: float) -> dict:
         batch = Batch(1, r.prompt_tokens - reused, r.prompt_tokens ** 2 - reused ** 2, out,
                       out * (r.prompt_tokens + 1 + out / 2))
         key = int(r.arrival_s // interval_s)
-        work[key] = work.get(key, 0.0) + service.peak_work_time(batch)
+        fluid[key] = fluid.get(key, 0.0) + service.peak_work_time(batch)
+        step[key] = step.get(key, 0.0) + out / largest_batch * weight_read_s
+        kv_byte_s[key] = kv_byte_s.get(key, 0.0) + service.kv_bytes_per_token * out * (
+            r.prompt_tokens + 1 + out / 2) * shortest_step_s
     span = int(trace.requests[-1].arrival_s // interval_s) + 1
-    device_s = busy_s = 0.0
+    memory_s = service.weight_bytes / device.memory_bytes * interval_s
+    totals = {"lower_bound": [0.0, 0.0], "step_bound": [0.0, 0.0]}  # device-s, busy s
     for key in range(span):
-        busy = work.get(key, 0.0)
-        device_s += max(memory * interval_s, busy)
-        busy_s += busy
-    energy = busy_s * device.max_power_w + (device_s - busy_s) * device.idle_power_w
-    return {"lower_bound_gpu_hours": device_s / 3600, "lower_bound_energy_kwh": energy / 3.6e6}
+        work = fluid.get(key, 0.0)
+        for name, held, busy in (
+                ("lower_bound", memory_s, work),
+                ("step_bound", memory_s + kv_byte_s.get(key, 0.0) / device.memory_bytes,
+                 work + step.get(key, 0.0))):
+            totals[name][0] += max(held, busy)
+            totals[name][1] += busy
+    out_keys = {}
+    for name, (device_s, busy_s) in totals.items():
+        energy = busy_s * device.max_power_w + (device_s - busy_s) * device.idle_power_w
+        out_keys[f"{name}_gpu_hours"] = device_s / 3600
+        out_keys[f"{name}_energy_kwh"] = energy / 3.6e6
+    if not tbt:
+        return {k: v for k, v in out_keys.items() if k.startswith("lower_bound")}
+    return out_keys
 
 
 def run_setting(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
@@ -222,7 +254,7 @@ def compare(service: ServiceModel, trace: Trace, policies, slo: SLO, scaling: Sc
     trace, context = trace.within_context(service.context_limit, over_context)
     if not prefix_caching:
         trace = trace.without_prefixes()
-    bound = lower_bound(service, trace, scaling.interval_s)
+    bound = lower_bound(service, trace, scaling.interval_s, slo.tbt)
     rows = []
     for policy in policies:
         t0 = time.perf_counter()
