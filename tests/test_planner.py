@@ -23,6 +23,7 @@ from fxscale.runtime.simulator.evaluate import (
     metrics,
     weighted_quantile,
 )
+from fxscale.runtime.simulator.forecast import RateForecast
 from fxscale.runtime.simulator.prefix import PrefixCache, reused_tokens
 from fxscale.runtime.simulator.replay import ScalingConfig, Simulation, simulate
 from fxscale.runtime.traces.loaders import load_trace, poisson_resample
@@ -355,6 +356,50 @@ def test_scaling_waits_for_start_up_and_weights(service, azure):
         else:
             # the resized operator engine serves at its new size only after the delay
             assert sim.resizes and all(done - asked >= 7.0 for asked, done in sim.resizes)
+
+
+def test_a_warm_pool_skips_the_start_up_and_is_billed_while_idle(service, azure):
+    base, workload = azure
+    calm, burst = poisson_resample(base, 10.0, 60, 2), poisson_resample(base, 200.0, 30, 3)
+    trace = Trace("step", "synthetic", calm.requests + [
+        replace(r, arrival_s=r.arrival_s + 60) for r in burst.requests])
+    runs = {}
+    for pool in (0, 64):
+        scaling = ScalingConfig(interval_s=10, startup_s=7.0, load_bandwidth=1e9,
+                                warm_pool=pool)
+        sim = Simulation(service, trace, "model", SLO_TIGHT, workload, scaling)
+        runs[pool] = (sim, sim.run())
+    sim, result = runs[64]
+    late = [e for e in sim.engines if e.requested_at > 0]
+    assert late
+    for engine in late:  # from the pool: the weights' load only
+        load = service.weight_bytes / engine.spec.shards / 1e9
+        assert engine.ready_at == pytest.approx(engine.requested_at + load)
+    assert result.device_seconds > 64 * result.duration_s  # the pool is billed
+    cold = runs[0][1]  # beyond the pool, the start-ups it saved are not billed
+    assert result.device_seconds - 64 * result.duration_s < cold.device_seconds
+
+
+def test_a_holt_forecast_plans_ahead_of_a_ramp_and_decays_when_idle():
+    reactive, holt = (RateForecast(kind, 0.5, 2.0, 1.0) for kind in ("reactive", "holt"))
+    for rate in (1.0, 2.0, 3.0, 4.0, 5.0):
+        planned = reactive.observe(rate), holt.observe(rate)
+    assert planned[0] == 5.0 and planned[1] > 5.5  # the trend, projected two intervals
+    assert holt.idle(50) < 0.01 and reactive.idle(50) < 0.01
+    with pytest.raises(ValueError, match="forecast must be one of"):
+        ScalingConfig(forecast="oracle")
+
+
+def test_policies_may_have_their_own_decision_interval(service, azure):
+    base, _ = azure
+    trace = base.window(0, 240).scaled(2.0)
+    outcome = compare(service, trace, ("model", "operator"), SLO_TIGHT,
+                      ScalingConfig(interval_s=20), tune=False, intervals={"operator": 5.0})
+    rows = {row["policy"]: row for row in outcome["rows"]}
+    assert rows["model"]["interval_s"] == 20.0 and rows["operator"]["interval_s"] == 5.0
+    for policy, interval in (("model", 20.0), ("operator", 5.0)):
+        times = [d.t for d in rows[policy]["result"].decisions]
+        assert times[:3] == [interval, 2 * interval, 3 * interval]
 
 
 def test_same_seed_same_result(service):

@@ -6,6 +6,7 @@ import argparse
 import io
 
 from fxscale.cli.args import (
+    bounded,
     fraction,
     json_target,
     non_negative_float,
@@ -15,6 +16,7 @@ from fxscale.cli.args import (
 )
 from fxscale.contracts.plan import POLICIES
 from fxscale.contracts.trace import CONTEXT_MODES
+from fxscale.runtime.simulator.forecast import FORECASTS
 
 
 def add_simulate_command(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +55,22 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--attainment", type=fraction, default=0.99,
                      help="fraction of requests that must meet both targets (default 0.99)")
     sim.add_argument("--interval", type=positive_float, default=30.0,
-                     help="autoscaler decision interval in seconds")
+                     help="autoscaler decision interval in seconds (every policy)")
+    sim.add_argument("--policy-interval", type=policy_interval, action="append", default=[],
+                     metavar="POLICY=S", help="a policy's own decision interval, e.g. "
+                     "operator=1 (repeatable; the others keep --interval)")
+    sim.add_argument("--forecast", choices=FORECASTS, default="reactive",
+                     help="the rate the autoscaler plans for: reactive (the observed rate or "
+                          "its moving mean, whichever is higher) or holt (Holt's trend "
+                          "forecast a start-up ahead); every policy alike")
+    sim.add_argument("--startup", type=non_negative_float, default=10.0, metavar="S",
+                     help="seconds a new device takes to start before it loads weights "
+                          "(default 10, an assumption)")
+    sim.add_argument("--load-gbps", type=positive_float, default=5.0, metavar="GB/S",
+                     help="GB/s a new device loads its weights at (default 5, an assumption)")
+    sim.add_argument("--warm-pool", type=bounded(0, 100_000), default=0, metavar="N",
+                     help="devices kept started and billed while idle; a new device taken "
+                          "from them skips the start-up (default 0)")
     sim.add_argument("--headroom", type=positive_float,
                      help="plan for this multiple of the observed rate (default: searched)")
     sim.add_argument("--fixed-gpus", type=positive, metavar="N",
@@ -62,6 +79,15 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--json", metavar="PATH", type=json_target,
                      help="write the results as JSON ('-': stdout)")
     sim.set_defaults(run=_simulate)
+
+
+def policy_interval(text: str) -> tuple[str, float]:
+    """POLICY=SECONDS, e.g. operator=1."""
+    policy, _, seconds = text.partition("=")
+    if policy not in POLICIES or not seconds:
+        raise argparse.ArgumentTypeError(f"expected POLICY=SECONDS with POLICY one of "
+                                         f"{', '.join(POLICIES)}, got {text!r}")
+    return policy, positive_float(seconds)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -82,19 +108,24 @@ def _simulate(args: argparse.Namespace) -> int:
     ttft, tbt = default_slo(service.weight_bytes / 2)
     slo = SLO(args.slo_ttft or ttft, args.slo_tbt or tbt, args.attainment,
               args.slo_ttft_per_token)
-    scaling = ScalingConfig(interval_s=args.interval, headroom=args.headroom or 1.0)
+    scaling = ScalingConfig(interval_s=args.interval, headroom=args.headroom or 1.0,
+                            startup_s=args.startup, load_bandwidth=args.load_gbps * 1e9,
+                            forecast=args.forecast, warm_pool=args.warm_pool)
     policies = tuple(POLICIES) if args.policy == "all" else (args.policy,)
     with console.status("simulating") as status:
         outcome = compare(service, trace, policies, slo, scaling, tune=args.headroom is None,
                           fixed_gpus=args.fixed_gpus, progress=status.update,
-                          over_context=args.over_context, prefix_caching=args.prefix_caching)
+                          over_context=args.over_context, prefix_caching=args.prefix_caching,
+                          intervals=dict(args.policy_interval))
     config = {"model": args.model, "layers": args.layers, "device": args.device,
               "trace": trace.name,
               "trace_source": trace.source, "requests": len(trace.requests),
               "duration_s": trace.duration_s(), "slo_ttft": slo.ttft, "slo_tbt": slo.tbt,
               "attainment_target": slo.attainment, "interval_s": args.interval,
               "slo_ttft_per_token": slo.ttft_per_token, "context": outcome["context"],
-              "prefix_caching": args.prefix_caching,
+              "prefix_caching": args.prefix_caching, "forecast": args.forecast,
+              "startup_s": args.startup, "load_gbps": args.load_gbps,
+              "warm_pool": args.warm_pool, "policy_intervals": dict(args.policy_interval),
               "prefix_block_tokens": trace.prefix_block_tokens}
     runs = {row["policy"]: _run_json(row) for row in outcome["rows"]}
     print(simulate_table(runs, config))
@@ -113,7 +144,7 @@ def _run_json(row: dict) -> dict:
             "tbt_p99", "throughput_tok_s", "lower_bound_gpu_hours", "lower_bound_energy_kwh",
             "step_bound_gpu_hours", "step_bound_energy_kwh",
             "wall_s", "requests", "policy", "headroom", "floor", "meets_target", "context",
-            "prefix_reuse")
+            "prefix_reuse", "interval_s")
     data = {k: row[k] for k in keys}
     data["max_rate_at_slo"] = row.get("max_rate_at_slo")
     data["fixed_gpus"] = row.get("fixed_gpus")

@@ -245,11 +245,13 @@ def widest_plan(service: ServiceModel, workload: Workload, slo: SLO, policy: str
 def compare(service: ServiceModel, trace: Trace, policies, slo: SLO, scaling: ScalingConfig,
             tune: bool = True, fixed_gpus: int | None = None,
             progress: Callable[[str], None] | None = None,
-            over_context: str = "reject", prefix_caching: bool = False) -> dict:
+            over_context: str = "reject", prefix_caching: bool = False,
+            intervals: dict[str, float] | None = None) -> dict:
     """Run policies on a trace; return rows (metrics per policy) and the bound. Requests
     beyond the model's context are rejected or truncated alike for every policy (counted in
     each row's `context`); with `prefix_caching` every policy reuses cached prefixes by the
-    same rule (each row's `prefix_reuse`)."""
+    same rule (each row's `prefix_reuse`); `intervals` gives policies their own decision
+    interval (each row's `interval_s`)."""
     start = time.perf_counter()
     trace, context = trace.within_context(service.context_limit, over_context)
     if not prefix_caching:
@@ -258,7 +260,9 @@ def compare(service: ServiceModel, trace: Trace, policies, slo: SLO, scaling: Sc
     rows = []
     for policy in policies:
         t0 = time.perf_counter()
-        row = best_setting(service, trace, policy, slo, scaling, tune, progress)
+        own = replace(scaling, interval_s=(intervals or {}).get(policy, scaling.interval_s))
+        row = best_setting(service, trace, policy, slo, own, tune, progress)
+        row["interval_s"] = own.interval_s
         if fixed_gpus is not None:
             row.update(max_rate_at_slo(service, trace, policy, slo, fixed_gpus, progress))
         row.update(bound, context=context)

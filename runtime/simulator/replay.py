@@ -5,9 +5,11 @@ cache (prompt + output tokens, reserved on admission) fits, spends up to a chunk
 tokens, and advances every decoding request by one token; its duration is the engine's step
 time from the service model. With a trace's prefix hashes, a prompt skips the prefill of the
 leading blocks its KV holder already caches (runtime/simulator/prefix.py). Phase-split
-deployments prefill on one pool and move the KV cache over the network to a decode replica. An autoscaler re-plans every interval from the observed
-arrival rate; new capacity serves only after its start-up and weight-loading delay, and
-scale-down waits for `down_after` consecutive lower targets, then drains. Devices are counted
+deployments prefill on one pool and move the KV cache over the network to a decode replica.
+An autoscaler re-plans every interval from the rate it forecasts (runtime/simulator/
+forecast.py); new capacity serves only after its start-up (skipped for devices of a warm pool,
+billed while idle) and weight-loading delay, and scale-down waits for `down_after`
+consecutive lower targets, then drains. Devices are counted
 from the moment they are requested until they are released; a device draws max power while
 its engine computes and idle power otherwise. Deterministic: no randomness in the replay.
 """
@@ -25,6 +27,7 @@ from fxscale.contracts.trace import Trace
 from fxscale.runtime.planner.engines import engine_for
 from fxscale.runtime.planner.search import Workload, kv_transfer_s, plan
 from fxscale.runtime.planner.service import Batch, ServiceModel
+from fxscale.runtime.simulator.forecast import FORECASTS, RateForecast
 from fxscale.runtime.simulator.prefix import PrefixCache, reused_tokens
 
 # The simulator skips autoscaler ticks that would change nothing (an idle deployment, at its
@@ -36,7 +39,8 @@ SETTLED_RATE = 1e-6
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    """How the autoscaler acts: decision interval, hysteresis, headroom and cold start."""
+    """How the autoscaler acts: decision interval, hysteresis, headroom, cold start, the
+    rate it plans for, and a warm pool; every policy alike."""
 
     interval_s: float = 30.0
     down_after: int = 3
@@ -44,11 +48,17 @@ class ScalingConfig:
     startup_s: float = 10.0          # assumption: container, runtime and CUDA context start
     load_bandwidth: float = 5e9      # assumption: bytes/s a new device reads weights from storage
     ewma: float = 0.5
+    forecast: str = "reactive"       # or "holt": plan for the rate a start-up ahead
+    warm_pool: int = 0  # devices kept started (billed while idle): they skip `startup_s`
 
     def __post_init__(self) -> None:
-        if self.interval_s <= 0 or self.down_after < 1 or self.headroom <= 0:
-            raise ValueError(f"scaling config needs interval_s > 0, down_after >= 1 and "
-                             f"headroom > 0, got {self}")
+        if self.interval_s <= 0 or self.down_after < 1 or self.headroom <= 0 \
+                or self.startup_s < 0 or self.load_bandwidth <= 0 or self.warm_pool < 0:
+            raise ValueError(f"scaling config needs interval_s > 0, down_after >= 1, "
+                             f"headroom > 0, startup_s >= 0, load_bandwidth > 0 and "
+                             f"warm_pool >= 0, got {self}")
+        if self.forecast not in FORECASTS:
+            raise ValueError(f"forecast must be one of {FORECASTS}, got {self.forecast!r}")
 
 
 class EngineState:
@@ -144,6 +154,9 @@ class Simulation:
         self.resizes: list[tuple[float, float]] = []  # operator growth: (asked, serving)
         self.arrivals_seen = 0
         self.rate_estimate = 0.0
+        self.forecast: RateForecast | None = None  # set when the run starts
+        # when each warm-pool device is (again) started and free to take
+        self.warm_free_at = [0.0] * scaling.warm_pool
         self.planned_rate = 0.0
         self.shrink = Hysteresis(scaling.down_after)  # the deployment's devices
         self.quiet_ticks = 0  # consecutive ticks with nothing to do (see _idle_ticks)
@@ -166,8 +179,8 @@ class Simulation:
 
     def _add(self, spec, role: str, now: float, warm: bool, chunk: int) -> None:
         """Request a new engine (ready at once when warm, else after its cold start)."""
-        delay = 0.0 if warm else self.scaling.startup_s + \
-            spec.load_bytes_per_device(self.service) / self.scaling.load_bandwidth
+        delay = 0.0 if warm else self._start_delay(
+            spec.devices, spec.load_bytes_per_device(self.service), now)
         engine = EngineState(spec, role, now + delay, now, chunk, self._cache_blocks(spec))
         self.engines.append(engine)
         if delay:
@@ -242,8 +255,8 @@ class Simulation:
             added = max(0, spec.attention - old.attention) + (
                 dense if reshard else max(0, dense - old_dense))
             reload = reshard or spec.dense_replicas > old.dense_replicas
-            delay = self.scaling.startup_s + reload * spec.load_bytes_per_device(
-                self.service) / self.scaling.load_bandwidth
+            delay = self._start_delay(added, reload * spec.load_bytes_per_device(self.service),
+                                      now)
             self._close_account(engine, now)
             engine.pending_spec = spec
             engine.extra_devices = added
@@ -279,6 +292,17 @@ class Simulation:
         self.reused_tokens += done
         return [i, done, holder]
 
+    def _start_delay(self, devices: int, load_bytes: float, now: float) -> float:
+        """Seconds until `devices` new devices serve: start-up (skipped when the warm pool
+        has them all started; their replacements start now) plus loading `load_bytes`."""
+        free = [i for i, t in enumerate(self.warm_free_at) if t <= now]
+        startup = self.scaling.startup_s
+        if devices and len(free) >= devices:
+            for i in free[:devices]:
+                self.warm_free_at[i] = now + startup
+            startup = 0.0
+        return startup + load_bytes / self.scaling.load_bandwidth
+
     def _close_account(self, engine: EngineState, now: float) -> None:
         """Bank the device-seconds of an operator engine's current size before resizing."""
         engine.banked += (now - engine.since) * (engine.spec.devices + engine.extra_devices)
@@ -293,6 +317,10 @@ class Simulation:
         if not self.requests:
             raise ValueError(f"trace {self.trace.name} has no requests")
         first = self._first_rate()
+        scaling = self.scaling
+        lead = (scaling.startup_s * (not scaling.warm_pool)
+                + self.service.weight_bytes / scaling.load_bandwidth) / scaling.interval_s
+        self.forecast = RateForecast(scaling.forecast, scaling.ewma, lead, self.rate_estimate)
         self._apply(self._plan(first), 0.0, warm=True)
         self._record(0.0, first)
         for i, r in enumerate(self.requests):
@@ -354,8 +382,7 @@ class Simulation:
             self.quiet_ticks = self.quiet_ticks + 1 if idle else 0
             self._record(now, observed)
             return
-        self.rate_estimate = max(observed, self.scaling.ewma * self.rate_estimate
-                                 + (1 - self.scaling.ewma) * observed)
+        self.rate_estimate = self.forecast.observe(observed)
         p = self._plan(self.rate_estimate)
         before = self._devices_now()
         self._apply(p, now)
@@ -401,7 +428,7 @@ class Simulation:
         """Jump over `ticks` idle ticks: each would have seen no arrivals and held."""
         interval = self.scaling.interval_s
         if self.fixed is None:
-            self.rate_estimate *= self.scaling.ewma ** ticks
+            self.rate_estimate = self.forecast.idle(ticks)
         last = now + (ticks - 1) * interval
         devices = self._devices_now()
         self.decisions.append(Decision(
@@ -590,8 +617,9 @@ class Simulation:
 
     def _result(self, end: float) -> Result:
         """Totals of the run."""
-        device_s = energy = 0.0
         device = self.service.device
+        device_s = self.scaling.warm_pool * end  # the warm pool, held and idle throughout
+        energy = device_s * device.idle_power_w
         for e in self.engines:
             stop = e.retired_at if e.retired_at is not None else end
             held = e.banked + (stop - e.since) * (e.spec.devices + e.extra_devices)
