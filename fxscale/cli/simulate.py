@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+from pathlib import Path
 
 from fxscale.cli.args import (
     bounded,
@@ -76,6 +77,14 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--fixed-gpus", type=positive, metavar="N",
                      help="also find the highest rate each policy serves on N devices")
     sim.add_argument("--seed", type=int, default=0, help="seed of sampled traces (ServeGen)")
+    sim.add_argument("--sweep", choices=("quick", "full"),
+                     help="instead of one replay, map operator / model device-hours and "
+                          "energy over 2-D slices through a stated base point (--model, "
+                          "--layers, --device and --seed set it): heatmaps, JSON and "
+                          "Markdown in --sweep-dir; quick is one slice (about a minute), full "
+                          "four (about ten)")
+    sim.add_argument("--sweep-dir", type=Path, default=Path("sweep"), metavar="DIR",
+                     help="where --sweep writes (default ./sweep)")
     sim.add_argument("--json", metavar="PATH", type=json_target,
                      help="write the results as JSON ('-': stdout)")
     sim.set_defaults(run=_simulate)
@@ -90,8 +99,39 @@ def policy_interval(text: str) -> tuple[str, float]:
     return policy, positive_float(seconds)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    """Run the quick or full map and write it; print where it went."""
+    import sys
+    import time
+
+    from rich.progress import Progress
+
+    from fxscale.runtime.simulator.sweep import SweepPoint, sweep_plan
+    from fxscale.studies.simulate_sweep import sweep, write_sweep
+
+    plan = sweep_plan(args.sweep, SweepPoint(model=args.model, layers=args.layers,
+                                             device=args.device, seed=args.seed))
+    start = time.perf_counter()
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"{args.sweep} sweep", total=plan.points)
+
+        def step(what: str) -> None:
+            bar.update(task, description=what)
+            bar.advance(task)
+
+        data = sweep(plan, step)
+    data["wall_s"] = time.perf_counter() - start
+    command = "fxscale simulate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 \
+        else f"fxscale simulate --sweep {args.sweep}"
+    for path in write_sweep(data, args.sweep_dir, command):
+        print(path)
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     """Replay a trace under one or all policies; print a table, write JSON."""
+    if args.sweep:
+        return _sweep(args)
     from rich.console import Console
 
     from fxscale.contracts.plan import SLO

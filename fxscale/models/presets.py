@@ -37,6 +37,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
         num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
         max_position_embeddings=8192, rope_theta=500000.0)),
+    # long context: Llama 3.1's 128k positions, its rotary frequencies rescaled past 8k
+    "llama-3.1-70b": ("LlamaForCausalLM", dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
     "mixtral-8x7b": ("MixtralForCausalLM", dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,

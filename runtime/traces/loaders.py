@@ -51,15 +51,32 @@ MAX_SPAN_S = 366 * 86400.0
 def poisson_resample(base: Trace, rate: float, seconds: float, seed: int) -> Trace:
     """Poisson arrivals at `rate` for `seconds`, with (prompt, output) lengths drawn from
     `base`: a steady load with a real trace's length mix."""
+    return renewal_resample(base, rate, seconds, seed)
+
+
+def renewal_resample(base: Trace, rate: float, seconds: float, seed: int,
+                     cv: float = 1.0) -> Trace:
+    """Arrivals at mean `rate` for `seconds` whose gaps have coefficient of variation `cv`
+    (gamma distributed; 1: Poisson, above 1: burstier), with (prompt, output) lengths drawn
+    from `base`."""
     import random
 
+    if not (rate > 0 and seconds > 0 and cv > 0):
+        raise ValueError(f"resampling needs rate, seconds and cv > 0, got {rate}, {seconds}, "
+                         f"{cv}")
     rng = random.Random(seed)
+    shape = 1 / cv ** 2
+
+    def gap() -> float:
+        return rng.expovariate(rate) if cv == 1.0 else rng.gammavariate(shape, 1 / (rate * shape))
+
     t, requests = 0.0, []
-    while (t := t + rng.expovariate(rate)) < seconds:
+    while (t := t + gap()) < seconds:
         r = rng.choice(base.requests)
         requests.append(replace(r, arrival_s=t))
-    return Trace(f"poisson-{rate:g}", f"Poisson resampling of {base.name}", requests,
-                 base.prefix_block_tokens)
+    kind = "Poisson" if cv == 1.0 else f"gamma-renewal (gap CV {cv:g})"
+    name = f"poisson-{rate:g}" if cv == 1.0 else f"renewal-{rate:g}-cv{cv:g}"
+    return Trace(name, f"{kind} resampling of {base.name}", requests, base.prefix_block_tokens)
 
 
 def load_trace(name_or_path: str | Path, start_s: float = 0.0, duration_s: float | None = None,
