@@ -35,6 +35,9 @@ from fxscale.runtime.simulator.prefix import PrefixCache, reused_tokens
 # a trace spans. A planned rate below SETTLED_RATE (req/s) plans as zero does.
 SKIP_IDLE_TICKS = True
 SETTLED_RATE = 1e-6
+# The autoscaler plans for rates rounded up to a grid 1% apart, each planned once per replay:
+# a 1-s decision interval then costs a few hundred plans an hour, not 3,600.
+PLAN_RATE_STEP = 0.01
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,7 @@ class Simulation:
         self.arrivals_seen = 0
         self.rate_estimate = 0.0
         self.forecast: RateForecast | None = None  # set when the run starts
+        self.plans: dict[float, Plan] = {}  # by the rate they were sized for
         # when each warm-pool device is (again) started and free to take
         self.warm_free_at = [0.0] * scaling.warm_pool
         self.planned_rate = 0.0
@@ -170,7 +174,14 @@ class Simulation:
         if self.fixed is not None:
             return self.fixed
         self.planned_rate = max(self.floor_rate, rate * self.scaling.headroom)
-        return plan(self.service, self.workload.at(self.planned_rate), self.slo, self.policy)
+        sized = self.planned_rate
+        if sized >= SETTLED_RATE:  # up to the next point of the rate grid
+            sized = (1 + PLAN_RATE_STEP) ** math.ceil(math.log(sized) /
+                                                       math.log1p(PLAN_RATE_STEP) - 1e-9)
+        if sized not in self.plans:
+            self.plans[sized] = plan(self.service, self.workload.at(sized), self.slo,
+                                     self.policy)
+        return self.plans[sized]
 
     def _targets(self, p: Plan) -> list[tuple[object, str, int]]:
         """(engine spec, role, count) of a plan."""
