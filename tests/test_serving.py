@@ -455,6 +455,30 @@ def test_close_ends_the_wait_of_clients_not_yet_admitted(llama):
     assert server.in_flight == 0
     with pytest.raises(fxscale.ServerClosedError):
         server.submit(prompt(1))
+    server.slo = fxscale.SLO(5.0, 1.0)
+    with pytest.raises(fxscale.ServerClosedError, match="autoscaler cannot start"):
+        server.start_autoscaler()  # a closed server starts no thread that nothing stops
+    assert server.autoscaler is None
+
+
+def test_a_draining_attention_replica_no_longer_counts_as_serving(llama):
+    """The autoscaler reads the replicas that admit requests: an attention replica removed
+    by a scale-down keeps its requests until they finish, but is not counted (otherwise a
+    rise in load right after would not scale back up)."""
+    with fxscale.serve(llama, policy="operator", budget=2) as server:
+        attention = sorted(n for n, p in server.pools.items() if p.stateful)
+        server.scale(attention[0], 2)
+        streams = [server.generate(prompt(i), max_new_tokens=400, stream=True,
+                                   ignore_eos=True) for i in (1, 2)]
+        firsts = [next(stream) for stream in streams]  # both running, one per replica
+        server.scale(attention[0], 1)
+        pools = [server.pools[name] for name in attention]
+        assert all(len(pool.replicas) == 2 for pool in pools)  # replica 1 drains
+        assert all(pool.counters()["replicas"] == 1 for pool in pools)
+        outputs = [[first, *stream] for first, stream in zip(firsts, streams)]
+        assert [len(tokens) for tokens in outputs] == [400, 400]
+        server.generate(prompt(3), max_new_tokens=2).result()  # a step retires the drained
+        assert all(len(pool.replicas) == 1 == pool.counters()["replicas"] for pool in pools)
 
 
 def test_finished_requests_leave_no_kv_blocks_behind(server):

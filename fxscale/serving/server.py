@@ -273,11 +273,14 @@ class Server:
         if self.slo is None:
             raise ValueError("autoscaling needs an SLO to plan for: serve with "
                              "slo=fxscale.SLO(ttft=..., tbt=...)")
-        if self.autoscaler is not None:
-            raise RuntimeError("the autoscaler is already running")
-        self.autoscaler = Autoscaler(lambda: dict(self.pools), self.slo, self.budget_size,
-                                     interval_s, scale=self._autoscale, kv=self.kv_demand)
-        self.autoscaler.start()
+        with self.admission:  # close() sees either no autoscaler or this one, to stop it
+            if self.closed:
+                raise ServerClosedError("the server is closed; its autoscaler cannot start")
+            if self.autoscaler is not None:
+                raise RuntimeError("the autoscaler is already running")
+            self.autoscaler = Autoscaler(lambda: dict(self.pools), self.slo, self.budget_size,
+                                         interval_s, scale=self._autoscale, kv=self.kv_demand)
+            self.autoscaler.start()
 
     def reset_stats(self) -> None:
         """Start the statistics afresh (after the warm-up, or a calibration burst)."""

@@ -210,6 +210,9 @@ class Engine:
         for key in live[count:]:
             self.scheduler.drain(key)
             self.draining.add(key)
+            drain = getattr(self.runner, "drain_attention", None)
+            if drain is not None:
+                drain(key)
         for _ in range(count - len(live)):
             key = self.scheduler.add_replica(self.num_blocks)
             add = getattr(self.runner, "add_attention", None)

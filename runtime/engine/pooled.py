@@ -155,6 +155,11 @@ class PooledRunner:
             if key not in pool.replicas and pool.known:
                 pool.add(key)
 
+    def drain_attention(self, key: int) -> None:
+        """Attention replica `key` admits no more requests: it no longer counts as serving."""
+        for pool in self.stateful_pools():
+            pool.draining.add(key)
+
     def remove_attention(self, key: int) -> None:
         """Stop attention replica `key` in every stateful pool (its requests are gone)."""
         for pool in self.stateful_pools():

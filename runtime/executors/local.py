@@ -123,6 +123,7 @@ class LocalPool:
         self.service = service
         self.known: dict[int, tuple[torch.Tensor, bool]] = {}  # id -> (tensor, is a cache)
         self.replicas: dict[int, LocalReplica] = {}
+        self.draining: set[int] = set()  # attention replicas admitting nothing, not serving
         self.target = 1
         self.next_key = 0
         self.lock = threading.Lock()
@@ -203,6 +204,7 @@ class LocalPool:
         """Stop the replica with this key and free its device's memory."""
         with self.lock:
             replica = self.replicas.pop(key)
+            self.draining.discard(key)
         replica.stop()
         self.placement.release(self.name, key)
 
@@ -276,7 +278,8 @@ class LocalPool:
     def counters(self) -> dict[str, float]:
         """What the autoscaler reads each interval: tokens run so far (it differences them),
         the queue (none: a step's tokens are split, not queued) and the replicas now."""
-        return {"arrivals": self.arrivals, "queue": 0, "replicas": len(self.replicas)}
+        return {"arrivals": self.arrivals, "queue": 0,
+                "replicas": len(self.replicas.keys() - self.draining)}
 
     def execution_samples(self) -> list[tuple[int, float]]:
         """Recent executions: (tokens, seconds)."""
