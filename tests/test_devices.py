@@ -42,6 +42,10 @@ def test_placement_keeps_attention_layers_together_and_spreads_copies_of_a_group
         placement.check([Demand("c", 0, 350, 0), Demand("c", 1, 350, 0),
                          Demand("c", 2, 350, 0)])
     assert placement.stats()["devices"] == before["devices"]   # a check places nothing
+    with pytest.raises(PlacementError):  # 800 B free at most: "big" fits only once "a"
+        placement.check([Demand("big", 0, 900, 0)])          # and "b" stop in the change
+    placement.check([Demand("big", 0, 900, 0)], releases=[("b", 0), ("a", 1)])
+    assert placement.stats()["devices"] == before["devices"]   # nor frees anything
     placement.release("layer0/attention", 7)
     rows = placement.stats()["devices"]
     assert sum(r["kv_bytes"] for r in rows) == 300 and rows[first]["peak_bytes"] >= 700

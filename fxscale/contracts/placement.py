@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from fxscale.contracts.devices import Devices, PlacementError, format_bytes
 
@@ -61,11 +61,15 @@ class Placement:
             self._record()
             return device
 
-    def check(self, demands: list[Demand]) -> None:
-        """Raise PlacementError if these replicas could not all be placed now, in this order
-        (nothing is placed)."""
+    def check(self, demands: list[Demand], releases: Iterable[tuple[str, int]] = ()) -> None:
+        """Raise PlacementError if these replicas could not all be placed now, in this order,
+        once the replicas `releases` names ((group, key): stopped first in the same change)
+        have freed their memory (nothing is placed or freed)."""
         with self.lock:
-            used, held = self._used(), dict(self.held)
+            held = dict(self.held)
+            for key in releases:
+                held.pop(key, None)
+            used = self._used(held)
             for demand in demands:
                 device = self._choose(demand, used, held)
                 used[device] += demand.bytes

@@ -448,10 +448,14 @@ class Server:
         if total > MAX_REPLICAS:
             raise ValueError(f"{len(targets)} groups resized would make {total} replicas in "
                              f"all, more than {MAX_REPLICAS} (fxscale.serving.MAX_REPLICAS)")
-        dense = [(self.pools[n], r) for n, r in targets.items() if not self.pools[n].stateful]
+        # shrinking pools first: the memory they free is what the growing ones are checked
+        # against (attention replicas drain, so theirs is not counted)
+        dense = sorted(((self.pools[n], r) for n, r in targets.items()
+                        if not self.pools[n].stateful), key=lambda pr: pr[1] - len(pr[0].replicas))
         with self.resize_lock:
             self.placement.check([d for pool, r in dense for d in pool.additions(r)] +
-                                 (self._attention_additions(attention[0]) if attention else []))
+                                 (self._attention_additions(attention[0]) if attention else []),
+                                 [key for pool, r in dense for key in pool.removals(r)])
             if dense:  # between steps: a step's parts are spread over the replicas it found
                 engine = self.engines[0]
                 engine.control(lambda: [pool.scale(r) for pool, r in dense]).result()

@@ -214,6 +214,12 @@ class LocalPool:
             if self.called else ()
         return [self.demand(key) for key in keys]
 
+    def removals(self, replicas: int) -> list[tuple[str, int]]:
+        """The replicas `scale(replicas)` would stop, as (group, key) (the newest go)."""
+        with self.lock:
+            keys = sorted(self.replicas)
+        return [(self.name, key) for key in keys[replicas:]]
+
     def scale(self, replicas: int) -> None:
         """Have this many replicas (a dense group; started once its state is known)."""
         self.target = replicas
