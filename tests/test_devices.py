@@ -49,6 +49,8 @@ def test_placement_keeps_attention_layers_together_and_spreads_copies_of_a_group
     placement.release("layer0/attention", 7)
     rows = placement.stats()["devices"]
     assert sum(r["kv_bytes"] for r in rows) == 300 and rows[first]["peak_bytes"] >= 700
+    placement.reset_peaks()  # a fresh measurement starts from what is held now
+    assert placement.stats()["devices"][first]["peak_bytes"] == 400
 
 
 @pytest.fixture(scope="module")

@@ -137,6 +137,11 @@ class Placement:
         self.history.append({"t": self.clock() - self.started, "weight_bytes": weights,
                              "kv_bytes": kv})
 
+    def reset_peaks(self) -> None:
+        """Peaks afresh from what the devices hold now (the history stays: it is the story)."""
+        with self.lock:
+            self.peak = self._used()
+
     # ---- reading -----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """The devices, and per device: memory, slots, what it holds now, its peak, and its

@@ -288,6 +288,7 @@ class Server:
             engine.reset_counters()
         for pool in self.pools.values():
             pool.reset_counters()
+        self.placement.reset_peaks()
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, input_ids: torch.Tensor, timeout_s: float | None = None) -> Future:
