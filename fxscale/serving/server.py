@@ -279,7 +279,8 @@ class Server:
             if self.autoscaler is not None:
                 raise RuntimeError("the autoscaler is already running")
             self.autoscaler = Autoscaler(lambda: dict(self.pools), self.slo, self.budget_size,
-                                         interval_s, scale=self._autoscale, kv=self.kv_demand)
+                                         interval_s, scale=self._autoscale, kv=self.kv_demand,
+                                         max_replicas=MAX_REPLICAS_PER_GROUP)
             self.autoscaler.start()
 
     def reset_stats(self) -> None:
