@@ -25,7 +25,7 @@ from fxscale.runtime.simulator.evaluate import (
 )
 from fxscale.runtime.simulator.forecast import RateForecast
 from fxscale.runtime.simulator.prefix import PrefixCache, reused_tokens
-from fxscale.runtime.simulator.replay import ScalingConfig, Simulation, simulate
+from fxscale.runtime.simulator.replay import EngineState, ScalingConfig, Simulation, simulate
 from fxscale.runtime.traces.loaders import load_trace, poisson_resample
 
 SLO_TIGHT = SLO(ttft=0.1, tbt=0.004)  # scaled to a 4-layer model: a few ms per step
@@ -520,6 +520,12 @@ def test_prefix_caching_skips_the_cached_prefill_for_every_policy(service, azure
         # every prompt after its holder's first reuses the 3072 shared tokens
         assert warm.prefix["reused_tokens"] >= (len(requests) - holders) * 3072
         assert warm.ttft[-1] < 0.5 * cold.ttft[-1]
+    # an operator engine that shrinks while a prompt prefills keeps its KV on a holder left
+    engine = EngineState(OperatorEngine(2, 2, 1), "operator", 0.0, 0.0, 512, 8)
+    engine.caches[1].store(shared)
+    engine.shape(OperatorEngine(1, 2, 1), 512, 8)
+    engine.cache_of(1).store(shared[:2])
+    assert len(engine.caches) == 1 and engine.caches[0].reuse(shared) == 2
     bound = (lower_bound(service, trace, 30.0),
              lower_bound(service, trace.without_prefixes(), 30.0))
     assert bound[0]["lower_bound_gpu_hours"] <= bound[1]["lower_bound_gpu_hours"]

@@ -106,6 +106,11 @@ class EngineState:
         for cache in self.caches:
             cache.resize(cache_blocks)
 
+    def cache_of(self, holder: int) -> PrefixCache:
+        """The prefix cache of a KV holder (an operator engine that shrank while the prompt
+        prefilled moved its KV to the holders left: one of those)."""
+        return self.caches[holder % len(self.caches)]
+
     def load(self, service: ServiceModel) -> tuple[bool, float, float]:
         """Routing key, fewer first: KV nearly full, prompt tokens still to prefill, KV held."""
         capacity = self.spec.kv_capacity_tokens(service)
@@ -605,7 +610,7 @@ class Simulation:
                 continue
             engine.prefilling.remove(entry)
             if engine.caches:
-                engine.caches[entry[2]].store(r.prefix)
+                engine.cache_of(entry[2]).store(r.prefix)
             self.first_token[i] = now
             if engine.role == "prefill":
                 if r.output_tokens <= 1:
