@@ -21,6 +21,8 @@ from fxscale.runtime.simulator.evaluate import (
     compare,
     lower_bound,
     metrics,
+    peak_rate,
+    run_setting,
     weighted_quantile,
 )
 from fxscale.runtime.simulator.forecast import RateForecast
@@ -391,7 +393,7 @@ def test_a_holt_forecast_plans_ahead_of_a_ramp_and_decays_when_idle():
 
 
 def test_policies_may_have_their_own_decision_interval(service, azure):
-    base, _ = azure
+    base, workload = azure
     trace = base.window(0, 240).scaled(2.0)
     outcome = compare(service, trace, ("model", "operator"), SLO_TIGHT,
                       ScalingConfig(interval_s=20), tune=False, intervals={"operator": 5.0})
@@ -400,6 +402,12 @@ def test_policies_may_have_their_own_decision_interval(service, azure):
     for policy, interval in (("model", 20.0), ("operator", 5.0)):
         times = [d.t for d in rows[policy]["result"].decisions]
         assert times[:3] == [interval, 2 * interval, 3 * interval]
+    # a floor is a multiple of the peak 30-s rate whatever the interval: equal for both
+    peak = peak_rate(trace, 30.0)
+    for interval in (5.0, 30.0):
+        result, _ = run_setting(service, trace, "model", SLO_TIGHT,
+                                ScalingConfig(interval_s=interval), 1.0, workload)
+        assert min(d.planned_rps for d in result.decisions) == pytest.approx(peak)
 
 
 def test_same_seed_same_result(service):

@@ -25,6 +25,9 @@ from fxscale.runtime.simulator.prefix import PrefixCache, reused_tokens
 from fxscale.runtime.simulator.replay import Result, ScalingConfig, Simulation
 
 HEADROOMS = (1.0, 1.25, 1.5, 2.0, 3.0)
+# Floors and the static plan are multiples of the trace's peak rate over windows this long,
+# whatever a policy's decision interval: policies with different intervals get equal floors.
+PEAK_WINDOW_S = 30.0
 FLOORS = (0.0, 0.5, 1.0, 2.0, 3.0)
 
 
@@ -132,7 +135,7 @@ def lower_bound(service: ServiceModel, trace: Trace, interval_s: float,
 def run_setting(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
                 scaling: ScalingConfig, floor: float, workload: Workload) -> tuple[Result, dict]:
     """One replay of a policy at one headroom and floor."""
-    peak = peak_rate(trace, scaling.interval_s)
+    peak = peak_rate(trace, PEAK_WINDOW_S)
     fixed = plan(service, workload.at(peak * scaling.headroom), slo, "static") \
         if policy == "static" else None
     sim = Simulation(service, trace, policy, slo, workload, scaling, fixed,
