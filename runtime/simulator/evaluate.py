@@ -93,8 +93,7 @@ def lower_bound(service: ServiceModel, trace: Trace, interval_s: float,
     dense = [k for k in service.kinds if not k.stateful]
     per_request_s = max(1e-15, service.peak_work_time(Batch(decode_n=1, decode_s1=1.0),
                                                       dense))
-    largest_batch = max(1.0, math.floor(widest * (tbt or math.inf) / per_request_s)) \
-        if tbt else math.inf
+    largest_batch = max(1.0, math.floor(widest * tbt / per_request_s)) if tbt else math.inf
     fluid: dict[int, float] = {}
     step: dict[int, float] = {}
     kv_byte_s: dict[int, float] = {}

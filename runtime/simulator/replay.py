@@ -333,9 +333,9 @@ class Simulation:
         if not self.requests:
             raise ValueError(f"trace {self.trace.name} has no requests")
         first = self._first_rate()
-        scaling = self.scaling
-        lead = (scaling.startup_s * (not scaling.warm_pool)
-                + self.service.weight_bytes / scaling.load_bandwidth) / scaling.interval_s
+        scaling = self.scaling  # a forecast looks as far ahead as a new device takes to serve
+        startup = 0.0 if scaling.warm_pool else scaling.startup_s
+        lead = (startup + self.service.weight_bytes / scaling.load_bandwidth) / scaling.interval_s
         self.forecast = RateForecast(scaling.forecast, scaling.ewma, lead, self.rate_estimate)
         self._apply(self._plan(first), 0.0, warm=True)
         self._record(0.0, first)
