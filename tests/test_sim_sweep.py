@@ -65,4 +65,5 @@ def test_the_quick_sweep_writes_json_markdown_and_heatmaps(tmp_path, monkeypatch
     assert b"<svg" in (out / "rate_rps-burstiness.svg").read_bytes()[:400]
     page = (out / "sweep.md").read_text()
     assert "rate_rps-burstiness.svg" in page and page.count("req/s") >= 2
+    assert "fxscale simulate --sweep quick --model llama-2-7b --layers 2" in page
     assert str(out / "sweep.json") in capsys.readouterr().out

@@ -101,7 +101,6 @@ def policy_interval(text: str) -> tuple[str, float]:
 
 def _sweep(args: argparse.Namespace) -> int:
     """Run the quick or full map and write it; print where it went."""
-    import sys
     import time
 
     from rich.progress import Progress
@@ -121,8 +120,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
         data = sweep(plan, step)
     data["wall_s"] = time.perf_counter() - start
-    command = "fxscale simulate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 \
-        else f"fxscale simulate --sweep {args.sweep}"
+    base = plan.base
+    command = " ".join([f"fxscale simulate --sweep {args.sweep}", f"--model {base.model}",
+                        *([f"--layers {base.layers}"] if base.layers else []),
+                        f"--device {base.device}", f"--seed {base.seed}",
+                        f"--sweep-dir {args.sweep_dir}"])
     for path in write_sweep(data, args.sweep_dir, command):
         print(path)
     return 0
