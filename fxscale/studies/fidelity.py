@@ -80,7 +80,7 @@ INJECTED = ServiceTimes()
 
 def group_models(server: Any, injected: ServiceTimes | None, layers: int) -> list[GroupModel]:
     """The simulator's groups for a server: the injected function, or each pool's executions
-    fitted as a line in their tokens."""
+    fitted as a plane in their tokens and context (measured_groups)."""
     if injected is None:
         return measured_groups(server)
     service = injected.function(server.policy, layers)

@@ -134,9 +134,8 @@ class LocalPool:
 
     def reset_counters(self) -> None:
         """Start the statistics afresh (after a warm-up)."""
-        self.samples: deque[tuple[int, float]] = deque(maxlen=512)  # (tokens, seconds)
         # (tokens, context tokens read, seconds): attention's time grows with its context
-        self.context_samples: deque[tuple[int, int, float]] = deque(maxlen=512)
+        self.samples: deque[tuple[int, int, float]] = deque(maxlen=512)
         self.histogram = Histogram(CALL_BUCKETS_S)
         self.arrivals = 0      # tokens run
         self.executions = 0
@@ -259,8 +258,7 @@ class LocalPool:
     def _record(self, tokens: int, context: int, seconds: float) -> None:
         """Count one execution of `tokens` tokens that read `context` KV tokens."""
         with self.lock:
-            self.samples.append((tokens, seconds))
-            self.context_samples.append((tokens, context, seconds))
+            self.samples.append((tokens, context, seconds))
             self.arrivals += tokens
             self.executions += 1
             self.busy_s += seconds
@@ -290,12 +288,12 @@ class LocalPool:
     def execution_samples(self) -> list[tuple[int, float]]:
         """Recent executions: (tokens, seconds)."""
         with self.lock:
-            return list(self.samples)
+            return [(tokens, seconds) for tokens, _, seconds in self.samples]
 
     def context_execution_samples(self) -> list[tuple[int, int, float]]:
         """Recent executions: (tokens, context tokens read, seconds)."""
         with self.lock:
-            return list(self.context_samples)
+            return list(self.samples)
 
     def held(self) -> list[tuple[int, int, int]]:
         """(device, weight bytes, KV bytes) of the state each replica holds now, measured
@@ -305,8 +303,8 @@ class LocalPool:
 
     def stats(self) -> dict[str, Any]:
         """Replicas, executions, tokens per execution, latency, state bytes per replica."""
+        samples = self.execution_samples()
         with self.lock:
-            samples = list(self.samples)
             histogram = self.histogram.report()
             executions, busy = self.executions, self.busy_s
         replicas = list(self.replicas.values())
