@@ -85,6 +85,13 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
                           "four (about ten)")
     sim.add_argument("--sweep-dir", type=Path, default=Path("sweep"), metavar="DIR",
                      help="where --sweep writes (default ./sweep)")
+    sim.add_argument("--attribute", action="store_true",
+                     help="instead of comparing policies, split the operator-vs-model gap "
+                          "into its sources (Shapley values over the operator mechanisms, "
+                          "nine tuned replays): a table here, a waterfall (PNG, SVG), JSON "
+                          "and Markdown in --attribute-dir")
+    sim.add_argument("--attribute-dir", type=Path, default=Path("attribution"), metavar="DIR",
+                     help="where --attribute writes (default ./attribution)")
     sim.add_argument("--json", metavar="PATH", type=json_target,
                      help="write the results as JSON ('-': stdout)")
     sim.set_defaults(run=_simulate)
@@ -130,16 +137,13 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    """Replay a trace under one or all policies; print a table, write JSON."""
-    if args.sweep:
-        return _sweep(args)
+def _setup(args: argparse.Namespace):
+    """(console, trace, service model, SLO, scaling config) of a simulate command."""
     from rich.console import Console
 
     from fxscale.contracts.plan import SLO
     from fxscale.models.presets import preset_service
     from fxscale.runtime.planner.search import default_slo
-    from fxscale.runtime.simulator.evaluate import compare
     from fxscale.runtime.simulator.replay import ScalingConfig
     from fxscale.runtime.traces.loaders import load_trace
 
@@ -153,22 +157,66 @@ def _simulate(args: argparse.Namespace) -> int:
     scaling = ScalingConfig(interval_s=args.interval, headroom=args.headroom or 1.0,
                             startup_s=args.startup, load_bandwidth=args.load_gbps * 1e9,
                             forecast=args.forecast, warm_pool=args.warm_pool)
+    return console, trace, service, slo, scaling
+
+
+def _config(args: argparse.Namespace, trace, slo, context: dict) -> dict:
+    """The setting of a simulate command, as its JSON and tables state it."""
+    return {"model": args.model, "layers": args.layers, "device": args.device,
+            "trace": trace.name,
+            "trace_source": trace.source, "requests": len(trace.requests),
+            "duration_s": trace.duration_s(), "slo_ttft": slo.ttft, "slo_tbt": slo.tbt,
+            "attainment_target": slo.attainment, "interval_s": args.interval,
+            "slo_ttft_per_token": slo.ttft_per_token, "context": context,
+            "prefix_caching": args.prefix_caching, "forecast": args.forecast,
+            "startup_s": args.startup, "load_gbps": args.load_gbps,
+            "warm_pool": args.warm_pool, "policy_intervals": dict(args.policy_interval),
+            "prefix_block_tokens": trace.prefix_block_tokens}
+
+
+def _attribute(args: argparse.Namespace) -> int:
+    """Split the operator-vs-model gap into its sources; print the table, write the files."""
+    import sys
+    import time
+
+    from fxscale.runtime.simulator.attribution import attribute
+    from fxscale.studies.simulate_attribution import attribution_table, write_attribution
+
+    console, trace, service, slo, scaling = _setup(args)
+    start = time.perf_counter()
+    with console.status("attributing") as status:
+        data = attribute(service, trace, slo, scaling, dict(args.policy_interval),
+                         tune=args.headroom is None, over_context=args.over_context,
+                         prefix_caching=args.prefix_caching, progress=status.update)
+    data["wall_s"] = time.perf_counter() - start
+    data["config"] = {k: v for k, v in _config(args, trace, slo, data.pop("context")).items()
+                      if k != "context"}
+    command = "fxscale " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["simulate"] else \
+        "fxscale simulate --attribute"
+    print(attribution_table(data))
+    for path in write_attribution(data, args.attribute_dir, command):
+        print(path)
+    if args.json:
+        write_json(data, args.json)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    """Replay a trace under one or all policies; print a table, write JSON."""
+    if args.sweep:
+        return _sweep(args)
+    if args.attribute:
+        return _attribute(args)
+    from fxscale.runtime.simulator.evaluate import compare
+
+    console, trace, service, slo, scaling = _setup(args)
     policies = tuple(POLICIES) if args.policy == "all" else (args.policy,)
     with console.status("simulating") as status:
         outcome = compare(service, trace, policies, slo, scaling, tune=args.headroom is None,
                           fixed_gpus=args.fixed_gpus, progress=status.update,
                           over_context=args.over_context, prefix_caching=args.prefix_caching,
                           intervals=dict(args.policy_interval))
-    config = {"model": args.model, "layers": args.layers, "device": args.device,
-              "trace": trace.name,
-              "trace_source": trace.source, "requests": len(trace.requests),
-              "duration_s": trace.duration_s(), "slo_ttft": slo.ttft, "slo_tbt": slo.tbt,
-              "attainment_target": slo.attainment, "interval_s": args.interval,
-              "slo_ttft_per_token": slo.ttft_per_token, "context": outcome["context"],
-              "prefix_caching": args.prefix_caching, "forecast": args.forecast,
-              "startup_s": args.startup, "load_gbps": args.load_gbps,
-              "warm_pool": args.warm_pool, "policy_intervals": dict(args.policy_interval),
-              "prefix_block_tokens": trace.prefix_block_tokens}
+    config = _config(args, trace, slo, outcome["context"])
     runs = {row["policy"]: _run_json(row) for row in outcome["rows"]}
     print(simulate_table(runs, config))
     if args.json:

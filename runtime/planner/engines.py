@@ -16,13 +16,34 @@ Memory: a device keeps MEMORY_HEADROOM of its capacity free for activations and 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from fxscale.contracts.plan import LockstepShape, OperatorShape
 from fxscale.runtime.devices.model import UNMEASURED_ALL_REDUCE_LATENCY_S
 from fxscale.runtime.planner.service import Batch, ServiceModel
 
 MEMORY_HEADROOM = 0.10
+
+
+@dataclass(frozen=True)
+class Mechanisms:
+    """Which of operator-level scaling's mechanisms an operator deployment uses (all, unless
+    an attribution switches some off): attention on devices of its own, sized apart from the
+    dense pool; a prompt's chunk spread over the dense replicas (pooled prefill); attention
+    devices that start without loading weights (with the policy's own decision interval,
+    which the simulator's caller sets)."""
+
+    disaggregation: bool = True
+    pooled_prefill: bool = True
+    fast_start: bool = True
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The mechanisms switched on."""
+        return tuple(f.name for f in fields(self) if getattr(self, f.name))
+
+
+ALL_MECHANISMS = Mechanisms()
 
 
 @dataclass(frozen=True)
@@ -58,7 +79,10 @@ class LockstepEngine(LockstepShape):
 @dataclass(frozen=True)
 class OperatorEngine(OperatorShape):
     """Operator groups in pools, attention devices with the KV and dense replicas with
-    weights: the Plan's shape with what one iteration costs."""
+    weights: the Plan's shape with what one iteration costs (without `pooled_prefill`, a
+    prompt advances one chunk per step even when the attention is disaggregated)."""
+
+    pooled_prefill: bool = True
 
     @property
     def prefill_lanes(self) -> int:
@@ -74,7 +98,8 @@ class OperatorEngine(OperatorShape):
         """Tokens one prompt may advance per step: a disaggregated dense pool splits a
         prompt's tokens over its replicas (the hops to the attention devices are charged);
         co-located replicas each hold their own requests, so a prompt takes one chunk."""
-        return chunk * self.dense_replicas if self.attention else chunk
+        return chunk * self.dense_replicas if self.attention and self.pooled_prefill \
+            else chunk
 
     def pool_times(self, service: ServiceModel, batch: Batch) -> tuple[float, float, float,
                                                                          float]:
@@ -150,13 +175,16 @@ class OperatorEngine(OperatorShape):
         return service.weight_bytes / self.dense_shards
 
 
-def engine_for(shape: LockstepShape | OperatorShape) -> LockstepEngine | OperatorEngine:
-    """The engine (with its costs) of a Plan's engine shape."""
-    engine = LockstepEngine if isinstance(shape, LockstepShape) else OperatorEngine
-    return shape if isinstance(shape, engine) else engine(**asdict(shape))
+def engine_for(shape: LockstepShape | OperatorShape,
+               mechanisms: Mechanisms = ALL_MECHANISMS) -> LockstepEngine | OperatorEngine:
+    """The engine (with its costs) of a Plan's engine shape, an operator engine with the
+    given mechanisms."""
+    if isinstance(shape, LockstepShape):
+        return shape if isinstance(shape, LockstepEngine) else LockstepEngine(**asdict(shape))
+    return OperatorEngine(**asdict(shape_of(shape)), pooled_prefill=mechanisms.pooled_prefill)
 
 
 def shape_of(engine: LockstepShape | OperatorShape) -> LockstepShape | OperatorShape:
     """The Plan's shape of an engine (what a Plan holds and JSON carries)."""
     shape = LockstepShape if isinstance(engine, LockstepShape) else OperatorShape
-    return shape(**asdict(engine))
+    return shape(**{f.name: getattr(engine, f.name) for f in fields(shape)})

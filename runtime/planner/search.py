@@ -20,7 +20,13 @@ import statistics
 from dataclasses import dataclass, replace
 
 from fxscale.contracts.plan import POLICIES, SLO, EngineCount, GroupPlacement, Plan
-from fxscale.runtime.planner.engines import LockstepEngine, OperatorEngine, shape_of
+from fxscale.runtime.planner.engines import (
+    ALL_MECHANISMS,
+    LockstepEngine,
+    Mechanisms,
+    OperatorEngine,
+    shape_of,
+)
 from fxscale.runtime.planner.queueing import erlang_c, erlang_c_wait
 from fxscale.runtime.planner.service import Batch, ServiceModel
 
@@ -342,25 +348,27 @@ def kv_transfer_s(service: ServiceModel, prompt_tokens: float, shards: int) -> f
     return prompt_tokens * service.kv_bytes_per_token / bandwidth
 
 
-def _candidates_operator(service, work, slo):
-    """Operator pools: attention devices (KV) and dense replicas sized separately; a
-    shape whose dense pool alone has more devices than the best found is skipped."""
+def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHANISMS):
+    """Operator pools: attention devices (KV) and dense replicas sized separately (or
+    co-located only, without disaggregation); a shape whose dense pool alone has more
+    devices than the best found is skipped."""
     best = math.inf
+    pooled = mechanisms.pooled_prefill
     for shards in SHARDS:
         for chunk in CHUNKS:
             for replicas in range(1, 17):
                 probe = OperatorEngine(0, shards, replicas)
                 if not probe.dense_fits(service) or probe.devices > best:
                     break
-                for attention in (0, None):
+                for attention in (0, None) if mechanisms.disaggregation else (0,):
                     if attention is None:  # disaggregated: as few attention devices as meet
                         limit = min(256, best - probe.devices) if best < math.inf else 256
                         attention = _fewest(lambda a: _meets(predict(
-                            service, OperatorEngine(a, shards, replicas), 1, work, slo, chunk),
-                            slo), 1, int(limit)) if limit >= 1 else None
+                            service, OperatorEngine(a, shards, replicas, pooled), 1, work, slo,
+                            chunk), slo), 1, int(limit)) if limit >= 1 else None
                         if attention is None:
                             continue
-                    engine = OperatorEngine(attention, shards, replicas)
+                    engine = OperatorEngine(attention, shards, replicas, pooled)
                     p = predict(service, engine, 1, work, slo, chunk)
                     if _meets(p, slo):
                         best = min(best, engine.devices)
@@ -369,14 +377,16 @@ def _candidates_operator(service, work, slo):
 
 
 def plan(service: ServiceModel, work: Workload, slo: SLO, policy: str,
-         max_devices: int | None = None) -> Plan:
-    """The cheapest deployment of a policy that meets the SLO at the workload's rate."""
+         max_devices: int | None = None, mechanisms: Mechanisms = ALL_MECHANISMS) -> Plan:
+    """The cheapest deployment of a policy that meets the SLO at the workload's rate (an
+    operator deployment using only the given mechanisms)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {list(POLICIES)}")
     search = {"static": _candidates_model, "model": _candidates_model,
               "phase": _candidates_phase, "operator": _candidates_operator}[policy]
+    arguments = (mechanisms,) if policy == "operator" else ()
     best = None
-    for cand in search(service, work.at(max(work.rate, 1e-6)), slo):
+    for cand in search(service, work.at(max(work.rate, 1e-6)), slo, *arguments):
         if max_devices is not None and cand[0] > max_devices:
             continue
         if best is None or cand[:2] < best[:2]:

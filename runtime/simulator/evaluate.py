@@ -19,6 +19,7 @@ from typing import Callable
 from fxscale.contracts.metrics import quantile
 from fxscale.contracts.plan import SLO, Plan
 from fxscale.contracts.trace import Trace
+from fxscale.runtime.planner.engines import ALL_MECHANISMS, Mechanisms
 from fxscale.runtime.planner.search import SHARDS, Workload, plan
 from fxscale.runtime.planner.service import Batch, ServiceModel
 from fxscale.runtime.simulator.prefix import PrefixCache, reused_tokens
@@ -132,21 +133,24 @@ def lower_bound(service: ServiceModel, trace: Trace, interval_s: float,
 
 
 def run_setting(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
-                scaling: ScalingConfig, floor: float, workload: Workload) -> tuple[Result, dict]:
+                scaling: ScalingConfig, floor: float, workload: Workload,
+                mechanisms: Mechanisms = ALL_MECHANISMS) -> tuple[Result, dict]:
     """One replay of a policy at one headroom and floor."""
     peak = peak_rate(trace, PEAK_WINDOW_S)
     fixed = plan(service, workload.at(peak * scaling.headroom), slo, "static") \
         if policy == "static" else None
     sim = Simulation(service, trace, policy, slo, workload, scaling, fixed,
-                     floor_rate=floor * peak)
+                     floor_rate=floor * peak, mechanisms=mechanisms)
     result = sim.run()
     return result, metrics(result, slo)
 
 
 def best_setting(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
                  scaling: ScalingConfig, tune: bool = True,
-                 progress: Callable[[str], None] | None = None) -> dict:
-    """The cheapest (headroom, floor) meeting the attainment target, with its metrics.
+                 progress: Callable[[str], None] | None = None,
+                 mechanisms: Mechanisms = ALL_MECHANISMS) -> dict:
+    """The cheapest (headroom, floor) meeting the attainment target, with its metrics (an
+    operator policy using only the given mechanisms).
 
     Without `tune`, the given scaling config and no floor. When no setting meets the target,
     the one with the highest attainment is returned with meets_target false."""
@@ -162,7 +166,8 @@ def best_setting(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
             progress(f"{policy}: headroom {headroom:g}, floor {floor:g} x peak")
         try:
             result, row = run_setting(service, trace, policy, slo,
-                                      replace(scaling, headroom=headroom), floor, workload)
+                                      replace(scaling, headroom=headroom), floor, workload,
+                                      mechanisms)
         except ValueError as err:
             refusal = err  # no deployment of this policy meets the SLO at that rate
             continue
@@ -244,6 +249,14 @@ def widest_plan(service: ServiceModel, workload: Workload, slo: SLO, policy: str
     return plan(service, workload.at(low), slo, policy, max_devices=devices)
 
 
+def serving_trace(service: ServiceModel, trace: Trace, over_context: str,
+                  prefix_caching: bool) -> tuple[Trace, dict]:
+    """The trace every policy replays: requests beyond the model's context rejected or
+    truncated (counted), prefix hashes dropped unless prefix caching is on."""
+    trace, context = trace.within_context(service.context_limit, over_context)
+    return (trace if prefix_caching else trace.without_prefixes()), context
+
+
 def compare(service: ServiceModel, trace: Trace, policies, slo: SLO, scaling: ScalingConfig,
             tune: bool = True, fixed_gpus: int | None = None,
             progress: Callable[[str], None] | None = None,
@@ -255,9 +268,7 @@ def compare(service: ServiceModel, trace: Trace, policies, slo: SLO, scaling: Sc
     same rule (each row's `prefix_reuse`); `intervals` gives policies their own decision
     interval (each row's `interval_s`)."""
     start = time.perf_counter()
-    trace, context = trace.within_context(service.context_limit, over_context)
-    if not prefix_caching:
-        trace = trace.without_prefixes()
+    trace, context = serving_trace(service, trace, over_context, prefix_caching)
     bound = lower_bound(service, trace, scaling.interval_s, slo.tbt)
     rows = []
     for policy in policies:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from fxscale.contracts.plan import SLO, Plan
 from fxscale.contracts.scaling import Decision, Hysteresis, action
 from fxscale.contracts.trace import Trace
-from fxscale.runtime.planner.engines import engine_for
+from fxscale.runtime.planner.engines import ALL_MECHANISMS, Mechanisms, engine_for
 from fxscale.runtime.planner.search import Workload, kv_transfer_s, plan
 from fxscale.runtime.planner.service import Batch, ServiceModel
 from fxscale.runtime.simulator.forecast import FORECASTS, RateForecast
@@ -145,8 +145,9 @@ class Simulation:
 
     def __init__(self, service: ServiceModel, trace: Trace, policy: str, slo: SLO,
                  workload: Workload, scaling: ScalingConfig, fixed: Plan | None = None,
-                 floor_rate: float = 0.0) -> None:
+                 floor_rate: float = 0.0, mechanisms: Mechanisms = ALL_MECHANISMS) -> None:
         self.service, self.trace, self.policy, self.slo = service, trace, policy, slo
+        self.mechanisms = mechanisms  # of an operator deployment (the attribution's switch)
         self.workload, self.scaling, self.fixed = workload, scaling, fixed
         self.floor_rate = floor_rate
         self.requests = trace.requests
@@ -185,12 +186,13 @@ class Simulation:
                                                        math.log1p(PLAN_RATE_STEP) - 1e-9)
         if sized not in self.plans:
             self.plans[sized] = plan(self.service, self.workload.at(sized), self.slo,
-                                     self.policy)
+                                     self.policy, mechanisms=self.mechanisms)
         return self.plans[sized]
 
     def _targets(self, p: Plan) -> list[tuple[object, str, int]]:
         """(engine spec, role, count) of a plan."""
-        return [(engine_for(e.engine), getattr(e.engine, "role", "operator"), e.count)
+        return [(engine_for(e.engine, self.mechanisms), getattr(e.engine, "role", "operator"),
+                 e.count)
                 for e in p.engines]
 
     def _add(self, spec, role: str, now: float, warm: bool, chunk: int) -> None:
@@ -270,7 +272,9 @@ class Simulation:
             dense, old_dense = (e.dense_shards * e.dense_replicas for e in (spec, old))
             added = max(0, spec.attention - old.attention) + (
                 dense if reshard else max(0, dense - old_dense))
-            reload = reshard or spec.dense_replicas > old.dense_replicas
+            # without fast start, added attention devices load weights as dense ones do
+            reload = reshard or spec.dense_replicas > old.dense_replicas or (
+                added and not self.mechanisms.fast_start)
             delay = self._start_delay(added, reload * spec.load_bytes_per_device(self.service),
                                       now)
             self._close_account(engine, now)
