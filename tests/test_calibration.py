@@ -4,19 +4,27 @@ catalogue holds that fit."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 
+from fxscale.models.presets import preset_service
 from fxscale.runtime.devices import load_device
 from fxscale.runtime.devices.calibrate import (
+    COMPUTE_FILES,
+    GEMMS,
+    KERNEL_CLASSES,
+    _rows,
     all_reduce_report,
     dense_report,
     fit_ring,
+    kernel_fits,
     load_all_reduce,
     main,
 )
 from fxscale.runtime.devices.model import ring_all_reduce_time
+from fxscale.runtime.planner.service import Batch
 
 
 def test_the_ring_fit_recovers_known_constants_from_noisy_times():
@@ -64,14 +72,60 @@ def test_a_device_without_measurements_keeps_the_stated_ring_over_its_links():
         ring_all_reduce_time(1e6, 3, *h100.all_reduce[4]))
 
 
-def test_dense_operators_are_scored_and_the_report_runs(capsys):
+@pytest.mark.parametrize("device", ["h100", "a100"])
+def test_dense_kernel_classes_are_fitted_and_predict_held_out_degrees(device):
+    rows = {r["op"]: r for r in dense_report(device)}
+    fitted = [r for r in rows.values() if r["fitted"]]
+    assert {r["kernel"] for r in fitted} == {"gemm", "norm", "embedding"}
+    for r in fitted:
+        assert r["catalogued_error"] <= 0.10, r  # the catalogue holds the fit on every degree
+        # fitted on TP 1-2, scored on 4-8; H100's down projection runs 10-19% faster at 4-8
+        # than its shape predicts from 1-2 (docs/devices.md): it misses, and is bounded here
+        limit = 0.16 if (device, r["op"]) == ("h100", "mlp_down_proj") else 0.101
+        assert r["error_tp_4_8"] <= limit, r
+    for op in ("input_layernorm", "post_attention_layernorm", "emb"):
+        assert rows[op]["roofline_error_tp_4_8"] > 0.3  # one bandwidth does not fit them
+    catalogued = load_device(device).kernels
+    for kernel, fit in kernel_fits(device).items():
+        for name, value in asdict(fit).items():
+            held = getattr(catalogued[kernel], name)
+            assert held == (value if value is None else pytest.approx(value, rel=1e-3)), name
+    assert load_device("h200").kernels == {}  # unmeasured: the roofline, stated
+
+
+@pytest.mark.parametrize("device", ["h100", "a100"])
+def test_a_70b_layer_costs_what_vidur_measured_for_its_gemms_and_norms(device, tmp_path,
+                                                                      monkeypatch):
+    """Review finding 4: the service model's dense work, from the graph's per-class costs and
+    the device's kernel fits, against the measured operators at tensor parallelism 4 and 8
+    (the roofline was 6-10% off on the GEMMs and 67-71% on the norms)."""
+    monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path))
+    service = preset_service("llama-2-70b", device, layers=2)
+    layer = [k for k in service.kinds if k.name.startswith("model.layers") and not k.stateful]
+    rows = [r for r in _rows(COMPUTE_FILES[device])
+            if int(r["num_tensor_parallel_workers"]) >= 4]
+    errors = {"gemm": [], "norm": []}
+    for row in rows:
+        tokens, tp = float(row["num_tokens"]), int(row["num_tensor_parallel_workers"])
+        batch = Batch(1, tokens, tokens * tokens)
+        for kernel, ops in (("gemm", GEMMS), ("norm", KERNEL_CLASSES["norm"])):
+            measured = sum(float(row[f"time_stats.{op}.median"]) * 1e-3 for op in ops)
+            parts = [p for k in layer for p in k.parts if p.kernel == kernel]
+            assert len(parts) == 2  # QKV and its norm; the rest of the layer and its norm
+            kinds = [replace(k, parts=(p,), count=1) for k in layer for p in k.parts
+                     if p.kernel == kernel]
+            predicted = sum(service.kind_time(k, batch, tp) - service.device.all_reduce_time(
+                tokens * k.out_bytes_per_token, tp) for k in kinds)
+            errors[kernel].append(abs(predicted / measured - 1))
+    assert np.median(errors["gemm"]) <= 0.07, np.median(errors["gemm"])
+    assert np.median(errors["norm"]) <= 0.08, np.median(errors["norm"])
+
+
+def test_the_calibration_report_runs(capsys):
     rows = dense_report("h100")
-    assert {r["op"] for r in rows} >= {"attn_pre_proj", "mlp_down_proj", "input_layernorm"}
-    gemms = [r for r in rows if r["op"].endswith("_proj")]
-    assert len(gemms) == 4 and all(r["error_tp_4_8"] < 0.15 for r in gemms)  # see devices.md
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert out.count("| h100 |") == 3 + len(rows)
+    assert out.count("| h100 |") == 3 + len(rows) + 3  # all-reduce, operators, kernel fits
     assert main(["--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data["all_reduce"]) == 6 and len(data["dense"]) == 2 * len(rows)

@@ -9,6 +9,8 @@ from helpers import assert_bad_file_names_the_field
 import fxscale
 from fxscale import GroupGraph
 from fxscale.contracts.errors import InputError
+from fxscale.contracts.exprs import evaluate
+from fxscale.contracts.group_graph import SCHEMA_VERSION
 from fxscale.models import zoo
 
 
@@ -27,7 +29,26 @@ def test_json_round_trip(graph, tmp_path):
     for g in graph.groups:
         assert loaded.cost(g.id, "flops", batch=7, length=300) == graph.cost(g, "flops", 7, 300)
     data = json.loads(path.read_text())
-    assert data["version"] == 1 and "callable" not in data["groups"][0]
+    assert data["version"] == SCHEMA_VERSION and "callable" not in data["groups"][0]
+
+
+def test_groups_carry_costs_per_class_and_a_version_1_file_still_reads(graph, tmp_path):
+    gemm = next(g for g in graph.groups if g.classes[0] == "gemm")
+    assert set(gemm.class_costs) >= {"gemm", "norm"}
+    env = graph.env(4, 64)
+    parts = sum(evaluate(c["flops"], env) for c in gemm.class_costs.values())
+    assert parts == pytest.approx(graph.cost(gemm, "flops", 4, 64))  # split by class, none lost
+    moved = graph.bytes_moved(gemm, 4, 64)
+    fused = sum(evaluate(c["bytes"], env) for c in gemm.class_costs.values())
+    assert 0 < fused < moved  # a fused norm or pointwise chain moves less than its ops add up
+    data = graph.to_dict()
+    data["version"] = 1
+    for g in data["groups"]:
+        del g["class_costs"]
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(data))
+    old = GroupGraph.from_json(path)
+    assert old.version == 1 and all(g.class_costs == {} for g in old.groups)
 
 
 def test_table_lists_every_group(graph):
@@ -50,6 +71,10 @@ def _symbol(d):
     (lambda d: d.pop("groups"), "missing field 'groups'"),
     (lambda d: d.update(groups=[]), "field 'groups' must not be empty"),
     (lambda d: d.update(version=99), "field 'version' is 99"),
+    (lambda d: _first(d)["class_costs"].update(gemm={"flops": "1"}),
+     r"missing field 'groups\[0\].class_costs.gemm.bytes'"),
+    (lambda d: _first(d)["class_costs"].update(gemm={"flops": "-1", "bytes": "1"}),
+     r"'groups\[0\].class_costs.gemm.flops' is negative"),
     (lambda d: _first(d).update(flops="2*(("), r"field 'groups\[0\].flops' is not a cost"),
     (lambda d: _first(d).update(flops=None), r"'groups\[0\].flops' must be a string, got null"),
     (lambda d: _first(d).update(flops=f"{_symbol(d)}*zz"), r"unknown shape symbol\(s\) \['zz'\]"),

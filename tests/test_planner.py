@@ -30,7 +30,7 @@ from fxscale.runtime.simulator.prefix import PrefixCache, reused_tokens
 from fxscale.runtime.simulator.replay import EngineState, ScalingConfig, Simulation, simulate
 from fxscale.runtime.traces.loaders import load_trace, poisson_resample
 
-SLO_TIGHT = SLO(ttft=0.1, tbt=0.004)  # scaled to a 4-layer model: a few ms per step
+SLO_TIGHT = SLO(ttft=0.1, tbt=0.005)  # scaled to a 4-layer model: a few ms per step
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from fxscale.passes import classify as C
 from fxscale.passes.costs import NodeCost
 from fxscale.passes.grouping import ANCHOR_CLASSES, sensitivity
 from fxscale.passes.node_facts import (
+    input_nodes,
     is_weight_placeholder,
     nbytes_expr,
     node_value,
@@ -21,6 +22,9 @@ from fxscale.passes.node_facts import (
 from fxscale.passes.symbols import SymbolTable
 
 ZERO = sympy.Integer(0)
+# Memory-bound classes a GPU compiler fuses into one kernel per chain (Inductor does): their
+# bytes are the tensors crossing the class's nodes, not each op's reads and writes.
+FUSED_CLASSES = frozenset({C.NORM, C.POINTWISE, C.REDUCTION, C.SOFTMAX, C.DATA_MOVEMENT})
 # state the engine attaches to attention modules: KV blocks, not weights
 KV_CACHE_BUFFERS = ("_buffers_fxscale_k_cache_", "_buffers_fxscale_v_cache_")
 
@@ -126,10 +130,41 @@ def _group(gid, nodes, costs, symbols, env, weight_bytes, leaving, reason, granu
         row_wise=not any(c.mixes_tokens for c in member_costs),
         kernels=sorted({str(n.target).split(".")[1] for n in nodes
                         if str(n.target).startswith("fxscale.")}),
+        class_costs=class_costs(nodes, costs),
         stateful=stateful, layer=layer, split_reason=reason,
         sensitivity={"flops_batch": b_flops, "flops_length": l_flops,
                      "bytes_batch": b_bytes, "bytes_length": l_bytes},
         graph=0, lowering="not lowered")
+
+
+def class_costs(nodes: list[fx.Node], costs: dict[fx.Node, NodeCost]) -> dict[str, dict]:
+    """A group's FLOPs and bytes per operator class. GEMMs, attention and gathers move what
+    each op reads and writes; a fused class (FUSED_CLASSES) moves the tensors entering its
+    nodes from outside them once, and those its nodes hand outside."""
+    members: dict[str, set[fx.Node]] = {}
+    for node in nodes:
+        members.setdefault(costs[node].op_class, set()).add(node)
+    out = {}
+    for name, part in sorted(members.items()):
+        flops = sympy.Add(*(costs[n].flops for n in part))
+        if name in FUSED_CLASSES:
+            entering = {i for n in part for i in input_nodes(n) if i not in part}
+            moved = sum((_tensor_bytes(i, costs) for i in entering), ZERO) + sum(
+                (costs[n].out_bytes for n in part
+                 if not costs[n].is_view and any(u not in part for u in n.users)), ZERO)
+        else:
+            moved = sympy.Add(*(costs[n].bytes_total for n in part))
+        if flops != 0 or moved != 0:
+            out[name] = {"flops": to_text(flops), "bytes": to_text(moved)}
+    return out
+
+
+def _tensor_bytes(node: fx.Node, costs: dict[fx.Node, NodeCost]) -> sympy.Expr:
+    """Bytes of the tensor a node produces (0 for non-tensors)."""
+    if node in costs:
+        return costs[node].out_bytes if costs[node].is_tensor else ZERO
+    value = node_value(node)
+    return nbytes_expr(value) if isinstance(value, torch.Tensor) else ZERO
 
 
 def evaluate_or_zero(expr, env) -> float:

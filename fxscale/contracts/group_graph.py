@@ -17,7 +17,8 @@ from typing import Any
 from fxscale.contracts.exprs import ExprError, check_symbols, evaluate
 from fxscale.contracts.jsonio import Checker, read_json, write_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: groups carry per-class costs (class_costs)
+READABLE_VERSIONS = (1, 2)  # a version-1 graph has no class_costs: lumped costs only
 COST_FIELDS = ("flops", "bytes_read", "bytes_written", "activation_bytes", "kv_bytes_per_token")
 
 
@@ -58,6 +59,9 @@ class Group:
     lowering: str = "not lowered"
     graph: int = 0
     kernels: list[str] = field(default_factory=list)  # fxscale.kernels ops it calls
+    # its costs by operator class, {class: {"flops": expr, "bytes": expr}}: a device model
+    # calibrated per kernel class (GEMMs) times each part with its own fit
+    class_costs: dict[str, dict[str, str]] = field(default_factory=dict)
     callable: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -205,9 +209,10 @@ class GroupGraph:
         check = Checker(where, "a GroupGraph")
         check.object(data, "")
         version = check.get(data, "version")
-        if version != SCHEMA_VERSION:
-            check.fail("version", f"is {version!r}; this fxscale reads version "
-                                  f"{SCHEMA_VERSION} (re-run fxscale explain to regenerate)")
+        if version not in READABLE_VERSIONS:
+            check.fail("version", f"is {version!r}; this fxscale reads versions "
+                                  f"{', '.join(map(str, READABLE_VERSIONS))} (re-run fxscale "
+                                  "explain to regenerate)")
         check.unknown(data, {f.name for f in fields(cls)} - {"module"})
         symbols = _symbols(check, check.get(data, "symbols", default={}))
         groups = [_group(check, g, f"groups[{i}]", symbols)
@@ -289,6 +294,13 @@ def _group(check: Checker, data: Any, at: str, symbols: dict[str, dict[str, Any]
     kernels = check.array(get("kernels", []), f"{at}.kernels")
     for i, item in enumerate(kernels):
         check.string(item, f"{at}.kernels[{i}]")
+    class_costs = check.object(get("class_costs", {}), f"{at}.class_costs")
+    for name, entry in class_costs.items():
+        where = f"{at}.class_costs.{name}"
+        check.object(entry, where)
+        check.unknown(entry, {"flops", "bytes"}, f"{where}.")
+        for what in ("flops", "bytes"):
+            _cost(check, check.get(entry, what, f"{where}."), f"{where}.{what}", symbols)
     return Group(id=get("id"), name=get("name"), nodes=get("nodes"), classes=get("classes"),
                  resource=get("resource"), **costs,
                  param_bytes=int(check.number(get("param_bytes"), f"{at}.param_bytes", 0,
@@ -297,6 +309,7 @@ def _group(check: Checker, data: Any, at: str, symbols: dict[str, dict[str, Any]
                  stateful=check.boolean(get("stateful"), f"{at}.stateful"), layer=layer,
                  split_reason=get("split_reason", ""), sensitivity=sensitivity,
                  lowering=get("lowering", "not lowered"), kernels=kernels,
+                 class_costs=class_costs,
                  graph=int(check.number(get("graph", 0), f"{at}.graph", 0, integer=True)))
 
 

@@ -13,14 +13,20 @@ message sizes and predicting the odd-indexed ones (median |predicted / measured 
 constants in devices.json (`all_reduce`) are the fit on every size, which
 tests/test_calibration.py recomputes.
 
-Dense operators: the roofline (`DeviceModel.latency`) of each operator of the layer, at every
-measured token count and tensor-parallel degree, against its measured time; nothing is
-fitted yet (docs/devices.md says what a fit needs). Attention has no measured profile here.
+Dense operators: one fit per kernel class (`KernelFit`: latency plus a p-norm of compute and
+memory time), the GEMMs jointly, the two norms jointly, the embedding alone. Scored by fitting
+on tensor-parallel degrees 1 and 2 and predicting 4 and 8 (median |predicted / measured - 1|
+over every token count, per operator); the constants in devices.json (`kernels`) are the fit
+on every degree. The pointwise kernels (rotary, activation, residual add) are scored against
+the roofline only: the cost model has one pointwise class for kernels whose measured
+bandwidths differ by 2x, so a class fit would describe none of them. Attention has no
+measured profile here.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import sys
 from importlib import resources
@@ -29,7 +35,13 @@ from typing import Any
 import numpy as np
 
 from .catalogue import load_device
-from .model import UNMEASURED_ALL_REDUCE_LATENCY_S, DeviceModel, ring_all_reduce_time
+from .model import (
+    FIT_DTYPE,
+    UNMEASURED_ALL_REDUCE_LATENCY_S,
+    DeviceModel,
+    KernelFit,
+    ring_all_reduce_time,
+)
 
 ALL_REDUCE_FILES = {"h100": "network_h100_dgx_all_reduce.csv",
                     "a100": "network_a100_dgx_all_reduce.csv"}
@@ -43,6 +55,13 @@ GEMMS = {"attn_pre_proj": (HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM, "out"),  #
          "attn_post_proj": (HEADS * HEAD_DIM, HIDDEN, "in"),
          "mlp_up_proj": (HIDDEN, 2 * INTERMEDIATE, "out"),                     # gate and up
          "mlp_down_proj": (INTERMEDIATE, HIDDEN, "in")}
+
+
+# The cost model's kernel classes with measured operators, and the operators each is fitted on
+KERNEL_CLASSES = {"gemm": tuple(GEMMS),
+                  "norm": ("input_layernorm", "post_attention_layernorm"),
+                  "embedding": ("emb",)}
+POINTWISE_OPS = ("attn_rope", "mlp_act", "add")  # scored against the roofline, not fitted
 
 
 def _rows(name: str) -> list[dict[str, str]]:
@@ -134,24 +153,109 @@ def layer_op_work(op: str, tokens: np.ndarray, tp: np.ndarray) -> tuple[np.ndarr
     return 0 * tokens, ELEMENT * elements  # memory-bound: their few FLOPs do not count
 
 
-def dense_report(device: str) -> list[dict[str, Any]]:
-    """Per operator: the catalogued roofline's median |predicted / measured - 1| over every
-    measured token count, at tensor-parallel degrees 1-2 and 4-8."""
-    model: DeviceModel = load_device(device)
+def fit_kernel(flops: np.ndarray, nbytes: np.ndarray, times: np.ndarray) -> KernelFit:
+    """The KernelFit with the least mean relative error: a coordinate search over the
+    logarithms of its constants (and the sharpness), halving its steps, from a small grid of
+    starts (deterministic). Work with FLOPs gets the compute-bound form, work without the
+    memory-bound one with its cache term."""
+    compute = bool(np.any(flops > 0))
+
+    def model(x: np.ndarray) -> KernelFit:
+        if compute:
+            return KernelFit(float(np.exp(x[0])), float(np.exp(x[2])),
+                             compute_rate=float(np.exp(x[1])), sharpness=float(x[3]))
+        return KernelFit(float(np.exp(x[0])), float(np.exp(x[2])),
+                         cache_bytes=float(np.exp(x[1])), beyond_rate=float(np.exp(x[3])))
+
+    def loss(x: np.ndarray) -> float:
+        return float(np.mean(np.abs(model(x).time(flops, nbytes) / times - 1)))
+
+    def descend(x: np.ndarray) -> tuple[float, np.ndarray]:
+        step = np.array([1.0, 1.0, 1.0, 0.5 if compute else 1.0])
+        best = loss(x)
+        while step.max() > 1e-4:
+            improved = False
+            for i in range(4):
+                for sign in (1, -1):
+                    trial = x.copy()
+                    trial[i] += sign * step[i]
+                    if compute:  # the sharpness, between a sum and the roofline's max
+                        trial[3] = min(max(trial[3], 1.0), 60.0)
+                    error = loss(trial)
+                    if error < best:
+                        best, x, improved = error, trial, True
+            if not improved:
+                step = step / 2
+        return best, x
+
+    # x: log latency, log compute rate (or cache bytes), log memory rate, sharpness (or log
+    # beyond rate)
+    seconds = (1e-6, 5e-6, 2e-5)
+    starts = ([[np.log(t), np.log(5e14), np.log(2e12), n] for t in seconds
+               for n in (1.0, 2.0, 4.0)] if compute else
+              [[np.log(t), np.log(c), np.log(2e12), np.log(3e12)] for t in seconds[:2]
+               for c in (4e6, 16e6, 40e6, 100e6)])
+    return model(min((descend(np.array(x)) for x in starts), key=lambda r: r[0])[1])
+
+
+def layer_measurements(device: str, ops: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """FLOPs, bytes, measured seconds, tensor-parallel degree and operator of every measured
+    point of the given operators (zero readings left out)."""
     rows = _rows(COMPUTE_FILES[device])
     tokens = np.array([float(r["num_tokens"]) for r in rows])
     tp = np.array([float(r["num_tensor_parallel_workers"]) for r in rows])
-    out = []
-    for op in (*GEMMS, "input_layernorm", "post_attention_layernorm", "attn_rope", "mlp_act",
-               "add", "emb"):
+    parts: dict[str, list] = {"flops": [], "bytes": [], "seconds": [], "tp": [], "op": []}
+    for op in ops:
         measured = np.array([float(r[f"time_stats.{op}.median"]) * 1e-3 for r in rows])
         flops, nbytes = layer_op_work(op, tokens, tp)
-        predicted = np.array([model.latency(f, b, "fp16") for f, b in zip(flops, nbytes)])
         ok = measured > 0
-        out.append({"device": device, "op": op,
-                    "error_tp_1_2": _error(predicted[ok & (tp <= 2)], measured[ok & (tp <= 2)]),
-                    "error_tp_4_8": _error(predicted[ok & (tp >= 4)], measured[ok & (tp >= 4)])})
-    return out
+        for key, values in (("flops", flops), ("bytes", nbytes), ("seconds", measured),
+                            ("tp", tp), ("op", np.full(len(rows), op))):
+            parts[key].append(values[ok])
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+@functools.cache
+def kernel_fits(device: str) -> dict[str, KernelFit]:
+    """Each kernel class fitted on every measured tensor-parallel degree (the catalogue's)."""
+    fits = {}
+    for kernel, ops in KERNEL_CLASSES.items():
+        data = layer_measurements(device, ops)
+        fits[kernel] = fit_kernel(data["flops"], data["bytes"], data["seconds"])
+    return fits
+
+
+@functools.cache
+def dense_report(device: str) -> tuple[dict[str, Any], ...]:
+    """Per operator: its kernel class fitted on tensor-parallel degrees 1-2, that fit's
+    median |predicted / measured - 1| on 1-2 and on the held-out 4-8, the catalogued
+    model's error on every point, and the datasheet roofline's on 4-8."""
+    model: DeviceModel = load_device(device)
+    out = []
+    classes = {**KERNEL_CLASSES, **{op: (op,) for op in POINTWISE_OPS}}
+    for kernel, ops in classes.items():
+        data = layer_measurements(device, ops)
+        flops, nbytes, seconds, tp = data["flops"], data["bytes"], data["seconds"], data["tp"]
+        fitted = kernel in KERNEL_CLASSES
+        train = tp <= 2
+        fit = fit_kernel(flops[train], nbytes[train], seconds[train]) if fitted else None
+        roofline = np.array([model.latency(f, b, FIT_DTYPE) for f, b in zip(flops, nbytes)])
+        catalogued = np.array([model.kernel_time(kernel if fitted else None, f, b, FIT_DTYPE)
+                               for f, b in zip(flops, nbytes)])
+        for op in ops:
+            mine = data["op"] == op
+            row = {"device": device, "op": op, "kernel": kernel if fitted else "pointwise",
+                   "fitted": fitted,
+                   "roofline_error_tp_4_8": _error(roofline[mine & ~train],
+                                                   seconds[mine & ~train]),
+                   "catalogued_error": _error(catalogued[mine], seconds[mine])}
+            if fit is not None:
+                predicted = fit.time(flops, nbytes)
+                row.update(error_tp_1_2=_error(predicted[mine & train], seconds[mine & train]),
+                           error_tp_4_8=_error(predicted[mine & ~train],
+                                               seconds[mine & ~train]))
+            out.append(row)
+    return tuple(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,10 +282,22 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['bandwidth'] / 1e9:.0f} | {r['heldout_error']:.1%} | "
               f"{r['heldout_small_error']:.1%} | {r['catalogued_error']:.1%} | "
               f"{r['datasheet_error']:.1%} |")
-    print("\n| device | operator | roofline error, TP 1-2 | TP 4-8 |\n|---|---|---|---|")
+    print("\n| device | operator | kernel class | fit on TP 1-2 | held-out TP 4-8 | "
+          "catalogued fit, all TP | roofline, TP 4-8 |\n|---|---|---|---|---|---|---|")
     for r in report["dense"]:
-        print(f"| {r['device']} | {r['op']} | {r['error_tp_1_2']:.1%} | "
-              f"{r['error_tp_4_8']:.1%} |")
+        fitted = (f"{r['error_tp_1_2']:.1%} | **{r['error_tp_4_8']:.1%}** | "
+                  f"{r['catalogued_error']:.1%}") if r["fitted"] else "— | — | —"
+        print(f"| {r['device']} | {r['op']} | {r['kernel']} | {fitted} | "
+              f"{r['roofline_error_tp_4_8']:.1%} |")
+    print("\n| device | kernel class | latency us | compute TFLOP/s | memory GB/s | "
+          "beyond the cache GB/s | sharpness |\n|---|---|---|---|---|---|---|")
+    for device in COMPUTE_FILES:
+        for kernel, fit in kernel_fits(device).items():
+            compute = f"{fit.compute_rate / 1e12:.0f}" if fit.compute_rate else "—"
+            cache = (f"{fit.cache_bytes / 2**20:.1f} MiB, then +1/{fit.beyond_rate / 1e9:.0f}"
+                     if fit.beyond_rate else "—")
+            print(f"| {device} | {kernel} | {fit.latency_s * 1e6:.1f} | {compute} | "
+                  f"{fit.memory_rate / 1e9:.0f} | {cache} | {fit.sharpness:.2f} |")
     return 0
 
 

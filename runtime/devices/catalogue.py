@@ -9,12 +9,13 @@ from typing import Any
 
 from fxscale.contracts.errors import InputError
 
-from .model import DeviceModel
+from .model import DeviceModel, KernelFit
 
 
 def _catalogue() -> dict[str, Any]:
     """The device catalogue shipped with the package."""
-    return json.loads(resources.files("fxscale.runtime.devices").joinpath("devices.json").read_text())
+    text = resources.files("fxscale.runtime.devices").joinpath("devices.json").read_text()
+    return json.loads(text)
 
 
 def device_names() -> list[str]:
@@ -41,4 +42,5 @@ def load_device(name: str) -> DeviceModel:
         half_time_s=eff["half_time_s"], launch_overhead_s=eff["launch_overhead_s"],
         sources={**spec["sources"], "efficiency": catalogue["efficiency"]["sources"]},
         all_reduce={int(n): (c["latency_s"], c["bandwidth"])
-                    for n, c in spec.get("all_reduce", {}).items()})
+                    for n, c in spec.get("all_reduce", {}).items()},
+        kernels={name: KernelFit(**fit) for name, fit in spec.get("kernels", {}).items()})

@@ -9,7 +9,40 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 UNMEASURED_ALL_REDUCE_LATENCY_S = 10e-6  # assumption, for devices without measured profiles
+FIT_DTYPE = "fp16"  # the dtype measured kernel profiles ran in (Vidur's): other dtypes scale
+
+
+@dataclass(frozen=True)
+class KernelFit:
+    """One kernel class fitted to measured times. Compute-bound classes (GEMMs): latency plus
+    the p-norm of compute and memory time, ((F / compute_rate)^n + (B / memory_rate)^n)^(1/n)
+    with n = `sharpness` (a large n is the roofline's max, n = 1 their sum). Memory-bound
+    classes: latency + B / memory_rate, the bytes beyond `cache_bytes` (what the cache held
+    from the kernel before) also at `beyond_rate` (DRAM's extra cost)."""
+
+    latency_s: float
+    memory_rate: float                  # B/s
+    compute_rate: float | None = None   # FLOP/s at FIT_DTYPE; None: memory-bound
+    sharpness: float = 1.0
+    cache_bytes: float = 0.0
+    beyond_rate: float | None = None    # B/s; None: no cache effect
+
+    def time(self, flops: Any, nbytes: Any, rate_scale: float = 1.0) -> Any:
+        """Seconds of kernels of this class (also elementwise over arrays)."""
+        memory = nbytes / self.memory_rate
+        if self.beyond_rate:
+            beyond = nbytes - self.cache_bytes
+            beyond = np.maximum(0.0, beyond) if isinstance(beyond, np.ndarray) \
+                else max(0.0, beyond)
+            memory = memory + beyond / self.beyond_rate
+        if not self.compute_rate:
+            return self.latency_s + memory
+        compute = flops / (self.compute_rate * rate_scale)
+        n = self.sharpness
+        return self.latency_s + (compute ** n + memory ** n) ** (1 / n)
 
 
 @dataclass(frozen=True)
@@ -32,6 +65,8 @@ class DeviceModel:
     sources: dict[str, str] = field(default_factory=dict)
     # workers on one node -> (latency s, ring bandwidth B/s), fitted to measured all-reduces
     all_reduce: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # kernel class (gemm, norm, embedding) -> its fit to measured operator times
+    kernels: dict[str, KernelFit] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for a dtype, with a clear error for dtypes the device has no rate for."""
@@ -53,6 +88,29 @@ class DeviceModel:
         """Roofline latency of a kernel group: overhead + max(compute time, memory time)."""
         return self.launch_overhead_s + max(self.compute_time(flops, dtype),
                                             self.memory_time(nbytes))
+
+    def efficient_compute(self, dtype: str = "bf16") -> float:
+        """The highest FLOP/s any of its models reaches at a dtype (the roofline's efficient
+        rate or a kernel fit's): what a lower bound may assume."""
+        scale = self.peak(dtype) / self.peak(FIT_DTYPE) if FIT_DTYPE in self.peak_flops else 1
+        fitted = [f.compute_rate * scale for f in self.kernels.values() if f.compute_rate]
+        return max([self.peak(dtype) * self.compute_efficiency, *fitted])
+
+    def efficient_bandwidth(self) -> float:
+        """The highest B/s any of its models reaches (see efficient_compute)."""
+        return max([self.memory_bandwidth * self.memory_efficiency,
+                    *(f.memory_rate for f in self.kernels.values())])
+
+    def kernel_time(self, kernel: str | None, flops: float, nbytes: float,
+                    dtype: str = "bf16") -> float:
+        """Seconds of one kernel class's work: its measured fit when the device has one for
+        `kernel`, else the roofline `latency`; no work takes no time."""
+        fit = self.kernels.get(kernel) if kernel else None
+        if fit is None:
+            return self.latency(flops, nbytes, dtype)
+        if flops <= 0 and nbytes <= 0:
+            return 0.0
+        return fit.time(flops, nbytes, self.peak(dtype) / self.peak(FIT_DTYPE))
 
     def all_reduce_time(self, nbytes: float, workers: int) -> float:
         """Seconds of an all-reduce of `nbytes` over `workers` devices of one node: the

@@ -205,10 +205,11 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
 
     Prompts queue for prefill tokens: an M/G/c queue whose service time is a prompt's tokens
     over the engine's prefill rate (chunk tokens per full step, at most `lane` of them from
-    one prompt). Wait: Erlang C scaled by
-    (1 + Cs^2) / 2 (Allen-Cunneen), exponential given that it waits. TTFT = wait + the
-    prompt's own chunks + half a step; its percentile mixes the wait over the weighted prompt
-    lengths (prompt_points)."""
+    one prompt). Wait: Erlang C scaled by (1 + Cs^2) / 2 (Allen-Cunneen), exponential given
+    that it waits. TTFT = wait + the prompt's own chunks (+ half a step on a mixed engine; on
+    a prefill-only one, shared with the prompts that arrived while it waited, and alone when
+    it did not wait); its percentile mixes the wait over the weighted prompt lengths
+    (prompt_points)."""
     ctx = work.context_mean
 
     def own(p: float, joining: float = 0.0) -> float:
@@ -230,34 +231,36 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
     variation = work.prompt_sq_mean / work.prompt_mean ** 2 - 1
     waiting = erlang_c(count, load)
     mean_wait = erlang_c_wait(count, work.rate, service_rate) * (1 + variation) / 2
-    # an arrival first waits out the iteration in progress: half a step on a mixed engine,
-    # the residual of a busy full prefill step on a prefill-only one
-    typical = step or own(work.prompt_mean)
-    residual = step / 2 if step else load / count * typical / 2
-    # Prefill-only replicas take every queued prompt that fits into one step, so a prompt
-    # also carries those that arrived while it waited: about lam * wait * mean prompt more
-    # tokens, i.e. its wait stretches by (1 + utilisation). Mixed replicas chunk instead.
-    joining = 0.0 if step else work.rate / count * typical
-    stretch = 1.0 if step else 1.0 + load / count
-    owns = [(own(p, joining) + residual, p, w) for p, w in work.prompt_points]
+    if step:
+        # on a mixed engine every arrival first waits out half a step
+        owns = [(own(p) + step / 2, own(p) + step / 2, p, w) for p, w in work.prompt_points]
+    else:
+        # a prefill-only replica found idle starts the prompt at once; one found busy takes,
+        # with it, every prompt that arrived meanwhile: lam x (a mean prefill + the mean
+        # wait of those that wait) more
+        joining = work.rate / count * (own(work.prompt_mean) + (
+            mean_wait / waiting if waiting > 0 else 0.0))
+        owns = [(own(p), own(p, joining), p, w) for p, w in work.prompt_points]
 
-    def late(t: float, o: float) -> float:
-        """P(TTFT > t) of a prompt whose own prefill takes o."""
-        left = (t - o) / stretch
-        return 1.0 if left < 0 else (
-            waiting * math.exp(-left * waiting / mean_wait) if mean_wait > 0 else 0.0)
+    def late(t: float, alone: float, queued: float) -> float:
+        """P(TTFT > t) of a prompt whose prefill takes `alone` when it starts at once, and
+        `queued` (after an exponential wait) when it waits."""
+        left = t - queued
+        waited = 1.0 if left < 0 else (
+            math.exp(-left * waiting / mean_wait) if mean_wait > 0 else 0.0)
+        return (1 - waiting) * (t < alone) + waiting * waited
 
     def tail(t: float) -> float:
-        return sum(w * late(t, o) for o, _, w in owns)
+        return sum(w * late(t, a, o) for a, o, _, w in owns)
 
     def percentile(q: float) -> float:
-        low, high = 0.0, max(o for o, _, _ in owns) + 50 * mean_wait + 1.0
+        low, high = 0.0, max(o for _, o, _, _ in owns) + 50 * mean_wait + 1.0
         for _ in range(30):
             mid = (low + high) / 2
             low, high = (mid, high) if tail(mid) > 1 - q else (low, mid)
         return high
 
-    miss = sum(w * late(slo.ttft_for(p), o) for o, p, w in owns)
+    miss = sum(w * late(slo.ttft_for(p), a, o) for a, o, p, w in owns)
     return percentile(0.5), percentile(slo.attainment), load / count, miss
 
 

@@ -2,6 +2,10 @@
 
 Layers repeat, so the groups of an 80-layer model fold into a handful of *kinds* (groups whose
 name differs only in the layer index and whose cost expressions are equal), each with a count.
+On a device calibrated per kernel class (runtime/devices: GEMMs, norms, embeddings fitted to
+measured times), a row-wise kind's time is the sum of its parts: each fitted class by its
+fit, the other classes together by the roofline; elsewhere, and for attention, one roofline
+over the kind's whole work.
 A kind's FLOPs and bytes are polynomials in (batch, x), x being the prompt length in prefill
 and the cached context in decode; they are split into a per-request part (terms with batch)
 and a shared part (terms without: parameter reads, broadcast tensors), so the cost of one
@@ -16,10 +20,14 @@ from dataclasses import dataclass
 import sympy
 
 from fxscale.contracts.exprs import parse_expr
-from fxscale.contracts.group_graph import GroupGraph, kind_name
+from fxscale.contracts.group_graph import Group, GroupGraph, kind_name
 from fxscale.runtime.devices.model import DeviceModel
 
 _B, _X = sympy.symbols("b x")
+# Operator classes (passes/classify.py) and the device kernel fit that times them
+KERNEL_OF = {"gemm": "gemm", "moe-expert": "gemm", "norm": "norm", "embedding": "embedding"}
+# Kernels every tensor-parallel shard runs whole (norms see the full hidden state)
+REPLICATED_KERNELS = frozenset({"norm"})
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,18 @@ class Poly:
 
 
 @dataclass(frozen=True)
+class Part:
+    """The work of one kernel class in a kind (`kernel` None: the classes no fit covers),
+    per phase."""
+
+    kernel: str | None
+    prefill_flops: Poly
+    prefill_bytes: Poly
+    decode_flops: Poly
+    decode_bytes: Poly
+
+
+@dataclass(frozen=True)
 class Kind:
     """Groups that repeat across layers with equal costs, run `count` times per forward."""
 
@@ -55,6 +75,7 @@ class Kind:
     prefill_bytes: Poly
     decode_flops: Poly
     decode_bytes: Poly
+    parts: tuple[Part, ...] = ()  # by kernel class, when the graph carries class costs
 
     @property
     def sharded_comm(self) -> bool:
@@ -105,8 +126,10 @@ class ServiceModel:
         """KV-cache bytes one token of context holds across all layers."""
         return sum(k.kv_bytes_per_token * k.count for k in self.kinds)
 
-    def work(self, kind: Kind, batch: Batch) -> tuple[float, float, float]:
-        """(FLOPs, shared bytes, per-request bytes) of one instance of a kind on a batch."""
+    @staticmethod
+    def work(kind: Kind | Part, batch: Batch) -> tuple[float, float, float]:
+        """(FLOPs, shared bytes, per-request bytes) of one instance of a kind (or of a part
+        of it) on a batch."""
         flops = (kind.prefill_flops.total(batch.prefill_n, batch.prefill_s1, batch.prefill_s2)
                  + kind.decode_flops.total(batch.decode_n, batch.decode_s1, 0.0))
         shared = max(kind.prefill_bytes.shared[0] if batch.prefill_n else 0.0,
@@ -129,11 +152,16 @@ class ServiceModel:
         data-parallel replicas, each sharded `shards` ways (tensor parallel, all-reduce)."""
         if batch.prefill_n == 0 and batch.decode_n == 0:
             return 0.0
-        flops, shared, variable = self.work(kind, batch)
         replicas = self.busy_replicas(kind, batch, replicas)
-        split = shards * replicas
         device = self.device
-        one = device.latency(flops / split, shared / shards + variable / split, self.dtype)
+        by_class = kind.parts if device.kernels and not kind.stateful else ()
+        one = 0.0
+        for part in by_class or (kind,):
+            flops, shared, variable = self.work(part, batch)
+            kernel = part.kernel if by_class else None
+            ways = 1 if kernel in REPLICATED_KERNELS else shards
+            one += device.kernel_time(kernel, flops / (ways * replicas),
+                                      shared / ways + variable / (ways * replicas), self.dtype)
         if shards > 1 and kind.sharded_comm:
             one += device.all_reduce_time(batch.tokens * kind.out_bytes_per_token / replicas,
                                           shards)
@@ -148,11 +176,12 @@ class ServiceModel:
         without weight reads, launch or ramp overheads (what perfectly divisible devices need:
         the fluid bound)."""
         device = self.device
-        rate = device.peak(self.dtype) * device.compute_efficiency
-        bandwidth = device.memory_bandwidth * device.memory_efficiency
+        rate, bandwidth = device.efficient_compute(self.dtype), device.efficient_bandwidth()
         seconds = 0.0
         for k in self.kinds if kinds is None else kinds:
             flops, _, variable = self.work(k, batch)
+            if k.parts:  # the parts' bytes count what fused kernels move: fewer
+                variable = min(variable, sum(self.work(p, batch)[2] for p in k.parts))
             seconds += k.count * max(flops / rate, variable / bandwidth)
         return seconds
 
@@ -216,14 +245,39 @@ def service_model(prefill: GroupGraph, decode: GroupGraph, device: DeviceModel,
         kv = parse_expr(d.kv_bytes_per_token)  # decode holds the real cache (no GQA repeat)
         if g.stateful and float(kv):
             costs = (*costs[:3], paged_decode_bytes(costs[3], float(kv)))
-        key = (kind_name(g.name), costs, g.param_bytes, str(kv), g.stateful)
-        entry = folded.setdefault(key, {"ids": [], "group": g, "costs": costs, "kv": float(kv)})
+        parts = () if g.stateful else _parts(g, d, roles_p, roles_d)
+        key = (kind_name(g.name), costs, g.param_bytes, str(kv), g.stateful, parts)
+        entry = folded.setdefault(key, {"ids": [], "group": g, "costs": costs, "kv": float(kv),
+                                        "parts": parts})
         entry["ids"].append(g.id)
     kinds = [Kind(name=key[0], count=len(e["ids"]), group_ids=tuple(e["ids"]),
                   classes=tuple(e["group"].classes), stateful=e["group"].stateful,
                   param_bytes=e["group"].param_bytes, kv_bytes_per_token=e["kv"],
                   out_bytes_per_token=out_bytes.get(e["group"].id, 0.0),
                   prefill_flops=e["costs"][0], prefill_bytes=e["costs"][1],
-                  decode_flops=e["costs"][2], decode_bytes=e["costs"][3])
+                  decode_flops=e["costs"][2], decode_bytes=e["costs"][3], parts=e["parts"])
              for key, e in folded.items()]
     return ServiceModel(prefill.model, device, kinds, dtype, context_limit)
+
+
+def _parts(prefill: Group, decode: Group, roles_p: dict[str, str],
+           roles_d: dict[str, str]) -> tuple[Part, ...]:
+    """A group's work by device kernel class (KERNEL_OF; the other classes summed as one
+    part), in both phases; () when either capture carries no class costs."""
+    if not prefill.class_costs or not decode.class_costs:
+        return ()
+    texts: dict[str | None, list[list[str]]] = {}
+    for phase, group in enumerate((prefill, decode)):
+        for name, cost in group.class_costs.items():
+            entry = texts.setdefault(KERNEL_OF.get(name), [[], [], [], []])
+            entry[2 * phase].append(f"({cost['flops']})")
+            entry[2 * phase + 1].append(f"({cost['bytes']})")
+    parts = []
+    for kernel, (pf, pb, df, db) in sorted(texts.items(), key=lambda kv: kv[0] or ""):
+        polys = [_poly(" + ".join(t) or "0", roles, f"{phase} group {g.id} {kernel} part")
+                 for t, roles, phase, g in ((pf, roles_p, "prefill", prefill),
+                                            (pb, roles_p, "prefill", prefill),
+                                            (df, roles_d, "decode", decode),
+                                            (db, roles_d, "decode", decode))]
+        parts.append(Part(kernel, *polys))
+    return tuple(parts)

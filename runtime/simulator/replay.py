@@ -19,7 +19,7 @@ import heapq
 import itertools
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fxscale.contracts.plan import SLO, Plan
 from fxscale.contracts.scaling import Decision, Hysteresis, action
@@ -260,6 +260,12 @@ class Simulation:
         current = engine.pending_spec or engine.spec
         old = engine.spec
         reshard = spec.dense_shards != old.dense_shards
+        spec = self._holding(spec, engine.kv_reserved)
+        pending = engine.pending_spec
+        if pending is not None and pending.attention >= spec.attention and (
+                pending.dense_shards, pending.dense_replicas) == (spec.dense_shards,
+                                                                  spec.dense_replicas):
+            spec = pending  # already growing to this, with attention enough for the KV
         if spec == current:
             self.shrink.done()
         elif spec.devices >= old.devices or reshard:
@@ -290,6 +296,15 @@ class Simulation:
                 self._close_account(engine, now)
                 engine.shape(spec, p.chunk, self._cache_blocks(spec))
                 self.shrink.done()
+
+    def _holding(self, spec, reserved: float):
+        """A disaggregated shape with attention devices enough for the KV already reserved:
+        a load the engine fell behind on holds more KV than the plan's steady state needs,
+        and the grown engine must take it over to switch at all."""
+        if not spec.attention or spec.kv_capacity_tokens(self.service) >= reserved:
+            return spec
+        per_device = spec.kv_capacity_tokens(self.service) / spec.attention
+        return replace(spec, attention=math.ceil(reserved / per_device))
 
     def _cache_blocks(self, spec) -> int:
         """Prefix-cache blocks per KV holder of a shape: its KV memory, in blocks."""
