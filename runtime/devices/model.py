@@ -7,7 +7,7 @@ Pure Python: the planner and simulator import this without torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -67,6 +67,8 @@ class DeviceModel:
     all_reduce: dict[int, tuple[float, float]] = field(default_factory=dict)
     # kernel class (gemm, norm, embedding) -> its fit to measured operator times
     kernels: dict[str, KernelFit] = field(default_factory=dict)
+    # (kernel, dtype) -> timer, ("all-reduce", workers) -> ring constants: built once
+    _timers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for a dtype, with a clear error for dtypes the device has no rate for."""
@@ -86,8 +88,41 @@ class DeviceModel:
 
     def latency(self, flops: float, nbytes: float, dtype: str = "bf16") -> float:
         """Roofline latency of a kernel group: overhead + max(compute time, memory time)."""
-        return self.launch_overhead_s + max(self.compute_time(flops, dtype),
-                                            self.memory_time(nbytes))
+        return self.timer(None, dtype)(flops, nbytes)
+
+    def timer(self, kernel: str | None, dtype: str = "bf16") -> Callable[[float, float],
+                                                                          float]:
+        """seconds(flops, bytes) of a kernel class at a dtype: its measured fit when the
+        device has one (no work takes no time), else the roofline (`latency`). Built once
+        per (kernel, dtype) with its constants bound: the planner and simulator call it for
+        every part of every step they cost."""
+        key = (kernel if kernel in self.kernels else None, dtype)
+        if key not in self._timers:
+            self._timers[key] = self._fit_timer(self.kernels[key[0]], dtype) if key[0] \
+                else self._roofline_timer(dtype)
+        return self._timers[key]
+
+    def _roofline_timer(self, dtype: str) -> Callable[[float, float], float]:
+        """The roofline as a timer: overhead + max of the ramped compute and memory times."""
+        rate = self.peak(dtype) * self.compute_efficiency
+        bandwidth = self.memory_bandwidth * self.memory_efficiency
+        half, launch = self.half_time_s, self.launch_overhead_s
+
+        def seconds(flops: float, nbytes: float) -> float:
+            compute = flops / rate + half if flops > 0 else 0.0
+            memory = nbytes / bandwidth + half if nbytes > 0 else 0.0
+            return launch + max(compute, memory)
+        return seconds
+
+    def _fit_timer(self, fit: KernelFit, dtype: str) -> Callable[[float, float], float]:
+        """A kernel fit as a timer, its rate scaled to the dtype's peak."""
+        scale = self.peak(dtype) / self.peak(FIT_DTYPE)
+
+        def seconds(flops: float, nbytes: float) -> float:
+            if flops <= 0 and nbytes <= 0:
+                return 0.0
+            return fit.time(flops, nbytes, scale)
+        return seconds
 
     def efficient_compute(self, dtype: str = "bf16") -> float:
         """The highest FLOP/s any of its models reaches at a dtype (the roofline's efficient
@@ -105,12 +140,7 @@ class DeviceModel:
                     dtype: str = "bf16") -> float:
         """Seconds of one kernel class's work: its measured fit when the device has one for
         `kernel`, else the roofline `latency`; no work takes no time."""
-        fit = self.kernels.get(kernel) if kernel else None
-        if fit is None:
-            return self.latency(flops, nbytes, dtype)
-        if flops <= 0 and nbytes <= 0:
-            return 0.0
-        return fit.time(flops, nbytes, self.peak(dtype) / self.peak(FIT_DTYPE))
+        return self.timer(kernel, dtype)(flops, nbytes)
 
     def all_reduce_time(self, nbytes: float, workers: int) -> float:
         """Seconds of an all-reduce of `nbytes` over `workers` devices of one node: the
@@ -119,14 +149,16 @@ class DeviceModel:
         UNMEASURED_ALL_REDUCE_LATENCY_S (an assumption)."""
         if workers <= 1:
             return 0.0
-        if self.all_reduce:
-            counts = sorted(self.all_reduce)
-            latency, bandwidth = self.all_reduce[next((n for n in counts if n >= workers),
-                                                      counts[-1])]
-        else:
-            latency = UNMEASURED_ALL_REDUCE_LATENCY_S
-            bandwidth = self.interconnect.get("nvlink", self.interconnect["pcie"])
-        return ring_all_reduce_time(nbytes, workers, latency, bandwidth)
+        key = ("all-reduce", workers)
+        if key not in self._timers:
+            if self.all_reduce:
+                counts = sorted(self.all_reduce)
+                self._timers[key] = self.all_reduce[next((n for n in counts if n >= workers),
+                                                         counts[-1])]
+            else:
+                self._timers[key] = (UNMEASURED_ALL_REDUCE_LATENCY_S,
+                                     self.interconnect.get("nvlink", self.interconnect["pcie"]))
+        return ring_all_reduce_time(nbytes, workers, *self._timers[key])
 
     def bound(self, flops: float, nbytes: float, dtype: str = "bf16") -> str:
         """'compute' or 'memory': which side of the roofline the work falls on."""

@@ -212,14 +212,18 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
     (prompt_points)."""
     ctx = work.context_mean
 
+    steps: dict[tuple[float, float], float] = {}  # prompts longer than a lane share one
+
     def own(p: float, joining: float = 0.0) -> float:
         chunks = max(1, math.ceil(p / lane))
         tokens = min(p, lane)
         # prompts queued behind it share its step while the chunk has room
         others = min(joining, max(0.0, (chunk - tokens) / work.prompt_mean))
-        return chunks * engine.step(service, Batch(
-            1 + others, tokens + others * work.prompt_mean,
-            tokens * tokens + others * work.prompt_sq_mean, decoding, decoding * ctx))[0]
+        if (tokens, others) not in steps:
+            steps[tokens, others] = engine.step(service, Batch(
+                1 + others, tokens + others * work.prompt_mean,
+                tokens * tokens + others * work.prompt_sq_mean, decoding, decoding * ctx))[0]
+        return chunks * steps[tokens, others]
 
     per_step = chunk / work.prompt_mean
     full = engine.step(service, Batch(per_step, chunk, per_step * work.prompt_sq_mean,
@@ -233,7 +237,7 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
     mean_wait = erlang_c_wait(count, work.rate, service_rate) * (1 + variation) / 2
     if step:
         # on a mixed engine every arrival first waits out half a step
-        owns = [(own(p) + step / 2, own(p) + step / 2, p, w) for p, w in work.prompt_points]
+        owns = [(o, o, p, w) for p, w in work.prompt_points for o in (own(p) + step / 2,)]
     else:
         # a prefill-only replica found idle starts the prompt at once; one found busy takes,
         # with it, every prompt that arrived meanwhile: lam x (a mean prefill + the mean
@@ -251,7 +255,13 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
         return (1 - waiting) * (t < alone) + waiting * waited
 
     def tail(t: float) -> float:
-        return sum(w * late(t, a, o) for a, o, _, w in owns)
+        total = 0  # late() inline, term for term: the percentile searches call this most
+        for alone, queued, _, w in owns:
+            left = t - queued
+            waited = 1.0 if left < 0 else (
+                math.exp(-left * waiting / mean_wait) if mean_wait > 0 else 0.0)
+            total += w * ((1 - waiting) * (t < alone) + waiting * waited)
+        return total
 
     def percentile(q: float) -> float:
         low, high = 0.0, max(o for _, o, _, _ in owns) + 50 * mean_wait + 1.0

@@ -15,7 +15,7 @@ model; evaluating it is plain arithmetic, so the planner and simulator never tou
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 
@@ -106,6 +106,36 @@ class Batch:
                      self.decode_n / parts, self.decode_s1 / parts)
 
 
+def _coefficients(item: Kind | Part) -> tuple[float, ...]:
+    """A kind's (or part's) four polynomials as one flat tuple, for `_fast_work`."""
+    return (*item.prefill_flops.shared, *item.prefill_flops.per_request,
+            *item.prefill_bytes.shared, *item.prefill_bytes.per_request,
+            *item.decode_flops.shared, *item.decode_flops.per_request,
+            *item.decode_bytes.shared, *item.decode_bytes.per_request)
+
+
+def _fast_work(c: tuple[float, ...], pn: float, ps1: float, ps2: float, dn: float,
+               ds1: float) -> tuple[float, float, float]:
+    """`ServiceModel.work` on flat coefficients, term for term in the same order (the
+    planner and simulator call it per kind and part for every step they cost)."""
+    (f0, f1, f2, g0, g1, g2, b0, b1, b2, h0, h1, h2,
+     F0, F1, F2, G0, G1, G2, B0, B1, B2, H0, H1, H2) = c
+    prefill_flops = prefill_bytes = decode_flops = decode_bytes = 0.0
+    if pn:
+        m = ps1 / pn
+        prefill_flops = f0 + f1 * m + f2 * m * m + g0 * pn + g1 * ps1 + g2 * ps2
+        prefill_bytes = b0 + b1 * m + b2 * m * m + h0 * pn + h1 * ps1 + h2 * ps2
+    if dn:
+        m = ds1 / dn
+        decode_flops = F0 + F1 * m + F2 * m * m + G0 * dn + G1 * ds1 + G2 * 0.0
+        decode_bytes = B0 + B1 * m + B2 * m * m + H0 * dn + H1 * ds1 + H2 * 0.0
+    shared = max(b0 if pn else 0.0, B0 if dn else 0.0)
+    total = prefill_bytes + decode_bytes
+    if pn and dn:
+        total -= min(b0, B0)
+    return prefill_flops + decode_flops, shared, total - shared
+
+
 @dataclass
 class ServiceModel:
     """Kinds of one model on one device type, with iteration costs and latencies."""
@@ -115,6 +145,9 @@ class ServiceModel:
     kinds: list[Kind]
     dtype: str = "bf16"
     context_limit: int | None = None  # longest prompt + output the model takes (tokens)
+    # id(kind) -> (kind, its parts as (kernel fit or None, replicated, flat coefficients))
+    _timing: dict[int, tuple] = field(default_factory=dict, init=False, repr=False,
+                                      compare=False)
 
     @property
     def weight_bytes(self) -> float:
@@ -150,22 +183,34 @@ class ServiceModel:
     def kind_time(self, kind: Kind, batch: Batch, shards: int = 1, replicas: int = 1) -> float:
         """Seconds for all instances of a kind on a batch split over up to `replicas`
         data-parallel replicas, each sharded `shards` ways (tensor parallel, all-reduce)."""
-        if batch.prefill_n == 0 and batch.decode_n == 0:
+        pn, ps1, ps2 = batch.prefill_n, batch.prefill_s1, batch.prefill_s2
+        dn, ds1 = batch.decode_n, batch.decode_s1
+        if pn == 0 and dn == 0:
             return 0.0
         replicas = self.busy_replicas(kind, batch, replicas)
-        device = self.device
-        by_class = kind.parts if device.kernels and not kind.stateful else ()
+        cached = self._timing.get(id(kind))
+        timing = cached[1] if cached and cached[0] is kind else self._time_parts(kind)
         one = 0.0
-        for part in by_class or (kind,):
-            flops, shared, variable = self.work(part, batch)
-            kernel = part.kernel if by_class else None
-            ways = 1 if kernel in REPLICATED_KERNELS else shards
-            one += device.kernel_time(kernel, flops / (ways * replicas),
-                                      shared / ways + variable / (ways * replicas), self.dtype)
+        for seconds, replicated, coefficients in timing:
+            flops, shared, variable = _fast_work(coefficients, pn, ps1, ps2, dn, ds1)
+            ways = 1 if replicated else shards
+            one += seconds(flops / (ways * replicas), shared / ways + variable / (ways * replicas))
         if shards > 1 and kind.sharded_comm:
-            one += device.all_reduce_time(batch.tokens * kind.out_bytes_per_token / replicas,
+            one += self.device.all_reduce_time(batch.tokens * kind.out_bytes_per_token / replicas,
                                           shards)
         return one * kind.count
+
+    def _time_parts(self, kind: Kind) -> tuple:
+        """How kind_time costs a kind on this device, worked out once: each part by its
+        kernel fit (or the roofline), on a device calibrated per kernel class; else the
+        whole kind by the roofline. The same arithmetic as `work` and `kernel_time`."""
+        device = self.device
+        parts = kind.parts if device.kernels and not kind.stateful else ()
+        timing = tuple((device.timer(p.kernel, self.dtype), p.kernel in REPLICATED_KERNELS,
+                        _coefficients(p)) for p in parts) \
+            or ((device.timer(None, self.dtype), False, _coefficients(kind)),)
+        self._timing[id(kind)] = (kind, timing)  # held, so its id is not reused
+        return timing
 
     def iteration_time(self, batch: Batch, shards: int = 1) -> float:
         """Seconds of one lock-step iteration of the whole model, tensor parallel `shards` ways."""
