@@ -88,8 +88,8 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--attribute", action="store_true",
                      help="instead of comparing policies, split the operator-vs-model gap "
                           "into its sources (Shapley values over the operator mechanisms, "
-                          "nine tuned replays): a table here, a waterfall (PNG, SVG), JSON "
-                          "and Markdown in --attribute-dir")
+                          "nine runs with the setting search): a table here, a waterfall "
+                          "(PNG, SVG), JSON and Markdown in --attribute-dir")
     sim.add_argument("--attribute-dir", type=Path, default=Path("attribution"), metavar="DIR",
                      help="where --attribute writes (default ./attribution)")
     sim.add_argument("--json", metavar="PATH", type=json_target,
@@ -189,8 +189,7 @@ def _attribute(args: argparse.Namespace) -> int:
                          tune=args.headroom is None, over_context=args.over_context,
                          prefix_caching=args.prefix_caching, progress=status.update)
     data["wall_s"] = time.perf_counter() - start
-    data["config"] = {k: v for k, v in _config(args, trace, slo, data.pop("context")).items()
-                      if k != "context"}
+    data["config"] = _config(args, trace, slo, data.pop("context"))
     command = "fxscale " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["simulate"] else \
         "fxscale simulate --attribute"
     print(attribution_table(data))

@@ -42,6 +42,7 @@ def waterfall(data: dict) -> dict[str, bytes]:
         for i, part in enumerate(parts, start=1):
             ax.text(i, bottoms[i] + heights[i], f"{part[metric + '_points']:+.1f}",
                     ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, 1.15 * max(b + h for b, h in zip(bottoms, heights)))  # room for labels
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel(UNITS[metric])
         ax.set_title(f"{UNITS[metric]}: operator - model = "
@@ -57,13 +58,21 @@ def waterfall(data: dict) -> dict[str, bytes]:
     return out
 
 
+def _setting(value) -> str:
+    """A setting's value as text: a mapping as key=value pairs."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={v}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def attribution_markdown(data: dict, command: str) -> str:
     """The decomposition as Markdown: the waterfall, the parts table and every coalition."""
     config = data.get("config", {})
     lines = ["# Where the operator-vs-model gap comes from (simulated)", "",
              f"Reproduce: `{command}` ({data.get('wall_s', 0):.0f} s here).", ""]
     if config:
-        lines += ["Setting: " + ", ".join(f"{k} {v}" for k, v in config.items()) + ".", ""]
+        lines += ["Setting: " + ", ".join(f"{k} {_setting(v)}" for k, v in config.items())
+                  + ".", ""]
     lines += ["![waterfall](attribution.svg)", "",
               "Points are percent of model-level. The operator engine step is fixed first; each "
               "mechanism's part is its Shapley value over the orders of switching mechanisms "
