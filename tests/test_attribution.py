@@ -127,3 +127,7 @@ def test_the_attribute_command_writes_a_waterfall_json_and_markdown(tmp_path, mo
     assert b"<svg" in (out / "attribution.svg").read_bytes()[:400]
     page = (out / "attribution.md").read_text()
     assert "attribution.svg" in page and "--attribute" in page and "| model |" in page
+    with pytest.raises(SystemExit) as refused:  # one of them, not both
+        main(["simulate", "--attribute", "--sweep", "quick"])
+    assert refused.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -77,7 +77,8 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--fixed-gpus", type=positive, metavar="N",
                      help="also find the highest rate each policy serves on N devices")
     sim.add_argument("--seed", type=int, default=0, help="seed of sampled traces (ServeGen)")
-    sim.add_argument("--sweep", choices=("quick", "full"),
+    instead = sim.add_mutually_exclusive_group()  # what to run instead of one comparison
+    instead.add_argument("--sweep", choices=("quick", "full"),
                      help="instead of one replay, map operator / model device-hours and "
                           "energy over 2-D slices through a stated base point (--model, "
                           "--layers, --device and --seed set it): heatmaps, JSON and "
@@ -85,7 +86,7 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
                           "four (about ten)")
     sim.add_argument("--sweep-dir", type=Path, default=Path("sweep"), metavar="DIR",
                      help="where --sweep writes (default ./sweep)")
-    sim.add_argument("--attribute", action="store_true",
+    instead.add_argument("--attribute", action="store_true",
                      help="instead of comparing policies, split the operator-vs-model gap "
                           "into its sources (Shapley values over the operator mechanisms, "
                           "nine runs with the setting search): a table here, a waterfall "
