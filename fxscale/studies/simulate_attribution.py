@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from fxscale.contracts.jsonio import write_atomic
+from fxscale.studies.simulate_sweep import figure_files
 
 UNITS = {"gpu_hours": "GPU-h", "energy_kwh": "kWh"}
 
@@ -48,14 +49,7 @@ def waterfall(data: dict) -> dict[str, bytes]:
         ax.set_title(f"{UNITS[metric]}: operator - model = "
                      f"{data['total_points'][metric]:+.1f} points of model-level "
                      "(blue saves, red costs)", fontsize=9)
-    fig.tight_layout()
-    out = {}
-    for ext in ("png", "svg"):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format=ext)
-        out[ext] = buffer.getvalue()
-    plt.close(fig)
-    return out
+    return figure_files(fig)
 
 
 def _setting(value) -> str:

@@ -74,6 +74,14 @@ def heatmap(slice_: dict) -> dict[str, bytes]:
     ax.set_title("operator / model device-hours (< 1: operator cheaper; * SLO missed)",
                  fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
+    return figure_files(fig)
+
+
+def figure_files(fig) -> dict[str, bytes]:
+    """A finished matplotlib figure as {'png': ..., 'svg': ...} (written atomically by the
+    caller), the figure closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = {}
     for ext in ("png", "svg"):

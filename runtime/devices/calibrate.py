@@ -14,7 +14,8 @@ constants in devices.json (`all_reduce`) are the fit on every size, which
 tests/test_calibration.py recomputes.
 
 Dense operators: one fit per kernel class (`KernelFit`: latency plus a p-norm of compute and
-memory time), the GEMMs jointly, the two norms jointly, the embedding alone. Scored by fitting
+memory time for GEMMs, latency plus bytes over a rate with a cache term for the memory-bound),
+the GEMMs jointly, the two norms jointly, the embedding alone. Scored by fitting
 on tensor-parallel degrees 1 and 2 and predicting 4 and 8 (median |predicted / measured - 1|
 over every token count, per operator); the constants in devices.json (`kernels`) are the fit
 on every degree. The pointwise kernels (rotary, activation, residual add) are scored against

@@ -109,9 +109,7 @@ class DeviceModel:
         half, launch = self.half_time_s, self.launch_overhead_s
 
         def seconds(flops: float, nbytes: float) -> float:
-            compute = flops / rate + half if flops > 0 else 0.0
-            memory = nbytes / bandwidth + half if nbytes > 0 else 0.0
-            return launch + max(compute, memory)
+            return launch + max(_ramp_time(flops, rate, half), _ramp_time(nbytes, bandwidth, half))
         return seconds
 
     def _fit_timer(self, fit: KernelFit, dtype: str) -> Callable[[float, float], float]:

@@ -255,13 +255,7 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
         return (1 - waiting) * (t < alone) + waiting * waited
 
     def tail(t: float) -> float:
-        total = 0  # late() inline, term for term: the percentile searches call this most
-        for alone, queued, _, w in owns:
-            left = t - queued
-            waited = 1.0 if left < 0 else (
-                math.exp(-left * waiting / mean_wait) if mean_wait > 0 else 0.0)
-            total += w * ((1 - waiting) * (t < alone) + waiting * waited)
-        return total
+        return sum(w * late(t, a, o) for a, o, _, w in owns)
 
     def percentile(q: float) -> float:
         low, high = 0.0, max(o for _, o, _, _ in owns) + 50 * mean_wait + 1.0

@@ -37,15 +37,6 @@ class Poly:
     shared: tuple[float, float, float]
     per_request: tuple[float, float, float]
 
-    def total(self, n: int, s1: float, s2: float) -> float:
-        """Cost of `n` requests whose x values sum to s1 and whose squares sum to s2."""
-        if n == 0:
-            return 0.0
-        mean = s1 / n
-        c0, c1, c2 = self.shared
-        p0, p1, p2 = self.per_request
-        return c0 + c1 * mean + c2 * mean * mean + p0 * n + p1 * s1 + p2 * s2
-
 
 @dataclass(frozen=True)
 class Part:
@@ -107,28 +98,30 @@ class Batch:
 
 
 def _coefficients(item: Kind | Part) -> tuple[float, ...]:
-    """A kind's (or part's) four polynomials as one flat tuple, for `_fast_work`."""
+    """A kind's (or part's) four polynomials as one flat tuple, for `_flat_work` (kind_time
+    keeps it per kind: the planner and simulator cost every part of every step)."""
     return (*item.prefill_flops.shared, *item.prefill_flops.per_request,
             *item.prefill_bytes.shared, *item.prefill_bytes.per_request,
             *item.decode_flops.shared, *item.decode_flops.per_request,
             *item.decode_bytes.shared, *item.decode_bytes.per_request)
 
 
-def _fast_work(c: tuple[float, ...], pn: float, ps1: float, ps2: float, dn: float,
+def _flat_work(c: tuple[float, ...], pn: float, ps1: float, ps2: float, dn: float,
                ds1: float) -> tuple[float, float, float]:
-    """`ServiceModel.work` on flat coefficients, term for term in the same order (the
-    planner and simulator call it per kind and part for every step they cost)."""
+    """(FLOPs, shared bytes, per-request bytes) from flat coefficients: each phase's
+    polynomials at its requests' mean x plus their per-request sums; weights shared by both
+    phases are read once."""
     (f0, f1, f2, g0, g1, g2, b0, b1, b2, h0, h1, h2,
-     F0, F1, F2, G0, G1, G2, B0, B1, B2, H0, H1, H2) = c
+     F0, F1, F2, G0, G1, _, B0, B1, B2, H0, H1, _) = c
     prefill_flops = prefill_bytes = decode_flops = decode_bytes = 0.0
     if pn:
         m = ps1 / pn
         prefill_flops = f0 + f1 * m + f2 * m * m + g0 * pn + g1 * ps1 + g2 * ps2
         prefill_bytes = b0 + b1 * m + b2 * m * m + h0 * pn + h1 * ps1 + h2 * ps2
-    if dn:
+    if dn:  # decode tracks context sums: per request linear in x (service_model checks)
         m = ds1 / dn
-        decode_flops = F0 + F1 * m + F2 * m * m + G0 * dn + G1 * ds1 + G2 * 0.0
-        decode_bytes = B0 + B1 * m + B2 * m * m + H0 * dn + H1 * ds1 + H2 * 0.0
+        decode_flops = F0 + F1 * m + F2 * m * m + G0 * dn + G1 * ds1
+        decode_bytes = B0 + B1 * m + B2 * m * m + H0 * dn + H1 * ds1
     shared = max(b0 if pn else 0.0, B0 if dn else 0.0)
     total = prefill_bytes + decode_bytes
     if pn and dn:
@@ -145,7 +138,7 @@ class ServiceModel:
     kinds: list[Kind]
     dtype: str = "bf16"
     context_limit: int | None = None  # longest prompt + output the model takes (tokens)
-    # id(kind) -> (kind, its parts as (kernel fit or None, replicated, flat coefficients))
+    # id(kind) -> (kind, its parts as (timer, replicated, flat coefficients))
     _timing: dict[int, tuple] = field(default_factory=dict, init=False, repr=False,
                                       compare=False)
 
@@ -163,15 +156,8 @@ class ServiceModel:
     def work(kind: Kind | Part, batch: Batch) -> tuple[float, float, float]:
         """(FLOPs, shared bytes, per-request bytes) of one instance of a kind (or of a part
         of it) on a batch."""
-        flops = (kind.prefill_flops.total(batch.prefill_n, batch.prefill_s1, batch.prefill_s2)
-                 + kind.decode_flops.total(batch.decode_n, batch.decode_s1, 0.0))
-        shared = max(kind.prefill_bytes.shared[0] if batch.prefill_n else 0.0,
-                     kind.decode_bytes.shared[0] if batch.decode_n else 0.0)
-        total = (kind.prefill_bytes.total(batch.prefill_n, batch.prefill_s1, batch.prefill_s2)
-                 + kind.decode_bytes.total(batch.decode_n, batch.decode_s1, 0.0))
-        if batch.prefill_n and batch.decode_n:  # weights are read once per iteration
-            total -= min(kind.prefill_bytes.shared[0], kind.decode_bytes.shared[0])
-        return flops, shared, total - shared
+        return _flat_work(_coefficients(kind), batch.prefill_n, batch.prefill_s1,
+                          batch.prefill_s2, batch.decode_n, batch.decode_s1)
 
     @staticmethod
     def busy_replicas(kind: Kind, batch: Batch, replicas: int) -> float:
@@ -192,7 +178,7 @@ class ServiceModel:
         timing = cached[1] if cached and cached[0] is kind else self._time_parts(kind)
         one = 0.0
         for seconds, replicated, coefficients in timing:
-            flops, shared, variable = _fast_work(coefficients, pn, ps1, ps2, dn, ds1)
+            flops, shared, variable = _flat_work(coefficients, pn, ps1, ps2, dn, ds1)
             ways = 1 if replicated else shards
             one += seconds(flops / (ways * replicas), shared / ways + variable / (ways * replicas))
         if shards > 1 and kind.sharded_comm:
