@@ -17,7 +17,9 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from fxscale.contracts.plan import POLICIES, SLO, EngineCount, GroupPlacement, Plan
 from fxscale.runtime.planner.engines import (
@@ -104,11 +106,24 @@ class Prediction:
     step_s: float
     tbt_p50: float
     tbt_p99: float
-    ttft_p50: float
-    ttft_p99: float
     batch_p99: float
     busy_fraction: float
     ttft_miss: float = 0.0  # predicted share of requests past their TTFT target
+    # (p50, percentile at the SLO's attainment) of TTFT, computed on first use: the search
+    # decides by ttft_miss, and only the plans it keeps report percentiles
+    ttft_percentiles: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)
+
+    @cached_property
+    def _ttft(self) -> tuple[float, float]:
+        return self.ttft_percentiles()
+
+    @property
+    def ttft_p50(self) -> float:
+        return self._ttft[0]
+
+    @property
+    def ttft_p99(self) -> float:
+        return self._ttft[1]
 
 
 def poisson_quantile(mean: float, q: float) -> float:
@@ -188,20 +203,21 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
         tbt99 = engine.step(service, worst)[0]
         busy_fraction = min(1.0, engine.step(service, here)[1] / (step * engine.devices))
     if not prefill:
-        return Prediction(step, step, tbt99, 0.0, 0.0, batch99, busy_fraction, 0.0)
+        return Prediction(step, step, tbt99, batch99, busy_fraction)
     ttft = _ttft(service, engine, count, work, slo, chunk * lanes, engine.prompt_lane(chunk),
                  step, mean_batch)
     if ttft is None:
         return None
-    if not decode:
-        busy_fraction = ttft[2]
-    return Prediction(step, step, tbt99, ttft[0], ttft[1], batch99, busy_fraction, ttft[3])
+    percentiles, utilisation, miss = ttft
+    return Prediction(step, step, tbt99, batch99, busy_fraction if decode else utilisation,
+                      miss, percentiles)
 
 
 def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, chunk: int,
-          lane: int, step: float, decoding: float) -> tuple[float, float, float, float] | None:
-    """(TTFT p50, TTFT at the attainment percentile, prefill utilisation, share of requests
-    past their own TTFT target), or None.
+          lane: int, step: float, decoding: float
+          ) -> tuple[Callable[[], tuple[float, float]], float, float] | None:
+    """(a function giving TTFT p50 and TTFT at the attainment percentile, prefill
+    utilisation, share of requests past their own TTFT target), or None.
 
     Prompts queue for prefill tokens: an M/G/c queue whose service time is a prompt's tokens
     over the engine's prefill rate (chunk tokens per full step, at most `lane` of them from
@@ -265,7 +281,7 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
         return high
 
     miss = sum(w * late(slo.ttft_for(p), a, o) for a, o, p, w in owns)
-    return percentile(0.5), percentile(slo.attainment), load / count, miss
+    return lambda: (percentile(0.5), percentile(slo.attainment)), load / count, miss
 
 
 def _power(service: ServiceModel, devices: int, busy: float) -> float:
@@ -274,26 +290,32 @@ def _power(service: ServiceModel, devices: int, busy: float) -> float:
     return devices * (d.idle_power_w + (d.max_power_w - d.idle_power_w) * busy)
 
 
-def _fewest(ok, low: int = 1, high: int = 4096) -> int | None:
-    """Smallest n in [low, high] with ok(n), assuming ok is monotone (None if none):
-    doubling from `low`, then bisection, so small answers cost few calls."""
+def _fewest(probe, low: int = 1, high: int = 4096) -> tuple[int, object] | tuple[None, None]:
+    """Smallest n in [low, high] whose probe(n) is truthy, with that value ((None, None) if
+    none), assuming the probe is monotone: doubling from `low`, then bisection, so small
+    answers cost few calls."""
     step, bad = low, low - 1
-    while not ok(step):
+    while not (found := probe(step)):
         if step >= high:
-            return None
+            return None, None
         bad, step = step, min(high, step * 2)
     while step - bad > 1:
         mid = (bad + step) // 2
-        if ok(mid):
-            step = mid
+        if value := probe(mid):
+            step, found = mid, value
         else:
             bad = mid
-    return step
+    return step, found
 
 
 def _meets(p: Prediction | None, slo: SLO) -> bool:
     """Whether a prediction meets the SLO."""
     return p is not None and p.tbt_p99 <= slo.tbt and p.ttft_miss <= 1 - slo.attainment
+
+
+def _meeting(p: Prediction | None, slo: SLO) -> Prediction | None:
+    """The prediction when it meets the SLO, else None (a probe for `_fewest`)."""
+    return p if _meets(p, slo) else None
 
 
 def _candidates_model(service, work, slo):
@@ -303,10 +325,10 @@ def _candidates_model(service, work, slo):
         if engine.kv_capacity_tokens(service) <= work.prompt_mean + work.output_mean:
             continue
         for chunk in CHUNKS:
-            count = _fewest(lambda n: _meets(predict(service, engine, n, work, slo, chunk), slo))
+            count, p = _fewest(lambda n: _meeting(predict(service, engine, n, work, slo, chunk),
+                                                  slo))
             if count is None:
                 continue
-            p = predict(service, engine, count, work, slo, chunk)
             yield (count * shards, _power(service, count * shards, p.busy_fraction),
                    [(engine, count, p)], chunk)
 
@@ -318,11 +340,10 @@ def _candidates_phase(service, work, slo):
         engine = LockstepEngine("prefill", shards)
         if engine.kv_capacity_tokens(service) <= 0:
             continue
-        count = _fewest(lambda n: (p := predict(service, engine, n, work, slo, chunk,
-                                                decode=False)) is not None
-                        and p.ttft_miss <= 1 - slo.attainment)
+        count, p = _fewest(lambda n: p if (p := predict(
+            service, engine, n, work, slo, chunk, decode=False)) is not None
+            and p.ttft_miss <= 1 - slo.attainment else None)
         if count is not None:
-            p = predict(service, engine, count, work, slo, chunk, decode=False)
             cand = (count * shards, _power(service, count * shards, p.busy_fraction),
                     engine, count, p, chunk)
             best_prefill = min(best_prefill or cand, cand, key=lambda c: c[:2])
@@ -336,11 +357,10 @@ def _candidates_phase(service, work, slo):
         budget = replace(slo, tbt=slo.tbt - transfer / work.output_mean)
         if budget.tbt <= 0:
             continue
-        count = _fewest(lambda n: (p := predict(service, engine, n, work, budget, 0,
-                                                prefill=False)) is not None
-                        and p.tbt_p99 <= budget.tbt)
+        count, p = _fewest(lambda n: p if (p := predict(
+            service, engine, n, work, budget, 0, prefill=False)) is not None
+            and p.tbt_p99 <= budget.tbt else None)
         if count is not None:
-            p = predict(service, engine, count, work, budget, 0, prefill=False)
             cand = (count * shards, _power(service, count * shards, p.busy_fraction),
                     engine, count, p)
             best_decode = min(best_decode or cand, cand, key=lambda c: c[:2])
@@ -367,17 +387,26 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
                 probe = OperatorEngine(0, shards, replicas)
                 if not probe.dense_fits(service) or probe.devices > best:
                     break
-                for attention in (0, None) if mechanisms.disaggregation else (0,):
-                    if attention is None:  # disaggregated: as few attention devices as meet
-                        limit = min(256, best - probe.devices) if best < math.inf else 256
-                        attention = _fewest(lambda a: _meets(predict(
-                            service, OperatorEngine(a, shards, replicas, pooled), 1, work, slo,
-                            chunk), slo), 1, int(limit)) if limit >= 1 else None
-                        if attention is None:
+                for disaggregated in (False, True) if mechanisms.disaggregation else (False,):
+                    if disaggregated:  # as few attention devices as meet, if any does
+                        limit = int(min(256, best - probe.devices)) if best < math.inf else 256
+
+                        def meeting(a: int) -> Prediction | None:
+                            return _meeting(predict(service, OperatorEngine(
+                                a, shards, replicas, pooled), 1, work, slo, chunk), slo)
+                        # most shapes fail even at the limit: one probe says so
+                        if limit < 1 or not (at_limit := meeting(limit)):
                             continue
-                    engine = OperatorEngine(attention, shards, replicas, pooled)
-                    p = predict(service, engine, 1, work, slo, chunk)
-                    if _meets(p, slo):
+                        attention, p = _fewest(meeting, 1, limit - 1) if limit > 1 \
+                            else (None, None)
+                        if attention is None:
+                            attention, p = limit, at_limit
+                    else:
+                        attention = 0
+                        p = _meeting(predict(service, OperatorEngine(0, shards, replicas, pooled),
+                                             1, work, slo, chunk), slo)
+                    if p:
+                        engine = OperatorEngine(attention, shards, replicas, pooled)
                         best = min(best, engine.devices)
                         yield (engine.devices, _power(service, engine.devices, p.busy_fraction),
                                [(engine, 1, p)], chunk)
