@@ -15,6 +15,18 @@ DATA_MOVEMENT = "data-movement"
 KV_CACHE = "kv-cache"
 SCALAR = "scalar"
 
+# Kernels a compiler builds from chains of pointwise ops, told apart because their measured
+# speeds differ up to 2x (runtime/devices/calibrate.py): the rotation of queries and keys by
+# position (its chain reads cos/sin), a nonlinearity with the products it gates, and a block's
+# skip-connection add. Costs carry them as the node's `kernel`; the op class stays pointwise.
+ROTARY = "rotary"
+ACTIVATION = "activation"
+RESIDUAL = "residual"
+ROTARY_OPS = frozenset({"cos", "sin"})
+ACTIVATION_OPS = frozenset({"silu", "gelu", "relu", "relu6", "sigmoid", "tanh", "softplus",
+                            "mish", "hardswish", "hardsigmoid", "leaky_relu", "elu", "selu",
+                            "celu", "glu", "erf"})
+
 # Resource classes the grouping pass keeps apart (DESIGN.md: compute-bound, memory-bound,
 # stateful attention with per-request KV state).
 COMPUTE = "compute"

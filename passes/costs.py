@@ -65,6 +65,7 @@ class NodeCost:
     reads_input: bool = False
     weight_like: bool = False
     mixes_tokens: bool = False
+    kernel: str = ""  # the kernel a pointwise chain becomes (classify.ROTARY, ...), if told apart
 
     @property
     def bytes_total(self) -> sympy.Expr:
@@ -106,6 +107,7 @@ def annotate_costs(gm: fx.GraphModule, symbols: SymbolTable) -> dict[fx.Node, No
         cost.weight_like = node in weights
         costs[node] = cost
     _mark_kv_cache(costs)
+    _mark_pointwise_kernels(costs)
     return costs
 
 
@@ -356,3 +358,32 @@ def _mark_kv_cache(costs: dict[fx.Node, NodeCost]) -> None:
                 if not args:
                     break
                 current = args[0]
+
+
+def _mark_pointwise_kernels(costs: dict[fx.Node, NodeCost]) -> None:
+    """Name the kernel each chain of pointwise and layout ops becomes: ROTARY when the chain
+    computes or reads cos/sin, ACTIVATION when it holds a nonlinearity; outside such chains, an
+    add traced in a repeated block's own forward (not a submodule's) is the block's RESIDUAL."""
+    linkable = {n for n, c in costs.items()
+                if c.op_class in (C.POINTWISE, C.DATA_MOVEMENT) and not c.weight_like}
+    seen: set[fx.Node] = set()
+    for start in costs:
+        if start not in linkable or start in seen:
+            continue
+        chain, frontier = {start}, [start]
+        while frontier:  # the connected chain, through producers and consumers
+            node = frontier.pop()
+            for other in (*node.all_input_nodes, *node.users):
+                if other in linkable and other not in chain:
+                    chain.add(other)
+                    frontier.append(other)
+        seen |= chain
+        ops = {costs[n].op for n in chain}
+        kernel = C.ROTARY if ops & C.ROTARY_OPS else C.ACTIVATION if ops & C.ACTIVATION_OPS \
+            else ""
+        for node in chain:
+            c = costs[node]
+            if kernel:
+                c.kernel = kernel
+            elif c.op == "add" and c.op_class == C.POINTWISE and c.layer and c.module == c.layer:
+                c.kernel = C.RESIDUAL

@@ -75,15 +75,15 @@ def test_a_device_without_measurements_keeps_the_stated_ring_over_its_links():
 @pytest.mark.parametrize("device", ["h100", "a100"])
 def test_dense_kernel_classes_are_fitted_and_predict_held_out_degrees(device):
     rows = {r["op"]: r for r in dense_report(device)}
-    fitted = [r for r in rows.values() if r["fitted"]]
-    assert {r["kernel"] for r in fitted} == {"gemm", "norm", "embedding"}
-    for r in fitted:
+    assert {r["kernel"] for r in rows.values()} == {"gemm", "norm", "embedding", "rotary",
+                                                    "activation", "residual"}
+    for r in rows.values():
         assert r["catalogued_error"] <= 0.10, r  # the catalogue holds the fit on every degree
         # fitted on TP 1-2, scored on 4-8; H100's down projection runs 10-19% faster at 4-8
         # than its shape predicts from 1-2 (docs/devices.md): it misses, and is bounded here
         limit = 0.16 if (device, r["op"]) == ("h100", "mlp_down_proj") else 0.101
         assert r["error_tp_4_8"] <= limit, r
-    for op in ("input_layernorm", "post_attention_layernorm", "emb"):
+    for op in ("input_layernorm", "post_attention_layernorm", "emb", "attn_rope", "add"):
         assert rows[op]["roofline_error_tp_4_8"] > 0.3  # one bandwidth does not fit them
     catalogued = load_device(device).kernels
     for kernel, fit in kernel_fits(device).items():
@@ -94,38 +94,45 @@ def test_dense_kernel_classes_are_fitted_and_predict_held_out_degrees(device):
 
 
 @pytest.mark.parametrize("device", ["h100", "a100"])
-def test_a_70b_layer_costs_what_vidur_measured_for_its_gemms_and_norms(device, tmp_path,
+def test_a_70b_layer_costs_what_vidur_measured_for_each_kernel_class(device, tmp_path,
                                                                       monkeypatch):
     """Review finding 4: the service model's dense work, from the graph's per-class costs and
     the device's kernel fits, against the measured operators at tensor parallelism 4 and 8
-    (the roofline was 6-10% off on the GEMMs and 67-71% on the norms)."""
+    (the roofline was 6-10% off on the GEMMs, 67-71% on the norms and 21-98% on the rotary,
+    activation and residual-add kernels, which one pointwise class could not tell apart)."""
     monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path))
     service = preset_service("llama-2-70b", device, layers=2)
     layer = [k for k in service.kinds if k.name.startswith("model.layers") and not k.stateful]
     rows = [r for r in _rows(COMPUTE_FILES[device])
             if int(r["num_tensor_parallel_workers"]) >= 4]
-    errors = {"gemm": [], "norm": []}
+    # per layer: the GEMMs and norms of both dense groups, one rotation, one activation, two
+    # residual adds (each measured alone)
+    measured_ops = {"gemm": (GEMMS, 2), "norm": (KERNEL_CLASSES["norm"], 2),
+                    "rotary": (("attn_rope",), 1), "activation": (("mlp_act",), 1),
+                    "residual": (("add", "add"), 1)}
+    errors = {kernel: [] for kernel in measured_ops}
     for row in rows:
         tokens, tp = float(row["num_tokens"]), int(row["num_tensor_parallel_workers"])
         batch = Batch(1, tokens, tokens * tokens)
-        for kernel, ops in (("gemm", GEMMS), ("norm", KERNEL_CLASSES["norm"])):
+        for kernel, (ops, groups) in measured_ops.items():
             measured = sum(float(row[f"time_stats.{op}.median"]) * 1e-3 for op in ops)
             parts = [p for k in layer for p in k.parts if p.kernel == kernel]
-            assert len(parts) == 2  # QKV and its norm; the rest of the layer and its norm
+            assert len(parts) == groups  # e.g. QKV and its norm; the rest and its norm
             kinds = [replace(k, parts=(p,), count=1) for k in layer for p in k.parts
                      if p.kernel == kernel]
             predicted = sum(service.kind_time(k, batch, tp) - service.device.all_reduce_time(
                 tokens * k.out_bytes_per_token, tp) for k in kinds)
             errors[kernel].append(abs(predicted / measured - 1))
-    assert np.median(errors["gemm"]) <= 0.07, np.median(errors["gemm"])
-    assert np.median(errors["norm"]) <= 0.08, np.median(errors["norm"])
+    medians = {kernel: float(np.median(e)) for kernel, e in errors.items()}
+    assert max(medians.values()) <= 0.10, medians
+    assert medians["gemm"] <= 0.07 and medians["norm"] <= 0.08, medians
 
 
 def test_the_calibration_report_runs(capsys):
     rows = dense_report("h100")
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert out.count("| h100 |") == 3 + len(rows) + 3  # all-reduce, operators, kernel fits
+    assert out.count("| h100 |") == 3 + len(rows) + len(KERNEL_CLASSES)  # all-reduce, ops, fits
     assert main(["--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data["all_reduce"]) == 6 and len(data["dense"]) == 2 * len(rows)

@@ -151,3 +151,71 @@ def test_arithmetic_intensity_grows_with_batch_for_gemm_only():
     small, large = at(symbols, 1, 1), at(symbols, 64, 64)
     assert gemm.arithmetic_intensity(large) > 20 * gemm.arithmetic_intensity(small)
     assert act.arithmetic_intensity(large) == pytest.approx(act.arithmetic_intensity(small))
+
+
+class _RotaryBlock(torch.nn.Module):
+    """A transformer block in plain PyTorch: rotary queries and keys, a tanh-GELU MLP and
+    two residual adds in the block's own forward."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.qk = torch.nn.Linear(width, 2 * width)
+        self.up = torch.nn.Linear(width, 4 * width)
+        self.down = torch.nn.Linear(4 * width, width)
+
+    @staticmethod
+    def rotate(t, cos, sin):
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
+
+    def forward(self, x, cos, sin):
+        q, k = self.qk(x).chunk(2, -1)
+        x = x + F.scaled_dot_product_attention(self.rotate(q, cos, sin),
+                                               self.rotate(k, cos, sin), x)
+        h = self.up(x)
+        h = 0.5 * h * (1 + torch.tanh(0.7978845608 * (h + 0.044715 * h ** 3)))
+        return x + self.down(h)
+
+
+class _RotaryNet(torch.nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_RotaryBlock(width)])
+        self.register_buffer("inv_freq", torch.arange(1, width // 2 + 1) / width)
+
+    def forward(self, x, positions):
+        angles = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((angles, angles), -1)
+        x = x * 2.0  # a pointwise op no rule names
+        for block in self.blocks:
+            x = block(x, angles.cos(), angles.sin())
+        return x
+
+
+def test_pointwise_chains_are_told_apart_by_the_kernel_they_become():
+    """Rotary, activation and residual-add kernels run at 2x different speeds on a GPU
+    (docs/devices.md): the costs name which one each pointwise op belongs to, and a group's
+    class costs move each fused chain's boundary tensors once."""
+    from fxscale.compiler.analysis import class_costs
+
+    x, positions = torch.randn(2, 5, 16), torch.arange(5).repeat(2, 1)
+    symbols, by_name, costs = capture(_RotaryNet(), x, positions,
+                                      dynamic_dims=((0, 0), (0, 1), (1, 0), (1, 1)))
+    kernels = {}
+    for c in by_name.values():
+        if c.op_class == C.POINTWISE:
+            kernels.setdefault(c.kernel, set()).add((c.op, c.module))
+    assert {op for op, _ in kernels[C.ROTARY]} >= {"cos", "sin", "neg", "mul", "add"}
+    assert {op for op, _ in kernels[C.ACTIVATION]} == {"mul", "add", "pow", "tanh"}
+    assert kernels[C.RESIDUAL] == {("add", "blocks.0")}  # both adds of the block
+    assert [c.op for c in by_name.values() if c.op == "add" and c.kernel == C.RESIDUAL] \
+        == ["add", "add"]
+    assert kernels[""] == {("mul", "")}  # x * 2.0 at the top: plain pointwise
+    parts = class_costs(list(costs), costs)
+    assert set(parts) >= {C.ROTARY, C.ACTIVATION, C.RESIDUAL, C.GEMM, C.ATTENTION}
+    env = symbols.env(batch=3, length=7)
+    tokens = 3 * 7
+    # the GELU chain reads the up projection once and writes its result once (fp32)
+    assert evaluate(parts[C.ACTIVATION]["bytes"], env) == 2 * tokens * 64 * 4
+    # each residual add reads two tensors and writes one: not fused with the other
+    assert evaluate(parts[C.RESIDUAL]["bytes"], env) == 2 * 3 * tokens * 16 * 4

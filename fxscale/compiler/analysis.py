@@ -24,7 +24,8 @@ from fxscale.passes.symbols import SymbolTable
 ZERO = sympy.Integer(0)
 # Memory-bound classes a GPU compiler fuses into one kernel per chain (Inductor does): their
 # bytes are the tensors crossing the class's nodes, not each op's reads and writes.
-FUSED_CLASSES = frozenset({C.NORM, C.POINTWISE, C.REDUCTION, C.SOFTMAX, C.DATA_MOVEMENT})
+FUSED_CLASSES = frozenset({C.NORM, C.POINTWISE, C.REDUCTION, C.SOFTMAX, C.DATA_MOVEMENT,
+                           C.ROTARY, C.ACTIVATION})  # a residual add is a kernel of its own
 # state the engine attaches to attention modules: KV blocks, not weights
 KV_CACHE_BUFFERS = ("_buffers_fxscale_k_cache_", "_buffers_fxscale_v_cache_")
 
@@ -138,25 +139,36 @@ def _group(gid, nodes, costs, symbols, env, weight_bytes, leaving, reason, granu
 
 
 def class_costs(nodes: list[fx.Node], costs: dict[fx.Node, NodeCost]) -> dict[str, dict]:
-    """A group's FLOPs and bytes per operator class. GEMMs, attention and gathers move what
-    each op reads and writes; a fused class (FUSED_CLASSES) moves the tensors entering its
-    nodes from outside them once, and those its nodes hand outside."""
+    """A group's FLOPs and bytes per operator class (pointwise split by kernel: rotary,
+    activation, residual). GEMMs, attention, gathers and residual adds move what each op reads
+    and writes; a fused class (FUSED_CLASSES) moves the tensors entering its nodes from outside
+    them once, and those its nodes hand outside."""
     members: dict[str, set[fx.Node]] = {}
-    for node in nodes:
-        members.setdefault(costs[node].op_class, set()).add(node)
+    for node in nodes:  # pointwise chains told apart by the kernel they become
+        members.setdefault(costs[node].kernel or costs[node].op_class, set()).add(node)
     out = {}
     for name, part in sorted(members.items()):
         flops = sympy.Add(*(costs[n].flops for n in part))
         if name in FUSED_CLASSES:
             entering = {i for n in part for i in input_nodes(n) if i not in part}
+            written = {_writer(n, part, costs) for n in part if any(u not in part for u in n.users)}
             moved = sum((_tensor_bytes(i, costs) for i in entering), ZERO) + sum(
-                (costs[n].out_bytes for n in part
-                 if not costs[n].is_view and any(u not in part for u in n.users)), ZERO)
+                (costs[n].out_bytes for n in written if n is not None), ZERO)
         else:
             moved = sympy.Add(*(costs[n].bytes_total for n in part))
         if flops != 0 or moved != 0:
             out[name] = {"flops": to_text(flops), "bytes": to_text(moved)}
     return out
+
+
+def _writer(node: fx.Node, part: set[fx.Node], costs: dict[fx.Node, NodeCost]) -> fx.Node | None:
+    """The node of `part` whose output `node` hands on (itself, or the base of a view; None
+    for a view of a tensor from outside, which the fused kernel never writes)."""
+    while costs[node].is_view:
+        node = next(iter(input_nodes(node)), None)
+        if node not in part:
+            return None
+    return node
 
 
 def _tensor_bytes(node: fx.Node, costs: dict[fx.Node, NodeCost]) -> sympy.Expr:

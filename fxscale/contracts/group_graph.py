@@ -17,8 +17,10 @@ from typing import Any
 from fxscale.contracts.exprs import ExprError, check_symbols, evaluate
 from fxscale.contracts.jsonio import Checker, read_json, write_atomic
 
-SCHEMA_VERSION = 2  # 2: groups carry per-class costs (class_costs)
-READABLE_VERSIONS = (1, 2)  # a version-1 graph has no class_costs: lumped costs only
+# 2: groups carry per-class costs (class_costs); 3: their pointwise part split by kernel
+# (rotary, activation, residual)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # a version-1 graph has no class_costs: lumped costs only
 COST_FIELDS = ("flops", "bytes_read", "bytes_written", "activation_bytes", "kv_bytes_per_token")
 
 

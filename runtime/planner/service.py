@@ -2,10 +2,10 @@
 
 Layers repeat, so the groups of an 80-layer model fold into a handful of *kinds* (groups whose
 name differs only in the layer index and whose cost expressions are equal), each with a count.
-On a device calibrated per kernel class (runtime/devices: GEMMs, norms, embeddings fitted to
-measured times), a row-wise kind's time is the sum of its parts: each fitted class by its
-fit, the other classes together by the roofline; elsewhere, and for attention, one roofline
-over the kind's whole work.
+On a device calibrated per kernel class (runtime/devices: GEMMs, norms, embeddings, rotary,
+activation and residual-add kernels fitted to measured times), a row-wise kind's time is the
+sum of its parts: each fitted class by its fit, the other classes together by the roofline;
+elsewhere, and for attention, one roofline over the kind's whole work.
 A kind's FLOPs and bytes are polynomials in (batch, x), x being the prompt length in prefill
 and the cached context in decode; they are split into a per-request part (terms with batch)
 and a shared part (terms without: parameter reads, broadcast tensors), so the cost of one
@@ -24,10 +24,13 @@ from fxscale.contracts.group_graph import Group, GroupGraph, kind_name
 from fxscale.runtime.devices.model import DeviceModel
 
 _B, _X = sympy.symbols("b x")
-# Operator classes (passes/classify.py) and the device kernel fit that times them
-KERNEL_OF = {"gemm": "gemm", "moe-expert": "gemm", "norm": "norm", "embedding": "embedding"}
-# Kernels every tensor-parallel shard runs whole (norms see the full hidden state)
-REPLICATED_KERNELS = frozenset({"norm"})
+# Operator classes and pointwise kernels (passes/classify.py) and the device kernel fit that
+# times them
+KERNEL_OF = {"gemm": "gemm", "moe-expert": "gemm", "norm": "norm", "embedding": "embedding",
+             "rotary": "rotary", "activation": "activation", "residual": "residual"}
+# Kernels every tensor-parallel shard runs whole (norms and the residual stream's adds see the
+# full hidden state)
+REPLICATED_KERNELS = frozenset({"norm", "residual"})
 
 
 @dataclass(frozen=True)
