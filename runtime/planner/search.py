@@ -220,8 +220,9 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
     utilisation, share of requests past their own TTFT target), or None.
 
     Prompts queue for prefill tokens: an M/G/c queue whose service time is a prompt's tokens
-    over the engine's prefill rate (chunk tokens per full step, at most `lane` of them from
-    one prompt). Wait: Erlang C scaled by (1 + Cs^2) / 2 (Allen-Cunneen), exponential given
+    over a server's prefill rate (an engine takes `chunk` tokens per full step, at most
+    `lane` of them from one prompt, so it is chunk / lane servers: co-located replicas each
+    prefill their own prompts, a pooled dense pool prefills one prompt with all of them). Wait: Erlang C scaled by (1 + Cs^2) / 2 (Allen-Cunneen), exponential given
     that it waits. TTFT = wait + the prompt's own chunks (+ half a step on a mixed engine; on
     a prefill-only one, shared with the prompts that arrived while it waited, and alone when
     it did not wait); its percentile mixes the wait over the weighted prompt lengths
@@ -234,23 +235,24 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
         chunks = max(1, math.ceil(p / lane))
         tokens = min(p, lane)
         # prompts queued behind it share its step while the chunk has room
-        others = min(joining, max(0.0, (chunk - tokens) / work.prompt_mean))
+        others = min(joining, max(0.0, (lane - tokens) / work.prompt_mean))
         if (tokens, others) not in steps:
             steps[tokens, others] = engine.step(service, Batch(
                 1 + others, tokens + others * work.prompt_mean,
                 tokens * tokens + others * work.prompt_sq_mean, decoding, decoding * ctx))[0]
         return chunks * steps[tokens, others]
 
+    servers = count * round(chunk / lane)
     per_step = chunk / work.prompt_mean
     full = engine.step(service, Batch(per_step, chunk, per_step * work.prompt_sq_mean,
                                       decoding, decoding * ctx))[0]
-    service_rate = chunk / (full * work.prompt_mean)
+    service_rate = lane / (full * work.prompt_mean)  # one server's prompts per second
     load = work.rate / service_rate
-    if load >= count:
+    if load >= servers:
         return None
     variation = work.prompt_sq_mean / work.prompt_mean ** 2 - 1
-    waiting = erlang_c(count, load)
-    mean_wait = erlang_c_wait(count, work.rate, service_rate) * (1 + variation) / 2
+    waiting = erlang_c(servers, load)
+    mean_wait = erlang_c_wait(servers, work.rate, service_rate) * (1 + variation) / 2
     if step:
         # on a mixed engine every arrival first waits out half a step
         owns = [(o, o, p, w) for p, w in work.prompt_points for o in (own(p) + step / 2,)]
@@ -258,7 +260,7 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
         # a prefill-only replica found idle starts the prompt at once; one found busy takes,
         # with it, every prompt that arrived meanwhile: lam x (a mean prefill + the mean
         # wait of those that wait) more
-        joining = work.rate / count * (own(work.prompt_mean) + (
+        joining = work.rate / servers * (own(work.prompt_mean) + (
             mean_wait / waiting if waiting > 0 else 0.0))
         owns = [(own(p), own(p, joining), p, w) for p, w in work.prompt_points]
 
@@ -281,7 +283,7 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
         return high
 
     miss = sum(w * late(slo.ttft_for(p), a, o) for a, o, p, w in owns)
-    return lambda: (percentile(0.5), percentile(slo.attainment)), load / count, miss
+    return lambda: (percentile(0.5), percentile(slo.attainment)), load / servers, miss
 
 
 def _power(service: ServiceModel, devices: int, busy: float) -> float:
