@@ -223,10 +223,10 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
     over a server's prefill rate (an engine takes `chunk` tokens per full step, at most
     `lane` of them from one prompt, so it is chunk / lane servers: co-located replicas each
     prefill their own prompts, a pooled dense pool prefills one prompt with all of them).
-    Wait: Erlang C scaled by (1 + Cs^2) / 2 (Allen-Cunneen), exponential given that it waits. TTFT = wait + the prompt's own chunks (+ half a step on a mixed engine; on
-    a prefill-only one, shared with the prompts that arrived while it waited, and alone when
-    it did not wait); its percentile mixes the wait over the weighted prompt lengths
-    (prompt_points)."""
+    Wait: Erlang C scaled by (1 + Cs^2) / 2 (Allen-Cunneen), exponential given that it waits.
+    TTFT = wait + the prompt's own chunks (+ half a step on a mixed engine; on a prefill-only
+    one, shared with the prompts that arrived while it waited, and alone when it did not
+    wait); its percentile mixes the wait over the weighted prompt lengths (prompt_points)."""
     ctx = work.context_mean
 
     steps: dict[tuple[float, float], float] = {}  # prompts longer than a lane share one
