@@ -114,16 +114,16 @@ class Prediction:
     ttft_percentiles: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)
 
     @cached_property
-    def _ttft(self) -> tuple[float, float]:
+    def _ttft_pair(self) -> tuple[float, float]:
         return self.ttft_percentiles()
 
     @property
     def ttft_p50(self) -> float:
-        return self._ttft[0]
+        return self._ttft_pair[0]
 
     @property
     def ttft_p99(self) -> float:
-        return self._ttft[1]
+        return self._ttft_pair[1]
 
 
 def poisson_quantile(mean: float, q: float) -> float:
