@@ -4,7 +4,9 @@ One model (a 2-layer Llama from a config: head_dim 64, 4 KV heads, vocab 4096, r
 weights) and one set of prompts (16-256 tokens, 32 new tokens each, greedy, no stop token)
 served by:
 - `operator`, `model`: fxscale.serve with each policy, one replica of everything;
-- `hf_batch`: Hugging Face's own continuous batching, `model.generate_batch`;
+- `hf_batch`: Hugging Face's own continuous batching, `model.generate_batch`, its KV cache
+  sized for the requests as fxscale's is (left to itself it sizes the cache from the
+  machine's free memory, which here costs about 5 s of allocation per call);
 - `hf_static`: one left-padded static batch through `model.generate` (no scheduling, but
   padding work).
 Every round runs each generator once, in turn (interleaved, so a shared machine's drift
@@ -86,16 +88,22 @@ def _engine(bench: EngineBench, model: torch.nn.Module, policy: str) -> Callable
 
 
 def _hf_batch(bench: EngineBench, model: torch.nn.Module) -> Callable[[], list]:
-    """Hugging Face's continuous batching."""
+    """Hugging Face's continuous batching, with KV pages for every request at its longest
+    (as many tokens as `_engine` gives fxscale's cache, rounded up to whole pages)."""
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     config = GenerationConfig(max_new_tokens=bench.new_tokens, do_sample=False,
                               eos_token_id=[], pad_token_id=0)
+    batching = ContinuousBatchingConfig()
+    batching.num_blocks = bench.requests * -(-(bench.longest + bench.new_tokens)
+                                             // batching.page_size)
     prompts = bench.prompts()
 
     def run() -> list:
         with torch.no_grad():
             out = model.generate_batch(inputs=prompts, generation_config=config,
+                                       continuous_batching_config=batching,
                                        progress_bar=False)
         return [out[k].generated_tokens for k in sorted(out)]
 
