@@ -538,3 +538,26 @@ def test_prefix_caching_skips_the_cached_prefill_for_every_policy(service, azure
              lower_bound(service, trace.without_prefixes(), 30.0))
     assert bound[0]["lower_bound_gpu_hours"] <= bound[1]["lower_bound_gpu_hours"]
     assert bound[0]["lower_bound_energy_kwh"] < 0.95 * bound[1]["lower_bound_energy_kwh"]
+
+
+def test_bracketed_sum_decides_the_limit_as_the_full_sum_does_with_fewer_values():
+    """The planner's TTFT check costs only the prompt lengths that decide it."""
+    import random
+
+    from fxscale.runtime.planner.search import bracketed_sum
+
+    rng = random.Random(3)
+    saved = 0
+    for _ in range(300):
+        n = rng.randint(2, 40)
+        values = sorted(rng.random() ** rng.choice((1, 4, 12)) for _ in range(n))
+        weights = [rng.random() for _ in range(n)]
+        limit = rng.random() * sum(weights) * 0.3
+        costed = []
+        got = bracketed_sum(lambda i: costed.append(i) or values[i], weights, limit)
+        exact = sum(w * v for w, v in zip(weights, values))
+        assert (got <= limit) == (exact <= limit)
+        assert (got >= exact - 1e-12) if got <= limit else (got <= exact + 1e-12)
+        assert len(costed) == len(set(costed))  # each value costed once
+        saved += n - len(costed)
+    assert saved > 300 * 5  # it usually stops well before costing every value

@@ -61,8 +61,12 @@ class LockstepEngine(LockstepShape):
 
     def step(self, service: ServiceModel, batch: Batch) -> tuple[float, float]:
         """(seconds, busy device-seconds) of one iteration."""
-        seconds = service.iteration_time(batch, self.shards)
+        seconds = self.seconds(service, batch)
         return seconds, seconds * self.shards
+
+    def seconds(self, service: ServiceModel, batch: Batch) -> float:
+        """Seconds of one iteration: `step` without the busy accounting (what searches ask)."""
+        return service.iteration_time(batch, self.shards)
 
     def kv_capacity_tokens(self, service: ServiceModel) -> float:
         """Tokens of KV cache that fit next to the weights (0 when the weights do not fit)."""
@@ -139,10 +143,22 @@ class OperatorEngine(OperatorShape):
         attention, dense, comm, busy = self.pool_times(service, half)
         return max(attention + dense + comm, 2 * max(attention, dense)), 2 * busy
 
+    def seconds(self, service: ServiceModel, batch: Batch) -> float:
+        """Seconds of one iteration: `step` without the busy accounting (what searches ask)."""
+        return self.step(service, batch)[0] if self.attention else \
+            self._busiest_seconds(service, batch)
+
     def _colocated_step(self, service: ServiceModel, batch: Batch) -> tuple[float, float]:
         """(seconds, busy device-seconds) of co-located replicas that each run their own
-        requests, tensor parallel `dense_shards` ways: the busiest replica holds its even
-        part of the prompts and of the decodes, but at least one whole request of each."""
+        requests, tensor parallel `dense_shards` ways: every busy replica holds an even
+        part of the batch."""
+        busy = min(float(self.dense_replicas), max(1.0, batch.prefill_n + batch.decode_n))
+        even = service.iteration_time(batch.split(busy), self.dense_shards)
+        return self._busiest_seconds(service, batch), even * busy * self.dense_shards
+
+    def _busiest_seconds(self, service: ServiceModel, batch: Batch) -> float:
+        """Seconds of co-located replicas' iteration: the busiest replica holds its even part
+        of the prompts and of the decodes, but at least one whole request of each."""
         replicas = self.dense_replicas
 
         def busiest(n: float) -> float:
@@ -151,10 +167,7 @@ class OperatorEngine(OperatorShape):
         p, d = busiest(batch.prefill_n), busiest(batch.decode_n)
         share = Batch(batch.prefill_n * p, batch.prefill_s1 * p, batch.prefill_s2 * p,
                       batch.decode_n * d, batch.decode_s1 * d)
-        busy = min(float(replicas), max(1.0, batch.prefill_n + batch.decode_n))
-        even = service.iteration_time(batch.split(busy), self.dense_shards)
-        return (service.iteration_time(share, self.dense_shards),
-                even * busy * self.dense_shards)
+        return service.iteration_time(share, self.dense_shards)
 
     def kv_capacity_tokens(self, service: ServiceModel) -> float:
         """Tokens of KV cache: the attention devices' memory, or what the weights leave free."""

@@ -14,6 +14,7 @@ The prediction for one engine at arrival rate lam (docs/simulator.md has the der
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import statistics
@@ -108,7 +109,9 @@ class Prediction:
     tbt_p99: float
     batch_p99: float
     busy_fraction: float
-    ttft_miss: float = 0.0  # predicted share of requests past their TTFT target
+    # predicted share of requests past their TTFT target: which side of the SLO's allowance
+    # it falls is exact, its value a bound (the search costs only the prompts that decide it)
+    ttft_miss: float = 0.0
     # (p50, percentile at the SLO's attainment) of TTFT, computed on first use: the search
     # decides by ttft_miss, and only the plans it keeps report percentiles
     ttft_percentiles: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)
@@ -141,20 +144,32 @@ def poisson_quantile(mean: float, q: float) -> float:
     return float(k)
 
 
-def _decode_step(service: ServiceModel, engine, lam: float, work: Workload, chunk: int,
-                 prefill: bool) -> float | None:
-    """Fixed point of the step time at per-engine rate `lam` (None: prefill backlog grows)."""
-    step = engine.step(service, Batch(decode_n=1, decode_s1=work.context_mean))[0]
+def _decode_fixed_point(service: ServiceModel, engine, lam: float, work: Workload,
+                        prefill: bool, floor: float = 0.0
+                        ) -> tuple[float, float, float, float] | None:
+    """(the step time at its fixed point for per-engine rate `lam`, the highest step the
+    iteration visited, the loop gain at the fixed point, the busy device-seconds of the mean
+    step), or None when the step passes a minute. The step map is increasing, so the
+    iteration approaches from one side; the highest visited step is what the chunk check
+    needs (no chunk enters the iteration: one fixed point serves every chunk). `floor`: the
+    fixed point of an engine no slower at every batch (e.g. more attention devices), below
+    this one's, so the iteration may start there instead of at a lone decode."""
+    step = max(floor, engine.seconds(service, Batch(decode_n=1, decode_s1=work.context_mean)))
+    highest = step
     for _ in range(40):
-        new = engine.step(service, _mean_batch(lam, step, work, prefill))[0]
-        if prefill and lam * step * work.prompt_mean > chunk:
-            return None
-        if abs(new - step) <= 1e-4 * step:
-            return new
+        new = engine.seconds(service, _mean_batch(lam, step, work, prefill))
+        highest = max(highest, step)
+        converged = abs(new - step) <= 1e-4 * step
         step = new
+        if converged:
+            break
         if step > 60:
             return None
-    return step
+    nudged = step * 1.01  # d(step map)/d(step) at the fixed point
+    mean_step, busy = engine.step(service, _mean_batch(lam, step, work, prefill))
+    gain = (engine.seconds(service, _mean_batch(lam, nudged, work, prefill))
+            - mean_step) / (nudged - step)
+    return step, highest, gain, busy
 
 
 def _mean_batch(lam: float, step: float, work: Workload, prefill: bool) -> Batch:
@@ -167,26 +182,35 @@ def _mean_batch(lam: float, step: float, work: Workload, prefill: bool) -> Batch
 
 
 def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, chunk: int,
-            decode: bool = True, prefill: bool = True) -> Prediction | None:
+            decode: bool = True, prefill: bool = True,
+            fixed_points: dict | None = None, floor: float = 0.0) -> Prediction | None:
     """Predicted latencies of `count` engines sharing the load (None when overloaded).
 
     Feedback: a slower step keeps requests decoding longer and lets more prompt tokens
     arrive per step, which slows the step again; with loop gain g (the derivative of the
     step map at its fixed point) the batch's variance grows as 1 / (1 - g), so engines with
-    g > MAX_LOOP_GAIN are refused as too close to instability."""
+    g > MAX_LOOP_GAIN are refused as too close to instability. `fixed_points` keeps the
+    decode fixed points one search computes (the same for every chunk) for its other calls
+    of the same workload; `floor` is a step time known to lie below this engine's fixed
+    point (_decode_fixed_point)."""
     lam = work.rate / count
     lanes = engine.prefill_lanes  # replicas that each take a chunk per step
     step = tbt99 = batch99 = busy_fraction = 0.0
     mean_batch = 0.0
     if decode:
-        step = _decode_step(service, engine, lam, work, chunk * lanes, prefill)
-        if step is None:
+        key = (engine, lam, prefill)
+        found = fixed_points.get(key, False) if fixed_points is not None else False
+        if found is False:
+            found = _decode_fixed_point(service, engine, lam, work, prefill, floor)
+            if fixed_points is not None:
+                fixed_points[key] = found
+        if found is None:
             return None
+        step, highest, gain, busy = found
+        if prefill and lam * highest * work.prompt_mean > chunk * lanes:
+            return None  # the prompt backlog grows
         here = _mean_batch(lam, step, work, prefill)
         mean_batch = here.decode_n
-        nudged = step * 1.01  # d(step map)/d(step) at the fixed point
-        gain = (engine.step(service, _mean_batch(lam, nudged, work, prefill))[0]
-                - engine.step(service, here)[0]) / (nudged - step)
         if gain >= MAX_LOOP_GAIN:
             return None
         z = statistics.NormalDist().inv_cdf(slo.attainment)
@@ -200,8 +224,8 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
         worst = Batch(lanes, lanes * chunk, lanes * chunk * chunk, batch99,
                       batch99 * work.context_mean) \
             if prefill else Batch(decode_n=batch99, decode_s1=batch99 * work.context_mean)
-        tbt99 = engine.step(service, worst)[0]
-        busy_fraction = min(1.0, engine.step(service, here)[1] / (step * engine.devices))
+        tbt99 = engine.seconds(service, worst)
+        busy_fraction = min(1.0, busy / (step * engine.devices))
     if not prefill:
         return Prediction(step, step, tbt99, batch99, busy_fraction)
     ttft = _ttft(service, engine, count, work, slo, chunk * lanes, engine.prompt_lane(chunk),
@@ -237,15 +261,15 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
         # prompts queued behind it share its step while the chunk has room
         others = min(joining, max(0.0, (lane - tokens) / work.prompt_mean))
         if (tokens, others) not in steps:
-            steps[tokens, others] = engine.step(service, Batch(
+            steps[tokens, others] = engine.seconds(service, Batch(
                 1 + others, tokens + others * work.prompt_mean,
-                tokens * tokens + others * work.prompt_sq_mean, decoding, decoding * ctx))[0]
+                tokens * tokens + others * work.prompt_sq_mean, decoding, decoding * ctx))
         return chunks * steps[tokens, others]
 
     servers = count * round(chunk / lane)
     per_step = chunk / work.prompt_mean
-    full = engine.step(service, Batch(per_step, chunk, per_step * work.prompt_sq_mean,
-                                      decoding, decoding * ctx))[0]
+    full = engine.seconds(service, Batch(per_step, chunk, per_step * work.prompt_sq_mean,
+                                         decoding, decoding * ctx))
     service_rate = lane / (full * work.prompt_mean)  # one server's prompts per second
     load = work.rate / service_rate
     if load >= servers:
@@ -254,15 +278,18 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
     waiting = erlang_c(servers, load)
     mean_wait = erlang_c_wait(servers, work.rate, service_rate) * (1 + variation) / 2
     if step:
-        # on a mixed engine every arrival first waits out half a step
-        owns = [(o, o, p, w) for p, w in work.prompt_points for o in (own(p) + step / 2,)]
+        def pair(p: float) -> tuple[float, float]:
+            o = own(p) + step / 2  # on a mixed engine every arrival first waits half a step
+            return o, o
     else:
         # a prefill-only replica found idle starts the prompt at once; one found busy takes,
         # with it, every prompt that arrived meanwhile: lam x (a mean prefill + the mean
         # wait of those that wait) more
         joining = work.rate / servers * (own(work.prompt_mean) + (
             mean_wait / waiting if waiting > 0 else 0.0))
-        owns = [(own(p), own(p, joining), p, w) for p, w in work.prompt_points]
+
+        def pair(p: float) -> tuple[float, float]:
+            return own(p), own(p, joining)
 
     def late(t: float, alone: float, queued: float) -> float:
         """P(TTFT > t) of a prompt whose prefill takes `alone` when it starts at once, and
@@ -272,18 +299,69 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
             math.exp(-left * waiting / mean_wait) if mean_wait > 0 else 0.0)
         return (1 - waiting) * (t < alone) + waiting * waited
 
-    def tail(t: float) -> float:
-        return sum(w * late(t, a, o) for a, o, _, w in owns)
+    points = work.prompt_points  # ascending lengths
+    pairs: dict[int, tuple[float, float]] = {}  # point index -> (alone, queued)
 
-    def percentile(q: float) -> float:
-        low, high = 0.0, max(o for _, o, _, _ in owns) + 50 * mean_wait + 1.0
-        for _ in range(30):
-            mid = (low + high) / 2
-            low, high = (mid, high) if tail(mid) > 1 - q else (low, mid)
-        return high
+    def lateness(i: int) -> float:
+        p = points[i][0]
+        if i not in pairs:
+            pairs[i] = pair(p)
+        return late(slo.ttft_for(p), *pairs[i])
 
-    miss = sum(w * late(slo.ttft_for(p), a, o) for a, o, p, w in owns)
-    return lambda: (percentile(0.5), percentile(slo.attainment)), load / servers, miss
+    # the search needs only which side of the allowance the miss falls: with one target for
+    # every prompt a mixed engine's lateness grows with the prompt, so bounds between costed
+    # points decide it; otherwise the longest prompts first, until past the allowance
+    allowance = 1 - slo.attainment
+    if step and not slo.ttft_per_token:
+        miss = bracketed_sum(lateness, [w for _, w in points], allowance)
+    else:
+        miss = 0.0
+        for i in reversed(range(len(points))):
+            miss += points[i][1] * lateness(i)
+            if miss > allowance:
+                break
+
+    def percentiles() -> tuple[float, float]:
+        owns = [(*(pairs[i] if i in pairs else pair(p)), w) for i, (p, w) in enumerate(points)]
+
+        def tail(t: float) -> float:
+            return sum(w * late(t, a, o) for a, o, w in owns)
+
+        def percentile(q: float) -> float:
+            low, high = 0.0, max(o for _, o, _ in owns) + 50 * mean_wait + 1.0
+            for _ in range(30):
+                mid = (low + high) / 2
+                low, high = (mid, high) if tail(mid) > 1 - q else (low, mid)
+            return high
+
+        return percentile(0.5), percentile(slo.attainment)
+
+    return percentiles, load / servers, miss
+
+
+def bracketed_sum(value: Callable[[int], float], weights: list[float], limit: float) -> float:
+    """sum(weights[i] * value(i)) for a value nondecreasing in i, costing only the i needed
+    to tell whether it exceeds `limit`: between two costed points every value lies between
+    theirs, so the sum has bounds; the widest bracket is split until they fall on one side.
+    Returns the sum when every point was costed, else an upper bound <= limit or a lower
+    bound > limit."""
+    last = len(weights) - 1
+    known = {0: value(0), last: value(last)}
+    while True:
+        costed = sorted(known)
+        low = high = sum(weights[i] * known[i] for i in costed)
+        widest, gap = None, 0.0
+        for a, b in zip(costed, costed[1:]):
+            inner = sum(weights[a + 1:b])
+            low += inner * known[a]
+            high += inner * known[b]
+            if b - a > 1 and inner * (known[b] - known[a]) > gap:
+                widest, gap = (a, b), inner * (known[b] - known[a])
+        if high <= limit or widest is None:
+            return high
+        if low > limit:
+            return low
+        known[(widest[0] + widest[1]) // 2] = value((widest[0] + widest[1]) // 2)
 
 
 def _power(service: ServiceModel, devices: int, busy: float) -> float:
@@ -322,13 +400,14 @@ def _meeting(p: Prediction | None, slo: SLO) -> Prediction | None:
 
 def _candidates_model(service, work, slo):
     """(devices, power, engines, predictions, chunk) for model-level replicas."""
+    fixed: dict = {}
     for shards in SHARDS:
         engine = LockstepEngine("model", shards)
         if engine.kv_capacity_tokens(service) <= work.prompt_mean + work.output_mean:
             continue
         for chunk in CHUNKS:
-            count, p = _fewest(lambda n: _meeting(predict(service, engine, n, work, slo, chunk),
-                                                  slo))
+            count, p = _fewest(lambda n: _meeting(predict(service, engine, n, work, slo, chunk,
+                                                          fixed_points=fixed), slo))
             if count is None:
                 continue
             yield (count * shards, _power(service, count * shards, p.busy_fraction),
@@ -383,6 +462,7 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
     devices than the best found is skipped."""
     best = math.inf
     pooled = mechanisms.pooled_prefill
+    fixed: dict = {}
     for shards in SHARDS:
         for chunk in CHUNKS:
             for replicas in range(1, 17):
@@ -393,12 +473,17 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
                     if disaggregated:  # as few attention devices as meet, if any does
                         limit = int(min(256, best - probe.devices)) if best < math.inf else 256
 
-                        def meeting(a: int) -> Prediction | None:
+                        def meeting(a: int, floor: float = 0.0) -> Prediction | None:
                             return _meeting(predict(service, OperatorEngine(
-                                a, shards, replicas, pooled), 1, work, slo, chunk), slo)
-                        # most shapes fail even at the limit: one probe says so
+                                a, shards, replicas, pooled), 1, work, slo, chunk,
+                                fixed_points=fixed, floor=floor), slo)
+                        # most shapes fail even at the limit: one probe says so; its step,
+                        # the fastest, starts the fewer devices' fixed points
                         if limit < 1 or not (at_limit := meeting(limit)):
                             continue
+                        fastest = fixed[OperatorEngine(limit, shards, replicas, pooled),
+                                        work.rate, True]
+                        meeting = functools.partial(meeting, floor=fastest[0])
                         attention, p = _fewest(meeting, 1, limit - 1) if limit > 1 \
                             else (None, None)
                         if attention is None:
@@ -406,7 +491,7 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
                     else:
                         attention = 0
                         p = _meeting(predict(service, OperatorEngine(0, shards, replicas, pooled),
-                                             1, work, slo, chunk), slo)
+                                             1, work, slo, chunk, fixed_points=fixed), slo)
                     if p:
                         engine = OperatorEngine(attention, shards, replicas, pooled)
                         best = min(best, engine.devices)
@@ -454,7 +539,7 @@ def prefill_alone_s(service: ServiceModel, prompt: float) -> float:
     parallelism, the largest chunk): no deployment gives it a shorter TTFT."""
     engine, chunk = LockstepEngine("prefill", max(SHARDS)), max(PREFILL_CHUNKS)
     tokens = min(prompt, chunk)
-    return math.ceil(prompt / chunk) * engine.step(service, Batch(1, tokens, tokens * tokens))[0]
+    return math.ceil(prompt / chunk) * engine.seconds(service, Batch(1, tokens, tokens * tokens))
 
 
 def too_long_for_ttft(service: ServiceModel, work: Workload, slo: SLO) -> str:
