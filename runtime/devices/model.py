@@ -113,25 +113,13 @@ class DeviceModel:
         return seconds
 
     def _fit_timer(self, fit: KernelFit, dtype: str) -> Callable[[float, float], float]:
-        """A kernel fit as a timer, its rate scaled to the dtype's peak: KernelFit.time's
-        arithmetic with the constants bound (the planner calls it for every part of every
-        step it costs)."""
-        latency, memory_rate, cache = fit.latency_s, fit.memory_rate, fit.cache_bytes
-        beyond_rate = fit.beyond_rate
-        if fit.compute_rate:
-            compute_rate = fit.compute_rate * (self.peak(dtype) / self.peak(FIT_DTYPE))
-            n = fit.sharpness
-            root = 1 / n
+        """A kernel fit as a timer, its rate scaled to the dtype's peak."""
+        scale = self.peak(dtype) / self.peak(FIT_DTYPE)
 
         def seconds(flops: float, nbytes: float) -> float:
             if flops <= 0 and nbytes <= 0:
                 return 0.0
-            memory = nbytes / memory_rate
-            if beyond_rate:
-                memory = memory + max(0.0, nbytes - cache) / beyond_rate
-            if not fit.compute_rate:
-                return latency + memory
-            return latency + ((flops / compute_rate) ** n + memory ** n) ** root
+            return fit.time(flops, nbytes, scale)
         return seconds
 
     def efficient_compute(self, dtype: str = "bf16") -> float:
