@@ -176,8 +176,7 @@ class ServiceModel:
         dn, ds1 = batch.decode_n, batch.decode_s1
         if pn == 0 and dn == 0:
             return 0.0
-        # busy_replicas, inline: the planner costs every kind of every step it tries
-        replicas = max(1.0, min(float(replicas), pn + dn if kind.stateful else ps1 + dn))
+        replicas = self.busy_replicas(kind, batch, replicas)
         cached = self._timing.get(id(kind))
         timing = cached[1] if cached and cached[0] is kind else self._time_parts(kind)
         one = 0.0
