@@ -61,8 +61,8 @@ class Group:
     lowering: str = "not lowered"
     graph: int = 0
     kernels: list[str] = field(default_factory=list)  # fxscale.kernels ops it calls
-    # its costs by operator class, {class: {"flops": expr, "bytes": expr}}: a device model
-    # calibrated per kernel class (GEMMs) times each part with its own fit
+    # its costs by operator class (pointwise split by kernel), {class: {"flops": expr,
+    # "bytes": expr}}: a device model calibrated per kernel class times each with its fit
     class_costs: dict[str, dict[str, str]] = field(default_factory=dict)
     callable: Any = field(default=None, repr=False, compare=False)
 

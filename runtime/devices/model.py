@@ -65,7 +65,8 @@ class DeviceModel:
     sources: dict[str, str] = field(default_factory=dict)
     # workers on one node -> (latency s, ring bandwidth B/s), fitted to measured all-reduces
     all_reduce: dict[int, tuple[float, float]] = field(default_factory=dict)
-    # kernel class (gemm, norm, embedding) -> its fit to measured operator times
+    # kernel class (gemm, norm, embedding, rotary, activation, residual) -> its fit to
+    # measured operator times
     kernels: dict[str, KernelFit] = field(default_factory=dict)
     # (kernel, dtype) -> timer, ("all-reduce", workers) -> ring constants: built once
     _timers: dict = field(default_factory=dict, init=False, repr=False, compare=False)

@@ -14,13 +14,12 @@ The prediction for one engine at arrival rate lam (docs/simulator.md has the der
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, partial
 
 from fxscale.contracts.plan import POLICIES, SLO, EngineCount, GroupPlacement, Plan
 from fxscale.runtime.planner.engines import (
@@ -198,15 +197,13 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
     step = tbt99 = batch99 = busy_fraction = 0.0
     mean_batch = 0.0
     if decode:
+        fixed_points = {} if fixed_points is None else fixed_points
         key = (engine, lam, prefill)
-        found = fixed_points.get(key, False) if fixed_points is not None else False
-        if found is False:
-            found = _decode_fixed_point(service, engine, lam, work, prefill, floor)
-            if fixed_points is not None:
-                fixed_points[key] = found
-        if found is None:
+        if key not in fixed_points:
+            fixed_points[key] = _decode_fixed_point(service, engine, lam, work, prefill, floor)
+        if fixed_points[key] is None:
             return None
-        step, highest, gain, busy = found
+        step, highest, gain, busy = fixed_points[key]
         if prefill and lam * highest * work.prompt_mean > chunk * lanes:
             return None  # the prompt backlog grows
         here = _mean_batch(lam, step, work, prefill)
@@ -481,9 +478,7 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
                         # the fastest, starts the fewer devices' fixed points
                         if limit < 1 or not (at_limit := meeting(limit)):
                             continue
-                        fastest = fixed[OperatorEngine(limit, shards, replicas, pooled),
-                                        work.rate, True]
-                        meeting = functools.partial(meeting, floor=fastest[0])
+                        meeting = partial(meeting, floor=at_limit.step_s)
                         attention, p = _fewest(meeting, 1, limit - 1) if limit > 1 \
                             else (None, None)
                         if attention is None:

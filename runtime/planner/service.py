@@ -185,8 +185,8 @@ class ServiceModel:
             ways = 1 if replicated else shards
             one += seconds(flops / (ways * replicas), shared / ways + variable / (ways * replicas))
         if shards > 1 and kind.sharded_comm:
-            one += self.device.all_reduce_time(batch.tokens * kind.out_bytes_per_token / replicas,
-                                          shards)
+            one += self.device.all_reduce_time(
+                batch.tokens * kind.out_bytes_per_token / replicas, shards)
         return one * kind.count
 
     def _time_parts(self, kind: Kind) -> tuple:
