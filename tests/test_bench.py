@@ -21,6 +21,7 @@ from fxscale.studies.bench_families import (
     EngineConfig,
     HttpConfig,
     ProfileConfig,
+    RayConfig,
     RuntimeConfig,
     SimulatorConfig,
 )
@@ -33,7 +34,10 @@ TINY = bench.BenchConfig(
                               duration_s=60.0, slo_scales=(1.0,)),
     runtime=RuntimeConfig(seconds=2.0, hidden=64),
     engine=EngineConfig(hidden=(128,), requests=(4,), longest=24, new_tokens=4, rounds=1),
-    http=HttpConfig(hidden=64, rates=(4.0,), seconds=2.0, rounds=1, policies=("operator",)))
+    http=HttpConfig(hidden=64, rates=(4.0,), seconds=2.0, rounds=1, policies=("operator",)),
+    ray=RayConfig(hidden=64, layers=1, requests=4, longest=16, new_tokens=4, rounds=1,
+                  hop_tokens=(1,), hop_calls=5, ready_repeats=1, cold_starts=1,
+                  process_layers=()))
 README = "# Project\n\nintro\n\n## Results\n\n{start}\nstale table\n{end}\n\nfooter\n"
 ROW_KEYS = {
     "compile": {"model": str, "layers": int, "hidden": int, "batch": int, "length": int,
@@ -72,9 +76,11 @@ ROW_KEYS = {
                 for name, unit in (("ttft_p50_overhead", "_s"), ("tbt_p50_overhead", "_s"),
                                    ("tokens_per_s_ratio", ""))
                 for stat in ("", "_min", "_max")}},
+    "ray": {"measure": str, "case": str, "backend": str, "unit": str, "value": float,
+            "min": float, "max": float},
 }
 PLOTS = {f"{stem}.{ext}" for stem in ("compile", "profiles", "simulator", "runtime", "engine",
-                                      "http") for ext in ("png", "svg")}
+                                      "http", "ray") for ext in ("png", "svg")}
 
 
 def run_command(*argv: str) -> tuple[int, str]:
@@ -155,6 +161,10 @@ def test_results_json_schema(bench_run):
     http = rows["http"]["rows"]
     assert [(r["policy"], r["rate_rps"]) for r in http] == [("operator", 4.0)]
     assert http[0]["http_completed"] == http[0]["in_process_completed"] == http[0]["requests"]
+    ray_rows = rows["ray"]["rows"]
+    assert {r["measure"] for r in ray_rows} >= {"tokens_per_s", "tokens_per_s_ratio",
+                                                 "call_s", "ready_s"}
+    assert all(r["min"] <= r["value"] <= r["max"] and r["value"] > 0 for r in ray_rows)
     assert set(data["plots"]) == PLOTS
 
 
@@ -165,15 +175,16 @@ def test_markdown_has_one_table_per_family(bench_run):
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert [h.split(":")[0] for h in headings] == [
         "## Compile path", "## Per-group profiles", "## Simulator", "## Local runtime",
-        "## Engine", "## HTTP server", "## Plots"]
-    sections = text.split("\n## ")[1:7]
+        "## Engine", "## HTTP server", "## Ray executor", "## Plots"]
+    sections = text.split("\n## ")[1:8]
     expected = {"compile": len(data["families"]["compile"]["rows"]),
                 "profiles": len({(r["name"], r["phase"])
                                  for r in data["families"]["profiles"]["rows"]}),
                 "simulator": len(data["families"]["simulator"]["rows"]),
                 "runtime": len(data["families"]["runtime"]["rows"]),
                 "engine": len(data["families"]["engine"]["rows"]),
-                "http": len(data["families"]["http"]["rows"])}
+                "http": len(data["families"]["http"]["rows"]),
+                "ray": len(data["families"]["ray"]["rows"])}
     for section, (family, count) in zip(sections, expected.items()):
         table = [line for line in section.splitlines() if line.startswith("|")]
         assert table[1].startswith("|---"), family

@@ -60,7 +60,11 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="serve a copy of the weights in this dtype (default: the model's)")
     parser.add_argument("--backend", choices=("local", "ray"), default="local",
-                        help="local: replicas are threads of this process (default)")
+                        help="local: replicas are threads of this process (default); ray: "
+                             "each replica a Ray actor (pip install 'fxscale[ray]')")
+    parser.add_argument("--address", metavar="HOST:PORT",
+                        help="with --backend ray: join this Ray cluster (default: start a "
+                             "private one on 127.0.0.1, stopped at exit)")
     parser.add_argument("--grace-period", type=positive_float, default=30.0, metavar="S",
                         help="on SIGTERM, seconds to finish requests in flight (default 30)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -81,9 +85,8 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
     """fxscale.serve's options from the command line (a ValueError for a bad combination)."""
     from fxscale.contracts.plan import SLO
 
-    if args.backend == "ray":
-        raise ValueError("--backend ray is not available in this build yet; use --backend "
-                         "local (replicas are threads of this process)")
+    if args.address is not None and args.backend != "ray":
+        raise ValueError("--address names a Ray cluster: it goes with --backend ray")
     if (args.slo_ttft is None) != (args.slo_tbt is None):
         raise ValueError("--slo-ttft and --slo-tbt go together")
     slo = SLO(args.slo_ttft, args.slo_tbt) if args.slo_ttft is not None else None
@@ -93,7 +96,8 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
             "autoscale": args.autoscale, "max_model_len": args.max_model_len,
             "kv_cache_tokens": args.kv_cache_tokens, "dtype": args.dtype,
             "max_num_batched_tokens": args.max_num_batched_tokens,
-            "max_pending": args.max_pending}
+            "max_pending": args.max_pending, "backend": args.backend,
+            "address": args.address}
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -114,8 +118,8 @@ def _serve_command(args: argparse.Namespace) -> int:
     """Check the model, bind, print where to reach it, serve until SIGTERM or Ctrl-C."""
     import uvicorn
 
-    from fxscale.serving.api import ServeSettings, build_app
     from fxscale.models.loading import check_model, load_model
+    from fxscale.serving.api import ServeSettings, build_app
 
     if not _is_loopback(args.host) and not args.api_key:
         raise ValueError(f"--host {args.host} serves beyond this machine: set --api-key (or "

@@ -51,6 +51,7 @@ from fxscale.contracts.sampling import Sampling
 from fxscale.runtime.autoscaling.autoscaler import Autoscaler
 from fxscale.runtime.engine import Engine
 from fxscale.runtime.engine.attention import find_attention
+from fxscale.runtime.engine.attention import register as register_attention
 from fxscale.runtime.engine.engine import EngineClosedError
 from fxscale.runtime.engine.pooled import PooledRunner
 from fxscale.runtime.engine.runner import SequentialRunner, private_copy
@@ -65,6 +66,7 @@ MAX_BUDGET = 256
 MAX_PENDING = 4096
 MAX_BATCH = 1024          # requests per step
 MAX_BATCHED_TOKENS = 1 << 16
+BACKENDS = ("local", "ray")
 
 
 class OverloadError(RuntimeError):
@@ -156,15 +158,19 @@ class Server:
                  service: Callable[[str, int, int], float] | None = None,
                  dtype: str | torch.dtype | None = None, micro_batches: int = 1,
                  max_model_len: int | None = None,
-                 devices: Devices | str | None = None) -> None:
+                 devices: Devices | str | None = None, address: str | None = None,
+                 actors: str = "replica") -> None:
         if policy not in LIVE_POLICIES:
             raise ValueError(f"policy must be one of {LIVE_POLICIES}, got {policy!r}")
         if autoscale and slo is None:
             raise ValueError("autoscale=True needs an SLO to plan for: pass "
                              "slo=fxscale.SLO(ttft=..., tbt=...)")
-        if backend != "local":
-            raise ValueError(f"backend {backend!r} is not available; this build serves on "
-                             "the embedded local runtime: backend='local'")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} (threads of this process, "
+                             f"or Ray actors), got {backend!r}")
+        if (address is not None or actors != "replica") and backend != "ray":
+            raise ValueError("address= and actors= say where Ray actors run: they need "
+                             "backend='ray'")
         devices = _devices(devices, budget)
         budget = devices.total_slots
         for name, value, most in (("budget (devices x slots)", budget, MAX_BUDGET),
@@ -208,7 +214,13 @@ class Server:
         self.engines_lock = threading.Lock()
         self.resize_lock = threading.Lock()  # a check and the change it allows, together
         self.replica_keys = itertools.count(1)  # model replicas: each its own replica key
+        self.executor = None  # the Ray executor (backend="ray")
         try:
+            if backend == "ray":
+                from fxscale.runtime.executors.ray_executor import RayExecutor
+
+                self.executor = RayExecutor(devices, address, actors=actors, device=str(
+                    next(model.parameters()).device), setup=register_attention)
             # before compiling: Dynamo guards on the thread count, a later change recompiles
             _ProcessSettings.acquire(1 if policy == "operator" else max(1, budget // replicas))
             self.holds_settings = True
@@ -252,12 +264,16 @@ class Server:
                           "a time per step, without operator groups"
                           + (" or placement on the devices' memory"
                              if self.devices.memory is not None else ""), stacklevel=4)
+            if self.executor is not None:
+                raise ValueError(f"backend='ray' runs operator groups as actors; "
+                                 f"{type(self.model).__name__} is served without groups "
+                                 f"({why}): use backend='local'")
             return SequentialRunner(served)
         granularity = "operator" if self.policy == "operator" else "model"
         runner = PooledRunner(served, layers, self.num_blocks, self.schedule.block_size,
                               {"granularity": granularity, "lowering": lowering},
-                              self.placement,
-                              service=service)
+                              self.placement, service=service,
+                              **({"replica": self.executor.replica} if self.executor else {}))
         runner.warm_up()
         return runner
 
@@ -493,6 +509,7 @@ class Server:
                 self.engines.append(self._engine(key))
             extra = self.engines[count:]
             del self.engines[count:]
+            self.retired += extra  # counted from now on, while they finish their requests
         for pool in self.pools.values():
             pool.target = count
         for engine in extra:
@@ -503,7 +520,6 @@ class Server:
         engine.close()
         for key in list(engine.scheduler.pools):
             self.runner.remove_attention(key)
-        self.retired.append(engine)
 
     def _autoscale(self, group: str, replicas: int) -> None:
         """The autoscaler's way to resize a group (attention groups together)."""
@@ -534,6 +550,7 @@ class Server:
                   "waiting", "attention_replicas")}
         # counts since the start: a retired model replica's stay in them
         ever = per_engine + [e.stats() for e in self.retired]
+        steps["recomputed_replicas"] = sum(s["recomputed_replicas"] for s in ever)
         for key in ("prompt_tokens", "generation_tokens"):
             summary[key] = sum(s[key] for s in ever)
         summary["finish_reasons"] = {k: sum(s["finish_reasons"][k] for s in ever)
@@ -599,6 +616,8 @@ class Server:
         if isinstance(runner, PooledRunner):
             torch._dynamo.reset_code(runner.entry.__code__)
             runner.stop()
+        if self.executor is not None:
+            self.executor.close()
         if self.holds_settings:
             self.holds_settings = False
             _ProcessSettings.release()

@@ -4,7 +4,8 @@
 
 Families (fxscale/studies/bench_families.py): the compile path against eager and Inductor,
 per-group profiles, the simulator's policy comparison, the local runtime's, the engine's
-tokens/s against Hugging Face's, and `fxscale serve` over HTTP against the engine in process.
+tokens/s against Hugging Face's, `fxscale serve` over HTTP against the engine in process, and
+the Ray executor against the local one.
 `quick` is sized to finish in a few minutes on a 2-core CPU; the full matrix takes much
 longer (docs/benchmarks.md).
 """
@@ -25,12 +26,14 @@ from fxscale.studies.bench_families import (
     EngineConfig,
     HttpConfig,
     ProfileConfig,
+    RayConfig,
     RuntimeConfig,
     SimulatorConfig,
     compile_latency,
     engine_throughput,
     group_profiles,
     http_serving,
+    ray_executor,
     runtime_local,
     simulator_policies,
 )
@@ -40,7 +43,7 @@ from fxscale.studies.bench_report import page, write_plots
 SCHEMA_VERSION = 1
 FAMILIES = {"compile": compile_latency, "profiles": group_profiles,
             "simulator": simulator_policies, "runtime": runtime_local,
-            "engine": engine_throughput, "http": http_serving}
+            "engine": engine_throughput, "http": http_serving, "ray": ray_executor}
 Progress = Callable[[str, int, int], None]
 
 
@@ -54,6 +57,7 @@ class BenchConfig:
     runtime: RuntimeConfig = RuntimeConfig()
     engine: EngineConfig = EngineConfig()
     http: HttpConfig = HttpConfig()
+    ray: RayConfig = RayConfig()
 
 
 FULL = BenchConfig()
@@ -65,7 +69,9 @@ QUICK = BenchConfig(
                               duration_s=300.0, slo_scales=(0.5, 1.0)),
     runtime=RuntimeConfig(seconds=5.0, hidden=256),
     engine=EngineConfig(hidden=(256,), requests=(16,), longest=64, new_tokens=8, rounds=2),
-    http=HttpConfig(hidden=256, rates=(8.0,), seconds=5.0, rounds=2))
+    http=HttpConfig(hidden=256, rates=(8.0,), seconds=5.0, rounds=2),
+    ray=RayConfig(hidden=256, requests=16, longest=64, new_tokens=8, rounds=2,
+                  hop_calls=100, ready_repeats=2, cold_starts=1, process_layers=(32,)))
 
 
 def run_bench(out_dir: str | Path, quick: bool = False, progress: Progress | None = None,

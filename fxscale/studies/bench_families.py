@@ -298,3 +298,85 @@ def http_serving(config: HttpConfig, tick: Tick = _no_tick) -> list[dict]:
                          progress=lambda message: tick(f"http: {message}"))
     return [{"hidden": bench.hidden, "layers": bench.layers, "trace": bench.trace, **row}
             for row in rows]
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """The Ray executor against the local one: closed-loop tokens/s and latency on the same
+    model and devices, the time of one group call through an actor, time to ready of a
+    group's replica and of a model's, and two actor processes against two threads on narrow
+    many-layer models (fxscale/studies/ray_bench.py)."""
+
+    hidden: int = 512
+    layers: int = 2
+    requests: int = 32
+    longest: int = 128
+    new_tokens: int = 16
+    rounds: int = 3
+    hop_tokens: tuple[int, ...] = (1, 64, 512)
+    hop_calls: int = 300
+    ready_repeats: int = 5
+    cold_starts: int = 3
+    process_layers: tuple[int, ...] = (8, 32)
+
+    def units(self) -> int:
+        """Ticks the family makes: executors, hops, time to ready, one per process model."""
+        return 3 + len(self.process_layers)
+
+
+def _ray_row(measure: str, case: str, backend: str, unit: str, value: float,
+             low: float | None = None, high: float | None = None) -> dict[str, Any]:
+    """One figure of the Ray family (long format: one table for every measure)."""
+    return {"measure": measure, "case": case, "backend": backend, "unit": unit,
+            "value": value, "min": value if low is None else low,
+            "max": value if high is None else high}
+
+
+def _closed_loop_rows(case: str, result: dict[str, Any]) -> list[dict]:
+    """Tokens/s and latency percentiles per backend, and Ray's tokens/s over local's."""
+    rows = []
+    for backend in ("local", "ray"):
+        for key, figure in result[backend].items():
+            unit = "tokens/s" if key == "tokens_per_s" else "s"
+            rows.append(_ray_row(key, case, backend, unit, figure["median"], figure["min"],
+                                 figure["max"]))
+    ratio = result["ray/local_tokens_per_s"]
+    rows.append(_ray_row("tokens_per_s_ratio", case, "ray/local", "x", ratio["median"],
+                         ratio["min"], ratio["max"]))
+    return rows
+
+
+def ray_executor(config: RayConfig, tick: Tick = _no_tick) -> list[dict]:
+    """Rows of (measure, case, backend, unit, value, min, max): median and spread over
+    interleaved rounds (hops: p10 and p90 of the calls)."""
+    from fxscale.studies import ray_bench
+
+    bench = ray_bench.RayBench(hidden=config.hidden, layers=config.layers,
+                               requests=config.requests, longest=config.longest,
+                               new_tokens=config.new_tokens, rounds=config.rounds)
+    tick(f"ray: local vs Ray executor, llama {config.layers}x{config.hidden}, "
+         f"{config.requests} requests, {config.rounds} rounds")
+    rows = _closed_loop_rows(f"operator, llama {config.layers}x{config.hidden}, 2 devices",
+                             ray_bench.executors(bench))
+    tick(f"ray: one group call, {config.hop_calls} calls per size")
+    for hop in ray_bench.hops(config.hop_tokens, calls=config.hop_calls):
+        case = f"[{hop['tokens']}, {hop['hidden']}] fp32 ({hop['bytes']} B)"
+        for backend in ("local", "ray"):
+            call = hop[f"{backend}_us"]
+            rows.append(_ray_row("call_s", case, backend, "s", call["median"] * 1e-6,
+                                 call["p10"] * 1e-6, call["p90"] * 1e-6))
+    tick("ray: time to ready")
+    ready = ray_bench.ready(bench, repeats=config.ready_repeats,
+                            cold_starts=config.cold_starts)
+    for policy in ("operator", "model"):
+        entry, seconds = ready[policy], ready[policy]["ready_s"]
+        rows.append(_ray_row("ready_s", f"{entry['group']} ({entry['weight_bytes']} B)", "ray",
+                             "s", seconds["median"], seconds["min"], seconds["max"]))
+    cold = ready["cold_actor_start_s"]
+    rows.append(_ray_row("ready_s", "a cold actor (no weights)", "ray", "s", cold["median"],
+                         cold["min"], cold["max"]))
+    for layers in config.process_layers:
+        tick(f"ray: two model replicas, llama {layers}x64, threads vs processes")
+        rows += _closed_loop_rows(f"model x2, llama {layers}x64",
+                                  ray_bench.processes(bench, layers))
+    return rows

@@ -184,6 +184,26 @@ def _http_table(results: dict[str, Any]) -> list[str]:
                   body)
 
 
+def _ray_caption(results: dict[str, Any]) -> str:
+    """What the Ray rows compared."""
+    c = results["config"]["ray"]
+    return (f"backend='ray' (each replica a Ray actor) against backend='local' (threads), "
+            f"{c['requests']} requests of 16-{c['longest']} tokens, {c['new_tokens']} new, "
+            f"closed loop, median (min-max) of {c['rounds']} interleaved rounds; a group "
+            f"call: median (p10-p90) of {c['hop_calls']}")
+
+
+def _ray_table(results: dict[str, Any]) -> list[str]:
+    """Every figure of the Ray family, one per row."""
+    def shown(value: float, unit: str) -> str:
+        return f"{value * 1e3:.3g} ms" if unit == "s" else f"{value:.3g} {unit}"
+
+    body = [[r["measure"], r["case"], r["backend"], shown(r["value"], r["unit"]),
+             f"{shown(r['min'], r['unit'])} to {shown(r['max'], r['unit'])}"]
+            for r in _rows(results, "ray")]
+    return _table(("measure", "case", "backend", "value", "spread"), body)
+
+
 def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
     """One figure per family that ran, as PNG and SVG; the file names written."""
     import matplotlib
@@ -314,12 +334,31 @@ def _plot_http(plt, results: dict[str, Any]):
     return fig
 
 
+def _plot_ray(plt, results: dict[str, Any]):
+    """Tokens/s per case and the time of one group call per size, local against Ray."""
+    rows = _rows(results, "ray")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, measure, scale, ylabel in ((axes[0], "tokens_per_s", 1.0, "tokens/s"),
+                                       (axes[1], "call_s", 1e3, "one group call (ms)")):
+        picked = [r for r in rows if r["measure"] == measure]
+        cases = list(dict.fromkeys(r["case"] for r in picked))
+        by = {(r["case"], r["backend"]): r["value"] * scale for r in picked}
+        _bars(ax, cases, {b: [by.get((c, b)) for c in cases] for b in ("local", "ray")},
+              ylabel)
+        if measure == "call_s":
+            ax.set_yscale("log")
+    fig.suptitle("Ray executor vs local executor", fontsize=9)
+    return fig
+
+
 # family: (heading, caption, table), in the order the page shows them; family: plot
 SECTIONS = (("compile", "Compile path", _compile_caption, _compile_table),
             ("profiles", "Per-group profiles", _profile_caption, _profile_table),
             ("simulator", "Simulator", _simulator_caption, _simulator_table),
             ("runtime", "Local runtime", _runtime_caption, _runtime_table),
             ("engine", "Engine", _engine_caption, _engine_table),
-            ("http", "HTTP server", _http_caption, _http_table))
+            ("http", "HTTP server", _http_caption, _http_table),
+            ("ray", "Ray executor", _ray_caption, _ray_table))
 PLOTS = {"compile": _plot_compile, "profiles": _plot_profiles, "simulator": _plot_simulator,
-         "runtime": _plot_runtime, "engine": _plot_engine, "http": _plot_http}
+         "runtime": _plot_runtime, "engine": _plot_engine, "http": _plot_http,
+         "ray": _plot_ray}

@@ -84,6 +84,7 @@ class EngineRequest:
     rows: list[torch.Tensor] = field(default_factory=list)  # logits rows so far
     logprobs: list[dict] = field(default_factory=list)  # per token, when sampling asks
     generator: Any = None              # its own random stream (created at its first token)
+    recoveries: int = 0                # times its KV blocks were lost and recomputed
     finish_reason: str | None = None   # stop (end-of-sequence or the caller), length, abort
 
     @property
@@ -131,7 +132,7 @@ class Engine:
         from here, the windows of steps and finished requests start empty."""
         self.counters = {"steps": 0, "tokens": 0, "samples": 0, "preemptions": 0,
                          "failed_steps": 0, "completed": 0, "prompt_tokens": 0,
-                         "generation_tokens": 0}
+                         "generation_tokens": 0, "recomputed_replicas": 0}
         self.finish_reasons = {"stop": 0, "length": 0, "abort": 0, "error": 0}
         self.histograms = {key: Histogram(REQUEST_BUCKETS_S)
                            for key in ("ttft_s", "itl_s", "e2e_s")}
@@ -283,10 +284,15 @@ class Engine:
             outcomes = [self._attempt(halves[0]), other.result()]
         run_s = time.perf_counter() - run_start
         now = time.perf_counter()
+        lost = set()
         for half, (logits, whole, failed, err, failures) in zip(halves, outcomes):
             self.counters["failed_steps"] += failures
             for request in failed:
                 self._fail(request, err)
+            if getattr(err, "lost_replica", None) is not None \
+                    and err.lost_replica not in lost:
+                lost.add(err.lost_replica)
+                self._recompute(err)
             if logits is not None:
                 self.scheduler.complete(half)
                 self._deliver(half, logits, whole, now)
@@ -301,6 +307,8 @@ class Engine:
         try:
             return self.runner.run(step, tokens, whole), whole, [], None, 0
         except Exception as err:  # noqa: BLE001 - a failed step must not stop the engine
+            if getattr(err, "lost_replica", None) is not None:
+                return None, whole, [], err, 1  # not run again on empty blocks: recomputed
             held = getattr(err, "tokens", None)
             if held is not None:  # a group named the tokens it failed on: only theirs
                 return None, whole, requests_in(step, held), err, 1
@@ -311,6 +319,23 @@ class Engine:
             failed = requests_in(step, held) if held is not None else \
                 [c.request for c in step.chunks]
             return None, whole, failed, err, 2
+
+    def _recompute(self, err: BaseException) -> None:
+        """An attention replica died with its KV blocks: its requests are preempted, to be
+        recomputed from their tokens; a request this happens to a second time fails."""
+        for request in self.scheduler.recompute(err.lost_replica):
+            record = self.requests.get(request)
+            if record is None:
+                continue
+            record.recoveries += 1
+            if record.recoveries > 1:
+                self._fail(request, RuntimeError(
+                    f"request {request} lost its KV blocks twice ({err}); it was recomputed "
+                    "once and is not retried again"))
+                continue
+            self._forget(request)
+            record.rows.clear()  # a forward request recomputes its rows
+        self.counters["recomputed_replicas"] += 1
 
     def _deliver(self, step: Step, logits: torch.Tensor, whole: frozenset[int],
                  now: float) -> None:

@@ -33,7 +33,7 @@ from fxscale.runtime.engine.inputs import StepTensors, step_tensors
 from fxscale.runtime.engine.norms import route_norms
 from fxscale.runtime.engine.runner import forward_step, keeps_rows, route_attention
 from fxscale.runtime.engine.split import CACHE, STATE, merge, part_args, roles, splittable
-from fxscale.runtime.executors import LocalPool
+from fxscale.runtime.executors import LocalPool, LocalReplica
 from fxscale.runtime.executors.local import StateSlots
 from fxscale.runtime.scheduling.parts import Layout, Part, layout_of, token_slices
 
@@ -60,8 +60,10 @@ class PooledRunner:
                  block_size: int, options: dict[str, Any], placement: Placement,
                  backend: str = "auto",
                  service: Callable[[str, int, int], float] | None = None,
-                 norms: bool | None = None) -> None:
+                 norms: bool | None = None,
+                 replica: Callable[..., LocalReplica] = LocalReplica) -> None:
         self.model, self.block_size, self.placement = model, block_size, placement
+        self.new_replica = replica  # the executor's replicas: threads here, or Ray actors
         # service-time injection: (group, tokens, context tokens) -> seconds a call takes
         self.service = service
         self.options = options
@@ -103,7 +105,8 @@ class PooledRunner:
                 pool = self.pools.setdefault(group.name, LocalPool(
                     group.name, group.stateful, self.placement,
                     None if self.service is None else functools.partial(self.service,
-                                                                        group.name)))
+                                                                        group.name),
+                    self.new_replica))
             state = StateSlots(tuple(i for i, r in enumerate(arg_roles)
                                      if r.kind in (STATE, CACHE)),
                                frozenset(i for i, r in enumerate(arg_roles) if r.kind == CACHE))

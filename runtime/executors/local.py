@@ -8,6 +8,7 @@ raises is run once more (a dense part on another replica when there is one); if 
 again, a GroupError names the group and the tokens of the part."""
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -40,6 +41,15 @@ class GroupError(RuntimeError):
         self.group, self.tokens = group, tokens
 
 
+class StateLostError(GroupError):
+    """A replica died with the KV blocks it held (a replica of another process): its
+    requests must be recomputed, not retried on empty blocks."""
+
+    def __init__(self, group: str, replica: int, cause: BaseException) -> None:
+        super().__init__(group, None, cause)
+        self.lost_replica = replica
+
+
 class LocalReplica:
     """A worker thread with its own state: for each state tensor of the model (by id), this
     replica's copy (replica 0 of a pool holds the model's own tensors); its calls take the
@@ -54,10 +64,16 @@ class LocalReplica:
         self.thread = threading.Thread(target=self._loop, name=f"fxscale-{name}-{key}",
                                        daemon=True)
         self.thread.start()
+        self.location: dict[str, Any] = {"process": os.getpid(), "device": device}
 
-    def start(self, state: dict[int, torch.Tensor]) -> None:
-        """Take the state it holds (model tensor id -> its copy)."""
-        self.state = state
+    def take(self, known: dict[int, tuple[torch.Tensor, bool]]) -> None:
+        """Hold its copies of these model state tensors (id -> (tensor, is a KV cache)) it
+        does not hold yet: replica 0 the tensors themselves, others a copy of each weight
+        and a zeroed cache."""
+        for ident, (tensor, cache) in known.items():
+            if ident not in self.state:
+                self.state[ident] = tensor if self.key == 0 else \
+                    torch.zeros_like(tensor) if cache else tensor.clone()
 
     def run(self, fn: Callable[..., Any], args: list[Any], state: StateSlots,
             at_least_s: float = 0.0) -> Future:
@@ -71,12 +87,10 @@ class LocalReplica:
         """Run a call on the caller's thread with this replica's copies in place of the
         model's state tensors (the argument indices in `state`), holding its slot for at
         least `at_least_s` (an injected service time); (result, seconds)."""
-        for index in state.indices:
-            args[index] = self.state[id(args[index])]
         with self.slots:
             start = time.perf_counter()
             try:
-                result = fn(*args)
+                result = self.execute(fn, args, state)
                 left = at_least_s - (time.perf_counter() - start)
                 if left > 0:
                     time.sleep(left)  # releases the interpreter lock, as a kernel would
@@ -85,6 +99,12 @@ class LocalReplica:
                 self.executions += 1
                 self.busy_s += seconds
         return result, seconds
+
+    def execute(self, fn: Callable[..., Any], args: list[Any], state: StateSlots) -> Any:
+        """fn on args, its own copies in place of the model's state tensors."""
+        for index in state.indices:
+            args[index] = self.state[id(args[index])]
+        return fn(*args)
 
     def _loop(self) -> None:
         while True:
@@ -117,8 +137,12 @@ class LocalPool:
     (an attention replica next to its other layers) and frees that memory when it stops."""
 
     def __init__(self, name: str, stateful: bool, placement: Placement,
-                 service: Callable[[int, int], float] | None = None) -> None:
+                 service: Callable[[int, int], float] | None = None,
+                 replica: Callable[..., LocalReplica] = LocalReplica) -> None:
         self.name, self.stateful, self.placement = name, stateful, placement
+        # what starts a replica: (key, device slots, group, device) -> a LocalReplica, or
+        # one of its kind that runs elsewhere (runtime/executors/ray_executor.py)
+        self.new_replica = replica
         # service-time injection: (tokens, context tokens) -> seconds an execution takes
         self.service = service
         self.known: dict[int, tuple[torch.Tensor, bool]] = {}  # id -> (tensor, is a cache)
@@ -152,32 +176,19 @@ class LocalPool:
             with self.lock:
                 for i in new:
                     self.known[id(args[i])] = (args[i], i in state.caches)
+                added = {id(args[i]): self.known[id(args[i])] for i in new}
                 for replica in self.replicas.values():
-                    copies = self._copies(replica.key, new_only=replica.state)
-                    replica.state.update(copies)
-                    self.placement.charge(self.name, replica.key, *split_bytes(
-                        copies, {ident for ident in copies if self.known[ident][1]}))
+                    replica.take(added)
+                    self.placement.charge(self.name, replica.key, *known_bytes(added))
         if not self.called:
             self.called = True
             if not self.stateful:
                 self.scale(self.target)
 
-    def _copies(self, key: int, new_only: dict | None = None) -> dict[int, torch.Tensor]:
-        """Replica `key`'s copies of the known state (replica 0: the tensors themselves)."""
-        out = {}
-        for ident, (tensor, cache) in self.known.items():
-            if new_only is not None and ident in new_only:
-                continue
-            out[ident] = tensor if key == 0 else \
-                torch.zeros_like(tensor) if cache else tensor.clone()
-        return out
-
     def demand(self, key: int) -> Demand:
         """What a replica with this key would hold (to place it, or to check it would fit)."""
         with self.lock:
-            tensors = {ident: tensor for ident, (tensor, _) in self.known.items()}
-            caches = {ident for ident, (_, cache) in self.known.items() if cache}
-        weights, kv = split_bytes(tensors, caches)
+            weights, kv = known_bytes(self.known)
         return Demand(self.name, key, weights, kv, key if self.stateful else None)
 
     def add(self, key: int) -> None:
@@ -187,9 +198,9 @@ class LocalPool:
         device = self.placement.place(self.demand(key))
         replica = None
         try:
-            replica = LocalReplica(key, self.placement.slots[device], self.name, device)
+            replica = self.new_replica(key, self.placement.slots[device], self.name, device)
             with self.lock:
-                replica.start(self._copies(key))
+                replica.take(dict(self.known))
                 self.replicas[key] = replica
                 self.next_key = max(self.next_key, key + 1)
         except BaseException:  # nothing of a replica that did not start stays behind
@@ -249,6 +260,8 @@ class LocalPool:
             try:
                 result, seconds = self.replicas[key].run_here(fn, list(args), state, floor) \
                     if future is None else future.result()
+            except StateLostError:
+                raise  # its KV blocks are gone: the engine recomputes its requests
             except Exception as first:  # noqa: BLE001 - retried once, then named
                 result, seconds = self._retry(fn, key, args, tokens, state, first)
             results.append(result)
@@ -320,13 +333,20 @@ class LocalPool:
                 "latency_p50_s": quantile(seconds, 0.5), "latency_p99_s": quantile(seconds, 0.99),
                 "latency_histogram": histogram,
                 "weight_bytes_per_replica": weights, "kv_bytes_per_replica": kv,
-                "time_to_ready_s": self.ready_s[-1] if self.ready_s else None}
+                "time_to_ready_s": self.ready_s[-1] if self.ready_s else None,
+                "locations": {str(r.key): r.location for r in replicas}}
 
     def stop(self) -> None:
         """Stop every replica and forget the model's state."""
         for key in list(self.replicas):
             self.remove(key)
         self.known.clear()
+
+
+def known_bytes(known: dict[int, tuple[torch.Tensor, bool]]) -> tuple[int, int]:
+    """(weight bytes, KV cache bytes) of state tensors given as id -> (tensor, is a cache)."""
+    return split_bytes({ident: tensor for ident, (tensor, _) in known.items()},
+                       {ident for ident, (_, cache) in known.items() if cache})
 
 
 def split_bytes(by_id: dict[int, torch.Tensor], caches: set[int]) -> tuple[int, int]:

@@ -11,9 +11,9 @@ class Replica(Protocol):
 
     key: int
 
-    def start(self, state: dict[int, Any]) -> None:
-        """Take the state it will hold: argument index -> value (a copy of the weights, or a
-        KV cache of its own)."""
+    def take(self, known: dict[int, tuple[Any, bool]]) -> None:
+        """Hold its own copy of these model state tensors (id -> (tensor, is a KV cache)):
+        a weight as it is, a KV cache zeroed; called again with tensors first seen later."""
 
     def run(self, fn: Callable[..., Any], args: list[Any]) -> Any:
         """Run fn on args with its own state in place of the state arguments; returns a

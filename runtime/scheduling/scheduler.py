@@ -193,6 +193,14 @@ class Scheduler:
         preempted.sort(key=lambda s: s.arrival)
         self.waiting = preempted + [s for s in self.waiting if not s.preemptions]
 
+    def recompute(self, replica: int) -> list[int]:
+        """The requests of a replica that lost its KV blocks, freed and queued to recompute
+        (preempted); their ids."""
+        lost = [s for s in self.running if s.replica == replica]
+        for state in lost:
+            self._preempt(state)
+        return [s.id for s in lost]
+
     def _admitting(self, request: int, tokens: int) -> int | None:
         """The open replica with the most free blocks that holds `tokens` (None: none)."""
         open_pools = [(pool.num_free, -replica) for replica, pool in self.pools.items()

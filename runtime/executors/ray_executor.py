@@ -1,0 +1,369 @@
+"""The Ray executor: each replica of a group is a Ray actor, a process of its own on a node of
+a Ray cluster, holding only its group's state (weights; an attention replica its KV blocks).
+
+The engine, the scheduler and the pools stay in the server's process: a pool's replica here
+is a `RayReplica`, the local replica whose executions are calls of its actor. The model's
+weights go into Ray's object store once (numpy views of the tensors, bf16 as 16-bit
+integers) and every actor maps them from there without a copy, so a new replica's time to
+ready is the bytes it maps plus an actor start, not a model load; KV caches are allocated
+zeroed in the actor and never leave it. A step's activations go to each group's actor and
+back as plain actor calls; a group's function (its FX graph) is sent to an actor once.
+
+Each device of the deployment (fxscale.Devices) is one bundle of a Ray placement group
+(spread over the cluster's nodes), and a replica placed on device d runs in bundle d, so
+the fxscale placement decides which node each group runs on. An actor that dies is
+replaced at the next call: a dense replica's call is then run again, an attention replica's
+requests are recomputed (their KV blocks went with it; StateLostError).
+
+Without an address, a local Ray instance is started on 127.0.0.1 (no dashboard) and stopped
+by close(); with one, the executor joins that cluster and leaves it running. Nothing else in
+fxscale imports Ray (an optional extra: pip install "fxscale[ray]")."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from fxscale.contracts.devices import Devices
+from fxscale.runtime.executors.local import LocalReplica, StateLostError, StateSlots
+
+try:
+    import ray
+    from ray._private import ray_constants
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+except ImportError as missing:  # pragma: no cover - the error says how to install it
+    raise ImportError('backend="ray" needs Ray: pip install "fxscale[ray]"') from missing
+
+READY_TIMEOUT_S = 120.0  # the placement group's bundles and an actor's start
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A tensor between processes as a numpy array, which Ray moves without pickling its
+    bytes (a torch tensor it pickles: 2-3x slower at a few MB); bf16 as int16."""
+
+    array: np.ndarray
+    dtype: str
+
+
+def pack(value: Any) -> Any:
+    """Tensors in a value (nested in lists and tuples) as Shipped arrays."""
+    if isinstance(value, torch.Tensor):
+        return Shipped(to_shared(value), dtype_name(value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(pack(v) for v in value)
+    return value
+
+
+def unpack(value: Any, device: str = "cpu") -> Any:
+    """The tensors of a packed value, writable copies of their own on `device`."""
+    if isinstance(value, Shipped):
+        return from_shared(np.array(value.array), value.dtype).to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(unpack(v, device) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Ray processes started inside listen on 127.0.0.1 only: Ray's switch for a machine
+    that is not part of a cluster, read by the processes it starts (the environment) and by
+    this one (its constant), both restored after."""
+    saved_env = os.environ.get(LOOPBACK_SWITCH)
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_SWITCH], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(LOOPBACK_SWITCH, None)
+        else:
+            os.environ[LOOPBACK_SWITCH] = saved_env
+
+
+def dtype_name(tensor: torch.Tensor) -> str:
+    """'float32', 'bfloat16', ... (a torch attribute name)."""
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def to_shared(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as a numpy array the object store keeps (bf16 as int16)."""
+    t = tensor.detach().cpu().contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def from_shared(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """The tensor over an object-store array, without a copy (read-only: group calls never
+    write their weights)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+class GroupActor:
+    """A process hosting replicas (its own one, or every replica on its device): each
+    replica's state by name, and the group functions it was sent."""
+
+    def __init__(self, threads: int, device: str, setup: Callable[[], Any] | None) -> None:
+        torch.set_num_threads(threads)
+        if setup is not None:  # e.g. register the ops the group functions call
+            setup()
+        self.device = device
+        self.state: dict[str, dict[int, torch.Tensor]] = {}  # replica -> id -> tensor
+        self.functions: dict[int, Callable[..., Any]] = {}
+
+    def where(self) -> dict[str, Any]:
+        """The node, host and process it runs in."""
+        return {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+                "process": os.getpid()}
+
+    def take(self, replica: str, weights: dict[int, tuple[list, str]],
+             caches: dict[int, tuple[tuple[int, ...], str]]) -> None:
+        """Map a replica's weights from the object store (id -> ([ref], dtype)) and allocate
+        its zeroed KV caches (id -> (shape, dtype))."""
+        state = self.state.setdefault(replica, {})
+        for ident, ([ref], dtype) in weights.items():
+            state[ident] = from_shared(ray.get(ref), dtype).to(self.device)
+        for ident, (shape, dtype) in caches.items():
+            state[ident] = torch.zeros(shape, dtype=getattr(torch, dtype), device=self.device)
+
+    def run(self, replica: str, key: int, fn: Callable[..., Any] | None, args: list[Any],
+            state_ids: dict[int, int]) -> Any:
+        """fn (sent once, then known by key) on args, the replica's state in the state
+        slots."""
+        if fn is not None:
+            self.functions[key] = fn
+        args = unpack(args, self.device)
+        state = self.state.get(replica, {})  # a group without state has none
+        for index, ident in state_ids.items():
+            args[index] = state[ident]
+        with torch.no_grad():
+            return pack(self.functions[key](*args))
+
+    def drop(self, replica: str) -> None:
+        """Forget a replica's state."""
+        self.state.pop(replica, None)
+
+
+class RayReplica(LocalReplica):
+    """A replica whose state and executions live in a Ray actor (its thread here waits
+    for the actor's calls, holding its device's slot as a local replica does)."""
+
+    def __init__(self, key: int, slots: threading.Semaphore, name: str, device: int,
+                 executor: RayExecutor) -> None:
+        actor, where = executor.actor_for(device)  # first: no thread is left if it fails
+        super().__init__(key, slots, name, device)
+        self.actor, self.location = actor, where
+        self.group, self.executor = name, executor
+        self.name = f"{name}#{key}"  # its state's name in the actor
+        self.known: dict[int, tuple[torch.Tensor, bool]] = {}  # what its actor holds
+        self.sent: set[int] = set()  # functions its actor has from it
+
+    def take(self, known: dict[int, tuple[torch.Tensor, bool]]) -> None:
+        """Have its actor map these weights and allocate these caches (the model tensors
+        it mirrors stay in `state`, for their bytes)."""
+        new = {ident: item for ident, item in known.items() if ident not in self.known}
+        if new:
+            self._send(new)
+            self.known.update(new)
+            self.state.update({ident: tensor for ident, (tensor, _) in new.items()})
+
+    def _send(self, known: dict[int, tuple[torch.Tensor, bool]]) -> None:
+        weights = {ident: ([self.executor.shared(tensor)], dtype_name(tensor))
+                   for ident, (tensor, cache) in known.items() if not cache}
+        caches = {ident: (tuple(tensor.shape), dtype_name(tensor))
+                  for ident, (tensor, cache) in known.items() if cache}
+        ray.get(self.actor.take.remote(self.name, weights, caches), timeout=READY_TIMEOUT_S)
+
+    def execute(self, fn: Callable[..., Any], args: list[Any], state: StateSlots) -> Any:
+        """fn on args in its actor (the state arguments filled in there). A dead actor is
+        replaced: its weights are mapped again; KV blocks it held are lost (StateLostError,
+        for the engine to recompute its requests)."""
+        state_ids = {index: id(args[index]) for index in state.indices}
+        for index in state_ids:
+            args[index] = None  # the actor has its own
+        key = id(fn)
+        try:
+            result = unpack(ray.get(self.actor.run.remote(
+                self.name, key, None if key in self.sent else fn, pack(args), state_ids)),
+                self.executor.device)
+        except ray.exceptions.RayActorError as died:
+            self.actor, self.location = self.executor.replace(self.device, self.actor)
+            self.sent.clear()
+            self._send(self.known)
+            if any(cache for _, cache in self.known.values()):
+                raise StateLostError(self.group, self.key, died) from died
+            raise  # the pool runs the part again, on the new actor
+        self.sent.add(key)
+        return result
+
+    def stop(self) -> None:
+        """Finish queued calls, then end its actor (or its state in a shared one)."""
+        super().stop()
+        self.executor.retire(self.actor, self.name)
+
+
+ACTOR_MODES = ("replica", "device")
+
+
+class RayExecutor:
+    """One server's Ray: the cluster it started or joined, a placement group with a bundle
+    per device, and the actors of the replicas: `actors="replica"`, each replica its own
+    process; `actors="device"`, one process per device hosting every replica placed there
+    (groups the placement co-locates share a process: fewer processes, the same hops)."""
+
+    def __init__(self, devices: Devices, address: str | None = None, threads: int = 1,
+                 device: str = "cpu", actors: str = "replica", spares: int = 2,
+                 setup: Callable[[], Any] | None = None) -> None:
+        if actors not in ACTOR_MODES:
+            raise ValueError(f"actors must be one of {ACTOR_MODES}, got {actors!r}")
+        self.threads, self.device, self.per_device = threads, device, actors == "device"
+        self.setup = setup  # what each actor runs first (a module-level function)
+        # started actors waiting per device: a new replica takes one and pays only the
+        # bytes it maps (an actor's start, a process importing torch, takes seconds)
+        self.spare_count = 0 if self.per_device else spares
+        self.spares: dict[int, list[Any]] = {d: [] for d in range(devices.count)}
+        self.hosts: dict[int, tuple[Any, dict[str, Any]]] = {}  # device -> its actor
+        self.refs: dict[int, Any] = {}  # model tensor id -> its object in the store
+        self.lock = threading.Lock()
+        self.actors: set[Any] = set()
+        self.group = None
+        self.owns_connection = False
+        if not ray.is_initialized():
+            if address is None:  # a private instance on loopback, sized to this machine
+                with loopback_only():
+                    ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+                             _node_ip_address="127.0.0.1", logging_level="ERROR",
+                             configure_logging=False, log_to_driver=False)
+            else:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            self.owns_connection = True
+        gpu = device.startswith("cuda")
+        # a device's share of the cluster: a whole GPU, or an equal part of the CPUs
+        unit = {"GPU": 1.0} if gpu else \
+            {"CPU": min(1.0, ray.cluster_resources().get("CPU", 1.0) / devices.count)}
+        self.group = placement_group([unit] * devices.count, strategy="SPREAD")
+        try:
+            ray.get(self.group.ready(), timeout=READY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise RuntimeError(f"Ray could not reserve {devices.count} bundles of {unit} "
+                               f"within {READY_TIMEOUT_S:.0f} s (cluster: "
+                               f"{ray.cluster_resources()}); give fewer devices or more "
+                               "nodes") from None
+        self.actor_class = ray.remote(GroupActor)
+        # actors share their bundle's resources (a GPU actor sees its bundle's GPU)
+        self.share = {"num_gpus": 0.01, "num_cpus": 0} if gpu else {"num_cpus": 0}
+        for index in self.spares:  # started now, they come up while the model compiles
+            if self.per_device:
+                self.hosts[index] = (self._launch(index), {})
+            self._refill(index)
+
+    def replica(self, key: int, slots: threading.Semaphore, name: str, device: int
+                ) -> RayReplica:
+        """A pool's replica factory (LocalPool's `replica`)."""
+        return RayReplica(key, slots, name, device, self)
+
+    def _launch(self, device: int) -> Any:
+        """Start an actor in device `device`'s bundle (it runs once its process is up)."""
+        actor = self.actor_class.options(
+            max_restarts=0, **self.share,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.group, placement_group_bundle_index=device)).remote(
+                    self.threads, self.device, self.setup)
+        self.actors.add(actor)
+        return actor
+
+    def _refill(self, device: int) -> None:
+        """Start spare actors for a device up to the count kept."""
+        with self.lock:
+            while len(self.spares[device]) < self.spare_count:
+                self.spares[device].append(self._launch(device))
+
+    def _running(self, actor: Any, device: int) -> tuple[Any, dict[str, Any]]:
+        """(actor, where it runs) once it runs (a clear error, and no actor, when it does
+        not start)."""
+        try:
+            where = ray.get(actor.where.remote(), timeout=READY_TIMEOUT_S)
+        except BaseException:
+            self.stop_actor(actor)
+            raise
+        return actor, {**where, "device": device}
+
+    def actor_for(self, device: int) -> tuple[Any, dict[str, Any]]:
+        """The actor a new replica on device `device` lives in, running: the device's
+        host, or one of its own (a spare when one waits); (handle, where it is)."""
+        if self.per_device:
+            with self.lock:
+                host = self.hosts.get(device) or (self._launch(device), {})
+                self.hosts[device] = host
+            if not host[1]:
+                host = self._running(host[0], device)
+                with self.lock:
+                    self.hosts[device] = host
+            return host
+        with self.lock:
+            spares = self.spares[device]
+            actor = spares.pop(0) if spares else self._launch(device)
+        self._refill(device)
+        return self._running(actor, device)
+
+    def replace(self, device: int, dead: Any) -> tuple[Any, dict[str, Any]]:
+        """The actor that takes over from a dead one (a device's host is replaced once,
+        for all its replicas)."""
+        with self.lock:
+            if self.hosts.get(device, (None,))[0] is dead:
+                del self.hosts[device]
+        self.stop_actor(dead)
+        return self.actor_for(device)
+
+    def retire(self, actor: Any, replica: str) -> None:
+        """A replica stopped: end its actor, or drop its state from its device's host."""
+        if not self.per_device:
+            self.stop_actor(actor)
+            return
+        try:
+            ray.get(actor.drop.remote(replica), timeout=READY_TIMEOUT_S)
+        except ray.exceptions.RayActorError:
+            pass  # the host died: its state went with it
+
+    def stop_actor(self, actor: Any) -> None:
+        """End an actor (its process and what it holds)."""
+        with self.lock:
+            self.actors.discard(actor)
+        ray.kill(actor, no_restart=True)
+
+    def shared(self, tensor: torch.Tensor) -> Any:
+        """The object-store copy of a model tensor, put there once."""
+        with self.lock:
+            ref = self.refs.get(id(tensor))
+            if ref is None:
+                ref = self.refs[id(tensor)] = ray.put(to_shared(tensor))
+            return ref
+
+    def close(self) -> None:
+        """End every actor and the placement group; stop the Ray instance it started, or
+        leave the cluster it joined (running)."""
+        self.spare_count = 0
+        for actor in list(self.actors):
+            self.stop_actor(actor)
+        for spares in self.spares.values():
+            spares.clear()
+        self.hosts.clear()
+        self.refs.clear()
+        if self.group is not None:
+            remove_placement_group(self.group)
+            self.group = None
+        if self.owns_connection and ray.is_initialized():
+            ray.shutdown()
