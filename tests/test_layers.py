@@ -112,12 +112,12 @@ def test_stages_import_one_way_without_cycles_and_planning_stays_torch_free():
 
 def test_only_the_ray_executor_imports_ray():
     """Ray is an optional extra: one module imports it, and nothing imports that module but
-    the server (lazily, for backend="ray"), the Ray benchmark and the tests."""
+    the server (lazily, for backend="ray"), the Ray benchmark (lazily) and the tests."""
     graph, external = import_graph(REPO, ROOTS)
     assert {m for m, packages in external.items() if "ray" in packages} == \
         {"fxscale.runtime.executors.ray_executor"}
     assert set(graph.predecessors("fxscale.runtime.executors.ray_executor")) == \
-        {"fxscale.serving.server", "fxscale.studies.ray_bench"}
+        {"fxscale.serving.server", "fxscale.studies.ray_bench", "fxscale.studies.bench_families"}
 
 
 def test_torch_free_stages_import_without_torch():

@@ -91,6 +91,30 @@ def loopback_only() -> Iterator[None]:
             os.environ[LOOPBACK_SWITCH] = saved_env
 
 
+def start_private_ray() -> None:
+    """Start a Ray instance for this process alone: on 127.0.0.1, no dashboard, this
+    machine's CPUs (ray.shutdown() stops it)."""
+    with loopback_only():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", logging_level="ERROR", configure_logging=False,
+                 log_to_driver=False)
+
+
+@contextlib.contextmanager
+def one_ray_instance() -> Iterator[None]:
+    """One private Ray instance for every executor started inside (each would otherwise
+    start and stop its own, seconds each), stopped at the end; an instance already running
+    is used and left running."""
+    started = not ray.is_initialized()
+    if started:
+        start_private_ray()
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def dtype_name(tensor: torch.Tensor) -> str:
     """'float32', 'bfloat16', ... (a torch attribute name)."""
     return str(tensor.dtype).removeprefix("torch.")
@@ -224,7 +248,7 @@ class RayExecutor:
     (groups the placement co-locates share a process: fewer processes, the same hops)."""
 
     def __init__(self, devices: Devices, address: str | None = None, threads: int = 1,
-                 device: str = "cpu", actors: str = "replica", spares: int = 2,
+                 device: str = "cpu", actors: str = "replica", spares: int = 1,
                  setup: Callable[[], Any] | None = None) -> None:
         if actors not in ACTOR_MODES:
             raise ValueError(f"actors must be one of {ACTOR_MODES}, got {actors!r}")
@@ -241,11 +265,8 @@ class RayExecutor:
         self.group = None
         self.owns_connection = False
         if not ray.is_initialized():
-            if address is None:  # a private instance on loopback, sized to this machine
-                with loopback_only():
-                    ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
-                             _node_ip_address="127.0.0.1", logging_level="ERROR",
-                             configure_logging=False, log_to_driver=False)
+            if address is None:
+                start_private_ray()
             else:
                 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             self.owns_connection = True
