@@ -120,3 +120,13 @@ def test_soak_with_kills_and_scaling_loses_and_duplicates_nothing(cluster, llama
     assert stats["requests"]["completed"] == 500
     assert stats["engine"]["recomputed_replicas"] >= 1
     assert stats["requests"]["finish_reasons"]["error"] == 0
+
+
+def test_ray_options_without_the_ray_backend_are_clear_errors(llama):
+    """Nothing starts: the error names what to change."""
+    with pytest.raises(ValueError, match="need backend='ray'"):
+        fxscale.serve(llama, address="127.0.0.1:6379")
+    with pytest.raises(ValueError, match="need backend='ray'"):
+        fxscale.serve(llama, actors="device")
+    with pytest.raises(ValueError, match=r"backend must be one of \('local', 'ray'\)"):
+        fxscale.serve(llama, backend="cluster")

@@ -23,6 +23,10 @@ requests go to the least loaded one (a vLLM-style deployment). Both use the same
 and kernels. A model whose attention cannot be routed to the paged cache is served by the
 same engine one request at a time, with a warning.
 
+`backend="ray"` runs every replica as a Ray actor instead of a thread (runtime/executors/
+ray_executor.py: `address=` joins a cluster, `actors="device"` hosts a device's replicas in
+one process); the engine and scheduler stay here.
+
 Each server owns its compiled code (a private entry per runner, so servers never share
 Dynamo's recompile limit), and close() releases it with the replicas' state.
 `Server.apply(plan)` deploys a Plan (from the planner, or its JSON); `autoscale=True` plans
@@ -258,16 +262,16 @@ class Server:
             # weights of its own in the serving dtype (the user's model keeps its own)
             served = copy.deepcopy(served).to(self.dtype)
         layers, why = find_attention(served)
+        if why is not None and self.executor is not None:
+            raise ValueError(f"backend='ray' runs operator groups as actors; "
+                             f"{type(self.model).__name__} is served without groups "
+                             f"({why}): use backend='local'")
         if why is not None:
             warnings.warn(f"fxscale.serve: {type(self.model).__name__}'s attention cannot use "
                           f"the paged KV cache ({why}); the engine serves it one request at "
                           "a time per step, without operator groups"
                           + (" or placement on the devices' memory"
                              if self.devices.memory is not None else ""), stacklevel=4)
-            if self.executor is not None:
-                raise ValueError(f"backend='ray' runs operator groups as actors; "
-                                 f"{type(self.model).__name__} is served without groups "
-                                 f"({why}): use backend='local'")
             return SequentialRunner(served)
         granularity = "operator" if self.policy == "operator" else "model"
         runner = PooledRunner(served, layers, self.num_blocks, self.schedule.block_size,
