@@ -350,17 +350,20 @@ def ray_executor(config: RayConfig, tick: Tick = _no_tick) -> list[dict]:
     """Rows of (measure, case, backend, unit, value, min, max): median and spread over
     interleaved rounds (hops: p10 and p90 of the calls)."""
     from fxscale.runtime.executors.ray_executor import one_ray_instance
-    from fxscale.studies import ray_bench
 
     with one_ray_instance():  # one Ray start for every server of the family
-        return _ray_rows(config, tick, ray_bench)
+        return _ray_rows(config, tick)
 
 
-def _ray_rows(config: RayConfig, tick: Tick, ray_bench: Any) -> list[dict]:
+def _ray_rows(config: RayConfig, tick: Tick) -> list[dict]:
     """The Ray family's measurements, every server on the Ray instance now running."""
-    bench = ray_bench.RayBench(hidden=config.hidden, layers=config.layers,
-                               requests=config.requests, longest=config.longest,
-                               new_tokens=config.new_tokens, rounds=config.rounds)
+    from fxscale.studies import ray_bench
+    from fxscale.studies.engine_bench import EngineBench
+
+    bench = ray_bench.RayBench(EngineBench(hidden=config.hidden, layers=config.layers,
+                                           requests=config.requests, longest=config.longest,
+                                           new_tokens=config.new_tokens),
+                               rounds=config.rounds)
     tick(f"ray: local vs Ray executor, llama {config.layers}x{config.hidden}, "
          f"{config.requests} requests, {config.rounds} rounds")
     rows = _closed_loop_rows(f"operator, llama {config.layers}x{config.hidden}, 2 devices",

@@ -19,12 +19,13 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 
 from fxscale.contracts.metrics import percentiles
+from fxscale.studies.engine_bench import EngineBench
 
 BACKENDS = ("local", "ray")
 
@@ -35,26 +36,12 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class RayBench:
-    """The model, prompts and devices of the closed-loop comparison."""
+    """The model and prompts (the engine benchmark's), the devices and the rounds of the
+    closed-loop comparison."""
 
-    hidden: int = 512
-    layers: int = 2
-    requests: int = 32
-    shortest: int = 16
-    longest: int = 128
-    new_tokens: int = 16
+    engine: EngineBench = EngineBench(hidden=512, requests=32, longest=128, new_tokens=16)
     devices: int = 2
     rounds: int = 3
-    seed: int = 0
-
-    def engine_bench(self, **changes: Any):
-        """The same model and prompts as the engine benchmark's."""
-        from fxscale.studies.engine_bench import EngineBench
-
-        fields = dict(hidden=self.hidden, layers=self.layers, requests=self.requests,
-                      shortest=self.shortest, longest=self.longest,
-                      new_tokens=self.new_tokens, seed=self.seed)
-        return EngineBench(**{**fields, **changes})
 
 
 def _closed_loop(server, prompts: list[torch.Tensor], new_tokens: int) -> dict[str, float]:
@@ -89,7 +76,7 @@ def _interleaved(servers: dict[str, Any], prompts: list[torch.Tensor], new_token
     return out
 
 
-def _both_backends(bench: RayBench, engine, progress: Callable[[str], None],
+def _both_backends(bench: RayBench, engine: EngineBench, progress: Callable[[str], None],
                    **options: Any) -> dict[str, Any]:
     """The same model, prompts and server options with each backend, compared in
     interleaved closed-loop rounds (_interleaved)."""
@@ -97,14 +84,14 @@ def _both_backends(bench: RayBench, engine, progress: Callable[[str], None],
 
     model = engine.model()
     prompts = [torch.tensor([p]) for p in engine.prompts()]
-    options.update(devices=fxscale.Devices(count=bench.devices), max_pending=bench.requests,
-                   max_batch=bench.requests,
-                   kv_cache_tokens=bench.requests * (bench.longest + bench.new_tokens))
+    options.update(devices=fxscale.Devices(count=bench.devices), max_pending=engine.requests,
+                   max_batch=engine.requests,
+                   kv_cache_tokens=engine.requests * (engine.longest + engine.new_tokens))
     servers = {}
     try:
         for backend in BACKENDS:
             servers[backend] = fxscale.serve(model, backend=backend, **options)
-        return _interleaved(servers, prompts, bench.new_tokens, bench.rounds, progress)
+        return _interleaved(servers, prompts, engine.new_tokens, bench.rounds, progress)
     finally:
         for server in servers.values():
             server.close()
@@ -114,7 +101,7 @@ def executors(bench: RayBench, policy: str = "operator",
               progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Closed-loop tokens/s and latency of both executors (module docstring)."""
     return {"policy": policy,
-            **_both_backends(bench, bench.engine_bench(), progress, policy=policy)}
+            **_both_backends(bench, bench.engine, progress, policy=policy)}
 
 
 def _identity(*args: Any) -> Any:
@@ -169,7 +156,7 @@ def ready(bench: RayBench, group: str = "model.layers.0#2/gemm", repeats: int = 
     from fxscale.runtime.engine.attention import register
     from fxscale.runtime.executors.ray_executor import RayExecutor
 
-    model = bench.engine_bench().model()
+    model = bench.engine.model()
     out: dict[str, Any] = {}
     for policy, name, pattern in (("operator", group, group), ("model", "model", "*")):
         with fxscale.serve(model, policy=policy, backend="ray",
@@ -203,6 +190,6 @@ def processes(bench: RayBench, layers: int = 8,
               progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Two model replicas: threads of this process against two Ray actor processes, on a
     narrow model of many layers (closed loop, interleaved rounds)."""
-    engine = bench.engine_bench(hidden=64, layers=layers)
+    engine = replace(bench.engine, hidden=64, layers=layers)
     return {"hidden": 64, "layers": layers, "replicas": 2,
             **_both_backends(bench, engine, progress, policy="model", replicas=2)}
