@@ -494,3 +494,17 @@ def test_non_integer_token_counts_and_exposed_metrics_are_flagged(server, llama)
     with pytest.warns(UserWarning, match="publishes the server's metrics beyond this machine"):
         with pytest.raises(OSError):  # a documentation address: nothing can bind it
             fxscale.serve(llama, budget=1, metrics_port=0, metrics_host="192.0.2.1")
+
+
+def test_closing_while_a_removed_model_replica_finishes_frees_every_replica_once(llama):
+    """A model replica scaled away finishes its requests in a thread of its own, then frees
+    its replica; a close() right after waits for it instead of freeing that replica too."""
+    for _ in range(3):
+        server = fxscale.serve(llama, policy="model", replicas=2)
+        futures = [server.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8,
+                                   ignore_eos=True) for _ in range(4)]
+        server.scale("*", 1)
+        server.close()
+        assert all(len(f.result(timeout=30)) == 8 for f in futures)
+        assert server.pools["model"].replicas == {}
+        assert all(not t.is_alive() for t in server.retiring)

@@ -215,6 +215,7 @@ class Server:
         self.metrics = None
         self.engines: list[Engine] = []
         self.retired: list[Engine] = []  # model replicas scaled away (their counts kept)
+        self.retiring: list[threading.Thread] = []  # each finishing a retired one's requests
         self.engines_lock = threading.Lock()
         self.resize_lock = threading.Lock()  # a check and the change it allows, together
         self.replica_keys = itertools.count(1)  # model replicas: each its own replica key
@@ -517,7 +518,9 @@ class Server:
         for pool in self.pools.values():
             pool.target = count
         for engine in extra:
-            threading.Thread(target=self._retire, args=(engine,), daemon=True).start()
+            retiring = threading.Thread(target=self._retire, args=(engine,), daemon=True)
+            self.retiring = [t for t in self.retiring if t.is_alive()] + [retiring]
+            retiring.start()
 
     def _retire(self, engine: Engine) -> None:
         """Finish a removed model replica's requests, then free its replica's state."""
@@ -616,6 +619,8 @@ class Server:
             self.metrics.server_close()
         for engine in list(self.engines):
             engine.close()
+        for retiring in self.retiring:  # they free replicas the runner is about to stop
+            retiring.join()
         runner = getattr(self, "runner", None)
         if isinstance(runner, PooledRunner):
             torch._dynamo.reset_code(runner.entry.__code__)
