@@ -27,7 +27,8 @@ from fxscale.studies.bench_families import (
 )
 
 TINY = bench.BenchConfig(
-    compile=CompileConfig(sizes=((1, 32),), batches=(1,), length=8, warmup=1, repeats=3),
+    compile=CompileConfig(sizes=((1, 32),), batches=(1,), length=8, warmup=1, repeats=3,
+                          fresh_process=False),
     profiles=ProfileConfig(layers=1, hidden=32, batches=(1,), lengths=(8,), lowering="eager",
                            repeats=2),
     simulator=SimulatorConfig(models=("llama-2-7b",), layers=1, traces=("azure-conv",),
@@ -164,6 +165,8 @@ def test_results_json_schema(bench_run):
     ray_rows = rows["ray"]["rows"]
     assert {r["measure"] for r in ray_rows} >= {"tokens_per_s", "tokens_per_s_ratio",
                                                  "call_s", "ready_s"}
+    assert {r["backend"] for r in ray_rows if r["measure"] == "tokens_per_s_ratio"} == {
+        "ray/local", "ray via server/local"}
     assert all(r["min"] <= r["value"] <= r["max"] and r["value"] > 0 for r in ray_rows)
     assert set(data["plots"]) == PLOTS
 

@@ -20,7 +20,13 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 import fxscale  # noqa: E402
 from fxscale.models import zoo  # noqa: E402
-from fxscale.runtime.executors.ray_executor import loopback_only  # noqa: E402
+from fxscale.runtime.executors.ray_executor import (  # noqa: E402
+    Handle,
+    loopback_only,
+    pack,
+    receive_handles,
+    send_handles,
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +67,27 @@ def nodes_of(stats: dict, attention: bool) -> set[str]:
     """The Ray nodes the attention (or the dense) groups' replicas run on."""
     return {where["node"] for group in stats["groups"].values()
             if group["stateful"] == attention for where in group["locations"].values()}
+
+
+def test_a_call_is_sent_only_the_results_and_tokens_it_reads():
+    """Handles to two parts' results joined along tokens: a slice within one part is sent
+    that part's result only, a slice across both is sent both and joined in the actor; an
+    output of a many-output call is picked by index."""
+    a, b = torch.randn(3, 4), torch.randn(5, 4)
+    both = Handle.joined((Handle("ref-a", rows=3), Handle("ref-b", rows=5)), 0)
+    inputs = (pack(a), pack(b))
+    refs: list = []
+    sent = send_handles([both.narrow(0, 1, 3), 7], refs)
+    assert refs == ["ref-a", "ref-b"]
+    got = receive_handles(sent, inputs, "cpu")
+    assert torch.equal(got[0], torch.cat([a, b])[1:4]) and got[1] == 7
+    refs = []
+    sent = send_handles(both.narrow(0, 4, 2), refs)
+    assert refs == ["ref-b"]
+    assert torch.equal(receive_handles(sent, (pack(b),), "cpu"), b[1:3])
+    refs = []
+    sent = send_handles(Handle("ref-pair")[1], refs)
+    assert torch.equal(receive_handles(sent, (pack((a, b)),), "cpu"), b)
 
 
 def test_operator_groups_as_actors_equal_greedy_while_scaling_and_losing_actors(cluster,
@@ -122,11 +149,39 @@ def test_soak_with_kills_and_scaling_loses_and_duplicates_nothing(cluster, llama
     assert stats["requests"]["finish_reasons"]["error"] == 0
 
 
+BROKEN = "model.layers.0#2/gemm"  # a group whose output later groups read
+
+
+def test_a_group_that_raises_in_its_actor_fails_its_requests_and_the_engine_runs_on(cluster,
+                                                                                   llama):
+    """A group function raising in its actor (one process hosting every group): the step
+    runs once more, then its request fails with an error naming the group, and the groups
+    that read its output do not count a failure of their own; with the function mended,
+    the next request is greedy's."""
+    prompt = prompts(3, 1, 20)[0]
+    with fxscale.serve(llama, backend="ray", actors="device",
+                       devices=fxscale.Devices(count=1)) as server:
+        call = next(c for c in server.runner.calls if c.pool.name == BROKEN)
+        inner, call.inner = call.inner, torch.nn.Linear(1, 1)  # raises on the group's inputs
+        with pytest.raises(Exception, match=f"group '{BROKEN}' failed"):
+            server.generate(torch.tensor([prompt]), max_new_tokens=4).result(timeout=60)
+        call.inner = inner
+        mended = server.generate(torch.tensor([prompt]), max_new_tokens=4,
+                                 ignore_eos=True).result(timeout=60)
+        stats = server.stats()
+    assert mended == greedy(llama, prompt, 4)
+    assert stats["groups"][BROKEN]["retries"] == 2  # the step and its second run
+    assert sum(g["retries"] for g in stats["groups"].values()) == 2  # none downstream
+    assert stats["requests"]["finish_reasons"]["error"] == 1
+
+
 def test_ray_options_without_the_ray_backend_are_clear_errors(llama):
     """Nothing starts: the error names what to change."""
     with pytest.raises(ValueError, match="need backend='ray'"):
         fxscale.serve(llama, address="127.0.0.1:6379")
     with pytest.raises(ValueError, match="need backend='ray'"):
         fxscale.serve(llama, actors="device")
+    with pytest.raises(ValueError, match="need backend='ray'"):
+        fxscale.serve(llama, pass_handles=False)
     with pytest.raises(ValueError, match=r"backend must be one of \('local', 'ray'\)"):
         fxscale.serve(llama, backend="cluster")

@@ -41,6 +41,7 @@ class CompileConfig:
     length: int = 128
     warmup: int = 3
     repeats: int = 20
+    fresh_process: bool = True  # False: every run in this process (a smoke test's speed)
 
     def units(self) -> int:
         """Ticks the family makes: one per (size, batch, backend)."""
@@ -50,30 +51,37 @@ class CompileConfig:
 def compile_latency(config: CompileConfig, tick: Tick = _no_tick) -> list[dict]:
     """Per Llama size, batch and backend: first call (compile) time, steady-state latency and
     the largest difference from eager. Each run gets a fresh process and an empty Inductor
-    cache, so no backend's compile time is flattered by kernels another one built."""
+    cache, so no backend's compile time is flattered by kernels another one built (unless
+    config.fresh_process is False)."""
     spawn = multiprocessing.get_context("spawn")
     rows = []
     for (layers, hidden), batch, backend in itertools.product(config.sizes, config.batches,
                                                               BACKENDS):
         tick(f"compile path: llama {layers}x{hidden}, batch {batch}, {backend}")
+        args = (backend, layers, hidden, batch, config.length, config.warmup, config.repeats)
+        if not config.fresh_process:
+            rows.append(_measure_backend(*args, None))
+            continue
         with tempfile.TemporaryDirectory(prefix="fxscale-bench-inductor-") as cache, \
                 ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            rows.append(pool.submit(_measure_backend, backend, layers, hidden, batch,
-                                    config.length, config.warmup, config.repeats,
-                                    cache).result())
+            rows.append(pool.submit(_measure_backend, *args, cache).result())
     return rows
 
 
 def _measure_backend(backend: str, layers: int, hidden: int, batch: int, length: int,
-                     warmup: int, repeats: int, inductor_cache: str) -> dict:
-    """One compile-path row, measured in the calling (fresh) process."""
+                     warmup: int, repeats: int, inductor_cache: str | None) -> dict:
+    """One compile-path row, measured in the calling process (fresh, with an Inductor cache
+    of its own, unless `inductor_cache` is None)."""
     import os
 
     import torch
 
     from fxscale.models import zoo
 
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache  # read when Inductor first compiles
+    if inductor_cache is not None:  # read when Inductor first compiles
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
+    else:
+        torch._dynamo.reset()  # compiled again in this process, not taken from a cache
     entry = zoo.build("llama", batch=batch, length=length, layers=layers, hidden=hidden)
     options = BACKENDS[backend]
     run = entry.model if options is None else torch.compile(entry.model, **options)
@@ -333,16 +341,21 @@ def _ray_row(measure: str, case: str, backend: str, unit: str, value: float,
 
 
 def _closed_loop_rows(case: str, result: dict[str, Any]) -> list[dict]:
-    """Tokens/s and latency percentiles per backend, and Ray's tokens/s over local's."""
+    """Tokens/s and latency percentiles per backend, and each backend's tokens/s over
+    local's."""
     rows = []
-    for backend in ("local", "ray"):
-        for key, figure in result[backend].items():
+    for name, figures in result.items():
+        ratio = name.endswith("/local_tokens_per_s")
+        if not isinstance(figures, dict) or ratio:
+            continue
+        for key, figure in figures.items():
             unit = "tokens/s" if key == "tokens_per_s" else "s"
-            rows.append(_ray_row(key, case, backend, unit, figure["median"], figure["min"],
+            rows.append(_ray_row(key, case, name, unit, figure["median"], figure["min"],
                                  figure["max"]))
-    ratio = result["ray/local_tokens_per_s"]
-    rows.append(_ray_row("tokens_per_s_ratio", case, "ray/local", "x", ratio["median"],
-                         ratio["min"], ratio["max"]))
+    for name, ratio in result.items():
+        if name.endswith("/local_tokens_per_s"):
+            rows.append(_ray_row("tokens_per_s_ratio", case, name.removesuffix("_tokens_per_s"),
+                                 "x", ratio["median"], ratio["min"], ratio["max"]))
     return rows
 
 

@@ -50,7 +50,9 @@ def _compile_caption(results: dict[str, Any]) -> str:
     """What the compile-path rows measured."""
     c = results["config"]["compile"]
     return (f"zoo Llama, seq {c['length']}, fp32, median of {c['repeats']} after "
-            f"{c['warmup']} warm-up calls; first call in a fresh process, empty Inductor cache")
+            f"{c['warmup']} warm-up calls; first call "
+            + ("in a fresh process, empty Inductor cache" if c.get("fresh_process", True)
+               else "in the bench's own process (Inductor's cache may hold kernels)"))
 
 
 def _compile_table(results: dict[str, Any]) -> list[str]:
@@ -187,7 +189,8 @@ def _http_table(results: dict[str, Any]) -> list[str]:
 def _ray_caption(results: dict[str, Any]) -> str:
     """What the Ray rows compared."""
     c = results["config"]["ray"]
-    return (f"backend='ray' (each replica a Ray actor) against backend='local' (threads), "
+    return (f"backend='ray' (each replica a Ray actor; 'via server': pass_handles=False, "
+            f"every call's result back through the server) against backend='local' (threads), "
             f"{c['requests']} requests of 16-{c['longest']} tokens, {c['new_tokens']} new, "
             f"closed loop, median (min-max) of {c['rounds']} interleaved rounds; a group "
             f"call: median (p10-p90) of {c['hop_calls']}")
@@ -343,8 +346,8 @@ def _plot_ray(plt, results: dict[str, Any]):
         picked = [r for r in rows if r["measure"] == measure]
         cases = list(dict.fromkeys(r["case"] for r in picked))
         by = {(r["case"], r["backend"]): r["value"] * scale for r in picked}
-        _bars(ax, cases, {b: [by.get((c, b)) for c in cases] for b in ("local", "ray")},
-              ylabel)
+        backends = list(dict.fromkeys(r["backend"] for r in picked))
+        _bars(ax, cases, {b: [by.get((c, b)) for c in cases] for b in backends}, ylabel)
         if measure == "call_s":
             ax.set_yscale("log")
     fig.suptitle("Ray executor vs local executor", fontsize=9)

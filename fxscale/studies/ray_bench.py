@@ -1,8 +1,9 @@
 """The Ray executor against the local one (runtime/executors/ray_executor.py), measured:
 
 - `executors`: generated tokens/s and TTFT/TBT p50/p99 of fxscale.serve with
-  backend="local" and backend="ray" on the same model, prompts and devices, closed loop
-  (every request submitted at once), interleaved rounds;
+  backend="local", backend="ray" (activations passed actor to actor) and backend="ray" with
+  pass_handles=False (every call's result back through the server) on the same model,
+  prompts and devices, closed loop (every request submitted at once), interleaved rounds;
 - `hops`: the time one group call takes through a Ray actor against the same call on a
   local replica (an identity function on activations of 1-512 tokens), and the difference:
   what each hop between the server and a group's actor costs;
@@ -27,8 +28,14 @@ import torch
 from fxscale.contracts.metrics import percentiles
 from fxscale.studies.engine_bench import EngineBench
 
-BACKENDS = ("local", "ray")
-
+# the servers: name -> its serve() options
+BACKENDS = {"local": {"backend": "local"}, "ray": {"backend": "ray"}}
+# what is compared: name -> (the server, its executor's settings for the rounds); "ray via
+# server" is the Ray server again (same actors and placement: two Ray servers' bundles do
+# not both fit 2 CPUs) bringing every call's result back to the server
+EXECUTORS = {"local": ("local", {}), "ray": ("ray", {"pass_handles": True}),
+             "ray via server": ("ray", {"pass_handles": False})}
+PROCESSES = {"local": ("local", {}), "ray": ("ray", {})}
 
 def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -56,30 +63,40 @@ def _closed_loop(server, prompts: list[torch.Tensor], new_tokens: int) -> dict[s
     return {"tokens_per_s": len(prompts) * new_tokens / wall, **figures}
 
 
-def _interleaved(servers: dict[str, Any], prompts: list[torch.Tensor], new_tokens: int,
-                 rounds: int, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Rounds of each server in turn (after an untimed one each); per server, each figure's
-    median, min and max, and per round the ratio of the second's tokens/s to the first's."""
+def _interleaved(servers: dict[str, tuple[Any, dict[str, Any]]], prompts: list[torch.Tensor],
+                 new_tokens: int, rounds: int, progress: Callable[[str], None]
+                 ) -> dict[str, Any]:
+    """Rounds of each server (name -> (server, its executor's settings for the round)) in
+    turn, after an untimed one each; per server, each figure's median, min and max, and per
+    round the ratio of each other's tokens/s to the first's."""
     names = list(servers)
+
+    def loop(name: str) -> dict[str, float]:
+        server, settings = servers[name]
+        for attribute, value in settings.items():  # set while no request runs
+            setattr(server.executor, attribute, value)
+        return _closed_loop(server, prompts, new_tokens)
+
     for name in names:
-        _closed_loop(servers[name], prompts, new_tokens)
+        loop(name)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for i in range(rounds):
         for name in names:
             progress(f"round {i + 1}/{rounds}: {name}")
-            runs[name].append(_closed_loop(servers[name], prompts, new_tokens))
+            runs[name].append(loop(name))
     out: dict[str, Any] = {name: {key: _spread([r[key] for r in rows]) for key in rows[0]}
                            for name, rows in runs.items()}
-    first, second = names
-    out[f"{second}/{first}_tokens_per_s"] = _spread(
-        [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(runs[first], runs[second])])
+    first = names[0]
+    for other in names[1:]:
+        out[f"{other}/{first}_tokens_per_s"] = _spread(
+            [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(runs[first], runs[other])])
     return out
 
 
-def _both_backends(bench: RayBench, engine: EngineBench, progress: Callable[[str], None],
-                   **options: Any) -> dict[str, Any]:
-    """The same model, prompts and server options with each backend, compared in
-    interleaved closed-loop rounds (_interleaved)."""
+def _compared(bench: RayBench, engine: EngineBench, compared: dict[str, tuple[str, dict]],
+              progress: Callable[[str], None], **options: Any) -> dict[str, Any]:
+    """The same model, prompts and server options on each server `compared` names (with
+    its executor settings), in interleaved closed-loop rounds (_interleaved)."""
     import fxscale
 
     model = engine.model()
@@ -87,11 +104,13 @@ def _both_backends(bench: RayBench, engine: EngineBench, progress: Callable[[str
     options.update(devices=fxscale.Devices(count=bench.devices), max_pending=engine.requests,
                    max_batch=engine.requests,
                    kv_cache_tokens=engine.requests * (engine.longest + engine.new_tokens))
-    servers = {}
+    servers: dict[str, Any] = {}
     try:
-        for backend in BACKENDS:
-            servers[backend] = fxscale.serve(model, backend=backend, **options)
-        return _interleaved(servers, prompts, engine.new_tokens, bench.rounds, progress)
+        for name, _ in compared.values():
+            if name not in servers:
+                servers[name] = fxscale.serve(model, **BACKENDS[name], **options)
+        runs = {label: (servers[name], settings) for label, (name, settings) in compared.items()}
+        return _interleaved(runs, prompts, engine.new_tokens, bench.rounds, progress)
     finally:
         for server in servers.values():
             server.close()
@@ -101,7 +120,7 @@ def executors(bench: RayBench, policy: str = "operator",
               progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Closed-loop tokens/s and latency of both executors (module docstring)."""
     return {"policy": policy,
-            **_both_backends(bench, bench.engine, progress, policy=policy)}
+            **_compared(bench, bench.engine, EXECUTORS, progress, policy=policy)}
 
 
 def _identity(*args: Any) -> Any:
@@ -146,32 +165,18 @@ def hops(tokens: tuple[int, ...] = (1, 64, 512), hidden: int = 1024, calls: int 
 
 
 def ready(bench: RayBench, group: str = "model.layers.0#2/gemm", repeats: int = 3,
-          cold_starts: int = 3, settle_s: float = 4.0) -> dict[str, Any]:
-    """Time to ready of a new dense-group replica and of a new whole-model replica, both
-    Ray actors taken warm (spare), `repeats` scale-ups each (`settle_s` apart, so the spare
-    taken is started again; the first finds those the server started), with their weight
-    bytes; and a cold actor's start."""
+          cold_starts: int = 3) -> dict[str, Any]:
+    """A cold actor's start (a process importing torch), then time to ready of a new
+    dense-group replica and of a new whole-model replica, both Ray actors taken warm
+    (spare), `repeats` scale-ups each, with their weight bytes. Before each scale-up the
+    bench waits until the spare actors run (the one the previous scale-up took is started
+    again behind it)."""
     import fxscale
     from fxscale.contracts.devices import Devices
     from fxscale.runtime.engine.attention import register
     from fxscale.runtime.executors.ray_executor import RayExecutor
 
-    model = bench.engine.model()
     out: dict[str, Any] = {}
-    for policy, name, pattern in (("operator", group, group), ("model", "model", "*")):
-        with fxscale.serve(model, policy=policy, backend="ray",
-                           devices=Devices(count=bench.devices)) as server:
-            seconds = []
-            for i in range(repeats):
-                time.sleep(settle_s if i else 0.0)
-                server.scale(pattern, 2)
-                stats = server.stats()["groups"][name]
-                seconds.append(stats["time_to_ready_s"])
-                server.scale(pattern, 1)
-        ready_s = _spread(seconds)
-        out[policy] = {"group": name, "weight_bytes": stats["weight_bytes_per_replica"],
-                       "ready_s": ready_s,
-                       "mb_per_s": stats["weight_bytes_per_replica"] / 1e6 / ready_s["median"]}
     executor = RayExecutor(Devices(count=1), spares=0, setup=register)
     try:
         starts = []
@@ -183,13 +188,29 @@ def ready(bench: RayBench, group: str = "model.layers.0#2/gemm", repeats: int = 
         out["cold_actor_start_s"] = _spread(starts)
     finally:
         executor.close()
+    model = bench.engine.model()
+    for policy, name, pattern in (("operator", group, group), ("model", "model", "*")):
+        with fxscale.serve(model, policy=policy, backend="ray",
+                           devices=Devices(count=bench.devices)) as server:
+            seconds = []
+            for _ in range(repeats):
+                server.executor.wait_for_spares()
+                server.scale(pattern, 2)
+                stats = server.stats()["groups"][name]
+                seconds.append(stats["time_to_ready_s"])
+                server.scale(pattern, 1)
+        ready_s = _spread(seconds)
+        out[policy] = {"group": name, "weight_bytes": stats["weight_bytes_per_replica"],
+                       "ready_s": ready_s,
+                       "mb_per_s": stats["weight_bytes_per_replica"] / 1e6 / ready_s["median"]}
     return out
 
 
 def processes(bench: RayBench, layers: int = 8,
               progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Two model replicas: threads of this process against two Ray actor processes, on a
-    narrow model of many layers (closed loop, interleaved rounds)."""
+    narrow model of many layers (closed loop, interleaved rounds; one call per step, so
+    handles passed actor to actor change nothing here)."""
     engine = replace(bench.engine, hidden=64, layers=layers)
     return {"hidden": 64, "layers": layers, "replicas": 2,
-            **_both_backends(bench, engine, progress, policy="model", replicas=2)}
+            **_compared(bench, engine, PROCESSES, progress, policy="model", replicas=2)}

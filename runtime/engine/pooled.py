@@ -61,9 +61,12 @@ class PooledRunner:
                  backend: str = "auto",
                  service: Callable[[str, int, int], float] | None = None,
                  norms: bool | None = None,
-                 replica: Callable[..., LocalReplica] = LocalReplica) -> None:
+                 replica: Callable[..., LocalReplica] = LocalReplica,
+                 settle: Callable[[Any], Any] | None = None) -> None:
         self.model, self.block_size, self.placement = model, block_size, placement
         self.new_replica = replica  # the executor's replicas: threads here, or Ray actors
+        # an executor whose calls return handles (Ray's) waits once per step, for the output
+        self.settle = settle
         # service-time injection: (group, tokens, context tokens) -> seconds a call takes
         self.service = service
         self.options = options
@@ -147,9 +150,15 @@ class PooledRunner:
         # float constants as constants, whenever Dynamo traces (again, after a reset)
         with torch.no_grad(), torch._dynamo.config.patch(specialize_float=True), \
                 fx_config.patch(use_duck_shape=False):
-            return self.compiled(self.model, t.input_ids, t.positions, t.sample_rows,
-                                 t.slot_mapping, t.cu_seqlens_q, t.seq_lens, t.block_tables,
-                                 self.keep_rows)
+            try:
+                out = self.compiled(self.model, t.input_ids, t.positions, t.sample_rows,
+                                    t.slot_mapping, t.cu_seqlens_q, t.seq_lens,
+                                    t.block_tables, self.keep_rows)
+            except BaseException:
+                if self.settle is not None:
+                    self.settle(None)  # what was submitted finishes; nothing carries over
+                raise
+        return out if self.settle is None else self.settle(out)
 
     def add_attention(self, key: int) -> None:
         """Start attention replica `key` in every stateful pool now (its KV caches

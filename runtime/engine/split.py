@@ -94,7 +94,9 @@ def merge(results: list[Any], token_dims: tuple[int | None, ...], many: bool) ->
     """The outputs of the parts as one call's: token-dim outputs concatenated in order."""
     if len(results) == 1:
         return results[0]
-    columns = list(zip(*results)) if many else [tuple(results)]
-    merged = [torch.cat(col, dim=d) if d is not None else col[0]
+    columns = [tuple(r[i] for r in results) for i in range(len(token_dims))] if many \
+        else [tuple(results)]
+    merged = [col[0] if d is None else torch.cat(col, dim=d) if isinstance(col[0], torch.Tensor)
+              else type(col[0]).joined(col, d)  # results still where they ran (Ray handles)
               for col, d in zip(columns, token_dims)]
     return tuple(merged) if many else merged[0]

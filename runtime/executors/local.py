@@ -55,6 +55,8 @@ class LocalReplica:
     replica's copy (replica 0 of a pool holds the model's own tensors); its calls take the
     slots of its device."""
 
+    defers = False  # a replica elsewhere may submit calls and settle them with the step
+
     def __init__(self, key: int, slots: threading.Semaphore, name: str, device: int = 0
                  ) -> None:
         self.key, self.slots, self.device = key, slots, device
@@ -249,6 +251,10 @@ class LocalPool:
         keys = self._keys(parts)
         floors = [self.service(t1 - t0, context) if self.service else 0.0
                   for _, _, (t0, t1), context in parts]
+        if self.replicas[keys[0]].defers:  # handles to results where they run (Ray's)
+            return [self.replicas[k].submit(fn, list(args), state, floor, self, tokens,
+                                            context)
+                    for k, (_, args, tokens, context), floor in zip(keys, parts, floors)]
         if len(parts) == 1:
             futures = [None]
         else:
@@ -265,10 +271,10 @@ class LocalPool:
             except Exception as first:  # noqa: BLE001 - retried once, then named
                 result, seconds = self._retry(fn, key, args, tokens, state, first)
             results.append(result)
-            self._record(tokens[1] - tokens[0], context, seconds)
+            self.record(tokens[1] - tokens[0], context, seconds)
         return results
 
-    def _record(self, tokens: int, context: int, seconds: float) -> None:
+    def record(self, tokens: int, context: int, seconds: float) -> None:
         """Count one execution of `tokens` tokens that read `context` KV tokens."""
         with self.lock:
             self.samples.append((tokens, context, seconds))

@@ -22,6 +22,14 @@ class Replica(Protocol):
     def stop(self) -> None:
         """Finish what it runs, then release its state."""
 
+    # A replica elsewhere may set `defers` and offer `submit(fn, args, state, at_least_s,
+    # pool, tokens, context)`: the call is sent, not waited for, and returns a handle the
+    # next calls take as an argument (its data moves between the places that run them).
+    # Its executor's `settle(output)` then waits once per step for the step's output,
+    # records each call's time in its pool and raises the step's failure (the runner's
+    # `settle`).
+    defers: bool
+
 
 class Pool(Protocol):
     """The replicas of one group."""

@@ -6,8 +6,15 @@ is a `RayReplica`, the local replica whose executions are calls of its actor. Th
 weights go into Ray's object store once (numpy views of the tensors, bf16 as 16-bit
 integers) and every actor maps them from there without a copy, so a new replica's time to
 ready is the bytes it maps plus an actor start, not a model load; KV caches are allocated
-zeroed in the actor and never leave it. A step's activations go to each group's actor and
-back as plain actor calls; a group's function (its FX graph) is sent to an actor once.
+zeroed in the actor and never leave it. A group's function (its FX graph) is sent to an actor
+once.
+
+A step's activations pass from actor to actor: a group call returns a `Handle` (Ray's ref to
+its result, still in the actor or the object store), the calls that consume it are sent that
+handle, and Ray hands the data over when it is ready. The server submits a whole step
+without waiting and waits once, for the step's logits (`RayExecutor.settle`), where each
+call's time in its actor is recorded and failures are sorted out. `pass_handles=False` brings
+every result back to the server instead (one round trip per call, measured against).
 
 Each device of the deployment (fxscale.Devices) is one bundle of a Ray placement group
 (spread over the cluster's nodes), and a replica placed on device d runs in bundle d, so
@@ -24,15 +31,22 @@ import contextlib
 import os
 import socket
 import threading
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from fxscale.contracts.devices import Devices
-from fxscale.runtime.executors.local import LocalReplica, StateLostError, StateSlots
+from fxscale.runtime.executors.local import (
+    GroupError,
+    LocalPool,
+    LocalReplica,
+    StateLostError,
+    StateSlots,
+)
 
 try:
     import ray
@@ -71,6 +85,117 @@ def unpack(value: Any, device: str = "cpu") -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(unpack(v, device) for v in value)
     return value
+
+
+@dataclass(frozen=True)
+class Handle:
+    """A tensor a group call produces, where that call runs: Ray's ref to the call's result
+    (`ref`; sent to an actor: `slot`, its place in the call's inputs), which of its outputs
+    (`index`) and the tokens of the part it ran (`rows`, along the output's token dim)."""
+
+    ref: Any = None
+    index: int | None = None
+    rows: int | None = None
+    slot: int | None = None
+
+    def __getitem__(self, index: int) -> Handle:
+        return replace(self, index=index)
+
+    def narrow(self, dim: int, start: int, length: int) -> Any:
+        return Narrowed(self, dim, start, length)
+
+    @staticmethod
+    def joined(parts: tuple[Any, ...], dim: int) -> Joined:
+        """Parts concatenated along dim (merge's torch.cat, lazily)."""
+        return Joined(tuple(parts), dim)
+
+
+@dataclass(frozen=True)
+class Narrowed:
+    """Tokens [start, start + length) of a lazy tensor along dim."""
+
+    value: Any
+    dim: int
+    start: int
+    length: int
+
+    def narrow(self, dim: int, start: int, length: int) -> Any:
+        return Narrowed(self, dim, start, length)
+
+
+@dataclass(frozen=True)
+class Joined:
+    """Lazy tensors (parts of one call, in token order) concatenated along dim."""
+
+    parts: tuple[Any, ...]
+    dim: int
+
+    def narrow(self, dim: int, start: int, length: int) -> Any:
+        """A slice of the parts it overlaps only, when their token counts are known: a
+        consumer is sent only the tokens it reads."""
+        rows = [getattr(p, "rows", None) for p in self.parts]
+        if dim != self.dim or None in rows:
+            return Narrowed(self, dim, start, length)
+        taken, offset = [], 0
+        for part, count in zip(self.parts, rows):
+            lo, hi = max(start, offset), min(start + length, offset + count)
+            if lo < hi:
+                taken.append(part if (lo, hi) == (offset, offset + count)
+                             else Narrowed(part, dim, lo - offset, hi - lo))
+            offset += count
+        return taken[0] if len(taken) == 1 else Joined(tuple(taken), dim)
+
+
+def send_handles(value: Any, refs: list[Any]) -> Any:
+    """A value with each handle's ref moved to `refs` (Ray resolves refs that are a call's
+    own arguments before the call runs) and the handle pointing at its slot there."""
+    if isinstance(value, Handle):
+        if value.ref not in refs:
+            refs.append(value.ref)
+        return replace(value, ref=None, slot=refs.index(value.ref))
+    if isinstance(value, Narrowed):
+        return replace(value, value=send_handles(value.value, refs))
+    if isinstance(value, Joined):
+        return replace(value, parts=tuple(send_handles(p, refs) for p in value.parts))
+    if isinstance(value, (list, tuple)):
+        return type(value)(send_handles(v, refs) for v in value)
+    return value
+
+
+def receive_handles(value: Any, inputs: tuple[Any, ...], device: str) -> Any:
+    """The tensors a value's handles stand for, from the call's resolved inputs."""
+    if isinstance(value, Handle):
+        result = inputs[value.slot]
+        return unpack(result if value.index is None else result[value.index], device)
+    if isinstance(value, Narrowed):
+        return receive_handles(value.value, inputs, device).narrow(value.dim, value.start,
+                                                                   value.length)
+    if isinstance(value, Joined):
+        return torch.cat([receive_handles(p, inputs, device) for p in value.parts],
+                         dim=value.dim)
+    if isinstance(value, (list, tuple)):
+        return type(value)(receive_handles(v, inputs, device) for v in value)
+    return value
+
+
+@dataclass
+class Submitted:
+    """One group call of a step, not waited for yet: the replica, actor and pool it ran on,
+    its tokens and context tokens, and the ref of its seconds in the actor."""
+
+    replica: RayReplica
+    actor: Any  # the actor it was sent to (the replica's may be replaced since)
+    pool: LocalPool
+    tokens: tuple[int, int]
+    context: int
+    seconds: Any
+
+
+@dataclass
+class Ledger:
+    """The calls this thread has submitted for its step."""
+
+    calls: list[Submitted] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -175,6 +300,19 @@ class GroupActor:
         with torch.no_grad():
             return pack(self.functions[key](*args))
 
+    def chain(self, replica: str, key: int, fn: Callable[..., Any] | None, args: list[Any],
+              state_ids: dict[int, int], at_least_s: float, *inputs: Any) -> tuple[Any, float]:
+        """run(), its handles taken from `inputs` (upstream results, resolved by Ray);
+        (result, seconds it took here), two objects: the seconds reach the server, the
+        result only the calls that read it."""
+        start = time.perf_counter()
+        result = self.run(replica, key, fn, receive_handles(args, inputs, self.device),
+                          state_ids)
+        left = at_least_s - (time.perf_counter() - start)
+        if left > 0:  # an injected service time (tests and benchmarks of the engine)
+            time.sleep(left)
+        return result, time.perf_counter() - start
+
     def drop(self, replica: str) -> None:
         """Forget a replica's state."""
         self.state.pop(replica, None)
@@ -193,6 +331,8 @@ class RayReplica(LocalReplica):
         self.name = f"{name}#{key}"  # its state's name in the actor
         self.known: dict[int, tuple[torch.Tensor, bool]] = {}  # what its actor holds
         self.sent: set[int] = set()  # functions its actor has from it
+        self.recovering = threading.Lock()
+        self.stopped = False
 
     def take(self, known: dict[int, tuple[torch.Tensor, bool]]) -> None:
         """Have its actor map these weights and allocate these caches (the model tensors
@@ -210,31 +350,73 @@ class RayReplica(LocalReplica):
                   for ident, (tensor, cache) in known.items() if cache}
         ray.get(self.actor.take.remote(self.name, weights, caches), timeout=READY_TIMEOUT_S)
 
-    def execute(self, fn: Callable[..., Any], args: list[Any], state: StateSlots) -> Any:
-        """fn on args in its actor (the state arguments filled in there). A dead actor is
-        replaced: its weights are mapped again; KV blocks it held are lost (StateLostError,
-        for the engine to recompute its requests)."""
+    @property
+    def defers(self) -> bool:
+        """Whether its pool submits its calls (handles) or executes them (results here)."""
+        return self.executor.pass_handles
+
+    def _call(self, fn: Callable[..., Any], args: list[Any], state: StateSlots
+              ) -> tuple[int, Callable[..., Any] | None, list[Any], dict[int, int]]:
+        """(function key, the function when its actor lacks it, args without the state,
+        state slot -> model tensor id) of a call (the actor fills in its own state)."""
         state_ids = {index: id(args[index]) for index in state.indices}
         for index in state_ids:
-            args[index] = None  # the actor has its own
+            args[index] = None
         key = id(fn)
+        return key, None if key in self.sent else fn, args, state_ids
+
+    def execute(self, fn: Callable[..., Any], args: list[Any], state: StateSlots) -> Any:
+        """fn on args in its actor, the result brought back here (pass_handles=False)."""
+        key, sent, args, state_ids = self._call(fn, args, state)
+        actor = self.actor  # another thread may replace it meanwhile
         try:
-            result = unpack(ray.get(self.actor.run.remote(
-                self.name, key, None if key in self.sent else fn, pack(args), state_ids)),
-                self.executor.device)
+            result = unpack(ray.get(actor.run.remote(
+                self.name, key, sent, pack(args), state_ids)), self.executor.device)
         except ray.exceptions.RayActorError as died:
-            self.actor, self.location = self.executor.replace(self.device, self.actor)
-            self.sent.clear()
-            self._send(self.known)
-            if any(cache for _, cache in self.known.values()):
-                raise StateLostError(self.group, self.key, died) from died
-            raise  # the pool runs the part again, on the new actor
+            raise self.recover(actor, died) from died
         self.sent.add(key)
         return result
 
+    def submit(self, fn: Callable[..., Any], args: list[Any], state: StateSlots,
+               at_least_s: float, pool: LocalPool, tokens: tuple[int, int], context: int
+               ) -> Handle:
+        """fn on args in its actor, not waited for: a handle to its result (the step's
+        settle() records it or sorts out its failure)."""
+        key, sent, args, state_ids = self._call(fn, args, state)
+        refs: list[Any] = []
+        args = send_handles(pack(args), refs)
+        actor = self.actor  # another thread may replace it meanwhile
+        result, seconds = actor.chain.options(num_returns=2).remote(
+            self.name, key, sent, args, state_ids, at_least_s, *refs)
+        self.sent.add(key)  # a failed call clears it (recover)
+        self.executor.ledger().calls.append(Submitted(self, actor, pool, tokens, context,
+                                                      seconds))
+        return Handle(result, rows=tokens[1] - tokens[0])
+
+    def recover(self, dead: Any, died: BaseException) -> GroupError:
+        """Its actor died: a new one takes over (once, whichever call saw the death first)
+        with its weights mapped again; the error for the calls that died: StateLostError
+        when KV blocks were lost (the engine recomputes their requests), else a GroupError
+        (the step runs again)."""
+        with self.recovering:
+            if self.actor is dead and not self.stopped:
+                self.actor, self.location = self.executor.replace(self.device, dead)
+                self.sent.clear()
+                self._send(self.known)
+        if any(cache for _, cache in self.known.values()):
+            return StateLostError(self.group, self.key, died)
+        return GroupError(self.group, None, died)
+
     def stop(self) -> None:
-        """Finish queued calls, then end its actor (or its state in a shared one)."""
+        """Finish queued and submitted calls (an actor runs its calls in the order sent: a
+        last one returns after them), then end its actor (or its state in a shared one)."""
         super().stop()
+        with self.recovering:
+            self.stopped = True  # a call that failed meanwhile does not start a new actor
+            try:
+                ray.get(self.actor.where.remote(), timeout=READY_TIMEOUT_S)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass  # dead or stuck: ended below all the same
         self.executor.retire(self.actor, self.name)
 
 
@@ -249,10 +431,12 @@ class RayExecutor:
 
     def __init__(self, devices: Devices, address: str | None = None, threads: int = 1,
                  device: str = "cpu", actors: str = "replica", spares: int = 1,
-                 setup: Callable[[], Any] | None = None) -> None:
+                 setup: Callable[[], Any] | None = None, pass_handles: bool = True) -> None:
         if actors not in ACTOR_MODES:
             raise ValueError(f"actors must be one of {ACTOR_MODES}, got {actors!r}")
         self.threads, self.device, self.per_device = threads, device, actors == "device"
+        self.pass_handles = pass_handles  # may change while no step runs (benchmarks do)
+        self.ledgers = threading.local()  # each stepping thread's submitted calls
         self.setup = setup  # what each actor runs first (a module-level function)
         # started actors waiting per device: a new replica takes one and pays only the
         # bytes it maps (an actor's start, a process importing torch, takes seconds)
@@ -340,6 +524,12 @@ class RayExecutor:
         self._refill(device)
         return self._running(actor, device)
 
+    def wait_for_spares(self) -> None:
+        """Return once every spare actor runs (a benchmark of warm starts waits so)."""
+        with self.lock:
+            spares = [actor for actors in self.spares.values() for actor in actors]
+        ray.get([actor.where.remote() for actor in spares], timeout=READY_TIMEOUT_S)
+
     def replace(self, device: int, dead: Any) -> tuple[Any, dict[str, Any]]:
         """The actor that takes over from a dead one (a device's host is replaced once,
         for all its replicas)."""
@@ -364,6 +554,64 @@ class RayExecutor:
         with self.lock:
             self.actors.discard(actor)
         ray.kill(actor, no_restart=True)
+
+    def ledger(self) -> Ledger:
+        """This thread's step's calls."""
+        ledger = getattr(self.ledgers, "ledger", None)
+        if ledger is None:
+            ledger = self.ledgers.ledger = Ledger()
+        return ledger
+
+    def settle(self, value: Any) -> Any:
+        """A step's output brought here, once every call of the step has finished: each
+        call's seconds recorded in its pool. A replica whose actor died is replaced (its
+        pool counts a retry) and the step's error raised: StateLostError when KV blocks
+        were lost, else a GroupError (the engine runs the step again). `value` None: the
+        step failed here; its calls are waited for, dead actors replaced, and only lost KV
+        blocks raised (the step's own error follows)."""
+        calls, self.ledger().calls = self.ledger().calls, []
+        errors: list[GroupError] = []
+        refs: list[Any] = []
+        sent = send_handles(value, refs)
+        try:  # one wait for the step: every call's seconds and the output's parts
+            got = ray.get([call.seconds for call in calls] + refs)
+            seconds, outputs = got[:len(calls)], got[len(calls):]
+        except ray.exceptions.RayError:
+            seen: set[str] = set()  # in submission order a call's inputs come first
+            seconds = [self._outcome(call, errors, seen) for call in calls]
+            outputs = None
+        for call, took in zip(calls, seconds):
+            if took is not None:
+                call.pool.record(call.tokens[1] - call.tokens[0], call.context, took)
+                call.replica.executions += 1
+                call.replica.busy_s += took
+        lost = [e for e in errors if isinstance(e, StateLostError)]
+        if lost or (errors and value is not None):  # lost KV first: recomputed, not rerun
+            raise (lost or errors)[0]
+        if value is None:
+            return None
+        return receive_handles(sent, tuple(ray.get(refs) if outputs is None else outputs),
+                               self.device)
+
+    @staticmethod
+    def _outcome(call: Submitted, errors: list[GroupError], seen: set[str]) -> float | None:
+        """A call's seconds, or None when it failed; its own failure added to `errors` (its
+        actor died: replaced; or its function raised), not one it inherited from a call it
+        read (a death names the actor; a raised error comes back with the same cause)."""
+        try:
+            return ray.get(call.seconds)
+        except ray.exceptions.RayActorError as died:  # also an inherited death
+            if died.actor_id in (None, call.actor._actor_id.hex()):
+                errors.append(call.replica.recover(call.actor, died))
+                call.pool.retries += 1
+        except ray.exceptions.RayError as failed:
+            cause = repr(getattr(failed, "cause", failed))  # a call reading it: the same cause
+            if cause not in seen:
+                seen.add(cause)
+                errors.append(GroupError(call.replica.group, None, failed))
+                call.pool.retries += 1
+                call.replica.sent.clear()  # the run again sends its functions again
+        return None
 
     def shared(self, tensor: torch.Tensor) -> Any:
         """The object-store copy of a model tensor, put there once."""
