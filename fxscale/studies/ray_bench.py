@@ -209,8 +209,8 @@ def ready(bench: RayBench, group: str = "model.layers.0#2/gemm", repeats: int = 
 def processes(bench: RayBench, layers: int = 8,
               progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Two model replicas: threads of this process against two Ray actor processes, on a
-    narrow model of many layers (closed loop, interleaved rounds; one call per step, so
-    handles passed actor to actor change nothing here)."""
+    narrow model of many layers (closed loop, interleaved rounds; a model-policy step is one
+    call, which takes the direct path: no handles)."""
     engine = replace(bench.engine, hidden=64, layers=layers)
     return {"hidden": 64, "layers": layers, "replicas": 2,
             **_compared(bench, engine, PROCESSES, progress, policy="model", replicas=2)}
