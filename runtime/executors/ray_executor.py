@@ -46,6 +46,7 @@ from fxscale.runtime.executors.local import (
     LocalReplica,
     StateLostError,
     StateSlots,
+    known_bytes,
 )
 
 try:
@@ -335,13 +336,16 @@ class RayReplica(LocalReplica):
         self.stopped = False
 
     def take(self, known: dict[int, tuple[torch.Tensor, bool]]) -> None:
-        """Have its actor map these weights and allocate these caches (the model tensors
-        it mirrors stay in `state`, for their bytes)."""
+        """Have its actor map these weights and allocate these caches."""
         new = {ident: item for ident, item in known.items() if ident not in self.known}
         if new:
             self._send(new)
             self.known.update(new)
-            self.state.update({ident: tensor for ident, (tensor, _) in new.items()})
+
+    def state_bytes(self, caches: set[int]) -> tuple[int, int]:
+        """Bytes of the weights and KV caches its actor holds (the sizes of the model
+        tensors it mirrors)."""
+        return known_bytes(self.known)
 
     def _send(self, known: dict[int, tuple[torch.Tensor, bool]]) -> None:
         weights = {ident: ([self.executor.shared(tensor)], dtype_name(tensor))
