@@ -84,13 +84,14 @@ def fidelity_table(policy: str, report: dict[str, Any], service: str) -> Any:
     caption = f"{met} of {count} within {GOAL:.0%} on every figure ({service} service times)"
     table = Table(title=f"{policy}: engine simulator vs {count} (medians)", caption=caption)
     for column in ("figure", "predicted s", "measured s", "error", "live runs s",
-                   "worst run error"):
+                   "worst run error", "in-run fit error"):
         table.add_column(column, justify="left" if column == "figure" else "right")
     for key, label in FIGURES.items():
         low, high = report["measured_range"][key]
-        error = report["relative_error"][key]
+        error, in_run = report["relative_error"][key], report["relative_error_in_run"][key]
         table.add_row(label, f"{report['predicted'][key]:.4f}", f"{report['measured'][key]:.4f}",
                       f"[{'green' if error <= GOAL else 'red'}]{error:.0%}",
                       f"{low:.4f}-{high:.4f}",
-                      f"{max(run['relative_error'][key] for run in runs):.0%}")
+                      f"{max(run['relative_error'][key] for run in runs):.0%}",
+                      f"[{'green' if in_run <= GOAL else 'red'}]{in_run:.0%}")
     return table

@@ -43,13 +43,14 @@ def measured_groups(server: Any) -> list[GroupModel]:
     return models
 
 
-def fit_costs(steps: list[tuple[Any, float, float]], groups: list[GroupModel],
-              replicas: dict[str, int], slots: int, overlap: bool = False) -> EngineCosts:
-    """The engine's own time per step, per request and per token in it: each logged step's
-    time beyond what its groups take, fitted by least squares (>= 0); with `overlap`, per
-    micro-batch (each pays its own, one after the other)."""
+def fit_costs(server: Any, groups: list[GroupModel], replicas: dict[str, int], slots: int,
+              overlap: bool = False) -> EngineCosts:
+    """The engine's own time per step, per request and per token in it: each step its
+    engines logged since their last reset (the last 1024 each keeps), its time beyond what
+    its groups take, fitted by least squares (>= 0); with `overlap`, per micro-batch (each
+    pays its own, one after the other)."""
     points = []
-    for step, _, took in steps:
+    for step, _, took in (s for engine in server.engines for s in engine.steps_log):
         halves = micro_batches(step) if overlap else [step]
         extra = took - step_time(groups, step, replicas, slots, EngineCosts(), overlap)
         points.append((sum(len(h.chunks) for h in halves) / len(halves),

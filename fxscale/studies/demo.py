@@ -100,8 +100,7 @@ def calibrated(server: Any, config: DemoConfig, requests: list[Request]) -> Depl
     calibrate(server, requests)
     groups = measured_groups(server)
     counts = {name: pool.counters()["replicas"] for name, pool in server.pools.items()}
-    costs = fit_costs([s for e in server.engines for s in e.steps_log], groups, counts,
-                      1 if server.policy == "model" else config.budget)
+    costs = fit_costs(server, groups, counts, 1 if server.policy == "model" else config.budget)
     return deployment_of(server, config, groups, costs)
 
 

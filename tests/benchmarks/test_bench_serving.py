@@ -68,4 +68,5 @@ def test_engine_simulator_fidelity(benchmark, policy, micro_batches):
                                 kwargs={"micro_batches": micro_batches}, rounds=1,
                                 iterations=1)
     benchmark.extra_info.update(
-        {k: report[k] for k in ("predicted", "measured", "relative_error", "measured_range")})
+        {k: report[k] for k in ("predicted", "measured", "relative_error", "measured_range",
+                                "predicted_in_run", "relative_error_in_run")})
