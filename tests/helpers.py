@@ -55,3 +55,24 @@ def failing(replica, times: float):
         replica.run_here = run_here
     replica.faults[0] = max(replica.faults[0], times)
     return replica.faults
+
+
+LLAMA_GROUPS = {"*attention": True, "*gemm": False, "*embedding": False}  # pattern: stateful
+
+
+def split_plan(attention: tuple[int, ...], dense: tuple[int, ...], devices: int,
+               replicas: int = 1, groups: dict[str, bool] = LLAMA_GROUPS):
+    """An operator Plan putting the attention groups (of a zoo Llama) on the devices
+    `attention` and the dense ones on `dense` (`replicas` each), for `devices` devices."""
+    from fxscale.contracts.plan import GroupPlacement, Plan
+
+    rows = tuple(GroupPlacement(kind, kind, "operator", 1 if stateful else replicas,
+                                devices=attention if stateful else dense)
+                 for kind, stateful in groups.items())
+    return Plan("operator", "test", "cpu", 1.0, (), devices, 0.0, 0.0, 0.0, 0.0, 0.0, 64, rows)
+
+
+def groups_on(server) -> list[set[str]]:
+    """Per device, the groups whose replicas it holds."""
+    return [{name.rsplit("#", 1)[0] for name in row["replicas"]}
+            for row in server.stats()["devices"]["devices"]]

@@ -53,6 +53,22 @@ def test_placement_keeps_attention_layers_together_and_spreads_copies_of_a_group
     assert placement.stats()["devices"][first]["peak_bytes"] == 400
 
 
+def test_a_pinned_group_lands_only_on_its_devices_and_says_so_when_they_are_full():
+    placement = Placement(Devices(3, 1000, 1))
+    assert placement.place(Demand("a", 0, 600, 0)) == 0
+    placement.pin("a", (1, 2))
+    assert placement.misplaced("a") == [0]                  # it stays until replaced
+    assert {placement.place(Demand("a", k, 600, 0)) for k in (1, 2)} == {1, 2}
+    assert placement.place(Demand("b", 0, 100, 0)) == 0     # unpinned: the emptiest device
+    with pytest.raises(PlacementError, match=r"devices \[1, 2\] it is pinned to .* 400 B"):
+        placement.place(Demand("a", 3, 600, 0))             # device 0 has room, not allowed
+    with pytest.raises(ValueError, match="devices are 0 to 2"):
+        placement.pin("a", (3,))
+    assert placement.stats()["pins"] == {"a": [1, 2]}
+    placement.pin("a", ())
+    assert placement.misplaced("a") == [] and placement.stats()["pins"] == {}
+
+
 @pytest.fixture(scope="module")
 def llama():
     return zoo.build("llama", layers=2, hidden=64).model.eval()

@@ -16,6 +16,7 @@ if os.environ.get("CI"):
 else:
     ray = pytest.importorskip("ray")
 
+from helpers import split_plan  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 import fxscale  # noqa: E402
@@ -92,15 +93,18 @@ def test_a_call_is_sent_only_the_results_and_tokens_it_reads():
 
 def test_operator_groups_as_actors_equal_greedy_while_scaling_and_losing_actors(cluster,
                                                                                  llama):
-    """32 requests at once: a dense group and the attention groups scale up while they run,
-    a dense actor and an attention actor are killed mid-run (the dense call runs again on
-    its replacement, the attention replica's requests are recomputed), then both scale
-    down; every request equals greedy, and the two nodes each hold groups."""
+    """A plan puts the attention groups on one device (node) and the dense groups on the
+    other. 32 requests at once: a dense group and the attention groups scale up while they
+    run, a dense actor and an attention actor are killed mid-run (the dense call runs again
+    on its replacement, the attention replica's requests are recomputed), then both scale
+    down; every request equals greedy, and every replica stays on its plan's node."""
     batch = prompts(1, 32, 60)
-    with fxscale.serve(llama, backend="ray", devices=fxscale.Devices(count=2)) as server:
+    with fxscale.serve(llama, backend="ray", devices=fxscale.Devices(count=2),
+                       plan=split_plan((0,), (1,), 2)) as server:
         stats = server.stats()
         node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        assert nodes_of(stats, True) | nodes_of(stats, False) == node_ids
+        attention, dense = nodes_of(stats, True), nodes_of(stats, False)
+        assert len(attention) == len(dense) == 1 and attention | dense == node_ids
         for group in stats["groups"].values():  # each replica's process is its own
             assert len({w["process"] for w in group["locations"].values()}) == \
                 group["replicas"]
@@ -116,7 +120,10 @@ def test_operator_groups_as_actors_equal_greedy_while_scaling_and_losing_actors(
         server.scale("model.layers.0#0/gemm", 1)
         server.scale("model.layers.*#1/attention", 1)
         outputs = [f.result(timeout=120) for f in futures]
+        server.scale("model.layers.0#0/gemm", 2)
         stats = server.stats()
+    assert (nodes_of(stats, True), nodes_of(stats, False)) == (attention, dense)
+    assert stats["groups"]["model.layers.0#0/gemm"]["replicas"] == 2
     assert outputs == [greedy(llama, p, 24) for p in batch]
     assert stats["engine"]["recomputed_replicas"] >= 1  # the lost replica's requests
     assert stats["groups"]["model.layers.1#2/gemm"]["retries"] >= 1

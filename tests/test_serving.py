@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import failing
+from helpers import failing, groups_on, split_plan
 
 import fxscale
 from fxscale.contracts.group_graph import kind_name
@@ -214,7 +214,8 @@ def test_a_plan_from_the_planner_deploys_on_a_server(server, tmp_path, monkeypat
     loaded = Plan.from_dict(json.loads(path.read_text()), str(path))
     before = {name: pool.target for name, pool in server.pools.items()}
     try:
-        applied = server.apply(loaded)
+        with pytest.warns(UserWarning, match="its devices are not"):  # planned for 2
+            applied = server.apply(loaded)
         wanted = {g.kind: g.replicas for g in planned.groups}
         assert applied and set(applied) <= set(server.pools)
         for name, replicas in applied.items():
@@ -229,6 +230,36 @@ def test_a_plan_from_the_planner_deploys_on_a_server(server, tmp_path, monkeypat
     finally:
         for name, replicas in before.items():
             server.scale(name, replicas)
+
+
+def test_a_plan_pins_its_groups_to_the_devices_it_names(llama):
+    """A plan putting attention on one device and the dense groups on the other: a running
+    server's replicas move there (an attention replica drains its request first), replicas
+    added later land there too, outputs stay equal to eager; a plan for more devices than
+    the server has sets replica counts only, with a warning."""
+    ids = [prompt(40 + i) for i in range(3)]
+    want = [eager_tokens(llama, i, 24) for i in ids]  # before the server compiles (above)
+    with fxscale.serve(llama, policy="operator", devices=fxscale.Devices(count=2)) as server:
+        attention = {n for n, p in server.pools.items() if p.stateful}
+        dense = set(server.pools) - attention
+        server.apply(split_plan((1,), (0,), 2))
+        assert groups_on(server) == [dense, attention]
+        running = server.generate(ids[0], max_new_tokens=24)
+        server.apply(split_plan((0,), (1,), 2))
+        later = [server.generate(i, max_new_tokens=24) for i in ids[1:]]
+        assert [f.result(timeout=60) for f in [running] + later] == want
+        deadline = time.monotonic() + 30
+        while groups_on(server) != [attention, dense] and time.monotonic() < deadline:
+            time.sleep(0.05)  # the drained attention replica goes at the engine's next step
+        assert groups_on(server) == [attention, dense]
+        assert server.stats()["devices"]["pins"] == {"*attention": [0], "*gemm": [1],
+                                                     "*embedding": [1]}
+        server.scale("model.layers.0#2/gemm", 2)
+        assert groups_on(server) == [attention, dense]
+        with pytest.warns(UserWarning, match="on 3 devices and this server has 2"):
+            server.apply(split_plan((0,), (2,), 3, replicas=1))
+        assert server.pools["model.layers.0#2/gemm"].target == 1
+        assert groups_on(server) == [attention, dense]
 
 
 def test_bf16_serving_stays_within_a_stated_tolerance_of_fp32(llama):

@@ -2,8 +2,9 @@
 (weights and KV caches, in bytes) and its compute slots. The one placement rule the live
 executor and the simulator both follow. No torch.
 
-A replica is placed when it starts and released when it stops. Placement is refused
-(PlacementError) when no device has the memory left; otherwise it goes, in order of
+A replica is placed when it starts and released when it stops. A group pinned to devices
+(a plan's placement: `pin`) is placed on those devices only. Placement is refused
+(PlacementError) when no allowed device has the memory left; otherwise it goes, in order of
 preference, to the device that already holds its attention replica's other layers (a
 request's KV blocks of every layer stay on one device), to a device holding no replica of
 the same group (another copy of a group is worth having only where it adds compute), then to
@@ -12,6 +13,7 @@ device's slots. What every device holds is recorded at each change (the history
 `stats()` shows over time)."""
 from __future__ import annotations
 
+import fnmatch
 import threading
 import time
 from collections import deque
@@ -47,6 +49,7 @@ class Placement:
         self.devices, self.clock = devices, clock
         self.slots = [threading.Semaphore(devices.slots) for _ in range(devices.count)]
         self.held: dict[tuple[str, int], tuple[int, Demand]] = {}  # (group, key) -> device
+        self.pins: dict[str, tuple[int, ...]] = {}  # group pattern -> devices it may use
         self.lock = threading.Lock()
         self.started = clock()
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
@@ -60,6 +63,31 @@ class Placement:
             self.held[(demand.group, demand.key)] = (device, demand)
             self._record()
             return device
+
+    def pin(self, groups: str, devices: tuple[int, ...]) -> None:
+        """Place the replicas of the groups a name or pattern ('model.layers.*#1/attention')
+        matches from now on only on these devices (() frees them; a group two pins match
+        follows the later one); the replicas they have stay where they are (`misplaced`)."""
+        wrong = [d for d in devices if not 0 <= d < self.devices.count]
+        if wrong:
+            raise ValueError(f"cannot pin {groups} to devices {wrong}: the devices are 0 to "
+                             f"{self.devices.count - 1} ({self.devices.describe()})")
+        with self.lock:
+            self.pins.pop(groups, None)
+            if devices:
+                self.pins[groups] = tuple(sorted(set(devices)))
+
+    def misplaced(self, group: str) -> list[int]:
+        """The keys of a group's replicas held on devices its pin does not allow."""
+        with self.lock:
+            allowed = self._allowed(group)
+            return sorted(key for (g, key), (device, _) in self.held.items()
+                          if g == group and device not in allowed)
+
+    def _allowed(self, group: str) -> tuple[int, ...] | range:
+        """The devices a group may use: its latest pin's, or all (lock held)."""
+        pinned = [d for pattern, d in self.pins.items() if fnmatch.fnmatchcase(group, pattern)]
+        return pinned[-1] if pinned else range(self.devices.count)
 
     def check(self, demands: list[Demand], releases: Iterable[tuple[str, int]] = ()) -> None:
         """Raise PlacementError if these replicas could not all be placed now, in this order,
@@ -106,16 +134,18 @@ class Placement:
         """The device for a replica (the module docstring's order), or PlacementError."""
         held = self.held if held is None else held
         memory = self.devices.memory
-        fits = [d for d in range(self.devices.count)
-                if memory is None or used[d] + demand.bytes <= memory]
+        allowed = self._allowed(demand.group)
+        fits = [d for d in allowed if memory is None or used[d] + demand.bytes <= memory]
         if not fits:
-            free = max(memory - u for u in used)
+            free = max(memory - used[d] for d in allowed)
+            where = f"the {self.devices.describe()}" if isinstance(allowed, range) else \
+                f"devices {list(allowed)} it is pinned to"
             raise PlacementError(
                 f"no device has room for a replica of {demand.group} "
                 f"({format_bytes(demand.weight_bytes)} weights + "
-                f"{format_bytes(demand.kv_bytes)} KV): the most free on any of the "
-                f"{self.devices.describe()} is {format_bytes(free)}; give the devices more "
-                "memory, more devices, or fewer kv_cache_tokens")
+                f"{format_bytes(demand.kv_bytes)} KV): the most free on any of {where} is "
+                f"{format_bytes(free)}; give the devices more memory, more devices, or fewer "
+                "kv_cache_tokens")
         same_group = {device for (group, _), (device, _) in held.items()
                       if group == demand.group}
         count = [0] * self.devices.count
@@ -157,4 +187,6 @@ class Placement:
                              "kv_bytes": sum(m.kv_bytes for _, _, m in mine),
                              "peak_bytes": self.peak[d],
                              "replicas": [f"{g}#{k}" for g, k, _ in mine]})
-            return {**self.devices.to_dict(), "devices": rows, "history": list(self.history)}
+            return {**self.devices.to_dict(), "devices": rows,
+                    "pins": {g: list(d) for g, d in sorted(self.pins.items())},
+                    "history": list(self.history)}

@@ -164,9 +164,14 @@ class Server:
                  dtype: str | torch.dtype | None = None, micro_batches: int = 1,
                  max_model_len: int | None = None,
                  devices: Devices | str | None = None, address: str | None = None,
-                 actors: str = "replica", pass_handles: bool = True) -> None:
+                 actors: str = "replica", pass_handles: bool = True,
+                 plan: Plan | None = None) -> None:
         if policy not in LIVE_POLICIES:
             raise ValueError(f"policy must be one of {LIVE_POLICIES}, got {policy!r}")
+        if plan is not None:
+            _check_plan(plan, policy)
+            if replicas != 1:
+                raise ValueError("replicas= and plan= both set the replica counts: pass one")
         if autoscale and slo is None:
             raise ValueError("autoscale=True needs an SLO to plan for: pass "
                              "slo=fxscale.SLO(ttft=..., tbt=...)")
@@ -203,6 +208,8 @@ class Server:
             self.max_len = max_model_len
         self.devices = devices
         self.placement = Placement(devices)
+        for groups, where in self._plan_pins(plan).items():  # before any replica is placed
+            self.placement.pin(groups, where)
         self.num_blocks = -(-kv_cache_tokens // block_size)
         self.schedule = SchedulerConfig(max_num_batched_tokens, max_batch, block_size)
         self.submit_timeout_s, self.max_pending = submit_timeout_s, max_pending
@@ -237,7 +244,9 @@ class Server:
             self.runner = self._runner(lowering, service)
             self.pools = getattr(self.runner, "pools", {})
             self.engines.append(self._engine(0))
-            if policy == "model" and replicas > 1:
+            if plan is not None:
+                self.apply(plan)
+            elif policy == "model" and replicas > 1:
                 self._model_replicas(replicas)
             elif replicas > 1:
                 self.scale("*", replicas)
@@ -433,20 +442,39 @@ class Server:
         """Deploy a Plan of this server's policy (from the planner, or Plan.from_dict of its
         JSON): an operator plan sets each group kind's replicas from its placement rows; a
         model plan sets the whole-model replicas to its engine count. Groups the plan does not
-        name keep theirs. Returns the replicas set."""
-        if not isinstance(plan, Plan):
-            raise TypeError(f"apply takes a fxscale Plan, got {type(plan).__name__}; read a "
-                            "plan file with fxscale.Plan.from_dict(json.load(f))")
-        if plan.policy != self.policy:
-            raise ValueError(f"the plan is for policy {plan.policy!r}; this server runs "
-                             f"{self.policy!r}")
+        name keep theirs. Each operator group is pinned to the devices its row names (when
+        the plan is for at most this server's devices): its replicas on other devices are
+        replaced there, and the replicas it gets later land there too. Returns the replicas
+        set."""
+        _check_plan(plan, self.policy)
         if self.policy == "model":
             targets = {name: sum(e.count for e in plan.engines) for name in self.pools}
-        else:
-            rows = {g.kind: g.replicas for g in plan.groups if g.role == "operator"}
-            targets = {name: n for kind, n in rows.items() for name in self._matching(kind)}
-        self._resize(targets)
+            self._resize(targets)
+            return targets
+        targets = {name: g.replicas for g in plan.groups if g.role == "operator"
+                   for name in self._matching(g.kind)}
+        if plan.devices > self.devices.count:
+            warnings.warn(f"the plan places its groups on {plan.devices} devices and this "
+                          f"server has {self.devices.count}: its replica counts are applied, "
+                          "its devices are not (serve with devices=fxscale.Devices(count="
+                          f"{plan.devices}, ...) to follow them)", stacklevel=2)
+        pins = self._plan_pins(plan)
+        before = dict(self.placement.pins)
+        try:
+            for groups, devices in pins.items():
+                self.placement.pin(groups, devices)
+            self._resize(targets)  # replicas on devices their pin leaves out move
+        except BaseException:
+            self.placement.pins = before
+            raise
         return targets
+
+    def _plan_pins(self, plan: Plan | None) -> dict[str, tuple[int, ...]]:
+        """The devices an operator plan pins each group kind to (none when there is no plan,
+        or it is for more devices than this server has)."""
+        if plan is None or plan.policy != "operator" or plan.devices > self.devices.count:
+            return {}
+        return {g.kind: g.devices for g in plan.groups if g.role == "operator" and g.devices}
 
     def _matching(self, group: str) -> list[str]:
         """The groups a name or pattern names (an error when none does)."""
@@ -478,29 +506,36 @@ class Server:
             raise ValueError(f"{len(targets)} groups resized would make {total} replicas in "
                              f"all, more than {MAX_REPLICAS} (fxscale.serving.MAX_REPLICAS)")
         # shrinking pools first: the memory they free is what the growing ones are checked
-        # against (attention replicas drain, so theirs is not counted)
-        dense = sorted(((self.pools[n], r) for n, r in targets.items()
-                        if not self.pools[n].stateful), key=lambda pr: pr[1] - len(pr[0].replicas))
+        # against (attention replicas drain, so theirs is not counted); replicas on devices
+        # their group's pin leaves out are replaced
+        dense = sorted(((self.pools[n], r, self.placement.misplaced(n)) for n, r in
+                        targets.items() if not self.pools[n].stateful),
+                       key=lambda prm: prm[1] - len(prm[0].replicas))
+        moved = sorted({key for n in targets if self.pools[n].stateful
+                        for key in self.placement.misplaced(n)})
         with self.resize_lock:
-            self.placement.check([d for pool, r in dense for d in pool.additions(r)] +
-                                 (self._attention_additions(attention[0]) if attention else []),
-                                 [key for pool, r in dense for key in pool.removals(r)])
+            self.placement.check(
+                [d for pool, r, m in dense for d in pool.additions(r, m)] +
+                (self._attention_additions(attention[0], len(moved)) if attention else []),
+                [key for pool, r, m in dense for key in pool.removals(r, m)])
             if dense:  # between steps: a step's parts are spread over the replicas it found
                 engine = self.engines[0]
-                engine.control(lambda: [pool.scale(r) for pool, r in dense]).result()
+                engine.control(lambda: [pool.scale(r, m) for pool, r, m in dense]).result()
             if attention:
-                self._attention_replicas(attention[0])
+                self._attention_replicas(attention[0], moved)
 
-    def _attention_additions(self, count: int) -> list[Demand]:
-        """The replicas `count` attention (or model) replicas would start: each new one's
-        state in every stateful pool, kept together (keys stand in for the ones it will get)."""
+    def _attention_additions(self, count: int, moved: int = 0) -> list[Demand]:
+        """The replicas `count` attention (or model) replicas would start, `moved` of the
+        ones there being replaced: each new one's state in every stateful pool, kept together
+        (keys stand in for the ones it will get)."""
         have = len(self.engines) if self.policy == "model" else \
             self.engines[0].attention_replicas()
         stateful = [p for p in self.pools.values() if p.stateful]
-        return [pool.demand(-1 - i) for i in range(count - have) for pool in stateful]
+        return [pool.demand(-1 - i) for i in range(count - have + moved) for pool in stateful]
 
-    def _attention_replicas(self, count: int) -> None:
-        """Attention replicas of the operator policy's engine, or model replicas."""
+    def _attention_replicas(self, count: int, moved: list[int] = ()) -> None:
+        """Attention replicas of the operator policy's engine (those keyed in `moved` drain
+        and are replaced), or model replicas."""
         if self.policy == "model":
             self._model_replicas(count)
             return
@@ -508,7 +543,7 @@ class Server:
             if pool.stateful:
                 pool.target = count
         engine = self.engines[0]
-        engine.control(lambda: engine.set_attention_replicas(count)).result()
+        engine.control(lambda: engine.set_attention_replicas(count, set(moved))).result()
 
     def _model_replicas(self, count: int) -> None:
         """Have `count` model replicas (engines): new ones start with copies of the weights
@@ -644,9 +679,20 @@ class Server:
         self.close()
 
 
+def _check_plan(plan: Any, policy: str) -> None:
+    """A Plan of this policy, or a clear error."""
+    if not isinstance(plan, Plan):
+        raise TypeError(f"a plan must be a fxscale Plan, got {type(plan).__name__}; read a "
+                        "plan file with fxscale.Plan.from_dict(json.load(f))")
+    if plan.policy != policy:
+        raise ValueError(f"the plan is for policy {plan.policy!r}; this server runs "
+                         f"{policy!r}")
+
+
 def serve(model: torch.nn.Module, policy: str = "operator", slo: SLO | None = None,
           budget: int | None = None, backend: str = "local", **options: Any) -> Server:
     """Serve a model on the engine, its operator groups in replica pools on this machine's
     (virtual) devices: `devices=fxscale.Devices(count, memory, slots)`, or `budget` slots on
-    one device of unbounded memory."""
+    one device of unbounded memory; `plan=` deploys a planner's Plan from the start (its
+    replicas, and the devices it places each operator group on)."""
     return Server(model, policy=policy, budget=budget, slo=slo, backend=backend, **options)

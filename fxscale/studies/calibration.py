@@ -50,7 +50,9 @@ def fit_costs(server: Any, groups: list[GroupModel], replicas: dict[str, int], s
     its groups take, fitted by least squares (>= 0); with `overlap`, per micro-batch (each
     pays its own, one after the other)."""
     points = []
-    for step, _, took in (s for engine in server.engines for s in engine.steps_log):
+    # copied first (in one C call): the engines go on logging steps while this fits
+    steps = [s for engine in server.engines for s in list(engine.steps_log)]
+    for step, _, took in steps:
         halves = micro_batches(step) if overlap else [step]
         extra = took - step_time(groups, step, replicas, slots, EngineCosts(), overlap)
         points.append((sum(len(h.chunks) for h in halves) / len(halves),

@@ -204,17 +204,19 @@ class Engine:
             self.helper.shutdown()
 
     # ---- attention replicas (the scheduler's block pools) -----------------------------------
-    def set_attention_replicas(self, count: int) -> None:
-        """Have `count` attention replicas: new ones start empty; extra ones (the newest)
-        admit nothing more and are removed once their requests finish. Loop thread only."""
+    def set_attention_replicas(self, count: int, replace: set[int] = frozenset()) -> None:
+        """Have `count` attention replicas: new ones start empty; extra ones (the newest) and
+        those keyed in `replace` admit nothing more and are removed once their requests
+        finish. Loop thread only."""
         live = sorted(k for k, p in self.scheduler.pools.items() if not p.draining)
-        for key in live[count:]:
+        kept = [k for k in live if k not in replace][:count]
+        for key in (k for k in live if k not in kept):
             self.scheduler.drain(key)
             self.draining.add(key)
             drain = getattr(self.runner, "drain_attention", None)
             if drain is not None:
                 drain(key)
-        for _ in range(count - len(live)):
+        for _ in range(count - len(kept)):
             key = self.scheduler.add_replica(self.num_blocks)
             add = getattr(self.runner, "add_attention", None)
             if add is not None:

@@ -220,27 +220,35 @@ class LocalPool:
         replica.stop()
         self.placement.release(self.name, key)
 
-    def additions(self, replicas: int) -> list[Demand]:
-        """The replicas `scale(replicas)` would start (to check they fit first)."""
-        keys = range(self.next_key, self.next_key + replicas - len(self.replicas)) \
+    def additions(self, replicas: int, replace: list[int] = ()) -> list[Demand]:
+        """The replicas `scale(replicas, replace)` would start (to check they fit first)."""
+        keys = range(self.next_key, self.next_key + replicas - len(self._kept(replace))) \
             if self.called else ()
         return [self.demand(key) for key in keys]
 
-    def removals(self, replicas: int) -> list[tuple[str, int]]:
-        """The replicas `scale(replicas)` would stop, as (group, key) (the newest go)."""
+    def removals(self, replicas: int, replace: list[int] = ()) -> list[tuple[str, int]]:
+        """The replicas `scale(replicas, replace)` would stop, as (group, key): those in
+        `replace`, then the newest."""
+        kept = self._kept(replace)
         with self.lock:
             keys = sorted(self.replicas)
-        return [(self.name, key) for key in keys[replicas:]]
+        return [(self.name, key) for key in keys if key not in kept[:replicas]]
 
-    def scale(self, replicas: int) -> None:
-        """Have this many replicas (a dense group; started once its state is known)."""
+    def _kept(self, replace: list[int]) -> list[int]:
+        """The replicas that stay when those keyed in `replace` go, oldest first."""
+        with self.lock:
+            return sorted(k for k in self.replicas if k not in replace)
+
+    def scale(self, replicas: int, replace: list[int] = ()) -> None:
+        """Have this many replicas (a dense group; started once its state is known); those
+        keyed in `replace` (on a device the group may no longer use) stop first."""
         self.target = replicas
         if not self.called:
             return
+        for _, key in self.removals(replicas, replace):
+            self.remove(key)
         while len(self.replicas) < replicas:
             self.add(self.next_key)
-        while len(self.replicas) > replicas:
-            self.remove(max(self.replicas))
 
     # ---- calls -----------------------------------------------------------------------------------
     def run(self, fn: Callable[..., Any], parts: list[tuple[int | None, list[Any],
