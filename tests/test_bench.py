@@ -166,7 +166,8 @@ def test_results_json_schema(bench_run):
     assert {r["measure"] for r in ray_rows} >= {"tokens_per_s", "tokens_per_s_ratio",
                                                  "call_s", "ready_s"}
     assert {r["backend"] for r in ray_rows if r["measure"] == "tokens_per_s_ratio"} == {
-        "ray/local", "ray via server/local"}
+        "ray/local", "ray via server/local", "ray, handoff in the actor/local",
+        "ray, through Ray/local"}
     assert all(r["min"] <= r["value"] <= r["max"] and r["value"] > 0 for r in ray_rows)
     assert set(data["plots"]) == PLOTS
 

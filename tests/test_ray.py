@@ -73,7 +73,8 @@ def nodes_of(stats: dict, attention: bool) -> set[str]:
 def test_a_call_is_sent_only_the_results_and_tokens_it_reads():
     """Handles to two parts' results joined along tokens: a slice within one part is sent
     that part's result only, a slice across both is sent both and joined in the actor; an
-    output of a many-output call is picked by index."""
+    output of a many-output call is picked by index; a part that ran in the receiving actor
+    is read from its kept results (its error raised again when it failed)."""
     a, b = torch.randn(3, 4), torch.randn(5, 4)
     both = Handle.joined((Handle("ref-a", rows=3), Handle("ref-b", rows=5)), 0)
     inputs = (pack(a), pack(b))
@@ -89,6 +90,20 @@ def test_a_call_is_sent_only_the_results_and_tokens_it_reads():
     refs = []
     sent = send_handles(Handle("ref-pair")[1], refs)
     assert torch.equal(receive_handles(sent, (pack((a, b)),), "cpu"), b)
+    # sent to the actor it ran in: no ref (no wait for Ray), read from what the actor kept
+    here = Handle.joined((Handle("ref-a", rows=3, home="A", call=7),
+                          Handle("ref-b", rows=5, home="B", call=8)), 0)
+    refs = []
+    sent = send_handles(here.narrow(0, 1, 3), refs, home="A")
+    assert refs == ["ref-b"]
+    got = receive_handles(sent, (pack(b),), "cpu", kept={7: a})
+    assert torch.equal(got, torch.cat([a, b])[1:4])
+    failed = ValueError("the producer's own error")
+    with pytest.raises(ValueError) as raised:  # the very error: the server sees a copy
+        receive_handles(send_handles(here.parts[0], [], home="A"), (), "cpu", kept={7: failed})
+    assert raised.value is failed
+    with pytest.raises(RuntimeError, match="no longer kept"):
+        receive_handles(send_handles(here.parts[0], [], home="A"), (), "cpu", kept={})
 
 
 def test_operator_groups_as_actors_equal_greedy_while_scaling_and_losing_actors(cluster,

@@ -311,9 +311,10 @@ def http_serving(config: HttpConfig, tick: Tick = _no_tick) -> list[dict]:
 @dataclass(frozen=True)
 class RayConfig:
     """The Ray executor against the local one: closed-loop tokens/s and latency on the same
-    model and devices, the time of one group call through an actor, time to ready of a
-    group's replica and of a model's, and two actor processes against two threads on narrow
-    many-layer models (fxscale/studies/ray_bench.py)."""
+    model and devices (also with one actor per device handing results over in it), the time
+    of one group call through an actor, time to ready of a group's replica and of a model's,
+    and two actor processes against two threads on narrow many-layer models
+    (fxscale/studies/ray_bench.py)."""
 
     hidden: int = 512
     layers: int = 2
@@ -328,8 +329,9 @@ class RayConfig:
     process_layers: tuple[int, ...] = (8, 32)
 
     def units(self) -> int:
-        """Ticks the family makes: executors, hops, time to ready, one per process model."""
-        return 3 + len(self.process_layers)
+        """Ticks the family makes: executors, co-located, hops, time to ready, one per
+        process model."""
+        return 4 + len(self.process_layers)
 
 
 def _ray_row(measure: str, case: str, backend: str, unit: str, value: float,
@@ -381,6 +383,9 @@ def _ray_rows(config: RayConfig, tick: Tick) -> list[dict]:
          f"{config.requests} requests, {config.rounds} rounds")
     rows = _closed_loop_rows(f"operator, llama {config.layers}x{config.hidden}, 2 devices",
                              ray_bench.executors(bench))
+    tick("ray: one actor per device, results handed over in the actor or through Ray")
+    rows += _closed_loop_rows(f"operator, llama {config.layers}x{config.hidden}, one actor per "
+                              "device, attention apart", ray_bench.co_located(bench))
     tick(f"ray: one group call, {config.hop_calls} calls per size")
     for hop in ray_bench.hops(config.hop_tokens, calls=config.hop_calls):
         case = f"[{hop['tokens']}, {hop['hidden']}] fp32 ({hop['bytes']} B)"

@@ -190,7 +190,10 @@ def _ray_caption(results: dict[str, Any]) -> str:
     """What the Ray rows compared."""
     c = results["config"]["ray"]
     return (f"backend='ray' (each replica a Ray actor; 'via server': pass_handles=False, "
-            f"every call's result back through the server) against backend='local' (threads), "
+            f"every call's result back through the server; 'attention apart': "
+            f"actors='device', a plan puts attention on one device and the dense groups on "
+            f"the other, consecutive calls in an actor hand results over in it or through "
+            f"Ray) against backend='local' (threads), "
             f"{c['requests']} requests of 16-{c['longest']} tokens, {c['new_tokens']} new, "
             f"closed loop, median (min-max) of {c['rounds']} interleaved rounds; a group "
             f"call: median (p10-p90) of {c['hop_calls']}")

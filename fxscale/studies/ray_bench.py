@@ -4,6 +4,9 @@
   backend="local", backend="ray" (activations passed actor to actor) and backend="ray" with
   pass_handles=False (every call's result back through the server) on the same model,
   prompts and devices, closed loop (every request submitted at once), interleaved rounds;
+- `co_located`: the groups placed on a device in one actor (`actors="device"`), attention on
+  one device and the dense groups on the other (a plan), consecutive calls in an actor
+  handing their results over in it (`local_handoff`) against through Ray, and local;
 - `hops`: the time one group call takes through a Ray actor against the same call on a
   local replica (an identity function on activations of 1-512 tokens), and the difference:
   what each hop between the server and a group's actor costs;
@@ -29,13 +32,17 @@ from fxscale.contracts.metrics import percentiles
 from fxscale.studies.engine_bench import EngineBench
 
 # the servers: name -> its serve() options
-BACKENDS = {"local": {"backend": "local"}, "ray": {"backend": "ray"}}
+BACKENDS = {"local": {"backend": "local"}, "ray": {"backend": "ray"},
+            "ray per device": {"backend": "ray", "actors": "device"}}
 # what is compared: name -> (the server, its executor's settings for the rounds); "ray via
 # server" is the Ray server again (same actors and placement: two Ray servers' bundles do
 # not both fit 2 CPUs) bringing every call's result back to the server
 EXECUTORS = {"local": ("local", {}), "ray": ("ray", {"pass_handles": True}),
              "ray via server": ("ray", {"pass_handles": False})}
 PROCESSES = {"local": ("local", {}), "ray": ("ray", {})}
+CO_LOCATED = {"local": ("local", {}),
+              "ray, handoff in the actor": ("ray per device", {"local_handoff": True}),
+              "ray, through Ray": ("ray per device", {"local_handoff": False})}
 
 def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -121,6 +128,26 @@ def executors(bench: RayBench, policy: str = "operator",
     """Closed-loop tokens/s and latency of both executors (module docstring)."""
     return {"policy": policy,
             **_compared(bench, bench.engine, EXECUTORS, progress, policy=policy)}
+
+
+def co_located(bench: RayBench, progress: Callable[[str], None] = lambda m: None
+               ) -> dict[str, Any]:
+    """Closed-loop tokens/s and latency of one actor per device hosting its groups, the
+    attention groups on device 0 and the dense ones on the others, handing results over in
+    the actor or through Ray (module docstring)."""
+    return {"policy": "operator",
+            **_compared(bench, bench.engine, CO_LOCATED, progress, policy="operator",
+                        plan=attention_apart(bench.devices))}
+
+
+def attention_apart(devices: int) -> Any:
+    """An operator plan of one replica per group: the attention groups on device 0, every
+    other group on devices 1 and up."""
+    from fxscale.contracts.plan import GroupPlacement, Plan
+
+    rows = (GroupPlacement("*", "*", "operator", 1, devices=tuple(range(1, devices))),
+            GroupPlacement("*attention", "*attention", "operator", 1, devices=(0,)))
+    return Plan("operator", "any", "cpu", 0.0, (), devices, 0.0, 0.0, 0.0, 0.0, 0.0, 0, rows)
 
 
 def _identity(*args: Any) -> Any:

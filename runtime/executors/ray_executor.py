@@ -15,6 +15,10 @@ handle, and Ray hands the data over when it is ready. The server submits a whole
 without waiting and waits once, for the step's logits (`RayExecutor.settle`), where each
 call's time in its actor is recorded and failures are sorted out. `pass_handles=False` brings
 every result back to the server instead (one round trip per call, measured against).
+Consecutive calls in one actor (`actors="device"`: the groups placed on a device share its
+process) skip Ray altogether: the actor keeps each call's result for the step, and a call
+it feeds in the same actor is sent only its number, so it is dispatched at once and reads the
+result in place (`local_handoff=False` sends Ray's ref instead, measured against).
 
 Each device of the deployment (fxscale.Devices) is one bundle of a Ray placement group
 (spread over the cluster's nodes), and a replica placed on device d runs in bundle d, so
@@ -28,6 +32,7 @@ fxscale imports Ray (an optional extra: pip install "fxscale[ray]")."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import threading
@@ -57,6 +62,7 @@ try:
 except ImportError as missing:  # pragma: no cover - the error says how to install it
     raise ImportError('backend="ray" needs Ray: pip install "fxscale[ray]"') from missing
 
+KEPT_STEPS = 4  # steps whose results an actor keeps for its own later calls (two per thread)
 READY_TIMEOUT_S = 120.0  # the placement group's bundles and an actor's start
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -92,12 +98,16 @@ def unpack(value: Any, device: str = "cpu") -> Any:
 class Handle:
     """A tensor a group call produces, where that call runs: Ray's ref to the call's result
     (`ref`; sent to an actor: `slot`, its place in the call's inputs), which of its outputs
-    (`index`) and the tokens of the part it ran (`rows`, along the output's token dim)."""
+    (`index`), the tokens of the part it ran (`rows`, along the output's token dim), and the
+    actor it ran in (`home`, an actor id) with its number there (`call`): sent to that same
+    actor, a handle has no ref and no slot, and the actor reads its own kept result."""
 
     ref: Any = None
     index: int | None = None
     rows: int | None = None
     slot: int | None = None
+    home: str | None = None
+    call: int | None = None
 
     def __getitem__(self, index: int) -> Handle:
         return replace(self, index=index)
@@ -147,36 +157,56 @@ class Joined:
         return taken[0] if len(taken) == 1 else Joined(tuple(taken), dim)
 
 
-def send_handles(value: Any, refs: list[Any]) -> Any:
+def send_handles(value: Any, refs: list[Any], home: str | None = None) -> Any:
     """A value with each handle's ref moved to `refs` (Ray resolves refs that are a call's
-    own arguments before the call runs) and the handle pointing at its slot there."""
+    own arguments before the call runs) and the handle pointing at its slot there; a handle
+    whose call ran in actor `home` (the one the value goes to) keeps only its number."""
     if isinstance(value, Handle):
+        if home is not None and value.home == home:
+            return replace(value, ref=None, home=None)
         if value.ref not in refs:
             refs.append(value.ref)
-        return replace(value, ref=None, slot=refs.index(value.ref))
+        return replace(value, ref=None, home=None, call=None, slot=refs.index(value.ref))
     if isinstance(value, Narrowed):
-        return replace(value, value=send_handles(value.value, refs))
+        return replace(value, value=send_handles(value.value, refs, home))
     if isinstance(value, Joined):
-        return replace(value, parts=tuple(send_handles(p, refs) for p in value.parts))
+        return replace(value, parts=tuple(send_handles(p, refs, home) for p in value.parts))
     if isinstance(value, (list, tuple)):
-        return type(value)(send_handles(v, refs) for v in value)
+        return type(value)(send_handles(v, refs, home) for v in value)
     return value
 
 
-def receive_handles(value: Any, inputs: tuple[Any, ...], device: str) -> Any:
-    """The tensors a value's handles stand for, from the call's resolved inputs."""
+def receive_handles(value: Any, inputs: tuple[Any, ...], device: str,
+                    kept: dict[int, Any] | None = None) -> Any:
+    """The tensors a value's handles stand for, from the call's resolved inputs, or from
+    `kept` (this actor's results by call number) for a handle without a slot."""
     if isinstance(value, Handle):
+        if value.slot is None:
+            result = kept_result(kept or {}, value.call)
+            return result if value.index is None else result[value.index]
         result = inputs[value.slot]
         return unpack(result if value.index is None else result[value.index], device)
     if isinstance(value, Narrowed):
-        return receive_handles(value.value, inputs, device).narrow(value.dim, value.start,
-                                                                   value.length)
+        return receive_handles(value.value, inputs, device, kept).narrow(
+            value.dim, value.start, value.length)
     if isinstance(value, Joined):
-        return torch.cat([receive_handles(p, inputs, device) for p in value.parts],
+        return torch.cat([receive_handles(p, inputs, device, kept) for p in value.parts],
                          dim=value.dim)
     if isinstance(value, (list, tuple)):
-        return type(value)(receive_handles(v, inputs, device) for v in value)
+        return type(value)(receive_handles(v, inputs, device, kept) for v in value)
     return value
+
+
+def kept_result(kept: dict[int, Any], call: int) -> Any:
+    """A result this actor kept; the very error its call raised when it failed (so the
+    server tells the copy from the original, as with Ray's own)."""
+    if call not in kept:
+        raise RuntimeError(f"call {call}'s result is no longer kept in this actor (results "
+                           f"are kept for the last {KEPT_STEPS} steps)")
+    result = kept[call]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 @dataclass
@@ -194,8 +224,9 @@ class Submitted:
 
 @dataclass
 class Ledger:
-    """The calls this thread has submitted for its step."""
+    """The calls this thread has submitted for its step, and the step's number."""
 
+    step: int
     calls: list[Submitted] = field(default_factory=list)
 
 
@@ -272,6 +303,7 @@ class GroupActor:
         self.device = device
         self.state: dict[str, dict[int, torch.Tensor]] = {}  # replica -> id -> tensor
         self.functions: dict[int, Callable[..., Any]] = {}
+        self.kept: dict[int, dict[int, Any]] = {}  # step -> call -> its result (or error)
 
     def where(self) -> dict[str, Any]:
         """The node, host and process it runs in."""
@@ -291,28 +323,47 @@ class GroupActor:
     def run(self, replica: str, key: int, fn: Callable[..., Any] | None, args: list[Any],
             state_ids: dict[int, int]) -> Any:
         """fn (sent once, then known by key) on args, the replica's state in the state
-        slots."""
+        slots; the result packed to leave the actor."""
+        return pack(self._apply(replica, key, fn, unpack(args, self.device), state_ids))
+
+    def _apply(self, replica: str, key: int, fn: Callable[..., Any] | None, args: list[Any],
+               state_ids: dict[int, int]) -> Any:
         if fn is not None:
             self.functions[key] = fn
-        args = unpack(args, self.device)
         state = self.state.get(replica, {})  # a group without state has none
         for index, ident in state_ids.items():
             args[index] = state[ident]
         with torch.no_grad():
-            return pack(self.functions[key](*args))
+            return self.functions[key](*args)
 
     def chain(self, replica: str, key: int, fn: Callable[..., Any] | None, args: list[Any],
-              state_ids: dict[int, int], at_least_s: float, *inputs: Any) -> tuple[Any, float]:
-        """run(), its handles taken from `inputs` (upstream results, resolved by Ray);
+              state_ids: dict[int, int], at_least_s: float, step: int, call: int,
+              *inputs: Any) -> tuple[Any, float]:
+        """run(), its handles taken from `inputs` (upstream results, resolved by Ray) or
+        from the results kept here; its result (or error) kept for later calls of the step;
         (result, seconds it took here), two objects: the seconds reach the server, the
         result only the calls that read it."""
         start = time.perf_counter()
-        result = self.run(replica, key, fn, receive_handles(args, inputs, self.device),
-                          state_ids)
+        kept = self._kept(step)
+        try:
+            args = unpack(receive_handles(args, inputs, self.device, kept), self.device)
+            result = self._apply(replica, key, fn, args, state_ids)
+        except BaseException as error:
+            kept[call] = error
+            raise
+        kept[call] = result
         left = at_least_s - (time.perf_counter() - start)
         if left > 0:  # an injected service time (tests and benchmarks of the engine)
             time.sleep(left)
-        return result, time.perf_counter() - start
+        return pack(result), time.perf_counter() - start
+
+    def _kept(self, step: int) -> dict[int, Any]:
+        """A step's kept results; the oldest steps' dropped (their calls have finished)."""
+        if step not in self.kept:
+            self.kept[step] = {}
+            for old in sorted(self.kept)[:-KEPT_STEPS]:
+                del self.kept[old]
+        return self.kept[step]
 
     def drop(self, replica: str) -> None:
         """Forget a replica's state."""
@@ -387,15 +438,16 @@ class RayReplica(LocalReplica):
         """fn on args in its actor, not waited for: a handle to its result (the step's
         settle() records it or sorts out its failure)."""
         key, sent, args, state_ids = self._call(fn, args, state)
-        refs: list[Any] = []
-        args = send_handles(pack(args), refs)
         actor = self.actor  # another thread may replace it meanwhile
+        home = actor._actor_id.hex()
+        refs: list[Any] = []
+        args = send_handles(pack(args), refs, home if self.executor.local_handoff else None)
+        ledger, call = self.executor.ledger(), next(self.executor.calls)
         result, seconds = actor.chain.options(num_returns=2).remote(
-            self.name, key, sent, args, state_ids, at_least_s, *refs)
+            self.name, key, sent, args, state_ids, at_least_s, ledger.step, call, *refs)
         self.sent.add(key)  # a failed call clears it (recover)
-        self.executor.ledger().calls.append(Submitted(self, actor, pool, tokens, context,
-                                                      seconds))
-        return Handle(result, rows=tokens[1] - tokens[0])
+        ledger.calls.append(Submitted(self, actor, pool, tokens, context, seconds))
+        return Handle(result, rows=tokens[1] - tokens[0], home=home, call=call)
 
     def recover(self, dead: Any, died: BaseException) -> GroupError:
         """Its actor died: a new one takes over (once, whichever call saw the death first)
@@ -440,7 +492,9 @@ class RayExecutor:
             raise ValueError(f"actors must be one of {ACTOR_MODES}, got {actors!r}")
         self.threads, self.device, self.per_device = threads, device, actors == "device"
         self.pass_handles = pass_handles  # may change while no step runs (benchmarks do)
+        self.local_handoff = True  # likewise
         self.ledgers = threading.local()  # each stepping thread's submitted calls
+        self.steps, self.calls = itertools.count(), itertools.count()  # numbers, unique
         self.setup = setup  # what each actor runs first (a module-level function)
         # started actors waiting per device: a new replica takes one and pays only the
         # bytes it maps (an actor's start, a process importing torch, takes seconds)
@@ -563,7 +617,7 @@ class RayExecutor:
         """This thread's step's calls."""
         ledger = getattr(self.ledgers, "ledger", None)
         if ledger is None:
-            ledger = self.ledgers.ledger = Ledger()
+            ledger = self.ledgers.ledger = Ledger(next(self.steps))
         return ledger
 
     def settle(self, value: Any) -> Any:
@@ -573,7 +627,8 @@ class RayExecutor:
         were lost, else a GroupError (the engine runs the step again). `value` None: the
         step failed here; its calls are waited for, dead actors replaced, and only lost KV
         blocks raised (the step's own error follows)."""
-        calls, self.ledger().calls = self.ledger().calls, []
+        calls = self.ledger().calls
+        self.ledgers.ledger = Ledger(next(self.steps))
         errors: list[GroupError] = []
         refs: list[Any] = []
         sent = send_handles(value, refs)
