@@ -106,6 +106,29 @@ def test_a_call_is_sent_only_the_results_and_tokens_it_reads():
         receive_handles(send_handles(here.parts[0], [], home="A"), (), "cpu", kept={})
 
 
+def test_two_ray_servers_share_a_private_instance_until_the_last_one_closes(llama):
+    """Two servers in one process, no Ray running (before the cluster fixture starts one):
+    they share the private instance the first starts (a server asking for a cluster then is
+    a clear error); closing the first leaves the second serving; closing the second stops
+    it."""
+    assert not ray.is_initialized()
+    prompt = prompts(3, 1, 12)[0]
+    options = {"backend": "ray", "actors": "device", "devices": fxscale.Devices(count=1)}
+    first = fxscale.serve(llama, **options)
+    try:
+        with pytest.raises(ValueError, match="a process has one Ray connection"):
+            fxscale.serve(llama, **options, address="127.0.0.1:1")  # nothing started
+        with fxscale.serve(llama, **options) as second:
+            first.close()
+            assert ray.is_initialized()
+            got = second.generate(torch.tensor([prompt]), max_new_tokens=6,
+                                  ignore_eos=True).result(timeout=60)
+    finally:
+        first.close()
+    assert got == greedy(llama, prompt, 6)
+    assert not ray.is_initialized()
+
+
 def test_operator_groups_as_actors_equal_greedy_while_scaling_and_losing_actors(cluster,
                                                                                  llama):
     """A plan puts the attention groups on one device (node) and the dense groups on the

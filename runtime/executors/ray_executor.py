@@ -257,6 +257,46 @@ def start_private_ray() -> None:
                  log_to_driver=False)
 
 
+_connection_lock = threading.Lock()
+_connection_users = 0  # executors on the Ray connection an executor made (the last ends it)
+_connection_address: str | None = None  # its address (None: the private instance)
+
+
+def connect(address: str | None) -> bool:
+    """Connect this process to Ray for an executor: a private instance (no address) or the
+    cluster at `address`, or the connection an earlier executor made (shared: counted, so
+    the last executor to close ends it). False when the process was already connected
+    otherwise (ray.init by the user, one_ray_instance): that connection is left alone."""
+    global _connection_users, _connection_address
+    with _connection_lock:
+        if ray.is_initialized() and _connection_users == 0:
+            return False
+        if not ray.is_initialized():
+            if address is None:
+                start_private_ray()
+            else:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            _connection_address = address
+        elif address != _connection_address:
+            where = "a private Ray instance" if _connection_address is None else \
+                f"the Ray cluster at {_connection_address}"
+            raise ValueError(f"this process already serves on {where} and a process has one "
+                             f"Ray connection: serve here with address="
+                             f"{_connection_address!r}, or from another process")
+        _connection_users += 1
+        return True
+
+
+def disconnect() -> None:
+    """An executor that connected is done: the last one stops the private instance, or
+    leaves the cluster it joined (running)."""
+    global _connection_users
+    with _connection_lock:
+        _connection_users -= 1
+        if _connection_users == 0 and ray.is_initialized():
+            ray.shutdown()
+
+
 @contextlib.contextmanager
 def one_ray_instance() -> Iterator[None]:
     """One private Ray instance for every executor started inside (each would otherwise
@@ -505,13 +545,7 @@ class RayExecutor:
         self.lock = threading.Lock()
         self.actors: set[Any] = set()
         self.group = None
-        self.owns_connection = False
-        if not ray.is_initialized():
-            if address is None:
-                start_private_ray()
-            else:
-                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-            self.owns_connection = True
+        self.owns_connection = connect(address)
         gpu = device.startswith("cuda")
         # a device's share of the cluster: a whole GPU, or an equal part of the CPUs
         unit = {"GPU": 1.0} if gpu else \
@@ -681,8 +715,9 @@ class RayExecutor:
             return ref
 
     def close(self) -> None:
-        """End every actor and the placement group; stop the Ray instance it started, or
-        leave the cluster it joined (running)."""
+        """End every actor and the placement group; the last executor on the connection the
+        executors made stops its private Ray instance, or leaves the cluster it joined
+        (running)."""
         self.spare_count = 0
         for actor in list(self.actors):
             self.stop_actor(actor)
@@ -693,5 +728,6 @@ class RayExecutor:
         if self.group is not None:
             remove_placement_group(self.group)
             self.group = None
-        if self.owns_connection and ray.is_initialized():
-            ray.shutdown()
+        if self.owns_connection:
+            self.owns_connection = False
+            disconnect()
