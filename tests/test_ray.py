@@ -168,6 +168,25 @@ def test_operator_groups_as_actors_equal_greedy_while_scaling_and_losing_actors(
     assert stats["requests"]["finish_reasons"]["error"] == 0
 
 
+def test_devices_per_node_are_packed_and_a_plan_keeps_attention_on_its_node(cluster, llama):
+    """Four devices, two per node: devices 0-1 share one node and 2-3 the other; a plan
+    puts the attention groups on devices 0-1 and the dense ones on 2-3, so on two nodes."""
+    prompt = prompts(5, 1, 20)[0]
+    with fxscale.serve(llama, backend="ray", actors="device",
+                       devices=fxscale.Devices(count=4, per_node=2),
+                       plan=split_plan((0, 1), (2, 3), 4)) as server:
+        got = server.generate(torch.tensor([prompt]), max_new_tokens=6,
+                              ignore_eos=True).result(timeout=60)
+        server.scale("model.layers.*#1/attention", 2)  # the second lands on device 1
+        stats = server.stats()
+    node = {where["device"]: where["node"] for group in stats["groups"].values()
+            for where in group["locations"].values()}
+    assert sorted(node) == [0, 1, 2, 3]
+    assert node[0] == node[1] != node[2] == node[3]
+    assert nodes_of(stats, True) == {node[0]} and nodes_of(stats, False) == {node[2]}
+    assert got == greedy(llama, prompt, 6)
+
+
 def test_soak_with_kills_and_scaling_loses_and_duplicates_nothing(cluster, llama):
     """500 streamed requests to model replicas (one actor per device hosting them) while
     replicas are added, removed and killed: every request gets exactly its greedy tokens,

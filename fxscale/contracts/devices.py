@@ -24,11 +24,14 @@ class PlacementError(RuntimeError):
 @dataclass(frozen=True)
 class Devices:
     """`count` devices of `memory` bytes (None: as much as the machine has) and `slots`
-    executions at once each."""
+    executions at once each; `per_node`: devices that share a machine (devices 0 to
+    per_node - 1 on one, and so on: on Ray each machine's devices are packed on one node;
+    None: Ray spreads every device)."""
 
     count: int = 1
     memory: int | None = None
     slots: int = 1
+    per_node: int | None = None
 
     def __post_init__(self) -> None:
         for name, value, most in (("count", self.count, MAX_DEVICES),
@@ -36,6 +39,11 @@ class Devices:
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
                 raise ValueError(f"Devices {name} must be an integer from 1 to {most}, got "
                                  f"{value!r}")
+        if self.per_node is not None and (isinstance(self.per_node, bool)
+                                          or not isinstance(self.per_node, int)
+                                          or not 1 <= self.per_node <= self.count):
+            raise ValueError(f"Devices per_node must be an integer from 1 to the count "
+                             f"({self.count}), or None, got {self.per_node!r}")
         if self.memory is not None and (isinstance(self.memory, bool)
                                         or not isinstance(self.memory, int)
                                         or self.memory < 1):
@@ -50,8 +58,9 @@ class Devices:
     def describe(self) -> str:
         """'4 devices x 512 MiB, 1 slot each'."""
         memory = "unbounded memory" if self.memory is None else format_bytes(self.memory)
+        nodes = "" if self.per_node is None else f", {self.per_node} per node"
         return (f"{self.count} device{'s' * (self.count != 1)} x {memory}, {self.slots} "
-                f"slot{'s' * (self.slots != 1)} each")
+                f"slot{'s' * (self.slots != 1)} each{nodes}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""

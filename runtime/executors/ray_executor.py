@@ -21,8 +21,9 @@ it feeds in the same actor is sent only its number, so it is dispatched at once 
 result in place (`local_handoff=False` sends Ray's ref instead, measured against).
 
 Each device of the deployment (fxscale.Devices) is one bundle of a Ray placement group
-(spread over the cluster's nodes), and a replica placed on device d runs in bundle d, so
-the fxscale placement decides which node each group runs on. An actor that dies is
+(spread over the cluster's nodes; with `Devices.per_node`, one packed group per node), and a
+replica placed on device d runs in device d's bundle, so the fxscale placement (and a plan
+pinning groups to devices) decides which node each group runs on. An actor that dies is
 replaced at the next call: a dense replica's call is then run again, an attention replica's
 requests are recomputed (their KV blocks went with it; StateLostError).
 
@@ -544,19 +545,28 @@ class RayExecutor:
         self.refs: dict[int, Any] = {}  # model tensor id -> its object in the store
         self.lock = threading.Lock()
         self.actors: set[Any] = set()
-        self.group = None
+        self.groups: list[Any] = []  # placement groups: one, or one per node
         self.owns_connection = connect(address)
         gpu = device.startswith("cuda")
         # a device's share of the cluster: a whole GPU, or an equal part of the CPUs
         unit = {"GPU": 1.0} if gpu else \
             {"CPU": min(1.0, ray.cluster_resources().get("CPU", 1.0) / devices.count)}
-        self.group = placement_group([unit] * devices.count, strategy="SPREAD")
+        # device d: bundle d of one SPREAD group, or bundle d % per_node of its node's
+        # STRICT_PACK group (a node's devices on one Ray node)
+        per_node = devices.per_node or devices.count
+        sizes = [min(per_node, devices.count - start)
+                 for start in range(0, devices.count, per_node)]
+        strategy = "SPREAD" if devices.per_node is None else "STRICT_PACK"
+        self.groups = [placement_group([unit] * size, strategy=strategy) for size in sizes]
+        self.bundle_of = [(d // per_node, d % per_node) for d in range(devices.count)]
         try:
-            ray.get(self.group.ready(), timeout=READY_TIMEOUT_S)
+            ray.get([group.ready() for group in self.groups], timeout=READY_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             self.close()
-            raise RuntimeError(f"Ray could not reserve {devices.count} bundles of {unit} "
-                               f"within {READY_TIMEOUT_S:.0f} s (cluster: "
+            nodes = "" if devices.per_node is None else \
+                f", {devices.per_node} of them on each node"
+            raise RuntimeError(f"Ray could not reserve {devices.count} bundles of {unit}"
+                               f"{nodes} within {READY_TIMEOUT_S:.0f} s (cluster: "
                                f"{ray.cluster_resources()}); give fewer devices or more "
                                "nodes") from None
         self.actor_class = ray.remote(GroupActor)
@@ -577,7 +587,8 @@ class RayExecutor:
         actor = self.actor_class.options(
             max_restarts=0, **self.share,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.group, placement_group_bundle_index=device)).remote(
+                self.groups[self.bundle_of[device][0]],
+                placement_group_bundle_index=self.bundle_of[device][1])).remote(
                     self.threads, self.device, self.setup)
         self.actors.add(actor)
         return actor
@@ -725,9 +736,9 @@ class RayExecutor:
             spares.clear()
         self.hosts.clear()
         self.refs.clear()
-        if self.group is not None:
-            remove_placement_group(self.group)
-            self.group = None
+        for group in self.groups:
+            remove_placement_group(group)
+        self.groups = []
         if self.owns_connection:
             self.owns_connection = False
             disconnect()
