@@ -26,6 +26,9 @@ def test_devices_are_read_from_text_and_bad_shapes_are_named():
             Devices.parse(bad)
     with pytest.raises(ValueError, match="memory must be a positive"):
         Devices(2, 0)
+    with pytest.raises(ValueError, match=r"per_node must be an integer from 1 to the count \(2\)"):
+        Devices(2, per_node=3)
+    assert Devices(4, per_node=2).describe().endswith("2 per node")
 
 
 def test_placement_keeps_attention_layers_together_and_spreads_copies_of_a_group():
