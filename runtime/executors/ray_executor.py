@@ -16,7 +16,8 @@ without waiting and waits once, for the step's logits (`RayExecutor.settle`), wh
 call's time in its actor is recorded and failures are sorted out. `pass_handles=False` brings
 every result back to the server instead (one round trip per call, measured against).
 Consecutive calls in one actor (`actors="device"`: the groups placed on a device share its
-process) skip Ray altogether: the actor keeps each call's result for the step, and a call
+process) skip Ray altogether: the actor keeps each call's result for the step (until the
+stepping thread's next step), and a call
 it feeds in the same actor is sent only its number, so it is dispatched at once and reads the
 result in place (`local_handoff=False` sends Ray's ref instead, measured against).
 
@@ -63,7 +64,6 @@ try:
 except ImportError as missing:  # pragma: no cover - the error says how to install it
     raise ImportError('backend="ray" needs Ray: pip install "fxscale[ray]"') from missing
 
-KEPT_STEPS = 4  # steps whose results an actor keeps for its own later calls (two per thread)
 READY_TIMEOUT_S = 120.0  # the placement group's bundles and an actor's start
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -202,8 +202,8 @@ def kept_result(kept: dict[int, Any], call: int) -> Any:
     """A result this actor kept; the very error its call raised when it failed (so the
     server tells the copy from the original, as with Ray's own)."""
     if call not in kept:
-        raise RuntimeError(f"call {call}'s result is no longer kept in this actor (results "
-                           f"are kept for the last {KEPT_STEPS} steps)")
+        raise RuntimeError(f"call {call}'s result is not kept in this actor (a call reads the "
+                           "kept results of its own step only)")
     result = kept[call]
     if isinstance(result, BaseException):
         raise result
@@ -225,9 +225,11 @@ class Submitted:
 
 @dataclass
 class Ledger:
-    """The calls this thread has submitted for its step, and the step's number."""
+    """The calls this thread (its `lane`) has submitted for its step, and the step's
+    number."""
 
     step: int
+    lane: int = field(default_factory=threading.get_ident)
     calls: list[Submitted] = field(default_factory=list)
 
 
@@ -344,7 +346,8 @@ class GroupActor:
         self.device = device
         self.state: dict[str, dict[int, torch.Tensor]] = {}  # replica -> id -> tensor
         self.functions: dict[int, Callable[..., Any]] = {}
-        self.kept: dict[int, dict[int, Any]] = {}  # step -> call -> its result (or error)
+        # per stepping thread (lane): its current step and that step's results (or errors)
+        self.kept: dict[int, tuple[int, dict[int, Any]]] = {}
 
     def where(self) -> dict[str, Any]:
         """The node, host and process it runs in."""
@@ -378,14 +381,14 @@ class GroupActor:
             return self.functions[key](*args)
 
     def chain(self, replica: str, key: int, fn: Callable[..., Any] | None, args: list[Any],
-              state_ids: dict[int, int], at_least_s: float, step: int, call: int,
-              *inputs: Any) -> tuple[Any, float]:
+              state_ids: dict[int, int], at_least_s: float, lane: int, step: int,
+              call: int, *inputs: Any) -> tuple[Any, float]:
         """run(), its handles taken from `inputs` (upstream results, resolved by Ray) or
         from the results kept here; its result (or error) kept for later calls of the step;
         (result, seconds it took here), two objects: the seconds reach the server, the
         result only the calls that read it."""
         start = time.perf_counter()
-        kept = self._kept(step)
+        kept = self._kept(lane, step)
         try:
             args = unpack(receive_handles(args, inputs, self.device, kept), self.device)
             result = self._apply(replica, key, fn, args, state_ids)
@@ -398,13 +401,13 @@ class GroupActor:
             time.sleep(left)
         return pack(result), time.perf_counter() - start
 
-    def _kept(self, step: int) -> dict[int, Any]:
-        """A step's kept results; the oldest steps' dropped (their calls have finished)."""
-        if step not in self.kept:
-            self.kept[step] = {}
-            for old in sorted(self.kept)[:-KEPT_STEPS]:
-                del self.kept[old]
-        return self.kept[step]
+    def _kept(self, lane: int, step: int) -> dict[int, Any]:
+        """The results kept for a lane's step; a new step drops the lane's last one (a lane
+        sends a step once its last one has settled: every call of it has finished)."""
+        current = self.kept.get(lane)
+        if current is None or current[0] != step:
+            current = self.kept[lane] = (step, {})
+        return current[1]
 
     def drop(self, replica: str) -> None:
         """Forget a replica's state."""
@@ -485,7 +488,8 @@ class RayReplica(LocalReplica):
         args = send_handles(pack(args), refs, home if self.executor.local_handoff else None)
         ledger, call = self.executor.ledger(), next(self.executor.calls)
         result, seconds = actor.chain.options(num_returns=2).remote(
-            self.name, key, sent, args, state_ids, at_least_s, ledger.step, call, *refs)
+            self.name, key, sent, args, state_ids, at_least_s, ledger.lane, ledger.step, call,
+            *refs)
         self.sent.add(key)  # a failed call clears it (recover)
         ledger.calls.append(Submitted(self, actor, pool, tokens, context, seconds))
         return Handle(result, rows=tokens[1] - tokens[0], home=home, call=call)
