@@ -253,9 +253,11 @@ def loopback_only() -> Iterator[None]:
 
 def start_private_ray() -> None:
     """Start a Ray instance for this process alone: on 127.0.0.1, no dashboard, this
-    machine's CPUs (ray.shutdown() stops it)."""
+    machine's CPUs (ray.shutdown() stops it). address="local": a new instance even when
+    this machine runs a Ray cluster already (plain ray.init() would join that one, and
+    refuse num_cpus)."""
     with loopback_only():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  _node_ip_address="127.0.0.1", logging_level="ERROR", configure_logging=False,
                  log_to_driver=False)
 
