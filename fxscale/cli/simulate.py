@@ -52,7 +52,8 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
                           "them (default) or truncate the prompt; counted in the output")
     sim.add_argument("--prefix-caching", action="store_true",
                      help="reuse the KV of cached prompt prefixes, by the trace's prefix hashes "
-                          "(Mooncake traces carry them), for every policy alike")
+                          "(Mooncake traces carry them), and route prompts to where their "
+                          "prefix is cached, for every policy alike")
     sim.add_argument("--attainment", type=fraction, default=0.99,
                      help="fraction of requests that must meet both targets (default 0.99)")
     sim.add_argument("--interval", type=positive_float, default=30.0,

@@ -4,7 +4,9 @@ start the same way (vLLM's automatic prefix caching, SGLang's radix cache).
 A holder of KV caches (a model replica, an attention device, a co-located replica) keeps the
 hashes of the prefix blocks it has computed, least recently used first out, in as many blocks
 as its KV memory holds. A prompt reuses its longest run of leading blocks found there: those
-tokens are not prefilled again (they are still attended to). Every policy gets the same rule.
+tokens are not prefilled again (they are still attended to). Requests are routed by where
+their prefix is cached, as cache-aware routers do (`prefill_left`). Every policy gets the
+same rules.
 """
 from __future__ import annotations
 
@@ -34,6 +36,15 @@ class PrefixCache:
             hit += 1
         return hit
 
+    def cached(self, hashes: tuple[int, ...]) -> int:
+        """How many leading blocks of a prompt are cached here (nothing marked used)."""
+        hit = 0
+        for h in hashes:
+            if h not in self.blocks:
+                break
+            hit += 1
+        return hit
+
     def store(self, hashes: tuple[int, ...]) -> None:
         """Keep a prefilled prompt's blocks, evicting the least recently used."""
         for h in hashes:
@@ -50,3 +61,14 @@ def reused_tokens(hit_blocks: int, block_tokens: int, prompt_tokens: int) -> int
     """Prompt tokens a prefix hit saves: whole blocks, leaving at least one token to prefill
     (the first output token needs a forward pass)."""
     return min(hit_blocks * block_tokens, prompt_tokens - 1)
+
+
+def prefill_left(backlog: float, cache: PrefixCache | None, hashes: tuple[int, ...],
+                 block_tokens: int, prompt_tokens: int) -> float:
+    """Prompt tokens a KV holder would still have to prefill, queued ones included, if a
+    prompt went there: the routing key of cache-aware routing (its queue, less what its
+    prefix cache saves; a cached prefix draws a prompt to a holder only while the holder's
+    queue is shorter than the saving)."""
+    saved = reused_tokens(cache.cached(hashes), block_tokens, prompt_tokens) \
+        if cache is not None and hashes else 0
+    return backlog - saved

@@ -4,7 +4,8 @@ Each engine runs continuous batching: every iteration admits waiting prompts whi
 cache (prompt + output tokens, reserved on admission) fits, spends up to a chunk of prefill
 tokens, and advances every decoding request by one token; its duration is the engine's step
 time from the service model. With a trace's prefix hashes, a prompt skips the prefill of the
-leading blocks its KV holder already caches (runtime/simulator/prefix.py). Phase-split
+leading blocks its KV holder already caches, and goes to the engine and holder with the least
+prefill left once its cached prefix is counted (runtime/simulator/prefix.py). Phase-split
 deployments prefill on one pool and move the KV cache over the network to a decode replica.
 An autoscaler re-plans every interval from the rate it forecasts (runtime/simulator/
 forecast.py); new capacity serves only after its start-up (skipped for devices of a warm pool,
@@ -23,12 +24,12 @@ from dataclasses import dataclass, field, replace
 
 from fxscale.contracts.plan import SLO, Plan
 from fxscale.contracts.scaling import Decision, Hysteresis, action
-from fxscale.contracts.trace import Trace
+from fxscale.contracts.trace import Request, Trace
 from fxscale.runtime.planner.engines import ALL_MECHANISMS, Mechanisms, engine_for
 from fxscale.runtime.planner.search import Workload, kv_transfer_s, plan
 from fxscale.runtime.planner.service import Batch, ServiceModel
 from fxscale.runtime.simulator.forecast import FORECASTS, RateForecast
-from fxscale.runtime.simulator.prefix import PrefixCache, reused_tokens
+from fxscale.runtime.simulator.prefix import PrefixCache, prefill_left, reused_tokens
 
 # The simulator skips autoscaler ticks that would change nothing (an idle deployment, at its
 # smallest, with no arrival before them), so its run time follows the requests, not the time
@@ -111,10 +112,17 @@ class EngineState:
         prefilled moved its KV to the holders left: one of those)."""
         return self.caches[holder % len(self.caches)]
 
-    def load(self, service: ServiceModel) -> tuple[bool, float, float]:
-        """Routing key, fewer first: KV nearly full, prompt tokens still to prefill, KV held."""
+    def load(self, service: ServiceModel, request: Request | None = None,
+             block_tokens: int = 0) -> tuple[bool, float, float]:
+        """Routing key, fewer first: KV nearly full, prompt tokens still to prefill (with a
+        `request` and prefix caching: its own too, less what its best holder here has
+        cached), KV held."""
         capacity = self.spec.kv_capacity_tokens(service)
-        return self.kv_reserved > 0.9 * capacity, self.backlog, self.kv_reserved
+        left = self.backlog
+        if request is not None and self.caches and request.prefix:
+            left = min(prefill_left(self.backlog, cache, request.prefix, block_tokens,
+                                    request.prompt_tokens) for cache in self.caches)
+        return self.kv_reserved > 0.9 * capacity, left, self.kv_reserved
 
     def has_work(self) -> bool:
         """Whether an iteration would do anything."""
@@ -314,18 +322,33 @@ class Simulation:
 
     def _reuse(self, engine: EngineState, i: int) -> list[int]:
         """A prompt admitted for prefill: [request, tokens its KV holder's prefix cache
-        already has, holder] (holders taken in turn)."""
+        already has, holder]."""
         prompt = self.requests[i].prompt_tokens
         self.prompt_tokens += prompt
         if not engine.caches:
             return [i, 0, 0]
-        holder = engine.next_holder % len(engine.caches)
-        engine.next_holder = holder + 1
+        holder = self._holder(engine, self.requests[i])
         done = reused_tokens(engine.caches[holder].reuse(self.requests[i].prefix),
                              self.block_tokens, prompt)
         engine.backlog -= done
         self.reused_tokens += done
         return [i, done, holder]
+
+    def _holder(self, engine: EngineState, request: Request) -> int:
+        """The KV holder a prompt joins: the least prefill left on it (the prompt tokens it
+        is prefilling, less what its cache saves this prompt); in turn without prefix
+        hashes, and among equals."""
+        count = len(engine.caches)
+        first = engine.next_holder % count
+        order = [(first + k) % count for k in range(count)]
+        if request.prefix:
+            queued = [0.0] * count
+            for i, done, holder in engine.prefilling:
+                queued[holder % count] += self.requests[i].prompt_tokens - done
+            order.sort(key=lambda h: prefill_left(queued[h], engine.caches[h], request.prefix,
+                                                  self.block_tokens, request.prompt_tokens))
+        engine.next_holder = order[0] + 1
+        return order[0]
 
     def _start_delay(self, devices: int, load_bytes: float, now: float) -> float:
         """Seconds until `devices` new devices serve: start-up (skipped when the warm pool
@@ -502,12 +525,15 @@ class Simulation:
         return {**pools, "group_devices": {k.name: held for k in kinds}}
 
     def _route(self, i: int, now: float) -> None:
-        """Send an arriving request to the least-loaded engine that admits prompts."""
+        """Send an arriving request to the least-loaded engine that admits prompts (with
+        prefix caching, the prefill its cached prefix saves there counted off)."""
         role = "prefill" if self.policy == "phase" else None
         candidates = [e for e in self.engines if e.retired_at is None and not e.draining
                       and (role is None or e.role == role)]
         ready = [e for e in candidates if e.ready_at <= now] or candidates
-        engine = min(ready, key=lambda e: (e.ready_at > now, e.load(self.service)))
+        request = self.requests[i]
+        engine = min(ready, key=lambda e: (e.ready_at > now,
+                                           e.load(self.service, request, self.block_tokens)))
         engine.waiting.append(i)
         engine.backlog += self.requests[i].prompt_tokens
         self._wake(engine, now)
