@@ -28,12 +28,9 @@ class PrefixCache:
 
     def reuse(self, hashes: tuple[int, ...]) -> int:
         """How many leading blocks of a prompt are cached here (and mark them used)."""
-        hit = 0
-        for h in hashes:
-            if h not in self.blocks:
-                break
+        hit = self.cached(hashes)
+        for h in hashes[:hit]:
             self.blocks.move_to_end(h)
-            hit += 1
         return hit
 
     def cached(self, hashes: tuple[int, ...]) -> int:
@@ -63,12 +60,10 @@ def reused_tokens(hit_blocks: int, block_tokens: int, prompt_tokens: int) -> int
     return min(hit_blocks * block_tokens, prompt_tokens - 1)
 
 
-def prefill_left(backlog: float, cache: PrefixCache | None, hashes: tuple[int, ...],
+def prefill_left(backlog: float, cache: PrefixCache, hashes: tuple[int, ...],
                  block_tokens: int, prompt_tokens: int) -> float:
-    """Prompt tokens a KV holder would still have to prefill, queued ones included, if a
-    prompt went there: the routing key of cache-aware routing (its queue, less what its
-    prefix cache saves; a cached prefix draws a prompt to a holder only while the holder's
-    queue is shorter than the saving)."""
-    saved = reused_tokens(cache.cached(hashes), block_tokens, prompt_tokens) \
-        if cache is not None and hashes else 0
-    return backlog - saved
+    """The routing key of cache-aware routing: a KV holder's queued prompt tokens less those
+    its prefix cache would save this prompt (the prefill left there once the prompt joined,
+    but for the prompt's own length, the same everywhere). A cached prefix draws a prompt
+    to a holder only while the holder's queue is shorter than the saving."""
+    return backlog - reused_tokens(cache.cached(hashes), block_tokens, prompt_tokens)

@@ -115,8 +115,8 @@ class EngineState:
     def load(self, service: ServiceModel, request: Request | None = None,
              block_tokens: int = 0) -> tuple[bool, float, float]:
         """Routing key, fewer first: KV nearly full, prompt tokens still to prefill (with a
-        `request` and prefix caching: its own too, less what its best holder here has
-        cached), KV held."""
+        `request` and prefix caching: less what the best of its holders would save it,
+        prefill_left), KV held."""
         capacity = self.spec.kv_capacity_tokens(service)
         left = self.backlog
         if request is not None and self.caches and request.prefix:
@@ -535,7 +535,7 @@ class Simulation:
         engine = min(ready, key=lambda e: (e.ready_at > now,
                                            e.load(self.service, request, self.block_tokens)))
         engine.waiting.append(i)
-        engine.backlog += self.requests[i].prompt_tokens
+        engine.backlog += request.prompt_tokens
         self._wake(engine, now)
 
     def _send(self, i: int, source: EngineState, now: float) -> None:
