@@ -9,6 +9,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402 - after the interpreter switch
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share the machine's cores: one intra-op thread each, so that no op waits at
+    # a barrier for a thread the other worker's threads pushed off its core
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():

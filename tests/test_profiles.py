@@ -22,7 +22,7 @@ def measured():
     torch._dynamo.reset()
     entry = zoo.build("llama", layers=1, hidden=128)
     result = profile(entry.model, Grid(batches=(1, 8), lengths=(8, 128)), lowering="eager",
-                     repeats=5, progress=False)
+                     repeats=15, progress=False)
     torch._dynamo.reset()
     return result
 
@@ -33,7 +33,7 @@ def test_profile_covers_every_group_and_point(measured):
     for g in measured.groups:
         assert len(g.points) == 2 * 2 * 2
         for p in g.points:
-            assert 0 < p.p10_s <= p.median_s <= p.p90_s and p.repeats == 5
+            assert 0 < p.p10_s <= p.median_s <= p.p90_s and p.repeats == 15
     assert measured.source == "measured" and measured.threads == torch.get_num_threads()
     assert {"torch", "fxscale", "transformers"} <= set(measured.versions)
 
@@ -60,15 +60,18 @@ def test_profile_json_round_trip(measured, tmp_path):
 
 
 def test_latency_grows_with_batch_and_length_where_cost_does(measured):
+    # compared by the 10th percentile of 15 repeats: the least disturbed when another test
+    # runs beside this one (the suite runs in two workers; a median of 5 once read 7.7 ms
+    # for a 0.1 ms call)
     for g in measured.groups:
         small, large = g.at("prefill", 1, 8), g.at("prefill", 8, 128)
         if "gemm" in g.name or "attention" in g.name:
             # 128x the tokens; at hidden 128 the small call is mostly fixed overhead, so the
             # growth is ~3x here (2.96x on one CI run): 2x is clear of that noise
-            assert large.median_s > 2 * small.median_s, g.name
+            assert large.p10_s > 2 * small.p10_s, g.name
     attention = next(g for g in measured.groups if "attention" in g.name)
     # decode attention reads a longer KV cache at a longer context
-    assert attention.at("decode", 8, 128).median_s > attention.at("decode", 8, 8).median_s
+    assert attention.at("decode", 8, 128).p10_s > attention.at("decode", 8, 8).p10_s
 
 
 def good_profile():

@@ -65,5 +65,6 @@ def prefill_left(backlog: float, cache: PrefixCache, hashes: tuple[int, ...],
     """The routing key of cache-aware routing: a KV holder's queued prompt tokens less those
     its prefix cache would save this prompt (the prefill left there once the prompt joined,
     but for the prompt's own length, the same everywhere). A cached prefix draws a prompt
-    to a holder only while the holder's queue is shorter than the saving."""
+    to a holder unless that holder's queue is longer than another's by more than the
+    saving."""
     return backlog - reused_tokens(cache.cached(hashes), block_tokens, prompt_tokens)
