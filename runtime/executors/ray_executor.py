@@ -268,10 +268,10 @@ _connection_address: str | None = None  # its address (None: the private instanc
 
 
 def connect(address: str | None) -> bool:
-    """Connect this process to Ray for an executor: a private instance (no address) or the
-    cluster at `address`, or the connection an earlier executor made (shared: counted, so
-    the last executor to close ends it). False when the process was already connected
-    otherwise (ray.init by the user, one_ray_instance): that connection is left alone."""
+    """Connect this process to Ray for an executor (or one_ray_instance): a private instance
+    (no address) or the cluster at `address`, or the connection an earlier user made
+    (shared: counted, so the last user to close ends it). False when the process was
+    already connected otherwise (ray.init by the user): that connection is left alone."""
     global _connection_users, _connection_address
     with _connection_lock:
         if ray.is_initialized() and _connection_users == 0:
@@ -293,8 +293,8 @@ def connect(address: str | None) -> bool:
 
 
 def disconnect() -> None:
-    """An executor that connected is done: the last one stops the private instance, or
-    leaves the cluster it joined (running)."""
+    """A user of the connection (an executor that connected, one_ray_instance) is done: the
+    last one stops the private instance, or leaves the cluster it joined (running)."""
     global _connection_users
     with _connection_lock:
         _connection_users -= 1
@@ -305,16 +305,15 @@ def disconnect() -> None:
 @contextlib.contextmanager
 def one_ray_instance() -> Iterator[None]:
     """One private Ray instance for every executor started inside (each would otherwise
-    start and stop its own, seconds each), stopped at the end; an instance already running
-    is used and left running."""
-    started = not ray.is_initialized()
-    if started:
-        start_private_ray()
+    start and stop its own, seconds each): a connection of its own, which the executors
+    share (connect), ended at the end; an instance already running is used and left
+    running."""
+    connected = connect(None)
     try:
         yield
     finally:
-        if started:
-            ray.shutdown()
+        if connected:
+            disconnect()
 
 
 def dtype_name(tensor: torch.Tensor) -> str:
