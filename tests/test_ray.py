@@ -23,6 +23,7 @@ import fxscale  # noqa: E402
 from fxscale.models import zoo  # noqa: E402
 from fxscale.runtime.executors.ray_executor import (  # noqa: E402
     Handle,
+    Ledger,
     loopback_only,
     pack,
     receive_handles,
@@ -211,6 +212,43 @@ def test_soak_with_kills_and_scaling_loses_and_duplicates_nothing(cluster, llama
     assert stats["requests"]["completed"] == 500
     assert stats["engine"]["recomputed_replicas"] >= 1
     assert stats["requests"]["finish_reasons"]["error"] == 0
+
+
+def test_consecutive_calls_in_one_actor_are_one_task(cluster, llama, monkeypatch):
+    """One actor per device, attention on one device and the dense groups on the other: a
+    step's calls go as runs, one Ray task per run of consecutive calls to one actor (two runs
+    in a row never go to the same actor), fewer tasks than calls; with `fuse_runs=False`
+    every call is its own task. Both equal greedy under concurrent requests."""
+    runs: list[tuple[int, int, str]] = []  # (lane, step, actor) of each task sent
+    calls: list[int] = []
+    send = Ledger.send
+
+    def counted(ledger: Ledger) -> None:
+        if ledger.run is not None:
+            runs.append((ledger.lane, ledger.step, ledger.run.home))
+            calls.append(len(ledger.run.calls))
+        send(ledger)
+
+    monkeypatch.setattr(Ledger, "send", counted)
+    batch = prompts(4, 6, 30)
+    expected = [greedy(llama, p, 8) for p in batch]
+    tasks: dict[bool, tuple[int, int]] = {}
+    with fxscale.serve(llama, backend="ray", actors="device", devices=fxscale.Devices(count=2),
+                       plan=split_plan((0,), (1,), 2)) as server:
+        for fuse in (True, False):
+            server.executor.fuse_runs = fuse
+            runs.clear()
+            calls.clear()
+            futures = [server.generate(torch.tensor([p]), max_new_tokens=8, ignore_eos=True)
+                       for p in batch]
+            assert [f.result(timeout=120) for f in futures] == expected
+            tasks[fuse] = (len(runs), sum(calls))
+            if fuse:
+                assert all(a[:2] != b[:2] or a[2] != b[2] for a, b in zip(runs, runs[1:]))
+            else:
+                assert set(calls) == {1}
+    (fused, fused_calls), (single, single_calls) = tasks[True], tasks[False]
+    assert fused < fused_calls and single == single_calls
 
 
 BROKEN = "model.layers.0#2/gemm"  # a group whose output later groups read

@@ -313,8 +313,8 @@ class RayConfig:
     """The Ray executor against the local one: closed-loop tokens/s and latency on the same
     model and devices (also with one actor per device handing results over in it), the time
     of one group call through an actor, time to ready of a group's replica and of a model's,
-    and two actor processes against two threads on narrow many-layer models
-    (fxscale/studies/ray_bench.py)."""
+    two actor processes against two threads on narrow many-layer models, and a step's calls
+    in one actor as one task against one task each (fxscale/studies/ray_bench.py)."""
 
     hidden: int = 512
     layers: int = 2
@@ -327,11 +327,12 @@ class RayConfig:
     ready_repeats: int = 5
     cold_starts: int = 3
     process_layers: tuple[int, ...] = (8, 32)
+    fused_layers: tuple[int, ...] = (8,)
 
     def units(self) -> int:
         """Ticks the family makes: executors, co-located, hops, time to ready, one per
-        process model."""
-        return 4 + len(self.process_layers)
+        process model and one per fused-runs model."""
+        return 4 + len(self.process_layers) + len(self.fused_layers)
 
 
 def _ray_row(measure: str, case: str, backend: str, unit: str, value: float,
@@ -343,19 +344,18 @@ def _ray_row(measure: str, case: str, backend: str, unit: str, value: float,
 
 
 def _closed_loop_rows(case: str, result: dict[str, Any]) -> list[dict]:
-    """Tokens/s and latency percentiles per backend, and each backend's tokens/s over
-    local's."""
+    """Tokens/s and latency percentiles per backend, and each backend's tokens/s over the
+    first's (local's, where local ran)."""
     rows = []
     for name, figures in result.items():
-        ratio = name.endswith("/local_tokens_per_s")
-        if not isinstance(figures, dict) or ratio:
+        if not isinstance(figures, dict) or "/" in name:
             continue
         for key, figure in figures.items():
             unit = "tokens/s" if key == "tokens_per_s" else "s"
             rows.append(_ray_row(key, case, name, unit, figure["median"], figure["min"],
                                  figure["max"]))
     for name, ratio in result.items():
-        if name.endswith("/local_tokens_per_s"):
+        if "/" in name and name.endswith("_tokens_per_s"):
             rows.append(_ray_row("tokens_per_s_ratio", case, name.removesuffix("_tokens_per_s"),
                                  "x", ratio["median"], ratio["min"], ratio["max"]))
     return rows
@@ -407,4 +407,8 @@ def _ray_rows(config: RayConfig, tick: Tick) -> list[dict]:
         tick(f"ray: two model replicas, llama {layers}x64, threads vs processes")
         rows += _closed_loop_rows(f"model x2, llama {layers}x64",
                                   ray_bench.processes(bench, layers))
+    for layers in config.fused_layers:
+        tick(f"ray: every group in one actor, llama {layers}x64, one task per run or per call")
+        rows += _closed_loop_rows(f"operator, llama {layers}x64, one actor",
+                                  ray_bench.fused_runs(bench, layers))
     return rows

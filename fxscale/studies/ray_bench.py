@@ -6,7 +6,10 @@
   prompts and devices, closed loop (every request submitted at once), interleaved rounds;
 - `co_located`: the groups placed on a device in one actor (`actors="device"`), attention on
   one device and the dense groups on the other (a plan), consecutive calls in an actor
-  handing their results over in it (`local_handoff`) against through Ray, and local;
+  handing their results over in it (`local_handoff`, one task per run) against through Ray
+  (one task per call), and local;
+- `fused_runs`: every group in one actor (one device), a narrow model of many layers: a step's
+  calls as one Ray task (`fuse_runs`) against one task per call;
 - `hops`: the time one group call takes through a Ray actor against the same call on a
   local replica (an identity function on activations of 1-512 tokens), and the difference:
   what each hop between the server and a group's actor costs;
@@ -41,8 +44,10 @@ EXECUTORS = {"local": ("local", {}), "ray": ("ray", {"pass_handles": True}),
              "ray via server": ("ray", {"pass_handles": False})}
 PROCESSES = {"local": ("local", {}), "ray": ("ray", {})}
 CO_LOCATED = {"local": ("local", {}),
-              "ray, handoff in the actor": ("ray per device", {"local_handoff": True}),
+              "ray, in the actor": ("ray per device", {"local_handoff": True}),
               "ray, through Ray": ("ray per device", {"local_handoff": False})}
+FUSED = {"ray, one task per run": ("ray per device", {"fuse_runs": True}),
+         "ray, one task per call": ("ray per device", {"fuse_runs": False})}
 
 def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -138,6 +143,16 @@ def co_located(bench: RayBench, progress: Callable[[str], None] = lambda m: None
     return {"policy": "operator",
             **_compared(bench, bench.engine, CO_LOCATED, progress, policy="operator",
                         plan=attention_apart(bench.devices))}
+
+
+def fused_runs(bench: RayBench, layers: int = 8,
+               progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Closed-loop tokens/s and latency of one actor hosting every group of a narrow model
+    of many layers, a step's calls sent as one task or one task each (module docstring)."""
+    engine = replace(bench.engine, hidden=64, layers=layers)
+    one = replace(bench, devices=1)
+    return {"policy": "operator", "hidden": 64, "layers": layers,
+            **_compared(one, engine, FUSED, progress, policy="operator")}
 
 
 def attention_apart(devices: int) -> Any:

@@ -16,10 +16,15 @@ without waiting and waits once, for the step's logits (`RayExecutor.settle`), wh
 call's time in its actor is recorded and failures are sorted out. `pass_handles=False` brings
 every result back to the server instead (one round trip per call, measured against).
 Consecutive calls in one actor (`actors="device"`: the groups placed on a device share its
-process) skip Ray altogether: the actor keeps each call's result for the step (until the
-stepping thread's next step), and a call
-it feeds in the same actor is sent only its number, so it is dispatched at once and reads the
-result in place (`local_handoff=False` sends Ray's ref instead, measured against).
+process) are one Ray task: the server holds a call back while the next goes to the same actor
+and sends the run as one task when a call goes elsewhere or the step settles (`fuse_runs=False`
+sends every call as a task of its own, measured against; with one actor per replica every
+call is sent at once). The actor keeps each call's result
+for the step (until the stepping thread's next step), and a call it feeds in the same actor
+is sent only its number and reads the result in place (`local_handoff=False` sends Ray's ref
+instead, one task per call, measured against). A call whose function raises returns its
+error as its result (`Failed`), so the calls after it in the run still run, and each error
+names the group that raised it.
 
 Each device of the deployment (fxscale.Devices) is one bundle of a Ray placement group
 (spread over the cluster's nodes; with `Devices.per_node`, one packed group per node), and a
@@ -96,9 +101,23 @@ def unpack(value: Any, device: str = "cpu") -> Any:
 
 
 @dataclass(frozen=True)
+class Failed:
+    """What a call that raised returns in place of its result and its seconds: its error."""
+
+    error: Exception
+
+
+class Pending:
+    """The ref of a call's result, known once the run holding the call is sent."""
+
+    ref: Any = None
+
+
+@dataclass(frozen=True)
 class Handle:
     """A tensor a group call produces, where that call runs: Ray's ref to the call's result
-    (`ref`; sent to an actor: `slot`, its place in the call's inputs), which of its outputs
+    (`ref`, or a `Pending` one while the call's run is held back; sent to an actor: `slot`,
+    its place in the call's inputs), which of its outputs
     (`index`), the tokens of the part it ran (`rows`, along the output's token dim), and the
     actor it ran in (`home`, an actor id) with its number there (`call`): sent to that same
     actor, a handle has no ref and no slot, and the actor reads its own kept result."""
@@ -165,9 +184,13 @@ def send_handles(value: Any, refs: list[Any], home: str | None = None) -> Any:
     if isinstance(value, Handle):
         if home is not None and value.home == home:
             return replace(value, ref=None, home=None)
-        if value.ref not in refs:
-            refs.append(value.ref)
-        return replace(value, ref=None, home=None, call=None, slot=refs.index(value.ref))
+        ref = value.ref.ref if isinstance(value.ref, Pending) else value.ref
+        if ref is None:
+            raise RuntimeError(f"call {value.call}'s run was not sent before a call in another "
+                               "actor read its result")
+        if ref not in refs:
+            refs.append(ref)
+        return replace(value, ref=None, home=None, call=None, slot=refs.index(ref))
     if isinstance(value, Narrowed):
         return replace(value, value=send_handles(value.value, refs, home))
     if isinstance(value, Joined):
@@ -186,6 +209,8 @@ def receive_handles(value: Any, inputs: tuple[Any, ...], device: str,
             result = kept_result(kept or {}, value.call)
             return result if value.index is None else result[value.index]
         result = inputs[value.slot]
+        if isinstance(result, Failed):  # the producer's error, raised again by its reader
+            raise result.error
         return unpack(result if value.index is None else result[value.index], device)
     if isinstance(value, Narrowed):
         return receive_handles(value.value, inputs, device, kept).narrow(
@@ -213,24 +238,51 @@ def kept_result(kept: dict[int, Any], call: int) -> Any:
 @dataclass
 class Submitted:
     """One group call of a step, not waited for yet: the replica, actor and pool it ran on,
-    its tokens and context tokens, and the ref of its seconds in the actor."""
+    its tokens and context tokens, and the ref of its seconds in the actor (once its run is
+    sent)."""
 
     replica: RayReplica
     actor: Any  # the actor it was sent to (the replica's may be replaced since)
     pool: LocalPool
     tokens: tuple[int, int]
     context: int
-    seconds: Any
+    seconds: Any = None
+
+
+@dataclass
+class Run:
+    """Consecutive calls of a step to one actor, held back to be sent as one task: each
+    call's arguments (handles to other actors' results as slots of `refs`), its ledger entry
+    and the ref its handles wait for."""
+
+    actor: Any
+    home: str  # the actor's id
+    calls: list[tuple] = field(default_factory=list)
+    refs: list[Any] = field(default_factory=list)
+    submitted: list[Submitted] = field(default_factory=list)
+    results: list[Pending] = field(default_factory=list)
 
 
 @dataclass
 class Ledger:
-    """The calls this thread (its `lane`) has submitted for its step, and the step's
-    number."""
+    """The calls this thread (its `lane`) has submitted for its step, the run it holds
+    back, and the step's number."""
 
     step: int
     lane: int = field(default_factory=threading.get_ident)
     calls: list[Submitted] = field(default_factory=list)
+    run: Run | None = None
+
+    def send(self) -> None:
+        """Send the run held back as one task of its actor: two objects per call (its result
+        and its seconds there, read by different places)."""
+        run, self.run = self.run, None
+        if run is None:
+            return
+        objects = run.actor.chain.options(num_returns=2 * len(run.calls)).remote(
+            self.lane, self.step, run.calls, *run.refs)
+        for i, (submitted, result) in enumerate(zip(run.submitted, run.results)):
+            result.ref, submitted.seconds = objects[2 * i], objects[2 * i + 1]
 
 
 @contextlib.contextmanager
@@ -381,26 +433,28 @@ class GroupActor:
         with torch.no_grad():
             return self.functions[key](*args)
 
-    def chain(self, replica: str, key: int, fn: Callable[..., Any] | None, args: list[Any],
-              state_ids: dict[int, int], at_least_s: float, lane: int, step: int,
-              call: int, *inputs: Any) -> tuple[Any, float]:
-        """run(), its handles taken from `inputs` (upstream results, resolved by Ray) or
-        from the results kept here; its result (or error) kept for later calls of the step;
-        (result, seconds it took here), two objects: the seconds reach the server, the
-        result only the calls that read it."""
-        start = time.perf_counter()
+    def chain(self, lane: int, step: int, calls: list[tuple], *inputs: Any) -> tuple:
+        """A run of a step's calls in order, each run() with its handles taken from `inputs`
+        (other actors' results, resolved by Ray) or from the results kept here; each result
+        (or error) kept for later calls of the step; per call (result, seconds it took here),
+        two objects: the seconds reach the server, the result only the calls that read it.
+        A call that raises returns its error as both (`Failed`); the run goes on."""
         kept = self._kept(lane, step)
-        try:
-            args = unpack(receive_handles(args, inputs, self.device, kept), self.device)
-            result = self._apply(replica, key, fn, args, state_ids)
-        except BaseException as error:
-            kept[call] = error
-            raise
-        kept[call] = result
-        left = at_least_s - (time.perf_counter() - start)
-        if left > 0:  # an injected service time (tests and benchmarks of the engine)
-            time.sleep(left)
-        return pack(result), time.perf_counter() - start
+        out: list[Any] = []
+        for replica, key, fn, args, state_ids, at_least_s, call in calls:
+            start = time.perf_counter()
+            try:
+                args = unpack(receive_handles(args, inputs, self.device, kept), self.device)
+                kept[call] = result = self._apply(replica, key, fn, args, state_ids)
+            except Exception as error:  # noqa: BLE001 - the server names it and its group
+                kept[call] = error
+                out += [Failed(error)] * 2
+                continue
+            left = at_least_s - (time.perf_counter() - start)
+            if left > 0:  # an injected service time (tests and benchmarks of the engine)
+                time.sleep(left)
+            out += [pack(result), time.perf_counter() - start]
+        return tuple(out)
 
     def _kept(self, lane: int, step: int) -> dict[int, Any]:
         """The results kept for a lane's step; a new step drops the lane's last one (a lane
@@ -485,14 +539,22 @@ class RayReplica(LocalReplica):
         key, sent, args, state_ids = self._call(fn, args, state)
         actor = self.actor  # another thread may replace it meanwhile
         home = actor._actor_id.hex()
-        refs: list[Any] = []
-        args = send_handles(pack(args), refs, home if self.executor.local_handoff else None)
-        ledger, call = self.executor.ledger(), next(self.executor.calls)
-        result, seconds = actor.chain.options(num_returns=2).remote(
-            self.name, key, sent, args, state_ids, at_least_s, ledger.lane, ledger.step, call,
-            *refs)
+        executor, ledger = self.executor, self.executor.ledger()
+        if ledger.run is not None and ledger.run.home != home:
+            ledger.send()  # first: this call's arguments may read that run's results
+        run = ledger.run = ledger.run or Run(actor, home)
+        handoff = executor.local_handoff
+        args = send_handles(pack(args), run.refs, home if handoff else None)
+        call, result = next(executor.calls), Pending()
+        run.calls.append((self.name, key, sent, args, state_ids, at_least_s, call))
+        run.submitted.append(Submitted(self, actor, pool, tokens, context))
+        run.results.append(result)
+        ledger.calls.append(run.submitted[-1])
         self.sent.add(key)  # a failed call clears it (recover)
-        ledger.calls.append(Submitted(self, actor, pool, tokens, context, seconds))
+        # sent at once where a call's result is read through Ray, or where no two groups
+        # share an actor (one process per replica): nothing would join its run
+        if not (executor.fuse_runs and handoff and executor.per_device):
+            ledger.send()
         return Handle(result, rows=tokens[1] - tokens[0], home=home, call=call)
 
     def recover(self, dead: Any, died: BaseException) -> GroupError:
@@ -539,6 +601,7 @@ class RayExecutor:
         self.threads, self.device, self.per_device = threads, device, actors == "device"
         self.pass_handles = pass_handles  # may change while no step runs (benchmarks do)
         self.local_handoff = True  # likewise
+        self.fuse_runs = True  # likewise
         self.ledgers = threading.local()  # each stepping thread's submitted calls
         self.steps, self.calls = itertools.count(), itertools.count()  # numbers, unique
         self.setup = setup  # what each actor runs first (a module-level function)
@@ -677,7 +740,9 @@ class RayExecutor:
         were lost, else a GroupError (the engine runs the step again). `value` None: the
         step failed here; its calls are waited for, dead actors replaced, and only lost KV
         blocks raised (the step's own error follows)."""
-        calls = self.ledger().calls
+        ledger = self.ledger()
+        ledger.send()
+        calls = ledger.calls
         self.ledgers.ledger = Ledger(next(self.steps))
         errors: list[GroupError] = []
         refs: list[Any] = []
@@ -686,6 +751,8 @@ class RayExecutor:
             got = ray.get([call.seconds for call in calls] + refs)
             seconds, outputs = got[:len(calls)], got[len(calls):]
         except ray.exceptions.RayError:
+            seconds = outputs = None
+        if seconds is None or any(isinstance(took, Failed) for took in seconds):
             seen: set[str] = set()  # in submission order a call's inputs come first
             seconds = [self._outcome(call, errors, seen) for call in calls]
             outputs = None
@@ -706,20 +773,24 @@ class RayExecutor:
     def _outcome(call: Submitted, errors: list[GroupError], seen: set[str]) -> float | None:
         """A call's seconds, or None when it failed; its own failure added to `errors` (its
         actor died: replaced; or its function raised), not one it inherited from a call it
-        read (a death names the actor; a raised error comes back with the same cause)."""
+        read (a death names the actor; a raised error comes back as the same error)."""
         try:
-            return ray.get(call.seconds)
+            took = ray.get(call.seconds)
         except ray.exceptions.RayActorError as died:  # also an inherited death
             if died.actor_id in (None, call.actor._actor_id.hex()):
                 errors.append(call.replica.recover(call.actor, died))
                 call.pool.retries += 1
-        except ray.exceptions.RayError as failed:
-            cause = repr(getattr(failed, "cause", failed))  # a call reading it: the same cause
-            if cause not in seen:
-                seen.add(cause)
-                errors.append(GroupError(call.replica.group, None, failed))
-                call.pool.retries += 1
-                call.replica.sent.clear()  # the run again sends its functions again
+            return None
+        except ray.exceptions.RayError as failed:  # the task itself failed (e.g. pickling)
+            took = Failed(getattr(failed, "cause", None) or failed)
+        if not isinstance(took, Failed):
+            return took
+        cause = repr(took.error)  # a call reading it raised the same error again
+        if cause not in seen:
+            seen.add(cause)
+            errors.append(GroupError(call.replica.group, None, took.error))
+            call.pool.retries += 1
+            call.replica.sent.clear()  # the run again sends its functions again
         return None
 
     def shared(self, tensor: torch.Tensor) -> Any:
