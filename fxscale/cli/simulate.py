@@ -54,6 +54,11 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
                      help="reuse the KV of cached prompt prefixes, by the trace's prefix hashes "
                           "(Mooncake traces carry them), and route prompts to where their "
                           "prefix is cached, for every policy alike")
+    sim.add_argument("--expert-skew", type=non_negative_float, default=0.0, metavar="S",
+                     help="routing over a mixture of experts' experts: 0 uniform (default), "
+                          "S > 0 skewed (the expert of rank r gets a share proportional to "
+                          "r^-S); a step reads the weights of the experts its tokens reach, "
+                          "for every policy alike")
     sim.add_argument("--attainment", type=fraction, default=0.99,
                      help="fraction of requests that must meet both targets (default 0.99)")
     sim.add_argument("--interval", type=positive_float, default=30.0,
@@ -152,7 +157,7 @@ def _setup(args: argparse.Namespace):
     console = Console(stderr=True)
     trace = load_trace(args.trace, args.start, args.duration, args.rate_scale, args.seed)
     with console.status(f"analysing {args.model} (first use: about a minute, then cached)"):
-        service = preset_service(args.model, args.device, args.layers)
+        service = preset_service(args.model, args.device, args.layers, args.expert_skew)
     ttft, tbt = default_slo(service.weight_bytes / 2)
     slo = SLO(args.slo_ttft or ttft, args.slo_tbt or tbt, args.attainment,
               args.slo_ttft_per_token)
@@ -170,7 +175,8 @@ def _config(args: argparse.Namespace, trace, slo, context: dict) -> dict:
             "duration_s": trace.duration_s(), "slo_ttft": slo.ttft, "slo_tbt": slo.tbt,
             "attainment_target": slo.attainment, "interval_s": args.interval,
             "slo_ttft_per_token": slo.ttft_per_token, "context": context,
-            "prefix_caching": args.prefix_caching, "forecast": args.forecast,
+            "prefix_caching": args.prefix_caching, "expert_skew": args.expert_skew,
+            "forecast": args.forecast,
             "startup_s": args.startup, "load_gbps": args.load_gbps,
             "warm_pool": args.warm_pool, "policy_intervals": dict(args.policy_interval),
             "prefix_block_tokens": trace.prefix_block_tokens}

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 from fxscale.contracts.exprs import evaluate, to_text
-from fxscale.contracts.group_graph import Group, GroupEdge, GroupGraph
+from fxscale.contracts.group_graph import Experts, Group, GroupEdge, GroupGraph
 from fxscale.passes import classify as C
 from fxscale.passes.costs import NodeCost
 from fxscale.passes.grouping import ANCHOR_CLASSES, sensitivity
@@ -18,6 +18,7 @@ from fxscale.passes.node_facts import (
     is_weight_placeholder,
     nbytes_expr,
     node_value,
+    op_name,
 )
 from fxscale.passes.symbols import SymbolTable
 
@@ -72,6 +73,9 @@ def build_group_graph(gm: fx.GraphModule, costs: dict[fx.Node, NodeCost], symbol
     groups = [_group(gid, members[gid], costs, symbols, env, weight_bytes, leaving.get(gid, ZERO),
                      reasons.get(gid, ""), granularity)
               for gid in sorted(members)]
+    routed = experts_per_token(gm, costs)
+    for gid, group in zip(sorted(members), groups):
+        group.experts = experts_of(gm, members[gid], costs, weight_bytes, routed)
     _number_names(groups)
     edges = [GroupEdge(f"g{a}", f"g{b}", to_text(expr)) for (a, b), expr in sorted(edge_bytes.items())]
     table = {name: {"role": role, "source": symbols.sources.get(name, ""),
@@ -79,6 +83,37 @@ def build_group_graph(gm: fx.GraphModule, costs: dict[fx.Node, NodeCost], symbol
              for name, role in symbols.roles.items()}
     return GroupGraph(model=model, granularity=granularity, groups=groups, edges=edges,
                       symbols=table)
+
+
+def experts_per_token(gm: fx.GraphModule, costs: dict[fx.Node, NodeCost]) -> dict[str, int]:
+    """Per layer, the experts a mixture-of-experts router sends each token to: the k of its
+    top-k over the router's scores."""
+    found = {}
+    for node in gm.graph.nodes:
+        if node in costs and costs[node].op_class == C.ROUTING and op_name(node, gm) == "topk":
+            k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
+            if isinstance(k, int) and costs[node].layer:
+                found[costs[node].layer] = k
+    return found
+
+
+def experts_of(gm: fx.GraphModule, nodes: list[fx.Node], costs: dict[fx.Node, NodeCost],
+               weight_bytes: dict[str, int], routed: dict[str, int]) -> Experts | None:
+    """A group's routed experts: the expert GEMMs' weights (their first dimension counts the
+    experts) and the top-k of its layer's router; None for a group without expert GEMMs (or
+    whose router is not told)."""
+    expert_nodes = [n for n in nodes if costs[n].op_class == C.MOE_EXPERT]
+    layer = next((costs[n].layer for n in expert_nodes if costs[n].layer), None)
+    if layer not in routed:
+        return None
+    placeholders = {n.name: node_value(n) for n in gm.graph.nodes if n.op in ("placeholder",
+                                                                              "get_attr")}
+    weights = {p for n in expert_nodes for p in costs[n].params if p in weight_bytes}
+    counts = {placeholders[p].shape[0] for p in weights
+              if isinstance(placeholders.get(p), torch.Tensor) and placeholders[p].dim() >= 3}
+    if len(counts) != 1 or routed[layer] > int(next(iter(counts))):
+        return None
+    return Experts(int(counts.pop()), routed[layer], sum(weight_bytes[p] for p in weights))
 
 
 def _number_names(groups: list[Group]) -> None:
@@ -142,7 +177,9 @@ def class_costs(nodes: list[fx.Node], costs: dict[fx.Node, NodeCost]) -> dict[st
     """A group's FLOPs and bytes per operator class (pointwise split by kernel: rotary,
     activation, residual). GEMMs, attention, gathers and residual adds move what each op reads
     and writes; a fused class (FUSED_CLASSES) moves the tensors entering its nodes from outside
-    them once, and those its nodes hand outside."""
+    them once, where a node that is not a view reads them (a chain of views, such as an
+    expert weight's transpose that a grouped GEMM reads, launches no kernel), and those its
+    nodes hand outside."""
     members: dict[str, set[fx.Node]] = {}
     for node in nodes:  # pointwise chains told apart by the kernel they become
         members.setdefault(costs[node].kernel or costs[node].op_class, set()).add(node)
@@ -150,7 +187,7 @@ def class_costs(nodes: list[fx.Node], costs: dict[fx.Node, NodeCost]) -> dict[st
     for name, part in sorted(members.items()):
         flops = sympy.Add(*(costs[n].flops for n in part))
         if name in FUSED_CLASSES:
-            entering = {i for n in part for i in input_nodes(n) if i not in part}
+            entering = {i for n in part if not costs[n].is_view for i in _read_from(n, part, costs)}
             written = {_writer(n, part, costs) for n in part if any(u not in part for u in n.users)}
             moved = sum((_tensor_bytes(i, costs) for i in entering), ZERO) + sum(
                 (costs[n].out_bytes for n in written if n is not None), ZERO)
@@ -159,6 +196,19 @@ def class_costs(nodes: list[fx.Node], costs: dict[fx.Node, NodeCost]) -> dict[st
         if flops != 0 or moved != 0:
             out[name] = {"flops": to_text(flops), "bytes": to_text(moved)}
     return out
+
+
+def _read_from(node: fx.Node, part: set[fx.Node], costs: dict[fx.Node, NodeCost]
+               ) -> set[fx.Node]:
+    """The nodes outside `part` whose tensors `node` reads, directly or through views in
+    `part`."""
+    found: set[fx.Node] = set()
+    for i in input_nodes(node):
+        if i not in part:
+            found.add(i)
+        elif costs[i].is_view:
+            found |= _read_from(i, part, costs)
+    return found
 
 
 def _writer(node: fx.Node, part: set[fx.Node], costs: dict[fx.Node, NodeCost]) -> fx.Node | None:

@@ -18,9 +18,10 @@ from fxscale.contracts.exprs import ExprError, check_symbols, evaluate
 from fxscale.contracts.jsonio import Checker, read_json, write_atomic
 
 # 2: groups carry per-class costs (class_costs); 3: their pointwise part split by kernel
-# (rotary, activation, residual)
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # a version-1 graph has no class_costs: lumped costs only
+# (rotary, activation, residual); 4: a mixture-of-experts group carries its experts, and a
+# chain of views moves no bytes in the class costs
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # a version-1 graph has no class_costs: lumped costs only
 COST_FIELDS = ("flops", "bytes_read", "bytes_written", "activation_bytes", "kv_bytes_per_token")
 
 
@@ -36,6 +37,16 @@ def kind_name(group_name: str) -> str:
 def submodule_name(index: int) -> str:
     """The attribute name torch's split_module gives the submodule of group g<index>."""
     return f"submod_{index}"
+
+
+@dataclass(frozen=True)
+class Experts:
+    """The routed experts of a mixture-of-experts group: how many, how many each token goes
+    to, and the bytes of their weights (all of them; a step reads those its tokens reach)."""
+
+    count: int
+    per_token: int
+    weight_bytes: int
 
 
 @dataclass
@@ -64,6 +75,7 @@ class Group:
     # its costs by operator class (pointwise split by kernel), {class: {"flops": expr,
     # "bytes": expr}}: a device model calibrated per kernel class times each with its fit
     class_costs: dict[str, dict[str, str]] = field(default_factory=dict)
+    experts: Experts | None = None  # a mixture-of-experts group's routed experts
     callable: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -303,6 +315,18 @@ def _group(check: Checker, data: Any, at: str, symbols: dict[str, dict[str, Any]
         check.unknown(entry, {"flops", "bytes"}, f"{where}.")
         for what in ("flops", "bytes"):
             _cost(check, check.get(entry, what, f"{where}."), f"{where}.{what}", symbols)
+    experts = get("experts", None)
+    if experts is not None:
+        check.object(experts, f"{at}.experts")
+        check.unknown(experts, {"count", "per_token", "weight_bytes"}, f"{at}.experts.")
+        count, per_token, weight_bytes = (
+            int(check.number(check.get(experts, name, f"{at}.experts."),
+                             f"{at}.experts.{name}", low, integer=True))
+            for name, low in (("count", 1), ("per_token", 1), ("weight_bytes", 0)))
+        if per_token > count:
+            check.fail(f"{at}.experts.per_token", f"must be at most the count ({count}), got "
+                                                  f"{per_token}")
+        experts = Experts(count, per_token, weight_bytes)
     return Group(id=get("id"), name=get("name"), nodes=get("nodes"), classes=get("classes"),
                  resource=get("resource"), **costs,
                  param_bytes=int(check.number(get("param_bytes"), f"{at}.param_bytes", 0,
@@ -311,7 +335,7 @@ def _group(check: Checker, data: Any, at: str, symbols: dict[str, dict[str, Any]
                  stateful=check.boolean(get("stateful"), f"{at}.stateful"), layer=layer,
                  split_reason=get("split_reason", ""), sensitivity=sensitivity,
                  lowering=get("lowering", "not lowered"), kernels=kernels,
-                 class_costs=class_costs,
+                 class_costs=class_costs, experts=experts,
                  graph=int(check.number(get("graph", 0), f"{at}.graph", 0, integer=True)))
 
 

@@ -52,6 +52,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
         num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
         max_position_embeddings=32768)),
+    # fine-grained mixture of experts: 128 small experts, 8 per token
+    "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", dict(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+        num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, vocab_size=151936, norm_topk_prob=True,
+        max_position_embeddings=40960, rope_theta=1000000.0)),
     "qwen2-57b-a14b": ("Qwen2MoeForCausalLM", dict(
         hidden_size=3584, intermediate_size=18944, moe_intermediate_size=2560,
         shared_expert_intermediate_size=20480, num_experts=64, num_experts_per_tok=8,
@@ -124,11 +130,14 @@ def preset_graph(name: str, layers: int | None = None, refresh: bool = False,
     return graph
 
 
-def preset_service(name: str, device: str = "h100", layers: int | None = None):
-    """The service model (kinds with fast cost functions) of a preset on a device model."""
+def preset_service(name: str, device: str = "h100", layers: int | None = None,
+                   expert_skew: float = 0.0):
+    """The service model (kinds with fast cost functions) of a preset on a device model, a
+    mixture of experts routed uniformly or with `expert_skew` (runtime/planner/service.py)."""
     from fxscale.profiling.cpu_calibration import device_model
     from fxscale.runtime.planner.service import service_model
 
     return service_model(preset_graph(name, layers), preset_graph(name, layers, phase="decode"),
                          device_model(device),
-                         context_limit=PRESETS[name][1].get("max_position_embeddings"))
+                         context_limit=PRESETS[name][1].get("max_position_embeddings"),
+                         expert_skew=expert_skew)

@@ -12,15 +12,23 @@ and a shared part (terms without: parameter reads, broadcast tensors), so the co
 iteration that mixes requests of different lengths is exact for costs linear in batch:
 shared + sum over requests. Built once from the prefill and decode GroupGraphs and a device
 model; evaluating it is plain arithmetic, so the planner and simulator never touch sympy.
+
+A mixture-of-experts kind reads the weights of the experts its tokens reach, not all of them:
+with T tokens on a replica, each going to k of E experts, expert e (chosen by a token with
+probability q_e = k p_e, at most 1, the q_e summing to k) is reached by at least one with
+probability 1 - (1 - q_e)^T (tokens routed independently). The routing shares p_e are
+uniform, or skewed (`expert_skew` s > 0: the expert of rank r gets a share proportional to
+r^-s, a Zipf law); the same for every policy.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import sympy
 
 from fxscale.contracts.exprs import parse_expr
-from fxscale.contracts.group_graph import Group, GroupGraph, kind_name
+from fxscale.contracts.group_graph import Experts, Group, GroupGraph, kind_name
 from fxscale.runtime.devices.model import DeviceModel
 
 _B, _X = sympy.symbols("b x")
@@ -70,6 +78,7 @@ class Kind:
     decode_flops: Poly
     decode_bytes: Poly
     parts: tuple[Part, ...] = ()  # by kernel class, when the graph carries class costs
+    experts: Experts | None = None  # a mixture-of-experts kind's routed experts
 
     @property
     def sharded_comm(self) -> bool:
@@ -141,9 +150,61 @@ class ServiceModel:
     kinds: list[Kind]
     dtype: str = "bf16"
     context_limit: int | None = None  # longest prompt + output the model takes (tokens)
-    # id(kind) -> (kind, its parts as (timer, replicated, flat coefficients))
+    expert_skew: float = 0.0  # routing over experts: 0 uniform, s > 0 Zipf (module doc)
+    # id(kind) -> (kind, its parts as (timer, replicated, holds the expert weights, flat
+    # coefficients))
     _timing: dict[int, tuple] = field(default_factory=dict, init=False, repr=False,
                                       compare=False)
+    # (experts, per token, tokens) -> experts reached
+    _reached: dict[tuple, float] = field(default_factory=dict, init=False, repr=False,
+                                         compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.expert_skew, bool) or not isinstance(self.expert_skew, (int, float)) \
+                or not 0 <= self.expert_skew < math.inf:
+            raise ValueError(f"expert_skew must be a number >= 0 (0: uniform routing), got "
+                             f"{self.expert_skew!r}")
+
+    def experts_reached(self, experts: Experts, tokens: float) -> float:
+        """Expected experts that at least one of `tokens` tokens goes to (module doc)."""
+        if tokens <= 0:
+            return 0.0
+        key = (experts.count, experts.per_token, tokens)
+        reached = self._reached.get(key)
+        if reached is None:
+            if len(self._reached) > 100_000:  # tokens per step repeat: a bounded memo
+                self._reached.clear()
+            reached = self._reached[key] = sum(
+                1.0 - (1.0 - q) ** tokens for q in self.routing(experts))
+        return reached
+
+    def routing(self, experts: Experts) -> list[float]:
+        """Per expert, the probability a token goes to it: k p_e, an expert whose share
+        would exceed 1 taking every token and the rest of the k spread over the others in
+        proportion (so they sum to k: one token reaches exactly k experts)."""
+        shares = [(rank + 1) ** -self.expert_skew for rank in range(experts.count)]
+        certain, left = 0, float(experts.per_token)  # the hottest go to every token
+        while True:
+            rest = sum(shares[certain:])
+            if certain == len(shares) or shares[certain] * left / rest <= 1.0:
+                break
+            certain, left = certain + 1, left - 1.0
+        return [1.0] * certain + [share * left / rest for share in shares[certain:]]
+
+    def unread_expert_bytes(self, kind: Kind, tokens: float) -> float:
+        """Bytes of a kind's expert weights that a step of `tokens` tokens on one replica does
+        not read (the experts no token reaches); 0 for kinds without experts."""
+        experts = kind.experts
+        if experts is None or not experts.weight_bytes:
+            return 0.0
+        idle = 1.0 - self.experts_reached(experts, tokens) / experts.count
+        return experts.weight_bytes * max(0.0, idle)
+
+    def weight_bytes_read(self, tokens: float) -> float:
+        """Weight bytes one step of `tokens` tokens reads on one replica: every weight, less
+        the experts no token reaches."""
+        return sum(k.count * (k.param_bytes - self.unread_expert_bytes(k, tokens))
+                   for k in self.kinds)
 
     @property
     def weight_bytes(self) -> float:
@@ -179,9 +240,12 @@ class ServiceModel:
         replicas = self.busy_replicas(kind, batch, replicas)
         cached = self._timing.get(id(kind))
         timing = cached[1] if cached and cached[0] is kind else self._time_parts(kind)
+        unread = self.unread_expert_bytes(kind, batch.tokens / replicas)
         one = 0.0
-        for seconds, replicated, coefficients in timing:
+        for seconds, replicated, experts, coefficients in timing:
             flops, shared, variable = _flat_work(coefficients, pn, ps1, ps2, dn, ds1)
+            if experts:
+                shared -= unread
             ways = 1 if replicated else shards
             one += seconds(flops / (ways * replicas), shared / ways + variable / (ways * replicas))
         if shards > 1 and kind.sharded_comm:
@@ -196,8 +260,8 @@ class ServiceModel:
         device = self.device
         parts = kind.parts if device.kernels and not kind.stateful else ()
         timing = tuple((device.timer(p.kernel, self.dtype), p.kernel in REPLICATED_KERNELS,
-                        _coefficients(p)) for p in parts) \
-            or ((device.timer(None, self.dtype), False, _coefficients(kind)),)
+                        p.kernel == KERNEL_OF["moe-expert"], _coefficients(p)) for p in parts) \
+            or ((device.timer(None, self.dtype), False, True, _coefficients(kind)),)
         self._timing[id(kind)] = (kind, timing)  # held, so its id is not reused
         return timing
 
@@ -253,8 +317,10 @@ def paged_decode_bytes(captured: Poly, kv_bytes_per_token: float) -> Poly:
 
 
 def service_model(prefill: GroupGraph, decode: GroupGraph, device: DeviceModel,
-                  dtype: str = "bf16", context_limit: int | None = None) -> ServiceModel:
-    """Fold a model's prefill and decode GroupGraphs into kinds on a device."""
+                  dtype: str = "bf16", context_limit: int | None = None,
+                  expert_skew: float = 0.0) -> ServiceModel:
+    """Fold a model's prefill and decode GroupGraphs into kinds on a device (experts routed
+    with `expert_skew`: module doc)."""
     decode_by_name = {g.name: g for g in decode.groups}
     missing = [g.name for g in prefill.groups if g.name not in decode_by_name]
     if missing:
@@ -280,7 +346,7 @@ def service_model(prefill: GroupGraph, decode: GroupGraph, device: DeviceModel,
         if g.stateful and float(kv):
             costs = (*costs[:3], paged_decode_bytes(costs[3], float(kv)))
         parts = () if g.stateful else _parts(g, d, roles_p, roles_d)
-        key = (kind_name(g.name), costs, g.param_bytes, str(kv), g.stateful, parts)
+        key = (kind_name(g.name), costs, g.param_bytes, str(kv), g.stateful, parts, g.experts)
         entry = folded.setdefault(key, {"ids": [], "group": g, "costs": costs, "kv": float(kv),
                                         "parts": parts})
         entry["ids"].append(g.id)
@@ -289,9 +355,10 @@ def service_model(prefill: GroupGraph, decode: GroupGraph, device: DeviceModel,
                   param_bytes=e["group"].param_bytes, kv_bytes_per_token=e["kv"],
                   out_bytes_per_token=out_bytes.get(e["group"].id, 0.0),
                   prefill_flops=e["costs"][0], prefill_bytes=e["costs"][1],
-                  decode_flops=e["costs"][2], decode_bytes=e["costs"][3], parts=e["parts"])
+                  decode_flops=e["costs"][2], decode_bytes=e["costs"][3], parts=e["parts"],
+                  experts=e["group"].experts)
              for key, e in folded.items()]
-    return ServiceModel(prefill.model, device, kinds, dtype, context_limit)
+    return ServiceModel(prefill.model, device, kinds, dtype, context_limit, expert_skew)
 
 
 def _parts(prefill: Group, decode: Group, roles_p: dict[str, str],

@@ -81,20 +81,22 @@ def lower_bound(service: ServiceModel, trace: Trace, interval_s: float,
     in it at the efficient compute and bandwidth rates (weights read once, amortised away).
     With prefix hashes, every prefix block is prefilled once, by an unbounded cache.
 
-    Step: besides, every decode step reads the weights, and a step carries at most the
-    largest batch whose weightless (dense) work fits the TBT on the widest tensor-parallel
-    shape any policy forms; and each request holds its KV for at least its decode steps at the
-    shortest step (the widest shape reading its weights). Energy: the work at max power, the
-    rest of the held devices idle."""
+    Step: besides, every decode step reads the weights (of a mixture of experts, those its
+    tokens reach), and a step carries at most the largest batch whose weightless (dense) work
+    fits the TBT on the widest tensor-parallel shape any policy forms; and each request holds
+    its KV for at least its decode steps at the shortest step (the widest shape reading the
+    weights one token reaches). Energy: the work at max power, the rest of the held devices
+    idle."""
     device = service.device
     bandwidth = device.memory_bandwidth * device.memory_efficiency
-    weight_read_s = service.weight_bytes / bandwidth  # device-seconds of one step's reads
     widest = max(SHARDS)
-    shortest_step_s = weight_read_s / widest
+    shortest_step_s = service.weight_bytes_read(1) / bandwidth / widest
     dense = [k for k in service.kinds if not k.stateful]
     per_request_s = max(1e-15, service.peak_work_time(Batch(decode_n=1, decode_s1=1.0),
                                                       dense))
     largest_batch = max(1.0, math.floor(widest * tbt / per_request_s)) if tbt else math.inf
+    # device-seconds of one step's reads at that batch (the fewest per token)
+    weight_read_s = service.weight_bytes_read(largest_batch) / bandwidth
     fluid: dict[int, float] = {}
     step: dict[int, float] = {}
     kv_byte_s: dict[int, float] = {}
