@@ -51,6 +51,7 @@ def test_a_step_reads_the_experts_its_tokens_reach(graphs):
     per_expert = 3 * 4096 * 14336 * 2  # gate, up and down projections in bf16
     assert kind.experts == Experts(8, 2, 8 * per_expert) and kind.count == 2
     assert service.experts_reached(kind.experts, 1) == pytest.approx(2.0)
+    assert service.unread_expert_bytes(kind, 1) == pytest.approx(6 * per_expert)
     assert service.experts_reached(kind.experts, 512) == pytest.approx(8.0)
     reads_all = replace(kind, experts=None)  # every expert's weights, every step
     one = Batch(decode_n=1, decode_s1=100.0)
@@ -70,7 +71,8 @@ def test_a_step_reads_the_experts_its_tokens_reach(graphs):
 def test_skewed_routing_reaches_fewer_experts_and_uniform_matches_sampling(graphs):
     """Sampling tokens that each pick 2 distinct experts of 8 uniformly: the mean number
     reached is the formula's; a skewed routing (Zipf) reaches exactly 2 with one token, fewer
-    than uniform beyond, all of them in the limit; a negative skew is a clear error."""
+    than uniform beyond, all of them in the limit (even at the steepest skew allowed); a skew
+    below 0 or above 10 is a clear error."""
     prefill, decode, _ = graphs
     uniform = service_model(prefill, decode, load_device("h100"))
     skewed = service_model(prefill, decode, load_device("h100"), expert_skew=1.5)
@@ -91,8 +93,11 @@ def test_skewed_routing_reaches_fewer_experts_and_uniform_matches_sampling(graph
     one = Batch(decode_n=4, decode_s1=400.0)
     kind = expert_kind(skewed)
     assert skewed.kind_time(kind, one) < uniform.kind_time(expert_kind(uniform), one)
-    with pytest.raises(ValueError, match="expert_skew must be a number >= 0"):
-        service_model(prefill, decode, load_device("h100"), expert_skew=-1.0)
+    for bad in (-1.0, 11.0, float("nan"), True):
+        with pytest.raises(ValueError, match="expert_skew must be a number from 0"):
+            service_model(prefill, decode, load_device("h100"), expert_skew=bad)
+    steepest = service_model(prefill, decode, load_device("h100"), expert_skew=10.0)
+    assert steepest.weight_bytes_read(float("inf")) == steepest.weight_bytes
 
 
 def test_the_step_bound_stays_below_every_policy_on_a_mixture_of_experts(graphs):

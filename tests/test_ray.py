@@ -22,12 +22,15 @@ from ray.cluster_utils import Cluster  # noqa: E402
 import fxscale  # noqa: E402
 from fxscale.models import zoo  # noqa: E402
 from fxscale.runtime.executors.ray_executor import (  # noqa: E402
+    Failed,
     Handle,
+    Inherited,
     Ledger,
     loopback_only,
     pack,
     receive_handles,
     send_handles,
+    sendable,
 )
 
 
@@ -75,7 +78,8 @@ def test_a_call_is_sent_only_the_results_and_tokens_it_reads():
     """Handles to two parts' results joined along tokens: a slice within one part is sent
     that part's result only, a slice across both is sent both and joined in the actor; an
     output of a many-output call is picked by index; a part that ran in the receiving actor
-    is read from its kept results (its error raised again when it failed)."""
+    is read from its kept results; a failed result fails its reader with the producer's
+    failure (Inherited), and an error that cannot be pickled is sent as text."""
     a, b = torch.randn(3, 4), torch.randn(5, 4)
     both = Handle.joined((Handle("ref-a", rows=3), Handle("ref-b", rows=5)), 0)
     inputs = (pack(a), pack(b))
@@ -99,10 +103,16 @@ def test_a_call_is_sent_only_the_results_and_tokens_it_reads():
     assert refs == ["ref-b"]
     got = receive_handles(sent, (pack(b),), "cpu", kept={7: a})
     assert torch.equal(got, torch.cat([a, b])[1:4])
-    failed = ValueError("the producer's own error")
-    with pytest.raises(ValueError) as raised:  # the very error: the server sees a copy
+    failed = Failed(ValueError("the producer's own error"), origin=7)
+    with pytest.raises(Inherited) as raised:  # its reader fails with the producer's failure
         receive_handles(send_handles(here.parts[0], [], home="A"), (), "cpu", kept={7: failed})
-    assert raised.value is failed
+    assert raised.value.failed is failed
+    with pytest.raises(Inherited) as raised:  # the same, from another actor's result
+        receive_handles(send_handles(Handle("ref-x"), []), (failed,), "cpu")
+    assert raised.value.failed is failed
+    unpicklable = sendable(ValueError(lambda: None))  # still told, as text
+    assert isinstance(unpicklable, RuntimeError) and "ValueError" in str(unpicklable)
+    assert sendable(failed.error) is failed.error
     with pytest.raises(RuntimeError, match="not kept in this actor"):
         receive_handles(send_handles(here.parts[0], [], home="A"), (), "cpu", kept={})
 

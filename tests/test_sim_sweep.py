@@ -67,3 +67,12 @@ def test_the_quick_sweep_writes_json_markdown_and_heatmaps(tmp_path, monkeypatch
     assert "rate_rps-burstiness.svg" in page and page.count("req/s") >= 2
     assert "fxscale simulate --sweep quick --model llama-2-7b --layers 2" in page
     assert str(out / "sweep.json") in capsys.readouterr().out
+
+
+def test_a_skewed_routing_is_not_silently_dropped_by_the_sweep(tmp_path, capsys):
+    """--expert-skew is not a sweep axis: asking for both is a clear error, nothing runs."""
+    out = tmp_path / "map"
+    assert main(["simulate", "--sweep", "quick", "--expert-skew", "1.0",
+                 "--sweep-dir", str(out)]) != 0
+    assert "--expert-skew is not an axis of --sweep" in capsys.readouterr().err
+    assert not out.exists()

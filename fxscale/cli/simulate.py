@@ -56,9 +56,9 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
                           "prefix is cached, for every policy alike")
     sim.add_argument("--expert-skew", type=non_negative_float, default=0.0, metavar="S",
                      help="routing over a mixture of experts' experts: 0 uniform (default), "
-                          "S > 0 skewed (the expert of rank r gets a share proportional to "
-                          "r^-S); a step reads the weights of the experts its tokens reach, "
-                          "for every policy alike")
+                          "S up to 10 skewed (the expert of rank r gets a share proportional "
+                          "to r^-S); a step reads the weights of the experts its tokens "
+                          "reach, for every policy alike")
     sim.add_argument("--attainment", type=fraction, default=0.99,
                      help="fraction of requests that must meet both targets (default 0.99)")
     sim.add_argument("--interval", type=positive_float, default=30.0,
@@ -211,6 +211,9 @@ def _attribute(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     """Replay a trace under one or all policies; print a table, write JSON."""
     if args.sweep:
+        if args.expert_skew:
+            raise ValueError("--expert-skew is not an axis of --sweep (its models route "
+                             "uniformly); run the skewed comparison without --sweep")
         return _sweep(args)
     if args.attribute:
         return _attribute(args)

@@ -88,13 +88,15 @@ def build_group_graph(gm: fx.GraphModule, costs: dict[fx.Node, NodeCost], symbol
 def experts_per_token(gm: fx.GraphModule, costs: dict[fx.Node, NodeCost]) -> dict[str, int]:
     """Per layer, the experts a mixture-of-experts router sends each token to: the k of its
     top-k over the router's scores."""
-    found = {}
+    found: dict[str, set] = {}
     for node in gm.graph.nodes:
         if node in costs and costs[node].op_class == C.ROUTING and op_name(node, gm) == "topk":
             k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
-            if isinstance(k, int) and costs[node].layer:
-                found[costs[node].layer] = k
-    return found
+            if costs[node].layer:
+                found.setdefault(costs[node].layer, set()).add(k)
+    # a layer with two top-k of different k (grouped routing) is not told
+    return {layer: ks.pop() for layer, ks in found.items()
+            if len(ks) == 1 and isinstance(next(iter(ks)), int)}
 
 
 def experts_of(gm: fx.GraphModule, nodes: list[fx.Node], costs: dict[fx.Node, NodeCost],

@@ -315,6 +315,7 @@ def _group(check: Checker, data: Any, at: str, symbols: dict[str, dict[str, Any]
         check.unknown(entry, {"flops", "bytes"}, f"{where}.")
         for what in ("flops", "bytes"):
             _cost(check, check.get(entry, what, f"{where}."), f"{where}.{what}", symbols)
+    param_bytes = int(check.number(get("param_bytes"), f"{at}.param_bytes", 0, integer=True))
     experts = get("experts", None)
     if experts is not None:
         check.object(experts, f"{at}.experts")
@@ -326,11 +327,13 @@ def _group(check: Checker, data: Any, at: str, symbols: dict[str, dict[str, Any]
         if per_token > count:
             check.fail(f"{at}.experts.per_token", f"must be at most the count ({count}), got "
                                                   f"{per_token}")
+        if weight_bytes > param_bytes:
+            check.fail(f"{at}.experts.weight_bytes", f"must be at most the group's "
+                                                     f"param_bytes, got {weight_bytes}")
         experts = Experts(count, per_token, weight_bytes)
     return Group(id=get("id"), name=get("name"), nodes=get("nodes"), classes=get("classes"),
                  resource=get("resource"), **costs,
-                 param_bytes=int(check.number(get("param_bytes"), f"{at}.param_bytes", 0,
-                                              integer=True)),
+                 param_bytes=param_bytes,
                  row_wise=check.boolean(get("row_wise"), f"{at}.row_wise"),
                  stateful=check.boolean(get("stateful"), f"{at}.stateful"), layer=layer,
                  split_reason=get("split_reason", ""), sensitivity=sensitivity,

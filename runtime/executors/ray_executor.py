@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import pickle
 import socket
 import threading
 import time
@@ -102,9 +103,29 @@ def unpack(value: Any, device: str = "cpu") -> Any:
 
 @dataclass(frozen=True)
 class Failed:
-    """What a call that raised returns in place of its result and its seconds: its error."""
+    """What a call that raised returns in place of its result and its seconds: its error,
+    and the number of the call that raised it (`origin`; a call that read a failed result
+    returns the producer's Failed: one failure, named for the group that raised)."""
 
     error: Exception
+    origin: int | None = None
+
+
+class Inherited(Exception):
+    """Raised in a call that reads a failed result: the producer's failure."""
+
+    def __init__(self, failed: Failed) -> None:
+        super().__init__(repr(failed.error))
+        self.failed = failed
+
+
+def sendable(error: BaseException) -> Exception:
+    """An error that survives pickling to the server: itself, or a RuntimeError naming it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - whatever pickling raises, the error is told in text
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 class Pending:
@@ -209,8 +230,8 @@ def receive_handles(value: Any, inputs: tuple[Any, ...], device: str,
             result = kept_result(kept or {}, value.call)
             return result if value.index is None else result[value.index]
         result = inputs[value.slot]
-        if isinstance(result, Failed):  # the producer's error, raised again by its reader
-            raise result.error
+        if isinstance(result, Failed):  # the producer's failure, raised in its reader
+            raise Inherited(result)
         return unpack(result if value.index is None else result[value.index], device)
     if isinstance(value, Narrowed):
         return receive_handles(value.value, inputs, device, kept).narrow(
@@ -224,14 +245,13 @@ def receive_handles(value: Any, inputs: tuple[Any, ...], device: str,
 
 
 def kept_result(kept: dict[int, Any], call: int) -> Any:
-    """A result this actor kept; the very error its call raised when it failed (so the
-    server tells the copy from the original, as with Ray's own)."""
+    """A result this actor kept; Inherited with its call's Failed when it failed."""
     if call not in kept:
         raise RuntimeError(f"call {call}'s result is not kept in this actor (a call reads the "
                            "kept results of its own step only)")
     result = kept[call]
-    if isinstance(result, BaseException):
-        raise result
+    if isinstance(result, Failed):
+        raise Inherited(result)
     return result
 
 
@@ -246,6 +266,7 @@ class Submitted:
     pool: LocalPool
     tokens: tuple[int, int]
     context: int
+    call: int  # its number
     seconds: Any = None
 
 
@@ -279,8 +300,15 @@ class Ledger:
         run, self.run = self.run, None
         if run is None:
             return
-        objects = run.actor.chain.options(num_returns=2 * len(run.calls)).remote(
-            self.lane, self.step, run.calls, *run.refs)
+        try:
+            objects = run.actor.chain.options(num_returns=2 * len(run.calls)).remote(
+                self.lane, self.step, run.calls, *run.refs)
+        except Exception as error:  # noqa: BLE001 - e.g. an argument Ray cannot pickle
+            failed = ray.put(Failed(sendable(error), run.submitted[0].call))
+            objects = [failed] * (2 * len(run.calls))  # settled as the run's failure
+        finally:
+            for submitted in run.submitted:
+                submitted.replica.release_held()
         for i, (submitted, result) in enumerate(zip(run.submitted, run.results)):
             result.ref, submitted.seconds = objects[2 * i], objects[2 * i + 1]
 
@@ -443,17 +471,24 @@ class GroupActor:
         out: list[Any] = []
         for replica, key, fn, args, state_ids, at_least_s, call in calls:
             start = time.perf_counter()
+            if fn is not None:  # known from now on, even if this call fails
+                self.functions[key] = fn
             try:
                 args = unpack(receive_handles(args, inputs, self.device, kept), self.device)
-                kept[call] = result = self._apply(replica, key, fn, args, state_ids)
+                result = self._apply(replica, key, None, args, state_ids)
+                packed = pack(result)
+            except Inherited as inherited:
+                kept[call] = failed = inherited.failed
             except Exception as error:  # noqa: BLE001 - the server names it and its group
-                kept[call] = error
-                out += [Failed(error)] * 2
+                kept[call] = failed = Failed(sendable(error), call)
+            else:
+                kept[call] = result
+                left = at_least_s - (time.perf_counter() - start)
+                if left > 0:  # an injected service time (tests and benchmarks of the engine)
+                    time.sleep(left)
+                out += [packed, time.perf_counter() - start]
                 continue
-            left = at_least_s - (time.perf_counter() - start)
-            if left > 0:  # an injected service time (tests and benchmarks of the engine)
-                time.sleep(left)
-            out += [pack(result), time.perf_counter() - start]
+            out += [failed, failed]
         return tuple(out)
 
     def _kept(self, lane: int, step: int) -> dict[int, Any]:
@@ -484,6 +519,19 @@ class RayReplica(LocalReplica):
         self.sent: set[int] = set()  # functions its actor has from it
         self.recovering = threading.Lock()
         self.stopped = False
+        self.held = 0  # its calls in runs not sent yet
+        self.all_sent = threading.Condition()
+
+    def hold(self) -> None:
+        """Count a call of it held back in a run."""
+        with self.all_sent:
+            self.held += 1
+
+    def release_held(self) -> None:
+        """A held call of it was sent (or failed to be)."""
+        with self.all_sent:
+            self.held -= 1
+            self.all_sent.notify_all()
 
     def take(self, known: dict[int, tuple[torch.Tensor, bool]]) -> None:
         """Have its actor map these weights and allocate these caches."""
@@ -547,8 +595,9 @@ class RayReplica(LocalReplica):
         args = send_handles(pack(args), run.refs, home if handoff else None)
         call, result = next(executor.calls), Pending()
         run.calls.append((self.name, key, sent, args, state_ids, at_least_s, call))
-        run.submitted.append(Submitted(self, actor, pool, tokens, context))
+        run.submitted.append(Submitted(self, actor, pool, tokens, context, call))
         run.results.append(result)
+        self.hold()
         ledger.calls.append(run.submitted[-1])
         self.sent.add(key)  # a failed call clears it (recover)
         # sent at once where a call's result is read through Ray, or where no two groups
@@ -575,6 +624,8 @@ class RayReplica(LocalReplica):
         """Finish queued and submitted calls (an actor runs its calls in the order sent: a
         last one returns after them), then end its actor (or its state in a shared one)."""
         super().stop()
+        with self.all_sent:  # a step's run holding a call of it is sent when the step settles
+            self.all_sent.wait_for(lambda: self.held == 0, timeout=READY_TIMEOUT_S)
         with self.recovering:
             self.stopped = True  # a call that failed meanwhile does not start a new actor
             try:
@@ -773,7 +824,8 @@ class RayExecutor:
     def _outcome(call: Submitted, errors: list[GroupError], seen: set[str]) -> float | None:
         """A call's seconds, or None when it failed; its own failure added to `errors` (its
         actor died: replaced; or its function raised), not one it inherited from a call it
-        read (a death names the actor; a raised error comes back as the same error)."""
+        read (a death names the actor; a raised error the call that raised it; a task that
+        failed as a whole counts once, for its first call)."""
         try:
             took = ray.get(call.seconds)
         except ray.exceptions.RayActorError as died:  # also an inherited death
@@ -781,13 +833,13 @@ class RayExecutor:
                 errors.append(call.replica.recover(call.actor, died))
                 call.pool.retries += 1
             return None
-        except ray.exceptions.RayError as failed:  # the task itself failed (e.g. pickling)
-            took = Failed(getattr(failed, "cause", None) or failed)
+        except ray.exceptions.RayError as failed:  # the task itself failed: its calls alike
+            cause = getattr(failed, "cause", None) or failed
+            took = Failed(cause, None if repr(cause) in seen else call.call)
+            seen.add(repr(cause))
         if not isinstance(took, Failed):
             return took
-        cause = repr(took.error)  # a call reading it raised the same error again
-        if cause not in seen:
-            seen.add(cause)
+        if took.origin == call.call:  # its own failure, not one it read
             errors.append(GroupError(call.replica.group, None, took.error))
             call.pool.retries += 1
             call.replica.sent.clear()  # the run again sends its functions again

@@ -22,7 +22,6 @@ r^-s, a Zipf law); the same for every policy.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import sympy
@@ -39,6 +38,9 @@ KERNEL_OF = {"gemm": "gemm", "moe-expert": "gemm", "norm": "norm", "embedding": 
 # Kernels every tensor-parallel shard runs whole (norms and the residual stream's adds see the
 # full hidden state)
 REPLICATED_KERNELS = frozenset({"norm", "residual"})
+# Beyond this Zipf exponent the hottest expert takes every token and the shares of the
+# coldest underflow toward zero: no routing a model is trained to is that skewed
+MAX_EXPERT_SKEW = 10.0
 
 
 @dataclass(frozen=True)
@@ -161,9 +163,9 @@ class ServiceModel:
 
     def __post_init__(self) -> None:
         if isinstance(self.expert_skew, bool) or not isinstance(self.expert_skew, (int, float)) \
-                or not 0 <= self.expert_skew < math.inf:
-            raise ValueError(f"expert_skew must be a number >= 0 (0: uniform routing), got "
-                             f"{self.expert_skew!r}")
+                or not 0 <= self.expert_skew <= MAX_EXPERT_SKEW:
+            raise ValueError(f"expert_skew must be a number from 0 (uniform routing) to "
+                             f"{MAX_EXPERT_SKEW:g}, got {self.expert_skew!r}")
 
     def experts_reached(self, experts: Experts, tokens: float) -> float:
         """Expected experts that at least one of `tokens` tokens goes to (module doc)."""
@@ -245,7 +247,7 @@ class ServiceModel:
         for seconds, replicated, experts, coefficients in timing:
             flops, shared, variable = _flat_work(coefficients, pn, ps1, ps2, dn, ds1)
             if experts:
-                shared -= unread
+                shared = max(0.0, shared - unread)
             ways = 1 if replicated else shards
             one += seconds(flops / (ways * replicas), shared / ways + variable / (ways * replicas))
         if shards > 1 and kind.sharded_comm:
