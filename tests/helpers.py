@@ -2,11 +2,21 @@
 that fails on demand."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
 import pytest
 import torch
+
+
+@contextlib.contextmanager
+def own_cache(tmp_path_factory):
+    """Inside, fxscale caches (analysed presets) in a folder of its own: the user's cache is
+    neither read nor written (a module fixture yields inside it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FXSCALE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 def main_tensor(output):

@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 
 import pytest
+from helpers import own_cache
 
 from fxscale.cli.main import main
 from fxscale.contracts.plan import SLO, EngineCount, OperatorShape, Plan
@@ -27,8 +28,7 @@ SLO_TIGHT = SLO(ttft=0.1, tbt=0.004)  # scaled to a 4-layer model: a few ms per 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """A 4-layer Llama-2-70B on an H100 cut to 8 GB: pools and tensor parallelism form."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FXSCALE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    with own_cache(tmp_path_factory):
         graphs = (preset_graph("llama-2-70b", layers=4),
                   preset_graph("llama-2-70b", layers=4, phase="decode"))
     return service_model(*graphs, replace(load_device("h100"), memory_bytes=8e9))

@@ -7,6 +7,7 @@ import random
 from dataclasses import replace
 
 import pytest
+from helpers import own_cache
 
 from fxscale.contracts.group_graph import Experts
 from fxscale.contracts.plan import SLO
@@ -20,20 +21,12 @@ from fxscale.runtime.traces.loaders import load_trace
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
-    """Prefill and decode captures of a 2-layer Mixtral-8x7B (meta device, real shapes)."""
-    import os
-
-    old = os.environ.get("FXSCALE_CACHE_DIR")
-    os.environ["FXSCALE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    try:
+    """Prefill and decode captures of a 2-layer Mixtral-8x7B and the prefill capture of a
+    1-layer Qwen3-30B-A3B (meta device, real shapes)."""
+    with own_cache(tmp_path_factory):
         yield (preset_graph("mixtral-8x7b", layers=2),
                preset_graph("mixtral-8x7b", layers=2, phase="decode"),
                preset_graph("qwen3-30b-a3b", layers=1))
-    finally:
-        if old is None:
-            del os.environ["FXSCALE_CACHE_DIR"]
-        else:
-            os.environ["FXSCALE_CACHE_DIR"] = old
 
 
 def expert_kind(service):

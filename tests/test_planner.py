@@ -7,6 +7,7 @@ import random
 from dataclasses import replace
 
 import pytest
+from helpers import own_cache
 
 from fxscale.contracts.errors import InputError
 from fxscale.contracts.group_graph import kind_name
@@ -36,18 +37,9 @@ SLO_TIGHT = SLO(ttft=0.1, tbt=0.005)  # scaled to a 4-layer model: a few ms per 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
     """Prefill and decode captures of a 4-layer Llama-2-70B (meta device, real shapes)."""
-    import os
-
-    old = os.environ.get("FXSCALE_CACHE_DIR")
-    os.environ["FXSCALE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    try:
+    with own_cache(tmp_path_factory):
         yield (preset_graph("llama-2-70b", layers=4),
                preset_graph("llama-2-70b", layers=4, phase="decode"))
-    finally:
-        if old is None:
-            del os.environ["FXSCALE_CACHE_DIR"]
-        else:
-            os.environ["FXSCALE_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="module")
