@@ -74,8 +74,11 @@ def build_group_graph(gm: fx.GraphModule, costs: dict[fx.Node, NodeCost], symbol
                      reasons.get(gid, ""), granularity)
               for gid in sorted(members)]
     routed = experts_per_token(gm, costs)
+    # weights stacked along a first dimension (one slice per expert): name -> its size
+    stacked = {n.name: int(node_value(n).shape[0]) for n in gm.graph.nodes
+               if n.name in weight_bytes and node_value(n).dim() >= 3}
     for gid, group in zip(sorted(members), groups):
-        group.experts = experts_of(gm, members[gid], costs, weight_bytes, routed)
+        group.experts = experts_of(members[gid], costs, weight_bytes, stacked, routed)
     _number_names(groups)
     edges = [GroupEdge(f"g{a}", f"g{b}", to_text(expr)) for (a, b), expr in sorted(edge_bytes.items())]
     table = {name: {"role": role, "source": symbols.sources.get(name, ""),
@@ -99,23 +102,21 @@ def experts_per_token(gm: fx.GraphModule, costs: dict[fx.Node, NodeCost]) -> dic
             if len(ks) == 1 and isinstance(next(iter(ks)), int)}
 
 
-def experts_of(gm: fx.GraphModule, nodes: list[fx.Node], costs: dict[fx.Node, NodeCost],
-               weight_bytes: dict[str, int], routed: dict[str, int]) -> Experts | None:
-    """A group's routed experts: the expert GEMMs' weights (their first dimension counts the
-    experts) and the top-k of its layer's router; None for a group without expert GEMMs (or
-    whose router is not told)."""
+def experts_of(nodes: list[fx.Node], costs: dict[fx.Node, NodeCost],
+               weight_bytes: dict[str, int], stacked: dict[str, int],
+               routed: dict[str, int]) -> Experts | None:
+    """A group's routed experts: the expert GEMMs' weights (`stacked`: their first dimension
+    counts the experts) and the top-k of its layer's router; None for a group without expert
+    GEMMs (or whose router is not told)."""
     expert_nodes = [n for n in nodes if costs[n].op_class == C.MOE_EXPERT]
     layer = next((costs[n].layer for n in expert_nodes if costs[n].layer), None)
     if layer not in routed:
         return None
-    placeholders = {n.name: node_value(n) for n in gm.graph.nodes if n.op in ("placeholder",
-                                                                              "get_attr")}
     weights = {p for n in expert_nodes for p in costs[n].params if p in weight_bytes}
-    counts = {placeholders[p].shape[0] for p in weights
-              if isinstance(placeholders.get(p), torch.Tensor) and placeholders[p].dim() >= 3}
-    if len(counts) != 1 or routed[layer] > int(next(iter(counts))):
+    counts = {stacked[p] for p in weights if p in stacked}
+    if len(counts) != 1 or routed[layer] > next(iter(counts)):
         return None
-    return Experts(int(counts.pop()), routed[layer], sum(weight_bytes[p] for p in weights))
+    return Experts(counts.pop(), routed[layer], sum(weight_bytes[p] for p in weights))
 
 
 def _number_names(groups: list[Group]) -> None:

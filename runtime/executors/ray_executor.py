@@ -258,30 +258,30 @@ def kept_result(kept: dict[int, Any], call: int) -> Any:
 @dataclass
 class Submitted:
     """One group call of a step, not waited for yet: the replica, actor and pool it ran on,
-    its tokens and context tokens, and the ref of its seconds in the actor (once its run is
-    sent)."""
+    its tokens and context tokens, its number, the ref its handles wait for and the ref of
+    its seconds in the actor (both once its run is sent)."""
 
     replica: RayReplica
     actor: Any  # the actor it was sent to (the replica's may be replaced since)
     pool: LocalPool
     tokens: tuple[int, int]
     context: int
-    call: int  # its number
+    call: int
+    result: Pending = field(default_factory=Pending)
     seconds: Any = None
 
 
 @dataclass
 class Run:
     """Consecutive calls of a step to one actor, held back to be sent as one task: each
-    call's arguments (handles to other actors' results as slots of `refs`), its ledger entry
-    and the ref its handles wait for."""
+    call's arguments (handles to other actors' results as slots of `refs`) and its ledger
+    entry."""
 
     actor: Any
     home: str  # the actor's id
     calls: list[tuple] = field(default_factory=list)
     refs: list[Any] = field(default_factory=list)
     submitted: list[Submitted] = field(default_factory=list)
-    results: list[Pending] = field(default_factory=list)
 
 
 @dataclass
@@ -309,8 +309,8 @@ class Ledger:
         finally:
             for submitted in run.submitted:
                 submitted.replica.release_held()
-        for i, (submitted, result) in enumerate(zip(run.submitted, run.results)):
-            result.ref, submitted.seconds = objects[2 * i], objects[2 * i + 1]
+        for i, submitted in enumerate(run.submitted):
+            submitted.result.ref, submitted.seconds = objects[2 * i], objects[2 * i + 1]
 
 
 @contextlib.contextmanager
@@ -593,18 +593,18 @@ class RayReplica(LocalReplica):
         run = ledger.run = ledger.run or Run(actor, home)
         handoff = executor.local_handoff
         args = send_handles(pack(args), run.refs, home if handoff else None)
-        call, result = next(executor.calls), Pending()
+        call = next(executor.calls)
+        submitted = Submitted(self, actor, pool, tokens, context, call)
         run.calls.append((self.name, key, sent, args, state_ids, at_least_s, call))
-        run.submitted.append(Submitted(self, actor, pool, tokens, context, call))
-        run.results.append(result)
+        run.submitted.append(submitted)
+        ledger.calls.append(submitted)
         self.hold()
-        ledger.calls.append(run.submitted[-1])
         self.sent.add(key)  # a failed call clears it (recover)
         # sent at once where a call's result is read through Ray, or where no two groups
         # share an actor (one process per replica): nothing would join its run
         if not (executor.fuse_runs and handoff and executor.per_device):
             ledger.send()
-        return Handle(result, rows=tokens[1] - tokens[0], home=home, call=call)
+        return Handle(submitted.result, rows=tokens[1] - tokens[0], home=home, call=call)
 
     def recover(self, dead: Any, died: BaseException) -> GroupError:
         """Its actor died: a new one takes over (once, whichever call saw the death first)
