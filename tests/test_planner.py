@@ -16,7 +16,14 @@ from fxscale.contracts.trace import Request, Trace
 from fxscale.models.presets import preset_graph
 from fxscale.runtime.devices import load_device
 from fxscale.runtime.planner.engines import LockstepEngine, OperatorEngine, engine_for
-from fxscale.runtime.planner.search import Workload, plan, prefill_alone_s, prompt_points
+from fxscale.runtime.planner.search import (
+    Workload,
+    mean_chunk,
+    plan,
+    prefill_alone_s,
+    prompt_points,
+    worst_chunks,
+)
 from fxscale.runtime.planner.service import Batch, service_model
 from fxscale.runtime.simulator.evaluate import (
     compare,
@@ -289,6 +296,42 @@ def test_co_located_operator_replicas_keep_each_request_and_its_tokens_on_one(se
                                      SLO(ttft=10.0, tbt=1.0), fixed=fixed,
                                      workload=workload).ttft[0]
     assert ttft[OperatorShape] == pytest.approx(ttft[LockstepShape], rel=1e-6)
+
+
+def test_a_chunk_deep_in_a_long_prompt_attends_over_all_before_it():
+    """A prompt's chunks cost what they attend over: their sums of squares add up to the
+    prompt's square (a chunk was costed as a prompt of its own), and the step at the TBT
+    percentile holds the chunk its share of steps reaches (none when few steps prefill)."""
+    assert mean_chunk(5000, 2048) == (3, 5000 / 3, 5000 ** 2 / 3)
+    assert mean_chunk(300, 2048) == (1, 300, 300 ** 2)
+    work = Workload.from_requests([Request(0.0, 8192, 10)], 1.0)  # 4 chunks of 2048
+    deepest = (8192 ** 2 - 6144 ** 2)
+    assert worst_chunks(work, 2048, 2048, 1.0, 0.99) == (1.0, 2048, deepest)
+    assert worst_chunks(work, 2048, 4096, 1.0, 0.99) == (2.0, 4096, 2 * deepest)
+    # a quarter of the steps prefill: the 96th percentile of chunks, still the deepest
+    assert worst_chunks(work, 2048, 2048, 0.25, 0.99)[2] == deepest
+    assert worst_chunks(work, 2048, 2048, 0.01, 0.99) == (0.0, 0.0, 0.0)
+    # a short prompt's chunk leaves its lane to mean prompts
+    short = Workload.from_requests([Request(0.0, 512, 10)], 1.0)
+    assert worst_chunks(short, 2048, 2048, 1.0, 0.99) == (4.0, 2048, 4 * 512 ** 2)
+
+
+@pytest.mark.parametrize("policy", ["model", "operator"])
+def test_planned_tbt_holds_on_long_prompts(service, policy):
+    """One prompt in ten of 8,000-30,000 tokens: the replayed TBT p99 is the planned one
+    (costing chunks as prompts of their own planned it 24-26% short) and the plan meets
+    its SLO."""
+    rng = random.Random(0)
+    requests = [Request(i * 0.1, rng.choice([300, 800, 1500]) if rng.random() < 0.9
+                        else rng.randint(8000, 30000), rng.randint(20, 200))
+                for i in range(2000)]
+    work = Workload.from_requests(requests, 20.0)
+    slo = SLO(0.3, 0.005, ttft_per_token=2e-5)
+    p = plan(service, work, slo, policy)
+    trace = poisson_resample(Trace("long", "test", requests), 20.0, 60, seed=1)
+    m = metrics(simulate(service, trace, policy, slo, fixed=p, workload=work), slo)
+    assert m["tbt_p99"] == pytest.approx(p.tbt_p99, rel=0.10)
+    assert m["slo_attainment"] >= 0.99
 
 
 def test_the_agreement_example_runs(graphs, capsys, monkeypatch):

@@ -6,20 +6,22 @@ meet the SLO at the given arrival rate; the cheapest deployment wins (devices, t
 The prediction for one engine at arrival rate lam (docs/simulator.md has the derivation):
 - decode step T is the fixed point of T = step(batch), with B = lam * output_mean * T requests
   decoding (Little's law) and lam * prompt_mean * T prefill tokens per step (at most a chunk);
-- TBT p99 is the step at the 99th percentile of B (Poisson: M/G/inf concurrency) with a full
-  prefill chunk; TBT p50 the step at the mean;
+- TBT p99 is the step at the 99th percentile of B (Poisson: M/G/inf concurrency) with the
+  prompt chunk at the percentile the prefilling steps leave (`worst_chunks`: a chunk deep in
+  a long prompt attends over all of it); TBT p50 the step at the mean;
 - TTFT: Erlang C over the engines that admit prompts (M/M/c, service rate = prefill tokens per
   second / mean prompt) plus the prompt's own prefill steps; the percentile wait uses the
   M/M/c tail. Service is closer to deterministic than exponential, so waits err high.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import cached_property, partial
+from functools import cached_property, lru_cache, partial
 
 from fxscale.contracts.plan import POLICIES, SLO, EngineCount, GroupPlacement, Plan
 from fxscale.runtime.planner.engines import (
@@ -218,10 +220,11 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
             holders * work.size_sq_mean / (1 - gain))
         if reserved > engine.kv_capacity_tokens(service):
             return None
-        worst = Batch(lanes, lanes * chunk, lanes * chunk * chunk, batch99,
-                      batch99 * work.context_mean) \
-            if prefill else Batch(decode_n=batch99, decode_s1=batch99 * work.context_mean)
-        tbt99 = engine.seconds(service, worst)
+        full_steps = lam * step * work.prompt_mean / (chunk * lanes) if prefill else 0.0
+        prompts, tokens, squares = worst_chunks(work, engine.prompt_lane(chunk), chunk * lanes,
+                                                full_steps, slo.attainment)
+        tbt99 = engine.seconds(service, Batch(prompts, tokens, squares, batch99,
+                                              batch99 * work.context_mean))
         busy_fraction = min(1.0, busy / (step * engine.devices))
     if not prefill:
         return Prediction(step, step, tbt99, batch99, busy_fraction)
@@ -232,6 +235,53 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
     percentiles, utilisation, miss = ttft
     return Prediction(step, step, tbt99, batch99, busy_fraction if decode else utilisation,
                       miss, percentiles)
+
+
+def mean_chunk(prompt: float, lane: int) -> tuple[int, float, float]:
+    """(chunks, tokens, sum of squares) of a prompt prefilled `lane` tokens a step, as its
+    mean chunk: a chunk at offset o of t tokens attends over o + t, so its sum of squares is
+    (o + t)^2 - o^2 and the chunks' sums add up to prompt^2 (costing each chunk as a prompt
+    of its own, t^2, made a long prompt's prefill look `chunks` times cheaper)."""
+    chunks = max(1, math.ceil(prompt / lane))
+    return chunks, prompt / chunks, prompt * prompt / chunks
+
+
+@lru_cache(maxsize=512)
+def _chunk_ladder(points: tuple[tuple[float, float], ...], prompt_mean: float,
+                  prompt_sq_mean: float, lane: int) -> tuple[tuple[float, ...], tuple]:
+    """Every chunk of `lane` tokens the prompt lengths cut, each filling a step's lane with
+    the rest taken from mean prompts, sorted by its sum of squares: (cumulative share of
+    chunks, ((prompts, tokens, sum of squares), ...))."""
+    density = prompt_sq_mean / prompt_mean  # sum of squares a mean prompt's token brings
+    chunks = []
+    for length, weight in points:
+        for start in range(0, max(1, math.ceil(length)), lane):
+            tokens = min(lane, length - start)
+            rest = lane - tokens
+            chunks.append(((start + tokens) ** 2 - start ** 2 + rest * density, weight,
+                           1 + rest / prompt_mean, float(lane)))
+    chunks.sort()
+    total = sum(c[1] for c in chunks)
+    shares = tuple(itertools.accumulate(c[1] / total for c in chunks))
+    return shares, tuple((n, tokens, squares) for squares, _, n, tokens in chunks)
+
+
+def worst_chunks(work: Workload, lane: int, budget: int, full_steps: float,
+                 attainment: float) -> tuple[float, float, float]:
+    """(prompts, tokens, sum of squares) of the prompt chunks in the step at the attainment
+    percentile of time between tokens: a step takes `budget` prompt tokens, at most `lane`
+    of them from one prompt, and `full_steps` is the share of steps that carry a full
+    budget. A chunk's attention reads every token before it in its prompt, so the chunks of
+    long prompts' tails make the longest steps; with the percentile past the steps that
+    carry prompt tokens, the step has none."""
+    depth = 1 - (1 - attainment) / min(1.0, full_steps) if full_steps > 0 else 0.0
+    if depth <= 0:
+        return 0.0, 0.0, 0.0
+    shares, chunks = _chunk_ladder(work.prompt_points, work.prompt_mean,
+                                   work.prompt_sq_mean, lane)
+    prompts, tokens, squares = chunks[min(len(chunks) - 1, bisect.bisect_left(shares, depth))]
+    lanes = budget / lane  # chunks in one step (co-located replicas each take one)
+    return lanes * prompts, lanes * tokens, lanes * squares
 
 
 def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, chunk: int,
@@ -253,14 +303,13 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
     steps: dict[tuple[float, float], float] = {}  # prompts longer than a lane share one
 
     def own(p: float, joining: float = 0.0) -> float:
-        chunks = max(1, math.ceil(p / lane))
-        tokens = min(p, lane)
+        chunks, tokens, squares = mean_chunk(p, lane)
         # prompts queued behind it share its step while the chunk has room
         others = min(joining, max(0.0, (lane - tokens) / work.prompt_mean))
         if (tokens, others) not in steps:
             steps[tokens, others] = engine.seconds(service, Batch(
                 1 + others, tokens + others * work.prompt_mean,
-                tokens * tokens + others * work.prompt_sq_mean, decoding, decoding * ctx))
+                squares + others * work.prompt_sq_mean, decoding, decoding * ctx))
         return chunks * steps[tokens, others]
 
     servers = count * round(chunk / lane)
@@ -533,8 +582,8 @@ def prefill_alone_s(service: ServiceModel, prompt: float) -> float:
     """Seconds one prompt's prefill takes alone on the fastest shape (the widest tensor
     parallelism, the largest chunk): no deployment gives it a shorter TTFT."""
     engine, chunk = LockstepEngine("prefill", max(SHARDS)), max(PREFILL_CHUNKS)
-    tokens = min(prompt, chunk)
-    return math.ceil(prompt / chunk) * engine.seconds(service, Batch(1, tokens, tokens * tokens))
+    chunks, tokens, squares = mean_chunk(prompt, chunk)
+    return chunks * engine.seconds(service, Batch(1, tokens, squares))
 
 
 def too_long_for_ttft(service: ServiceModel, work: Workload, slo: SLO) -> str:
