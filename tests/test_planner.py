@@ -20,6 +20,7 @@ from fxscale.runtime.planner.search import (
     Workload,
     mean_chunk,
     plan,
+    predict,
     prefill_alone_s,
     prompt_points,
     worst_chunks,
@@ -298,22 +299,34 @@ def test_co_located_operator_replicas_keep_each_request_and_its_tokens_on_one(se
     assert ttft[OperatorShape] == pytest.approx(ttft[LockstepShape], rel=1e-6)
 
 
-def test_a_chunk_deep_in_a_long_prompt_attends_over_all_before_it():
+def test_a_chunk_deep_in_a_long_prompt_attends_over_all_before_it(service):
     """A prompt's chunks cost what they attend over: their sums of squares add up to the
     prompt's square (a chunk was costed as a prompt of its own), and the step at the TBT
-    percentile holds the chunk its share of steps reaches (none when few steps prefill)."""
+    percentile holds the chunk the share of steps that carry prompt tokens reaches (none
+    when fewer than 1% do), its lane filled by other prompts as the load fills it."""
     assert mean_chunk(5000, 2048) == (3, 5000 / 3, 5000 ** 2 / 3)
     assert mean_chunk(300, 2048) == (1, 300, 300 ** 2)
     work = Workload.from_requests([Request(0.0, 8192, 10)], 1.0)  # 4 chunks of 2048
-    deepest = (8192 ** 2 - 6144 ** 2)
-    assert worst_chunks(work, 2048, 2048, 1.0, 0.99) == (1.0, 2048, deepest)
-    assert worst_chunks(work, 2048, 4096, 1.0, 0.99) == (2.0, 4096, 2 * deepest)
-    # a quarter of the steps prefill: the 96th percentile of chunks, still the deepest
-    assert worst_chunks(work, 2048, 2048, 0.25, 0.99)[2] == deepest
-    assert worst_chunks(work, 2048, 2048, 0.01, 0.99) == (0.0, 0.0, 0.0)
-    # a short prompt's chunk leaves its lane to mean prompts
+    deepest = 8192 ** 2 - 6144 ** 2
+    assert worst_chunks(work, 2048, 2048, 2048, 0.25, 0.99) == (1.0, 2048, deepest)
+    # two co-located replicas: one such chunk each
+    assert worst_chunks(work, 2048, 4096, 2048, 0.5, 0.99) == (2.0, 4096, 2 * deepest)
+    # a quarter of the steps carry a chunk: the 96th percentile of chunks, still the deepest
+    assert worst_chunks(work, 2048, 2048, 2048, 1 / 16, 0.99)[2] == deepest
+    assert worst_chunks(work, 2048, 2048, 2048, 0.002, 0.99) == (0.0, 0.0, 0.0)
+    # a short prompt's lane: filled by the prompts behind it at full load, partly at light
     short = Workload.from_requests([Request(0.0, 512, 10)], 1.0)
-    assert worst_chunks(short, 2048, 2048, 1.0, 0.99) == (4.0, 2048, 4 * 512 ** 2)
+    assert worst_chunks(short, 2048, 2048, 2048, 4.0, 0.99) == (4.0, 2048, 4 * 512 ** 2)
+    prompts, tokens, squares = worst_chunks(short, 2048, 2048, 2048, 0.5, 0.99)
+    assert tokens == pytest.approx(512 + 1536 * 0.15) and squares == pytest.approx(tokens * 512)
+    # a prompt's TTFT is its own, whatever other lengths cut chunks of the same size
+    engine = LockstepEngine("model", 2)
+
+    def ttft_p99(long: int) -> float:
+        lengths = Workload.from_requests([Request(0.0, p, 10) for p in (2000, long)], 0.5)
+        return predict(service, engine, 1, lengths, SLO(10.0, 1.0), 2048).ttft_p99
+
+    assert ttft_p99(16000) == pytest.approx(ttft_p99(16001), rel=0.01)
 
 
 @pytest.mark.parametrize("policy", ["model", "operator"])

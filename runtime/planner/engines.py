@@ -59,6 +59,11 @@ class LockstepEngine(LockstepShape):
         """Tokens one prompt may advance per step."""
         return chunk
 
+    @staticmethod
+    def prefill_unit(chunk: int) -> int:
+        """Prompt tokens whose chunk sets a step's time: the replica's chunk."""
+        return chunk
+
     def step(self, service: ServiceModel, batch: Batch) -> tuple[float, float]:
         """(seconds, busy device-seconds) of one iteration."""
         seconds = self.seconds(service, batch)
@@ -104,6 +109,12 @@ class OperatorEngine(OperatorShape):
         co-located replicas each hold their own requests, so a prompt takes one chunk."""
         return chunk * self.dense_replicas if self.attention and self.pooled_prefill \
             else chunk
+
+    def prefill_unit(self, chunk: int) -> int:
+        """Prompt tokens whose chunk sets a step's time: one replica's chunk where each
+        co-located replica steps its own prompts (the busiest sets the step), else every
+        replica's, which a disaggregated dense pool shares."""
+        return chunk * self.dense_replicas if self.attention else chunk
 
     def pool_times(self, service: ServiceModel, batch: Batch) -> tuple[float, float, float,
                                                                          float]:

@@ -220,9 +220,9 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
             holders * work.size_sq_mean / (1 - gain))
         if reserved > engine.kv_capacity_tokens(service):
             return None
-        full_steps = lam * step * work.prompt_mean / (chunk * lanes) if prefill else 0.0
-        prompts, tokens, squares = worst_chunks(work, engine.prompt_lane(chunk), chunk * lanes,
-                                                full_steps, slo.attainment)
+        prompts, tokens, squares = worst_chunks(
+            work, engine.prompt_lane(chunk), chunk * lanes, engine.prefill_unit(chunk),
+            lam * step if prefill else 0.0, slo.attainment)
         tbt99 = engine.seconds(service, Batch(prompts, tokens, squares, batch99,
                                               batch99 * work.context_mean))
         busy_fraction = min(1.0, busy / (step * engine.devices))
@@ -246,43 +246,56 @@ def mean_chunk(prompt: float, lane: int) -> tuple[int, float, float]:
     return chunks, prompt / chunks, prompt * prompt / chunks
 
 
+PACKING_LEVELS = 20  # prompt loads a step's chunks are costed at, rounded up to 1/20ths
+
+
 @lru_cache(maxsize=512)
 def _chunk_ladder(points: tuple[tuple[float, float], ...], prompt_mean: float,
-                  prompt_sq_mean: float, lane: int) -> tuple[tuple[float, ...], tuple]:
-    """Every chunk of `lane` tokens the prompt lengths cut, each filling a step's lane with
-    the rest taken from mean prompts, sorted by its sum of squares: (cumulative share of
-    chunks, ((prompts, tokens, sum of squares), ...))."""
+                  prompt_sq_mean: float, lane: int, load: float
+                  ) -> tuple[float, tuple[float, ...], tuple]:
+    """The chunks of at most `lane` tokens the prompt lengths cut, sorted by sum of squares,
+    each in a step whose lane the prompts behind it fill in proportion to the prompt `load`
+    (a lane's share of tokens the arriving prompts bring, 0..1): (steps per prompt that carry
+    its chunks, cumulative share of those steps, ((prompts, tokens, sum of squares), ...)).
+    A chunk of t tokens has a step of its own when prompts are rare and t / lane of one when
+    they fill every step: 1 - load (1 - t / lane) in between."""
     density = prompt_sq_mean / prompt_mean  # sum of squares a mean prompt's token brings
     chunks = []
     for length, weight in points:
         for start in range(0, max(1, math.ceil(length)), lane):
             tokens = min(lane, length - start)
-            rest = lane - tokens
-            chunks.append(((start + tokens) ** 2 - start ** 2 + rest * density, weight,
-                           1 + rest / prompt_mean, float(lane)))
+            rest = (lane - tokens) * load
+            chunks.append(((start + tokens) ** 2 - start ** 2 + rest * density,
+                           weight * (1 - load * (1 - tokens / lane)),
+                           1 + rest / prompt_mean, tokens + rest))
     chunks.sort()
-    total = sum(c[1] for c in chunks)
-    shares = tuple(itertools.accumulate(c[1] / total for c in chunks))
-    return shares, tuple((n, tokens, squares) for squares, _, n, tokens in chunks)
+    steps = sum(c[1] for c in chunks)
+    shares = tuple(itertools.accumulate(c[1] / steps for c in chunks))
+    return steps, shares, tuple((n, tokens, squares) for squares, _, n, tokens in chunks)
 
 
-def worst_chunks(work: Workload, lane: int, budget: int, full_steps: float,
+def worst_chunks(work: Workload, lane: int, budget: int, unit: int, arrivals: float,
                  attainment: float) -> tuple[float, float, float]:
     """(prompts, tokens, sum of squares) of the prompt chunks in the step at the attainment
-    percentile of time between tokens: a step takes `budget` prompt tokens, at most `lane`
-    of them from one prompt, and `full_steps` is the share of steps that carry a full
-    budget. A chunk's attention reads every token before it in its prompt, so the chunks of
-    long prompts' tails make the longest steps; with the percentile past the steps that
-    carry prompt tokens, the step has none."""
-    depth = 1 - (1 - attainment) / min(1.0, full_steps) if full_steps > 0 else 0.0
+    percentile of time between tokens. A step takes `budget` prompt tokens, at most `lane`
+    of them from one prompt; `arrivals` prompts arrive per step; `unit` is the prompt
+    tokens whose chunk sets a step's time (the budget, or one replica's chunk where the
+    busiest co-located replica sets it). A chunk of t tokens at offset o attends over
+    o + t, so its attention costs (o + t)^2 - o^2 and the chunks of long prompts' tails make
+    the longest steps; with the percentile past the steps that carry prompt tokens, the
+    step has none."""
+    if arrivals <= 0:
+        return 0.0, 0.0, 0.0
+    load = math.ceil(min(1.0, arrivals * work.prompt_mean / budget) * PACKING_LEVELS)
+    steps, shares, chunks = _chunk_ladder(work.prompt_points, work.prompt_mean,
+                                          work.prompt_sq_mean, lane, load / PACKING_LEVELS)
+    carrying = min(1.0, arrivals * steps * lane / unit)  # share of steps with prompt tokens
+    depth = 1 - (1 - attainment) / carrying
     if depth <= 0:
         return 0.0, 0.0, 0.0
-    shares, chunks = _chunk_ladder(work.prompt_points, work.prompt_mean,
-                                   work.prompt_sq_mean, lane)
     prompts, tokens, squares = chunks[min(len(chunks) - 1, bisect.bisect_left(shares, depth))]
     lanes = budget / lane  # chunks in one step (co-located replicas each take one)
     return lanes * prompts, lanes * tokens, lanes * squares
-
 
 def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, chunk: int,
           lane: int, step: float, decoding: float
@@ -300,17 +313,17 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
     wait); its percentile mixes the wait over the weighted prompt lengths (prompt_points)."""
     ctx = work.context_mean
 
-    steps: dict[tuple[float, float], float] = {}  # prompts longer than a lane share one
+    steps: dict[tuple[int, float, float], float] = {}  # (chunks, tokens, others) -> step
 
     def own(p: float, joining: float = 0.0) -> float:
         chunks, tokens, squares = mean_chunk(p, lane)
-        # prompts queued behind it share its step while the chunk has room
-        others = min(joining, max(0.0, (lane - tokens) / work.prompt_mean))
-        if (tokens, others) not in steps:
-            steps[tokens, others] = engine.seconds(service, Batch(
+        # prompts queued behind it share its steps while its chunks leave room
+        others = min(joining, chunks * max(0.0, (lane - tokens) / work.prompt_mean)) / chunks
+        if (chunks, tokens, others) not in steps:
+            steps[chunks, tokens, others] = engine.seconds(service, Batch(
                 1 + others, tokens + others * work.prompt_mean,
                 squares + others * work.prompt_sq_mean, decoding, decoding * ctx))
-        return chunks * steps[tokens, others]
+        return chunks * steps[chunks, tokens, others]
 
     servers = count * round(chunk / lane)
     per_step = chunk / work.prompt_mean
