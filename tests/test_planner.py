@@ -307,18 +307,25 @@ def test_a_chunk_deep_in_a_long_prompt_attends_over_all_before_it(service):
     assert mean_chunk(5000, 2048) == (3, 5000 / 3, 5000 ** 2 / 3)
     assert mean_chunk(300, 2048) == (1, 300, 300 ** 2)
     work = Workload.from_requests([Request(0.0, 8192, 10)], 1.0)  # 4 chunks of 2048
+    per_token = 1e5  # squares that cost a token (chunks of equal tokens: by squares)
     deepest = 8192 ** 2 - 6144 ** 2
-    assert worst_chunks(work, 2048, 2048, 2048, 0.25, 0.99) == (1.0, 2048, deepest)
+    assert worst_chunks(work, 2048, 2048, 2048, 0.25, 0.99, per_token) == (1.0, 2048, deepest)
     # two co-located replicas: one such chunk each
-    assert worst_chunks(work, 2048, 4096, 2048, 0.5, 0.99) == (2.0, 4096, 2 * deepest)
+    assert worst_chunks(work, 2048, 4096, 2048, 0.5, 0.99, per_token) == (2.0, 4096, 2 * deepest)
     # a quarter of the steps carry a chunk: the 96th percentile of chunks, still the deepest
-    assert worst_chunks(work, 2048, 2048, 2048, 1 / 16, 0.99)[2] == deepest
-    assert worst_chunks(work, 2048, 2048, 2048, 0.002, 0.99) == (0.0, 0.0, 0.0)
+    assert worst_chunks(work, 2048, 2048, 2048, 1 / 16, 0.99, per_token)[2] == deepest
+    assert worst_chunks(work, 2048, 2048, 2048, 0.002, 0.99, per_token) == (0.0, 0.0, 0.0)
     # a short prompt's lane: filled by the prompts behind it at full load, partly at light
     short = Workload.from_requests([Request(0.0, 512, 10)], 1.0)
-    assert worst_chunks(short, 2048, 2048, 2048, 4.0, 0.99) == (4.0, 2048, 4 * 512 ** 2)
-    prompts, tokens, squares = worst_chunks(short, 2048, 2048, 2048, 0.5, 0.99)
+    assert worst_chunks(short, 2048, 2048, 2048, 4.0, 0.99, per_token) == (4.0, 2048, 4 * 512 ** 2)
+    prompts, tokens, squares = worst_chunks(short, 2048, 2048, 2048, 0.5, 0.99, per_token)
     assert tokens == pytest.approx(512 + 1536 * 0.15) and squares == pytest.approx(tokens * 512)
+    # chunks rank by cost: a prompt's 488-token tail attends over 1,000 tokens, its first
+    # 512 over 512; which costs more depends on the model's squares per token
+    two = Workload.from_requests([Request(0.0, 1000, 10)], 1.0)
+    assert worst_chunks(two, 512, 512, 512, 0.1, 0.99, 1e5)[1:] == (512, 512 ** 2)
+    assert worst_chunks(two, 512, 512, 512, 0.1, 0.99, 1e3)[2] == pytest.approx(
+        1000 ** 2 - 512 ** 2 + 24 * 0.2 * 1000)
     # a prompt's TTFT is its own, whatever other lengths cut chunks of the same size
     engine = LockstepEngine("model", 2)
 

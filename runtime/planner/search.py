@@ -222,7 +222,7 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
             return None
         prompts, tokens, squares = worst_chunks(
             work, engine.prompt_lane(chunk), chunk * lanes, engine.prefill_unit(chunk),
-            lam * step if prefill else 0.0, slo.attainment)
+            lam * step if prefill else 0.0, slo.attainment, service.squares_per_token)
         tbt99 = engine.seconds(service, Batch(prompts, tokens, squares, batch99,
                                               batch99 * work.context_mean))
         busy_fraction = min(1.0, busy / (step * engine.devices))
@@ -251,12 +251,13 @@ PACKING_LEVELS = 20  # prompt loads a step's chunks are costed at, rounded up to
 
 @lru_cache(maxsize=512)
 def _chunk_ladder(points: tuple[tuple[float, float], ...], prompt_mean: float,
-                  prompt_sq_mean: float, lane: int, load: float
+                  prompt_sq_mean: float, lane: int, load: float, squares_per_token: float
                   ) -> tuple[float, tuple[float, ...], tuple]:
-    """The chunks of at most `lane` tokens the prompt lengths cut, sorted by sum of squares,
-    each in a step whose lane the prompts behind it fill in proportion to the prompt `load`
-    (a lane's share of tokens the arriving prompts bring, 0..1): (steps per prompt that carry
-    its chunks, cumulative share of those steps, ((prompts, tokens, sum of squares), ...)).
+    """The chunks of at most `lane` tokens the prompt lengths cut, each in a step whose lane
+    the prompts behind it fill in proportion to the prompt `load` (a lane's share of tokens
+    the arriving prompts bring, 0..1), sorted by what they cost (tokens + sum of squares /
+    `squares_per_token`): (steps per prompt that carry its chunks, cumulative share of those
+    steps, ((prompts, tokens, sum of squares), ...)).
     A chunk of t tokens has a step of its own when prompts are rare and t / lane of one when
     they fill every step: 1 - load (1 - t / lane) in between."""
     density = prompt_sq_mean / prompt_mean  # sum of squares a mean prompt's token brings
@@ -265,17 +266,18 @@ def _chunk_ladder(points: tuple[tuple[float, float], ...], prompt_mean: float,
         for start in range(0, max(1, math.ceil(length)), lane):
             tokens = min(lane, length - start)
             rest = (lane - tokens) * load
-            chunks.append(((start + tokens) ** 2 - start ** 2 + rest * density,
+            squares = (start + tokens) ** 2 - start ** 2 + rest * density
+            chunks.append((tokens + rest + squares / squares_per_token, squares,
                            weight * (1 - load * (1 - tokens / lane)),
                            1 + rest / prompt_mean, tokens + rest))
     chunks.sort()
-    steps = sum(c[1] for c in chunks)
-    shares = tuple(itertools.accumulate(c[1] / steps for c in chunks))
-    return steps, shares, tuple((n, tokens, squares) for squares, _, n, tokens in chunks)
+    steps = sum(c[2] for c in chunks)
+    shares = tuple(itertools.accumulate(c[2] / steps for c in chunks))
+    return steps, shares, tuple((n, tokens, squares) for _, squares, _, n, tokens in chunks)
 
 
 def worst_chunks(work: Workload, lane: int, budget: int, unit: int, arrivals: float,
-                 attainment: float) -> tuple[float, float, float]:
+                 attainment: float, squares_per_token: float) -> tuple[float, float, float]:
     """(prompts, tokens, sum of squares) of the prompt chunks in the step at the attainment
     percentile of time between tokens. A step takes `budget` prompt tokens, at most `lane`
     of them from one prompt; `arrivals` prompts arrive per step; `unit` is the prompt
@@ -283,12 +285,13 @@ def worst_chunks(work: Workload, lane: int, budget: int, unit: int, arrivals: fl
     busiest co-located replica sets it). A chunk of t tokens at offset o attends over
     o + t, so its attention costs (o + t)^2 - o^2 and the chunks of long prompts' tails make
     the longest steps; with the percentile past the steps that carry prompt tokens, the
-    step has none."""
+    step has none. `squares_per_token` (ServiceModel.squares_per_token) ranks the chunks."""
     if arrivals <= 0:
         return 0.0, 0.0, 0.0
     load = math.ceil(min(1.0, arrivals * work.prompt_mean / budget) * PACKING_LEVELS)
     steps, shares, chunks = _chunk_ladder(work.prompt_points, work.prompt_mean,
-                                          work.prompt_sq_mean, lane, load / PACKING_LEVELS)
+                                          work.prompt_sq_mean, lane, load / PACKING_LEVELS,
+                                          squares_per_token)
     carrying = min(1.0, arrivals * steps * lane / unit)  # share of steps with prompt tokens
     depth = 1 - (1 - attainment) / carrying
     if depth <= 0:

@@ -22,7 +22,9 @@ r^-s, a Zipf law); the same for every policy.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import sympy
 
@@ -270,6 +272,18 @@ class ServiceModel:
     def iteration_time(self, batch: Batch, shards: int = 1) -> float:
         """Seconds of one lock-step iteration of the whole model, tensor parallel `shards` ways."""
         return sum(self.kind_time(k, batch, shards) for k in self.kinds)
+
+    @cached_property
+    def squares_per_token(self) -> float:
+        """The prompt attention's sum of squares that costs, at the efficient rates, what
+        one more prompt token costs (inf when attention's cost does not grow with it): a
+        chunk of t tokens and sum of squares q costs about t + q / this, how the planner
+        orders prompt chunks by the step they make."""
+        tokens, squares = 1024, 1024 * 16384  # a chunk deep in a 16k-token prompt
+        base = self.peak_work_time(Batch(1, tokens, squares))
+        per_token = (self.peak_work_time(Batch(1, 2 * tokens, squares)) - base) / tokens
+        per_square = (self.peak_work_time(Batch(1, tokens, 2 * squares)) - base) / squares
+        return per_token / per_square if per_square > 0 else math.inf
 
     def peak_work_time(self, batch: Batch, kinds: list[Kind] | None = None) -> float:
         """Device-seconds of a batch (on all kinds, or the given ones) at the efficient rates,
