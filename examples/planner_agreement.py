@@ -1,10 +1,12 @@
 """Planner vs simulator on steady Poisson load: a Markdown table of predicted and replayed p99.
 
     python examples/planner_agreement.py [--model llama-2-70b] [--device h100] [--minutes 20]
-        [--rates 2,5,10] [--layers N]
+        [--rates 2,5,10] [--layers N] [--trace azure-conv] [--duration S]
+        [--slo-ttft-per-token S]
 
 For each policy and rate the planner's plan is held fixed and replayed on Poisson arrivals
-whose prompt and output lengths are drawn from the Azure 2023 conversation trace.
+whose prompt and output lengths are drawn from a trace (the Azure 2023 conversation trace,
+or the first `--duration` seconds of another).
 """
 from __future__ import annotations
 
@@ -26,11 +28,18 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--rates", default="2,5,10")
     parser.add_argument("--layers", type=int, help="only this many layers (a quick check)")
+    parser.add_argument("--trace", default="azure-conv", help="the lengths' trace")
+    parser.add_argument("--duration", type=float, help="only the trace's first S seconds")
+    parser.add_argument("--slo-ttft-per-token", type=float, default=0.0,
+                        help="TTFT allowance per prompt token, seconds (long-prompt traces)")
     args = parser.parse_args()
     service = preset_service(args.model, args.device, args.layers)
-    slo = SLO(*default_slo(service.weight_bytes / 2))
-    base, context = load_trace("azure-conv").within_context(service.context_limit)
-    print(f"Azure conversation requests within the {context['limit']}-token context: "
+    slo = SLO(*default_slo(service.weight_bytes / 2), ttft_per_token=args.slo_ttft_per_token)
+    trace = load_trace(args.trace)
+    if args.duration:
+        trace = trace.window(0, args.duration)
+    base, context = trace.within_context(service.context_limit)
+    print(f"{args.trace} requests within the {context['limit']}-token context: "
           f"{context['rejected']} rejected, {context['shortened_outputs']} outputs stopped at it\n")
     print("| policy | req/s | plan | devices | TTFT p99 planned / replayed | "
           "TBT p99 planned / replayed | attainment |")

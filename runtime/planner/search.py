@@ -41,6 +41,7 @@ MAX_LOOP_GAIN = 0.8
 QUANTILES = 20      # equally likely prompt lengths below the tail
 TAIL = 0.05         # the longest prompts, planned in finer steps up to the longest
 TAIL_STEPS = 20
+PACKING_LEVELS = 20  # prompt loads a step's chunks are costed at, rounded up to 1/20ths
 
 
 # Default SLOs by model size (parameters): (TTFT s, mean time between tokens s). Smaller
@@ -246,9 +247,6 @@ def mean_chunk(prompt: float, lane: int) -> tuple[int, float, float]:
     return chunks, prompt / chunks, prompt * prompt / chunks
 
 
-PACKING_LEVELS = 20  # prompt loads a step's chunks are costed at, rounded up to 1/20ths
-
-
 @lru_cache(maxsize=512)
 def _chunk_ladder(points: tuple[tuple[float, float], ...], prompt_mean: float,
                   prompt_sq_mean: float, lane: int, load: float, squares_per_token: float
@@ -257,9 +255,9 @@ def _chunk_ladder(points: tuple[tuple[float, float], ...], prompt_mean: float,
     the prompts behind it fill in proportion to the prompt `load` (a lane's share of tokens
     the arriving prompts bring, 0..1), sorted by what they cost (tokens + sum of squares /
     `squares_per_token`): (steps per prompt that carry its chunks, cumulative share of those
-    steps, ((prompts, tokens, sum of squares), ...)).
-    A chunk of t tokens has a step of its own when prompts are rare and t / lane of one when
-    they fill every step: 1 - load (1 - t / lane) in between."""
+    steps, ((prompts, tokens, sum of squares), ...)). A chunk of t tokens has a step of its
+    own when prompts are rare and t / lane of one when they fill every step: 1 - load
+    (1 - t / lane) in between."""
     density = prompt_sq_mean / prompt_mean  # sum of squares a mean prompt's token brings
     chunks = []
     for length, weight in points:
@@ -299,6 +297,7 @@ def worst_chunks(work: Workload, lane: int, budget: int, unit: int, arrivals: fl
     prompts, tokens, squares = chunks[min(len(chunks) - 1, bisect.bisect_left(shares, depth))]
     lanes = budget / lane  # chunks in one step (co-located replicas each take one)
     return lanes * prompts, lanes * tokens, lanes * squares
+
 
 def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, chunk: int,
           lane: int, step: float, decoding: float
