@@ -197,6 +197,7 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
     point (_decode_fixed_point)."""
     lam = work.rate / count
     lanes = engine.prefill_lanes  # replicas that each take a chunk per step
+    lane = engine.prompt_lane(chunk)  # tokens one prompt may advance per step
     step = tbt99 = batch99 = busy_fraction = 0.0
     mean_batch = 0.0
     if decode:
@@ -222,15 +223,14 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
         if reserved > engine.kv_capacity_tokens(service):
             return None
         prompts, tokens, squares = worst_chunks(
-            work, engine.prompt_lane(chunk), chunk * lanes, engine.prefill_unit(chunk),
+            work, lane, chunk * lanes, engine.prefill_unit(chunk),
             lam * step if prefill else 0.0, slo.attainment, service.squares_per_token)
         tbt99 = engine.seconds(service, Batch(prompts, tokens, squares, batch99,
                                               batch99 * work.context_mean))
         busy_fraction = min(1.0, busy / (step * engine.devices))
     if not prefill:
         return Prediction(step, step, tbt99, batch99, busy_fraction)
-    ttft = _ttft(service, engine, count, work, slo, chunk * lanes, engine.prompt_lane(chunk),
-                 step, mean_batch)
+    ttft = _ttft(service, engine, count, work, slo, chunk * lanes, lane, step, mean_batch)
     if ttft is None:
         return None
     percentiles, utilisation, miss = ttft
