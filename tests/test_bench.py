@@ -38,7 +38,7 @@ TINY = bench.BenchConfig(
     http=HttpConfig(hidden=64, rates=(4.0,), seconds=2.0, rounds=1, policies=("operator",)),
     ray=RayConfig(hidden=64, layers=1, requests=4, longest=16, new_tokens=4, rounds=1,
                   hop_tokens=(1,), hop_calls=5, ready_repeats=1, cold_starts=1,
-                  process_layers=(), fused_layers=(2,)))
+                  process_layers=(), fused_layers=(2,), compiled_layers=(1,)))
 README = "# Project\n\nintro\n\n## Results\n\n{start}\nstale table\n{end}\n\nfooter\n"
 ROW_KEYS = {
     "compile": {"model": str, "layers": int, "hidden": int, "batch": int, "length": int,
@@ -167,7 +167,8 @@ def test_results_json_schema(bench_run):
                                                  "call_s", "ready_s"}
     assert {r["backend"] for r in ray_rows if r["measure"] == "tokens_per_s_ratio"} == {
         "ray/local", "ray via server/local", "ray, in the actor/local", "ray, through Ray/local",
-        "ray, one task per call/ray, one task per run"}
+        "ray, one task per call/ray, one task per run",
+        "ray, compiled graph/ray, plain calls"}
     assert all(r["min"] <= r["value"] <= r["max"] and r["value"] > 0 for r in ray_rows)
     assert set(data["plots"]) == PLOTS
 

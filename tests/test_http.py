@@ -349,7 +349,8 @@ def test_refused_models_and_addresses_are_clear_errors(tmp_path, model_dir):
     for argv, message in ((["llama", "--host", "0.0.0.0"], "set --api-key"),
                           ([str(pickled)], "pickle checkpoint"),
                           (["no-such-model"], "neither a model directory nor a zoo name"),
-                          (["llama", "--autoscale"], "--autoscale needs an SLO")):
+                          (["llama", "--autoscale"], "--autoscale needs an SLO"),
+                          (["llama", "--compiled-graph"], "goes with --backend ray")):
         run = subprocess.run([sys.executable, "-m", "fxscale", "serve", *argv],
                              capture_output=True, text=True, timeout=120,
                              env={**os.environ, "FXSCALE_API_KEY": ""})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -179,6 +180,50 @@ def test_operator_groups_as_actors_equal_greedy_while_scaling_and_losing_actors(
     assert stats["requests"]["finish_reasons"]["error"] == 0
 
 
+def test_steps_through_a_compiled_graph_equal_greedy_and_survive_a_killed_actor(cluster,
+                                                                             llama):
+    """compiled_graph=True, attention on one device (actor) and the dense groups on the
+    other: once a step shape recurs, a graph compiles beside the steps and later steps run
+    through it, equal to greedy; an idle graph is torn down; an actor killed while the
+    graph is live breaks it, the step runs again on the plain path (the attention replica's
+    requests recomputed) and a graph is compiled again over the replacement."""
+    batch = prompts(6, 8, 40)
+    expected = [greedy(llama, p, 48) for p in batch]
+
+    def graph() -> dict:
+        return server.stats()["engine"]["compiled_graph"]
+
+    def run(requests: list[list[int]], kill: bool = False) -> list[list[int]]:
+        through = graph()["steps"]
+        futures = [server.generate(torch.tensor([p]), max_new_tokens=48, ignore_eos=True)
+                   for p in requests]
+        wait_for(lambda: graph()["steps"] > through)  # steps run through a graph
+        if kill:
+            ray.kill(server.executor.hosts[0][0])  # device 0: the attention groups
+        return [f.result(timeout=120) for f in futures]
+
+    with fxscale.serve(llama, backend="ray", actors="device", devices=fxscale.Devices(count=2),
+                       plan=split_plan((0,), (1,), 2), compiled_graph=True) as server:
+        assert run(batch[:4]) == expected[:4]
+        assert graph()["compiled"] == 1
+        wait_for(lambda: not graph()["live"])  # idle: its actor loops would poll
+        assert run(batch[4:], kill=True) == expected[4:]
+        wait_for(lambda: graph()["compiled"] >= 3)  # after the idle and the broken graph
+        stats = server.stats()
+    after = stats["engine"]["compiled_graph"]
+    assert after["torn_down"] >= 2 and after["failed_compiles"] == 0
+    assert stats["engine"]["recomputed_replicas"] >= 1
+    assert stats["requests"]["finish_reasons"]["error"] == 0
+
+
+def wait_for(condition, timeout_s: float = 30.0) -> None:
+    """Poll until condition() holds (an error after timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
 def test_devices_per_node_are_packed_and_a_plan_keeps_attention_on_its_node(cluster, llama):
     """Four devices, two per node: devices 0-1 share one node and 2-3 the other; a plan
     puts the attention groups on devices 0-1 and the dense ones on 2-3, so on two nodes."""
@@ -295,5 +340,9 @@ def test_ray_options_without_the_ray_backend_are_clear_errors(llama):
         fxscale.serve(llama, actors="device")
     with pytest.raises(ValueError, match="need backend='ray'"):
         fxscale.serve(llama, pass_handles=False)
+    with pytest.raises(ValueError, match="need backend='ray'"):
+        fxscale.serve(llama, compiled_graph=True)
+    with pytest.raises(ValueError, match="needs policy='operator' and pass_handles=True"):
+        fxscale.serve(llama, policy="model", backend="ray", compiled_graph=True)
     with pytest.raises(ValueError, match=r"backend must be one of \('local', 'ray'\)"):
         fxscale.serve(llama, backend="cluster")

@@ -65,6 +65,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--address", metavar="HOST:PORT",
                         help="with --backend ray: join this Ray cluster (default: start a "
                              "private one on 127.0.0.1, stopped at exit)")
+    parser.add_argument("--compiled-graph", action="store_true",
+                        help="with --backend ray and the operator policy: run steps whose "
+                             "placement repeats as one Ray Compiled Graph (docs/ray.md)")
     parser.add_argument("--grace-period", type=positive_float, default=30.0, metavar="S",
                         help="on SIGTERM, seconds to finish requests in flight (default 30)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -87,6 +90,9 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.address is not None and args.backend != "ray":
         raise ValueError("--address names a Ray cluster: it goes with --backend ray")
+    if args.compiled_graph and args.backend != "ray":
+        raise ValueError("--compiled-graph runs steps as Ray Compiled Graphs: it goes with "
+                         "--backend ray")
     if (args.slo_ttft is None) != (args.slo_tbt is None):
         raise ValueError("--slo-ttft and --slo-tbt go together")
     slo = SLO(args.slo_ttft, args.slo_tbt) if args.slo_ttft is not None else None
@@ -97,7 +103,7 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
             "kv_cache_tokens": args.kv_cache_tokens, "dtype": args.dtype,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "max_pending": args.max_pending, "backend": args.backend,
-            "address": args.address}
+            "address": args.address, "compiled_graph": args.compiled_graph}
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -26,7 +26,8 @@ same engine one request at a time, with a warning.
 `backend="ray"` runs every replica as a Ray actor instead of a thread (runtime/executors/
 ray_executor.py: `address=` joins a cluster, `actors="device"` hosts a device's replicas in
 one process; a step's activations pass from actor to actor, `pass_handles=False` brings each
-call's result back here instead); the engine and scheduler stay here.
+call's result back here instead, `compiled_graph=True` runs steps of a repeating shape as a
+Ray Compiled Graph); the engine and scheduler stay here.
 
 Each server owns its compiled code (a private entry per runner, so servers never share
 Dynamo's recompile limit), and close() releases it with the replicas' state.
@@ -165,7 +166,7 @@ class Server:
                  max_model_len: int | None = None,
                  devices: Devices | str | None = None, address: str | None = None,
                  actors: str = "replica", pass_handles: bool = True,
-                 plan: Plan | None = None) -> None:
+                 compiled_graph: bool = False, plan: Plan | None = None) -> None:
         if policy not in LIVE_POLICIES:
             raise ValueError(f"policy must be one of {LIVE_POLICIES}, got {policy!r}")
         if plan is not None:
@@ -178,10 +179,14 @@ class Server:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} (threads of this process, "
                              f"or Ray actors), got {backend!r}")
-        if (address is not None or actors != "replica" or not pass_handles) \
-                and backend != "ray":
-            raise ValueError("address=, actors= and pass_handles= say how Ray actors run: "
-                             "they need backend='ray'")
+        if (address is not None or actors != "replica" or not pass_handles
+                or compiled_graph) and backend != "ray":
+            raise ValueError("address=, actors=, pass_handles= and compiled_graph= say how "
+                             "Ray actors run: they need backend='ray'")
+        if compiled_graph and (policy != "operator" or not pass_handles):
+            raise ValueError("compiled_graph=True runs an operator step's group calls as one "
+                             "Ray Compiled Graph: it needs policy='operator' and "
+                             "pass_handles=True (a model step is one call)")
         devices = _devices(devices, budget)
         budget = devices.total_slots
         for name, value, most in (("budget (devices x slots)", budget, MAX_BUDGET),
@@ -237,7 +242,8 @@ class Server:
                     next(model.parameters()).device), setup=register_attention,
                     # a model-policy step is one call: its result comes straight back
                     # (handles would add a wait, measured 5% slower)
-                    pass_handles=pass_handles and policy == "operator")
+                    pass_handles=pass_handles and policy == "operator",
+                    compiled_graph=compiled_graph)
             # before compiling: Dynamo guards on the thread count, a later change recompiles
             _ProcessSettings.acquire(1 if policy == "operator" else max(1, budget // replicas))
             self.holds_settings = True
@@ -609,6 +615,8 @@ class Server:
                               for k in ("used", "free", "total")}
         for key in ("tokens_per_step", "requests_per_step", "decodes_per_step"):
             steps[key] = sum(s[key] for s in per_engine) / len(per_engine)
+        compiled = getattr(self.executor, "compiled", None)
+        steps["compiled_graph"] = None if compiled is None else compiled.stats()
         return {"policy": self.policy, "budget": self.budget_size, "in_flight": self.in_flight,
                 "devices": self.placement.stats(),
                 "engine": steps,

@@ -313,8 +313,9 @@ class RayConfig:
     """The Ray executor against the local one: closed-loop tokens/s and latency on the same
     model and devices (also with one actor per device handing results over in it), the time
     of one group call through an actor, time to ready of a group's replica and of a model's,
-    two actor processes against two threads on narrow many-layer models, and a step's calls
-    in one actor as one task against one task each (fxscale/studies/ray_bench.py)."""
+    two actor processes against two threads on narrow many-layer models, a step's calls
+    in one actor as one task against one task each, and plain calls against a Ray Compiled
+    Graph (fxscale/studies/ray_bench.py)."""
 
     hidden: int = 512
     layers: int = 2
@@ -328,11 +329,13 @@ class RayConfig:
     cold_starts: int = 3
     process_layers: tuple[int, ...] = (8, 32)
     fused_layers: tuple[int, ...] = (8,)
+    compiled_layers: tuple[int, ...] = (8,)
 
     def units(self) -> int:
         """Ticks the family makes: executors, co-located, hops, time to ready, one per
-        process model and one per fused-runs model."""
-        return 4 + len(self.process_layers) + len(self.fused_layers)
+        process model, fused-runs model and compiled-graph model."""
+        return 4 + len(self.process_layers) + len(self.fused_layers) + \
+            len(self.compiled_layers)
 
 
 def _ray_row(measure: str, case: str, backend: str, unit: str, value: float,
@@ -411,4 +414,12 @@ def _ray_rows(config: RayConfig, tick: Tick) -> list[dict]:
         tick(f"ray: every group in one actor, llama {layers}x64, one task per run or per call")
         rows += _closed_loop_rows(f"operator, llama {layers}x64, one actor",
                                   ray_bench.fused_runs(bench, layers))
+    for layers in config.compiled_layers:
+        tick(f"ray: attention apart, llama {layers}x64, plain calls or a compiled graph")
+        case = f"operator, llama {layers}x64, one actor per device, attention apart"
+        result = ray_bench.compiled_graphs(bench, layers)
+        compile_s = result.pop("compile_s")
+        rows += _closed_loop_rows(case, result)
+        rows.append(_ray_row("compile_s", case, "ray, compiled graph", "s",
+                             compile_s["median"], compile_s["min"], compile_s["max"]))
     return rows

@@ -194,7 +194,9 @@ def _ray_caption(results: dict[str, Any]) -> str:
             f"actors='device', a plan puts attention on one device and the dense groups on "
             f"the other, consecutive calls in an actor hand results over in it or through "
             f"Ray; 'one task per run': a step's calls to one actor as one Ray task, against "
-            f"one task per call) against backend='local' (threads), "
+            f"one task per call; 'compiled graph': compiled_graph=True, the graph live "
+            f"from a round's first step (an untimed burst compiles it), against plain calls; "
+            f"compile_s: one compile) against backend='local' (threads), "
             f"{c['requests']} requests of 16-{c['longest']} tokens, {c['new_tokens']} new, "
             f"closed loop, median (min-max) of {c['rounds']} interleaved rounds; a group "
             f"call: median (p10-p90) of {c['hop_calls']}")

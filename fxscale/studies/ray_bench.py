@@ -10,6 +10,11 @@
   (one task per call), and local;
 - `fused_runs`: every group in one actor (one device), a narrow model of many layers: a step's
   calls as one Ray task (`fuse_runs`) against one task per call;
+- `compiled_graphs`: attention on one device's actor and the dense groups on the other's, a
+  narrow model of many layers: steps as plain actor calls passing refs against through a
+  Ray Compiled Graph (`compiled_graph`), live from a round's first step (an untimed burst
+  before the round compiles it: a graph is torn down after a second idle), and the seconds
+  a compile takes (on a thread beside the steps, which take the plain path meanwhile);
 - `hops`: the time one group call takes through a Ray actor against the same call on a
   local replica (an identity function on activations of 1-512 tokens), and the difference:
   what each hop between the server and a group's actor costs;
@@ -48,6 +53,8 @@ CO_LOCATED = {"local": ("local", {}),
               "ray, through Ray": ("ray per device", {"local_handoff": False})}
 FUSED = {"ray, one task per run": ("ray per device", {"fuse_runs": True}),
          "ray, one task per call": ("ray per device", {"fuse_runs": False})}
+COMPILED = {"ray, plain calls": ("ray per device", {"compiled_graph": False}),
+            "ray, compiled graph": ("ray per device", {"compiled_graph": True})}
 
 def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -76,17 +83,19 @@ def _closed_loop(server, prompts: list[torch.Tensor], new_tokens: int) -> dict[s
 
 
 def _interleaved(servers: dict[str, tuple[Any, dict[str, Any]]], prompts: list[torch.Tensor],
-                 new_tokens: int, rounds: int, progress: Callable[[str], None]
-                 ) -> dict[str, Any]:
+                 new_tokens: int, rounds: int, progress: Callable[[str], None],
+                 prime: Callable[[Any], None] = lambda server: None) -> dict[str, Any]:
     """Rounds of each server (name -> (server, its executor's settings for the round)) in
     turn, after an untimed one each; per server, each figure's median, min and max, and per
-    round the ratio of each other's tokens/s to the first's."""
+    round the ratio of each other's tokens/s to the first's. `prime(server)` runs untimed
+    just before each round, its settings made."""
     names = list(servers)
 
     def loop(name: str) -> dict[str, float]:
         server, settings = servers[name]
         for attribute, value in settings.items():  # set while no request runs
             setattr(server.executor, attribute, value)
+        prime(server)
         return _closed_loop(server, prompts, new_tokens)
 
     for name in names:
@@ -106,7 +115,8 @@ def _interleaved(servers: dict[str, tuple[Any, dict[str, Any]]], prompts: list[t
 
 
 def _compared(bench: RayBench, engine: EngineBench, compared: dict[str, tuple[str, dict]],
-              progress: Callable[[str], None], **options: Any) -> dict[str, Any]:
+              progress: Callable[[str], None], prime: Callable[[Any], None] = lambda s: None,
+              **options: Any) -> dict[str, Any]:
     """The same model, prompts and server options on each server `compared` names (with
     its executor settings), in interleaved closed-loop rounds (_interleaved)."""
     import fxscale
@@ -122,7 +132,7 @@ def _compared(bench: RayBench, engine: EngineBench, compared: dict[str, tuple[st
             if name not in servers:
                 servers[name] = fxscale.serve(model, **BACKENDS[name], **options)
         runs = {label: (servers[name], settings) for label, (name, settings) in compared.items()}
-        return _interleaved(runs, prompts, engine.new_tokens, bench.rounds, progress)
+        return _interleaved(runs, prompts, engine.new_tokens, bench.rounds, progress, prime)
     finally:
         for server in servers.values():
             server.close()
@@ -153,6 +163,32 @@ def fused_runs(bench: RayBench, layers: int = 8,
     one = replace(bench, devices=1)
     return {"policy": "operator", "hidden": 64, "layers": layers,
             **_compared(one, engine, FUSED, progress, policy="operator")}
+
+
+def compiled_graphs(bench: RayBench, layers: int = 8,
+                    progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Closed-loop tokens/s and latency of one actor per device, attention apart, on a
+    narrow model of many layers, plain calls against a compiled graph live from the round's
+    first step (module docstring); and what compiling took."""
+    engine = replace(bench.engine, hidden=64, layers=layers)
+    compiles: list[dict[str, Any]] = []
+    warm = [torch.tensor([p]) for p in engine.prompts()[:4]]
+
+    def live_graph(server: Any) -> None:
+        """With compiled_graph on: a burst (untimed) until a graph is live."""
+        if not server.executor.compiled_graph:
+            return
+        deadline = time.monotonic() + 120
+        while not server.stats()["engine"]["compiled_graph"]["live"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("no compiled graph went live within 120 s of steps")
+            _closed_loop(server, warm, engine.new_tokens)
+        compiles.append(server.stats()["engine"]["compiled_graph"])
+
+    out = _compared(bench, engine, COMPILED, progress, prime=live_graph, policy="operator",
+                    plan=attention_apart(bench.devices))
+    return {"policy": "operator", "hidden": 64, "layers": layers,
+            "compile_s": _spread([c["compile_s"] / c["compiled"] for c in compiles]), **out}
 
 
 def attention_apart(devices: int) -> Any:

@@ -70,6 +70,8 @@ try:
 except ImportError as missing:  # pragma: no cover - the error says how to install it
     raise ImportError('backend="ray" needs Ray: pip install "fxscale[ray]"') from missing
 
+from fxscale.runtime.executors.compiled_graph import CompiledSteps  # noqa: E402 - needs Ray
+
 READY_TIMEOUT_S = 120.0  # the placement group's bundles and an actor's start
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -205,13 +207,13 @@ def send_handles(value: Any, refs: list[Any], home: str | None = None) -> Any:
     if isinstance(value, Handle):
         if home is not None and value.home == home:
             return replace(value, ref=None, home=None)
-        ref = value.ref.ref if isinstance(value.ref, Pending) else value.ref
-        if ref is None:
-            raise RuntimeError(f"call {value.call}'s run was not sent before a call in another "
-                               "actor read its result")
-        if ref not in refs:
+        ref = value.ref  # a Pending stays one until its run is sent (Ledger.send_run)
+        if isinstance(ref, Pending) and ref.ref is not None:
+            ref = ref.ref
+        if not any(ref is r for r in refs):
             refs.append(ref)
-        return replace(value, ref=None, home=None, call=None, slot=refs.index(ref))
+        slot = next(i for i, r in enumerate(refs) if r is ref)
+        return replace(value, ref=None, home=None, call=None, slot=slot)
     if isinstance(value, Narrowed):
         return replace(value, value=send_handles(value.value, refs, home))
     if isinstance(value, Joined):
@@ -287,22 +289,46 @@ class Run:
 @dataclass
 class Ledger:
     """The calls this thread (its `lane`) has submitted for its step, the run it holds
-    back, and the step's number."""
+    back, the step's number, and (`held`, with compiled graphs) the runs closed so far, all
+    held back until the step settles."""
 
     step: int
     lane: int = field(default_factory=threading.get_ident)
     calls: list[Submitted] = field(default_factory=list)
     run: Run | None = None
+    held: list[Run] | None = None
 
     def send(self) -> None:
-        """Send the run held back as one task of its actor: two objects per call (its result
-        and its seconds there, read by different places)."""
+        """Close the run held back: sent, or with compiled graphs held until the step
+        settles (through a graph, or send_held)."""
         run, self.run = self.run, None
         if run is None:
             return
+        if self.held is not None:
+            self.held.append(run)
+        else:
+            self.send_run(run)
+
+    def send_held(self) -> None:
+        """Send the held runs, in order (each reads only runs before it)."""
+        runs, self.held = self.held or [], None
+        for run in runs:
+            self.send_run(run)
+
+    def release_held(self) -> None:
+        """The held runs ran through a graph: their replicas count them sent."""
+        runs, self.held = self.held or [], None
+        for run in runs:
+            for submitted in run.submitted:
+                submitted.replica.release_held()
+
+    def send_run(self, run: Run) -> None:
+        """Send a run as one task of its actor: two objects per call (its result and its
+        seconds there, read by different places)."""
         try:
+            refs = [resolved(ref) for ref in run.refs]
             objects = run.actor.chain.options(num_returns=2 * len(run.calls)).remote(
-                self.lane, self.step, run.calls, *run.refs)
+                self.lane, self.step, run.calls, *refs)
         except Exception as error:  # noqa: BLE001 - e.g. an argument Ray cannot pickle
             failed = ray.put(Failed(sendable(error), run.submitted[0].call))
             objects = [failed] * (2 * len(run.calls))  # settled as the run's failure
@@ -311,6 +337,16 @@ class Ledger:
                 submitted.replica.release_held()
         for i, submitted in enumerate(run.submitted):
             submitted.result.ref, submitted.seconds = objects[2 * i], objects[2 * i + 1]
+
+
+def resolved(ref: Any) -> Any:
+    """Ray's ref for a Pending one (its run sent before)."""
+    if not isinstance(ref, Pending):
+        return ref
+    if ref.ref is None:
+        raise RuntimeError("a call's run was not sent before a call in another actor read "
+                           "its result")
+    return ref.ref
 
 
 @contextlib.contextmanager
@@ -429,6 +465,8 @@ class GroupActor:
         self.functions: dict[int, Callable[..., Any]] = {}
         # per stepping thread (lane): its current step and that step's results (or errors)
         self.kept: dict[int, tuple[int, dict[int, Any]]] = {}
+        # a compiled graph runs its calls on a thread of its own, beside the actor's
+        self.one_at_a_time = threading.Lock()
 
     def where(self) -> dict[str, Any]:
         """The node, host and process it runs in."""
@@ -439,17 +477,19 @@ class GroupActor:
              caches: dict[int, tuple[tuple[int, ...], str]]) -> None:
         """Map a replica's weights from the object store (id -> ([ref], dtype)) and allocate
         its zeroed KV caches (id -> (shape, dtype))."""
-        state = self.state.setdefault(replica, {})
-        for ident, ([ref], dtype) in weights.items():
-            state[ident] = from_shared(ray.get(ref), dtype).to(self.device)
-        for ident, (shape, dtype) in caches.items():
-            state[ident] = torch.zeros(shape, dtype=getattr(torch, dtype), device=self.device)
+        mapped = {ident: from_shared(ray.get(ref), dtype).to(self.device)
+                  for ident, ([ref], dtype) in weights.items()}
+        mapped.update({ident: torch.zeros(shape, dtype=getattr(torch, dtype), device=self.device)
+                       for ident, (shape, dtype) in caches.items()})
+        with self.one_at_a_time:
+            self.state.setdefault(replica, {}).update(mapped)
 
     def run(self, replica: str, key: int, fn: Callable[..., Any] | None, args: list[Any],
             state_ids: dict[int, int]) -> Any:
         """fn (sent once, then known by key) on args, the replica's state in the state
         slots; the result packed to leave the actor."""
-        return pack(self._apply(replica, key, fn, unpack(args, self.device), state_ids))
+        with self.one_at_a_time:
+            return pack(self._apply(replica, key, fn, unpack(args, self.device), state_ids))
 
     def _apply(self, replica: str, key: int, fn: Callable[..., Any] | None, args: list[Any],
                state_ids: dict[int, int]) -> Any:
@@ -467,6 +507,17 @@ class GroupActor:
         (or error) kept for later calls of the step; per call (result, seconds it took here),
         two objects: the seconds reach the server, the result only the calls that read it.
         A call that raises returns its error as both (`Failed`); the run goes on."""
+        with self.one_at_a_time:
+            return self._chain(lane, step, calls, inputs)
+
+    def chain_graph(self, work: tuple, *runs: tuple) -> tuple:
+        """chain() as a compiled graph's node: `work` is (lane, step, calls, picks), the
+        graph's input for this node; `runs` the outputs of the runs it reads, and each pick
+        (which of them, index in its output) one input of the calls, in chain()'s order."""
+        lane, step, calls, picks = work
+        return self.chain(lane, step, calls, *(runs[run][index] for run, index in picks))
+
+    def _chain(self, lane: int, step: int, calls: list[tuple], inputs: tuple) -> tuple:
         kept = self._kept(lane, step)
         out: list[Any] = []
         for replica, key, fn, args, state_ids, at_least_s, call in calls:
@@ -501,7 +552,8 @@ class GroupActor:
 
     def drop(self, replica: str) -> None:
         """Forget a replica's state."""
-        self.state.pop(replica, None)
+        with self.one_at_a_time:
+            self.state.pop(replica, None)
 
 
 class RayReplica(LocalReplica):
@@ -646,13 +698,16 @@ class RayExecutor:
 
     def __init__(self, devices: Devices, address: str | None = None, threads: int = 1,
                  device: str = "cpu", actors: str = "replica", spares: int = 1,
-                 setup: Callable[[], Any] | None = None, pass_handles: bool = True) -> None:
+                 setup: Callable[[], Any] | None = None, pass_handles: bool = True,
+                 compiled_graph: bool = False) -> None:
         if actors not in ACTOR_MODES:
             raise ValueError(f"actors must be one of {ACTOR_MODES}, got {actors!r}")
         self.threads, self.device, self.per_device = threads, device, actors == "device"
         self.pass_handles = pass_handles  # may change while no step runs (benchmarks do)
         self.local_handoff = True  # likewise
         self.fuse_runs = True  # likewise
+        self.compiled: CompiledSteps | None = None
+        self.compiled_graph = compiled_graph and pass_handles
         self.ledgers = threading.local()  # each stepping thread's submitted calls
         self.steps, self.calls = itertools.count(), itertools.count()  # numbers, unique
         self.setup = setup  # what each actor runs first (a module-level function)
@@ -777,11 +832,26 @@ class RayExecutor:
             self.actors.discard(actor)
         ray.kill(actor, no_restart=True)
 
+    @property
+    def compiled_graph(self) -> bool:
+        """Whether steps of a repeating shape run through a Ray Compiled Graph (pass_handles
+        only); may change while no step runs (benchmarks do: off tears the graph down)."""
+        return self.compiled is not None
+
+    @compiled_graph.setter
+    def compiled_graph(self, on: bool) -> None:
+        if on and self.compiled is None:
+            self.compiled = CompiledSteps()
+        elif not on and self.compiled is not None:
+            self.compiled, compiled = None, self.compiled
+            compiled.close()
+
     def ledger(self) -> Ledger:
         """This thread's step's calls."""
         ledger = getattr(self.ledgers, "ledger", None)
         if ledger is None:
-            ledger = self.ledgers.ledger = Ledger(next(self.steps))
+            ledger = self.ledgers.ledger = Ledger(
+                next(self.steps), held=None if self.compiled is None else [])
         return ledger
 
     def settle(self, value: Any) -> Any:
@@ -794,15 +864,20 @@ class RayExecutor:
         ledger = self.ledger()
         ledger.send()
         calls = ledger.calls
-        self.ledgers.ledger = Ledger(next(self.steps))
+        self.ledgers.ledger = None
         errors: list[GroupError] = []
         refs: list[Any] = []
         sent = send_handles(value, refs)
-        try:  # one wait for the step: every call's seconds and the output's parts
-            got = ray.get([call.seconds for call in calls] + refs)
-            seconds, outputs = got[:len(calls)], got[len(calls):]
-        except ray.exceptions.RayError:
-            seconds = outputs = None
+        seconds = outputs = None
+        if ledger.held and value is not None:
+            seconds, outputs = self._through_graph(ledger, refs)
+        if seconds is None:
+            ledger.send_held()
+            try:  # one wait for the step: every call's seconds and the output's parts
+                got = ray.get([call.seconds for call in calls] + [resolved(r) for r in refs])
+                seconds, outputs = got[:len(calls)], got[len(calls):]
+            except ray.exceptions.RayError:
+                seconds = outputs = None
         if seconds is None or any(isinstance(took, Failed) for took in seconds):
             seen: set[str] = set()  # in submission order a call's inputs come first
             seconds = [self._outcome(call, errors, seen) for call in calls]
@@ -817,8 +892,25 @@ class RayExecutor:
             raise (lost or errors)[0]
         if value is None:
             return None
-        return receive_handles(sent, tuple(ray.get(refs) if outputs is None else outputs),
-                               self.device)
+        if outputs is None:
+            outputs = ray.get([resolved(r) for r in refs])
+        return receive_handles(sent, tuple(outputs), self.device)
+
+    def _through_graph(self, ledger: Ledger, refs: list[Any]) -> tuple[list, list] | tuple:
+        """(each call's seconds, the output's parts) of a step run through a compiled
+        graph; (None, None) when it takes the plain path: another shape, or the graph failed
+        (nothing of it kept) or a call in it failed (the plain path runs the step again and
+        sorts the failure out: calls only write the KV slots they wrote before)."""
+        compiled = self.compiled
+        got = None if compiled is None else compiled.run(ledger.lane, ledger.step, ledger.held)
+        if got is None:
+            return None, None
+        outputs, where = got
+        seconds = [outputs[k][2 * i + 1] for k, i in (where[id(c.result)] for c in ledger.calls)]
+        if any(isinstance(took, Failed) for took in seconds):
+            return None, None
+        ledger.release_held()
+        return seconds, [outputs[k][2 * i] for k, i in (where[id(r)] for r in refs)]
 
     @staticmethod
     def _outcome(call: Submitted, errors: list[GroupError], seen: set[str]) -> float | None:
@@ -858,6 +950,7 @@ class RayExecutor:
         executors made stops its private Ray instance, or leaves the cluster it joined
         (running)."""
         self.spare_count = 0
+        self.compiled_graph = False  # first: its actor loops end before the actors do
         for actor in list(self.actors):
             self.stop_actor(actor)
         for spares in self.spares.values():
