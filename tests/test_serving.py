@@ -262,6 +262,36 @@ def test_a_plan_pins_its_groups_to_the_devices_it_names(llama):
         assert groups_on(server) == [attention, dense]
 
 
+def model_plan(engines: int, devices: tuple[int, ...], total: int):
+    """A model Plan of `engines` whole-model engines occupying `devices` (of `total`)."""
+    from fxscale.contracts.plan import EngineCount, GroupPlacement, LockstepShape, Plan
+
+    rows = (GroupPlacement("*", "*", "model", engines, devices=devices),)
+    return Plan("model", "test", "cpu", 1.0, (EngineCount(LockstepShape("model", 1), engines),),
+                total, 0.0, 0.0, 0.0, 0.0, 0.0, 64, rows)
+
+
+def test_a_model_plan_pins_the_model_replicas_to_its_devices(llama):
+    """A model plan whose engines occupy devices 1-2 of 3: the replica on device 0 finishes
+    its request and goes, the plan's two replicas land on 1 and 2, a later one there too;
+    outputs stay equal to eager."""
+    ids = [prompt(60 + i) for i in range(3)]
+    want = [eager_tokens(llama, i, 16) for i in ids]
+    with fxscale.serve(llama, policy="model", devices=fxscale.Devices(count=3)) as server:
+        assert groups_on(server) == [{"model"}, set(), set()]
+        running = server.generate(ids[0], max_new_tokens=16)
+        assert server.apply(model_plan(2, (1, 2), 3)) == {"model": 2}
+        later = [server.generate(i, max_new_tokens=16) for i in ids[1:]]
+        assert [f.result(timeout=60) for f in [running] + later] == want
+        deadline = time.monotonic() + 30
+        while groups_on(server)[0] and time.monotonic() < deadline:
+            time.sleep(0.05)  # the moved replica goes once its request is done
+        assert groups_on(server) == [set(), {"model"}, {"model"}]
+        assert server.stats()["devices"]["pins"] == {"model": [1, 2]}
+        server.scale("*", 3)
+        assert groups_on(server)[0] == set() and len(server.engines) == 3
+
+
 def test_bf16_serving_stays_within_a_stated_tolerance_of_fp32(llama):
     """dtype="bfloat16" serves a bf16 copy of the weights (the user's model stays fp32): the
     logits stay within 3% of fp32 eager (of the largest logit), and a bad dtype is named."""

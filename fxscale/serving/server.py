@@ -448,17 +448,16 @@ class Server:
         """Deploy a Plan of this server's policy (from the planner, or Plan.from_dict of its
         JSON): an operator plan sets each group kind's replicas from its placement rows; a
         model plan sets the whole-model replicas to its engine count. Groups the plan does not
-        name keep theirs. Each operator group is pinned to the devices its row names (when
-        the plan is for at most this server's devices): its replicas on other devices are
-        replaced there, and the replicas it gets later land there too. Returns the replicas
-        set."""
+        name keep theirs. Each operator group is pinned to the devices its row names, a
+        model plan's whole model to the devices its engines occupy (when the plan is for at
+        most this server's devices): replicas on other devices are replaced there, and the
+        replicas added later land there too. Returns the replicas set."""
         _check_plan(plan, self.policy)
         if self.policy == "model":
             targets = {name: sum(e.count for e in plan.engines) for name in self.pools}
-            self._resize(targets)
-            return targets
-        targets = {name: g.replicas for g in plan.groups if g.role == "operator"
-                   for name in self._matching(g.kind)}
+        else:
+            targets = {name: g.replicas for g in plan.groups if g.role == "operator"
+                       for name in self._matching(g.kind)}
         if plan.devices > self.devices.count:
             warnings.warn(f"the plan places its groups on {plan.devices} devices and this "
                           f"server has {self.devices.count}: its replica counts are applied, "
@@ -476,10 +475,14 @@ class Server:
         return targets
 
     def _plan_pins(self, plan: Plan | None) -> dict[str, tuple[int, ...]]:
-        """The devices an operator plan pins each group kind to (none when there is no plan,
-        or it is for more devices than this server has)."""
-        if plan is None or plan.policy != "operator" or plan.devices > self.devices.count:
+        """The devices a plan pins each group kind to: an operator plan's rows, or for a
+        model plan the whole model to every device its engines occupy (none when there is
+        no plan, or it is for more devices than this server has)."""
+        if plan is None or plan.devices > self.devices.count:
             return {}
+        if plan.policy == "model":
+            devices = sorted({d for g in plan.groups if g.role == "model" for d in g.devices})
+            return {name: tuple(devices) for name in self.pools} if devices else {}
         return {g.kind: g.devices for g in plan.groups if g.role == "operator" and g.devices}
 
     def _matching(self, group: str) -> list[str]:
@@ -543,7 +546,7 @@ class Server:
         """Attention replicas of the operator policy's engine (those keyed in `moved` drain
         and are replaced), or model replicas."""
         if self.policy == "model":
-            self._model_replicas(count)
+            self._model_replicas(count, moved)
             return
         for pool in self.pools.values():
             if pool.stateful:
@@ -551,15 +554,18 @@ class Server:
         engine = self.engines[0]
         engine.control(lambda: engine.set_attention_replicas(count, set(moved))).result()
 
-    def _model_replicas(self, count: int) -> None:
+    def _model_replicas(self, count: int, moved: list[int] = ()) -> None:
         """Have `count` model replicas (engines): new ones start with copies of the weights
-        and an empty cache; removed ones take no new requests and finish theirs."""
+        and an empty cache; removed ones, and those keyed in `moved` (replaced where their
+        pin allows), take no new requests and finish theirs."""
         with self.engines_lock:
-            while len(self.engines) < count:
+            extra = [e for e in self.engines if set(e.scheduler.pools) & set(moved)]
+            self.engines[:] = [e for e in self.engines if not set(e.scheduler.pools) & set(moved)]
+            while len(self.engines) < count:  # before the lock is let go: never none
                 key = next(self.replica_keys)
                 self.runner.add_attention(key)  # its weights copied before it serves
                 self.engines.append(self._engine(key))
-            extra = self.engines[count:]
+            extra += self.engines[count:]
             del self.engines[count:]
             self.retired += extra  # counted from now on, while they finish their requests
         for pool in self.pools.values():
