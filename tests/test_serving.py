@@ -274,7 +274,8 @@ def model_plan(engines: int, devices: tuple[int, ...], total: int):
 def test_a_model_plan_pins_the_model_replicas_to_its_devices(llama):
     """A model plan whose engines occupy devices 1-2 of 3: the replica on device 0 finishes
     its request and goes, the plan's two replicas land on 1 and 2, a later one there too;
-    outputs stay equal to eager."""
+    served with the plan from the start, none is ever on device 0; outputs stay equal to
+    eager."""
     ids = [prompt(60 + i) for i in range(3)]
     want = [eager_tokens(llama, i, 16) for i in ids]
     with fxscale.serve(llama, policy="model", devices=fxscale.Devices(count=3)) as server:
@@ -287,9 +288,13 @@ def test_a_model_plan_pins_the_model_replicas_to_its_devices(llama):
         while groups_on(server)[0] and time.monotonic() < deadline:
             time.sleep(0.05)  # the moved replica goes once its request is done
         assert groups_on(server) == [set(), {"model"}, {"model"}]
-        assert server.stats()["devices"]["pins"] == {"model": [1, 2]}
+        assert server.stats()["devices"]["pins"] == {"*": [1, 2]}
         server.scale("*", 3)
         assert groups_on(server)[0] == set() and len(server.engines) == 3
+    with fxscale.serve(llama, policy="model", devices=fxscale.Devices(count=3),
+                       plan=model_plan(2, (1, 2), 3)) as server:  # pinned from the start
+        assert groups_on(server) == [set(), {"model"}, {"model"}]
+        assert server.generate(ids[0], max_new_tokens=16).result(timeout=60) == want[0]
 
 
 def test_bf16_serving_stays_within_a_stated_tolerance_of_fp32(llama):

@@ -480,9 +480,9 @@ class Server:
         no plan, or it is for more devices than this server has)."""
         if plan is None or plan.devices > self.devices.count:
             return {}
-        if plan.policy == "model":
+        if plan.policy == "model":  # called before the pools exist: the model is every group
             devices = sorted({d for g in plan.groups if g.role == "model" for d in g.devices})
-            return {name: tuple(devices) for name in self.pools} if devices else {}
+            return {"*": tuple(devices)} if devices else {}
         return {g.kind: g.devices for g in plan.groups if g.role == "operator" and g.devices}
 
     def _matching(self, group: str) -> list[str]:
@@ -559,14 +559,17 @@ class Server:
         and an empty cache; removed ones, and those keyed in `moved` (replaced where their
         pin allows), take no new requests and finish theirs."""
         with self.engines_lock:
-            extra = [e for e in self.engines if set(e.scheduler.pools) & set(moved)]
-            self.engines[:] = [e for e in self.engines if not set(e.scheduler.pools) & set(moved)]
-            while len(self.engines) < count:  # before the lock is let go: never none
+            staying = [e for e in self.engines if not set(e.scheduler.pools) & set(moved)]
+            leaving = [e for e in self.engines if set(e.scheduler.pools) & set(moved)]
+            while len(staying) < count:  # new ones first, serving once started: a start
+                # that fails leaves the ones to be moved serving
                 key = next(self.replica_keys)
                 self.runner.add_attention(key)  # its weights copied before it serves
-                self.engines.append(self._engine(key))
-            extra += self.engines[count:]
-            del self.engines[count:]
+                engine = self._engine(key)
+                staying.append(engine)
+                self.engines.append(engine)
+            extra = leaving + staying[count:]
+            self.engines[:] = staying[:count]  # one swap: readers never see none
             self.retired += extra  # counted from now on, while they finish their requests
         for pool in self.pools.values():
             pool.target = count

@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import ray
@@ -33,7 +34,7 @@ from ray.dag import InputNode, MultiOutputNode
 COMPILE_AFTER = 3  # a shape seen this often in the last HISTORY steps gets a graph
 HISTORY = 8
 IDLE_S = 1.0  # an unused graph is torn down after this long (its actors' loops poll)
-RESULT_TIMEOUT_S = 120.0  # a step longer than this through a graph is run again plainly
+RESULT_TIMEOUT_S = 600.0  # a graph step longer than this is taken as hung: run plainly
 MAX_FAILED_COMPILES = 3  # then the plain path only, with a warning
 
 
@@ -45,28 +46,35 @@ class StepShape:
     homes: tuple[str, ...]
     reads: tuple[tuple[tuple[int, int], ...], ...]
 
+    @cached_property
+    def feeds(self) -> tuple[tuple[list[int], list[tuple[int, int]]], ...]:
+        """Per run, the runs it reads (in order of first read) and, per input, (which of
+        those, index of the object in that run's output: call i's result at 2 i)."""
+        out = []
+        for reads in self.reads:
+            runs = list(dict.fromkeys(run for run, _ in reads))
+            out.append((runs, [(runs.index(run), 2 * call) for run, call in reads]))
+        return tuple(out)
 
-def step_shape(runs: list[Any]) -> tuple[StepShape, dict[int, tuple[int, int]]] | None:
+
+def step_shape(runs: list[Any], wanted: list[Any]
+               ) -> tuple[StepShape, dict[int, tuple[int, int]]] | None:
     """A step's shape and, by the id of each call's Pending result, its (run, call); None
-    when a run reads a result that is not one of the step's own (no graph holds it)."""
+    when a run, or the step's output (`wanted`), reads a result that is not one of the
+    step's own (no graph holds it)."""
     where = {id(sub.result): (k, i) for k, run in enumerate(runs)
              for i, sub in enumerate(run.submitted)}
-    reads = []
-    for run in runs:
-        if any(id(ref) not in where for ref in run.refs):
-            return None
-        reads.append(tuple(where[id(ref)] for ref in run.refs))
-    return StepShape(tuple(run.home for run in runs), tuple(reads)), where
+    if any(id(ref) not in where for run in runs for ref in run.refs) or \
+            any(id(ref) not in where for ref in wanted):
+        return None
+    reads = tuple(tuple(where[id(ref)] for ref in run.refs) for run in runs)
+    return StepShape(tuple(run.home for run in runs), reads), where
 
 
-def upstream(reads: tuple[tuple[int, int], ...]) -> tuple[list[int], list[tuple[int, int]]]:
-    """The runs a run reads (in order of first read) and, per input it reads, (which of
-    those runs, index of the object in that run's output: result of call i at 2 i)."""
-    runs: list[int] = []
-    for run, _ in reads:
-        if run not in runs:
-            runs.append(run)
-    return runs, [(runs.index(run), 2 * call) for run, call in reads]
+def all_ran(outputs: list[tuple]) -> bool:
+    """Whether every call of a step ran: its seconds (every other object of a run's output)
+    are a number, where a call that raised has its failure."""
+    return all(isinstance(took, float) for out in outputs for took in out[1::2])
 
 
 class CompiledSteps:
@@ -79,62 +87,81 @@ class CompiledSteps:
         self.history: collections.deque[StepShape] = collections.deque(maxlen=HISTORY)
         self.last_used = time.monotonic()
         self.counts = {"compiled": 0, "compile_s": 0.0, "failed_compiles": 0, "steps": 0,
-                       "plain_steps": 0, "torn_down": 0}
+                       "plain_steps": 0, "broken": 0, "torn_down": 0}
         self.disabled: str | None = None  # why compiling stopped (the plain path stays)
         self.closed = threading.Event()
         self.reaper = threading.Thread(target=self._reap, daemon=True,
                                        name="fxscale-compiled-graph-reaper")
         self.reaper.start()
 
-    def run(self, lane: int, step: int, runs: list[Any]) -> tuple[list[tuple], dict] | None:
+    def run(self, lane: int, step: int, runs: list[Any], wanted: list[Any]
+            ) -> tuple[list[tuple], dict] | None:
         """Per run its output tuple, and (run, call) by Pending id, for a step through the
-        graph of its shape; None when it takes the plain path (another shape, whose graph
-        may start compiling beside it; the graph in use or compiling; or the graph failed:
-        torn down, nothing of the step kept)."""
-        found = step_shape(runs) if self.disabled is None else None
+        graph of its shape; None when it takes the plain path: another shape (whose graph
+        may start compiling beside it), the graph in use or compiling, a call in it that
+        raised (the graph stays), or the graph failed (torn down). Nothing of a step that
+        takes the plain path is kept."""
+        found = step_shape(runs, wanted) if self.disabled is None else None
         if found is None or not self.using.acquire(blocking=False):
             self.counts["plain_steps"] += 1
+            return None
+        if self.closed.is_set():
+            self.using.release()
             return None
         shape, where = found
         self.history.append(shape)
         if shape != self.shape:
             self.counts["plain_steps"] += 1
-            if self._recurs(shape):  # `using` passes to the compiling thread
-                threading.Thread(target=self._compile, args=(shape, runs), daemon=True,
-                                 name="fxscale-compile-graph").start()
+            if self._recurs(shape):
+                self._start_compile(shape, runs)
             else:
                 self.using.release()
             return None
         try:
-            work = [(lane, step, run.calls, upstream(reads)[1])
-                    for run, reads in zip(runs, shape.reads)]
-            try:
-                outputs = ray.get(self.graph.execute(*work), timeout=RESULT_TIMEOUT_S)
-            except (ray.exceptions.RayError, TimeoutError):
-                self._teardown()
-                self.counts["plain_steps"] += 1
-                return None
-            self.counts["steps"] += 1
-            return outputs, where
+            work = [(lane, step, run.calls, picks)
+                    for run, (_, picks) in zip(runs, shape.feeds)]
+            outputs = ray.get(self.graph.execute(*work), timeout=RESULT_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a dead actor, a hang, an input Ray cannot send
+            self._teardown()
+            self.history.clear()  # compiled again once the shape recurs (an actor may be new)
+            self.counts["broken"] += 1
+            self.counts["plain_steps"] += 1
+            return None
         finally:
             self.last_used = time.monotonic()
             self.using.release()
+        if not all_ran(outputs):
+            self.counts["plain_steps"] += 1
+            return None
+        self.counts["steps"] += 1
+        return outputs, where
 
     def _recurs(self, shape: StepShape) -> bool:
         """Whether `shape` has recurred enough, and the live graph's has gone out of use."""
         return self.history.count(shape) >= COMPILE_AFTER and \
             (self.graph is None or self.shape not in self.history)
 
+    def _start_compile(self, shape: StepShape, runs: list[Any]) -> None:
+        """Compile on a thread of its own, which `using` (held by the caller) passes to."""
+        try:
+            threading.Thread(target=self._compile, args=(shape, runs), daemon=True,
+                             name="fxscale-compile-graph").start()
+        except BaseException:
+            self.using.release()
+            raise
+
     def _compile(self, shape: StepShape, runs: list[Any]) -> None:
         """Tear the live graph down and compile one of `shape` (one node per run), while
         steps take the plain path; releases `using`, which the caller handed over."""
         try:
             self._teardown()
+            if self.closed.is_set():
+                return
             with InputNode() as calls:
                 nodes: list[Any] = []
-                for k, (run, reads) in enumerate(zip(runs, shape.reads)):
+                for k, (run, (feeding, _)) in enumerate(zip(runs, shape.feeds)):
                     nodes.append(run.actor.chain_graph.bind(
-                        calls[k], *(nodes[j] for j in upstream(reads)[0])))
+                        calls[k], *(nodes[j] for j in feeding)))
                 dag = MultiOutputNode(nodes)
             start = time.perf_counter()
             self.graph = dag.experimental_compile()
@@ -148,7 +175,7 @@ class CompiledSteps:
                 self.disabled = f"{type(error).__name__}: {error}"
                 warnings.warn(f"fxscale: Ray could not compile a graph of the step "
                               f"{MAX_FAILED_COMPILES} times (last: {self.disabled}); steps take "
-                              "the plain path from now on", stacklevel=2)
+                              "the plain path from now on", stacklevel=1)
         finally:
             self.last_used = time.monotonic()
             self.using.release()
@@ -178,7 +205,8 @@ class CompiledSteps:
 
     def stats(self) -> dict[str, Any]:
         """Graphs compiled (and the seconds it took) and torn down, steps through a graph
-        and plainly, whether one is live, and why compiling stopped (if it did)."""
+        and plainly, graphs broken under a step, whether one is live, and why compiling
+        stopped (if it did)."""
         return {**self.counts, "live": self.graph is not None, "disabled": self.disabled}
 
     def close(self) -> None:

@@ -210,9 +210,10 @@ def send_handles(value: Any, refs: list[Any], home: str | None = None) -> Any:
         ref = value.ref  # a Pending stays one until its run is sent (Ledger.send_run)
         if isinstance(ref, Pending) and ref.ref is not None:
             ref = ref.ref
-        if not any(ref is r for r in refs):
+        slot = next((i for i, r in enumerate(refs) if r is ref), None)
+        if slot is None:
+            slot = len(refs)
             refs.append(ref)
-        slot = next(i for i, r in enumerate(refs) if r is ref)
         return replace(value, ref=None, home=None, call=None, slot=slot)
     if isinstance(value, Narrowed):
         return replace(value, value=send_handles(value.value, refs, home))
@@ -285,6 +286,11 @@ class Run:
     refs: list[Any] = field(default_factory=list)
     submitted: list[Submitted] = field(default_factory=list)
 
+    def release(self) -> None:
+        """Its calls are sent (or ran, or failed to be sent): their replicas stop waiting."""
+        for submitted in self.submitted:
+            submitted.replica.release_held()
+
 
 @dataclass
 class Ledger:
@@ -319,8 +325,7 @@ class Ledger:
         """The held runs ran through a graph: their replicas count them sent."""
         runs, self.held = self.held or [], None
         for run in runs:
-            for submitted in run.submitted:
-                submitted.replica.release_held()
+            run.release()
 
     def send_run(self, run: Run) -> None:
         """Send a run as one task of its actor: two objects per call (its result and its
@@ -333,8 +338,7 @@ class Ledger:
             failed = ray.put(Failed(sendable(error), run.submitted[0].call))
             objects = [failed] * (2 * len(run.calls))  # settled as the run's failure
         finally:
-            for submitted in run.submitted:
-                submitted.replica.release_held()
+            run.release()
         for i, submitted in enumerate(run.submitted):
             submitted.result.ref, submitted.seconds = objects[2 * i], objects[2 * i + 1]
 
@@ -896,20 +900,20 @@ class RayExecutor:
             outputs = ray.get([resolved(r) for r in refs])
         return receive_handles(sent, tuple(outputs), self.device)
 
-    def _through_graph(self, ledger: Ledger, refs: list[Any]) -> tuple[list, list] | tuple:
+    def _through_graph(self, ledger: Ledger, refs: list[Any]
+                       ) -> tuple[list | None, list | None]:
         """(each call's seconds, the output's parts) of a step run through a compiled
         graph; (None, None) when it takes the plain path: another shape, or the graph failed
         (nothing of it kept) or a call in it failed (the plain path runs the step again and
         sorts the failure out: calls only write the KV slots they wrote before)."""
         compiled = self.compiled
-        got = None if compiled is None else compiled.run(ledger.lane, ledger.step, ledger.held)
+        got = None if compiled is None else \
+            compiled.run(ledger.lane, ledger.step, ledger.held, refs)
         if got is None:
             return None, None
         outputs, where = got
-        seconds = [outputs[k][2 * i + 1] for k, i in (where[id(c.result)] for c in ledger.calls)]
-        if any(isinstance(took, Failed) for took in seconds):
-            return None, None
         ledger.release_held()
+        seconds = [outputs[k][2 * i + 1] for k, i in (where[id(c.result)] for c in ledger.calls)]
         return seconds, [outputs[k][2 * i] for k, i in (where[id(r)] for r in refs)]
 
     @staticmethod
