@@ -111,12 +111,15 @@ def test_stages_import_one_way_without_cycles_and_planning_stays_torch_free():
 
 
 def test_only_the_ray_executor_imports_ray():
-    """Ray is an optional extra: one module imports it, and nothing imports that module but
-    the server (lazily, for backend="ray"), the Ray benchmark (lazily) and the tests."""
+    """Ray is an optional extra: the Ray executor and its compiled-graph path import it,
+    nothing but the executor imports the second, and nothing imports the executor but the
+    server (lazily, for backend="ray"), the Ray benchmark (lazily) and the tests."""
     graph, external = import_graph(REPO, ROOTS)
-    assert {m for m, packages in external.items() if "ray" in packages} == \
-        {"fxscale.runtime.executors.ray_executor"}
-    assert set(graph.predecessors("fxscale.runtime.executors.ray_executor")) == \
+    executor, compiled = ("fxscale.runtime.executors.ray_executor",
+                          "fxscale.runtime.executors.compiled_graph")
+    assert {m for m, packages in external.items() if "ray" in packages} == {executor, compiled}
+    assert set(graph.predecessors(compiled)) == {executor}
+    assert set(graph.predecessors(executor)) == \
         {"fxscale.serving.server", "fxscale.studies.ray_bench", "fxscale.studies.bench_families"}
 
 

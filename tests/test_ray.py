@@ -212,10 +212,13 @@ def test_a_step_shape_is_its_actors_and_reads_and_only_its_own_results():
 def test_steps_through_a_compiled_graph_equal_greedy_and_survive_a_killed_actor(cluster,
                                                                              llama):
     """compiled_graph=True, attention on one device (actor) and the dense groups on the
-    other: once a step shape recurs, a graph compiles beside the steps and later steps run
-    through it, equal to greedy; an idle graph is torn down; an actor killed while the
-    graph is live breaks it, the step runs again on the plain path (the attention replica's
-    requests recomputed) and a graph is compiled again over the replacement."""
+    other, two micro-batches (one in the graph, the other as plain calls beside it): once a
+    step shape recurs, a graph compiles beside the steps and later steps run through it,
+    equal to greedy; an idle graph is torn down; an actor killed while the graph is live
+    breaks it, the step runs again on the plain path (the attention replica's requests
+    recomputed) and a graph is compiled again over the replacement; attention scaled to
+    two replicas on its device (the new one's state taken by the actor while a graph may be
+    live) runs through a graph too."""
     batch = prompts(6, 8, 40)
     expected = [greedy(llama, p, 48) for p in batch]
 
@@ -232,12 +235,15 @@ def test_steps_through_a_compiled_graph_equal_greedy_and_survive_a_killed_actor(
         return [f.result(timeout=120) for f in futures]
 
     with fxscale.serve(llama, backend="ray", actors="device", devices=fxscale.Devices(count=2),
-                       plan=split_plan((0,), (1,), 2), compiled_graph=True) as server:
+                       plan=split_plan((0,), (1,), 2), compiled_graph=True,
+                       micro_batches=2) as server:
         assert run(batch[:4]) == expected[:4]
         assert graph()["compiled"] == 1
         wait_for(lambda: not graph()["live"])  # idle: its actor loops would poll
         assert run(batch[4:], kill=True) == expected[4:]
         wait_for(lambda: graph()["compiled"] >= 3)  # after the idle and the broken graph
+        server.scale("model.layers.*#1/attention", 2)  # on device 0: the same actor
+        assert run(batch[:4]) == expected[:4]  # the new replica's steps through a graph
         stats = server.stats()
     after = stats["engine"]["compiled_graph"]
     assert after["broken"] >= 1 and after["torn_down"] >= 2 and after["failed_compiles"] == 0

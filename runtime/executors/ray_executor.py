@@ -34,8 +34,10 @@ replaced at the next call: a dense replica's call is then run again, an attentio
 requests are recomputed (their KV blocks went with it; StateLostError).
 
 Without an address, a local Ray instance is started on 127.0.0.1 (no dashboard) and stopped
-by close(); with one, the executor joins that cluster and leaves it running. Nothing else in
-fxscale imports Ray (an optional extra: pip install "fxscale[ray]")."""
+by close(); with one, the executor joins that cluster and leaves it running.
+`compiled_graph=True` runs steps whose shape repeats as one Ray Compiled Graph
+(compiled_graph.py). Nothing else in fxscale imports Ray, nor either module (an optional
+extra: pip install "fxscale[ray]")."""
 from __future__ import annotations
 
 import contextlib
