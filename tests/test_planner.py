@@ -17,7 +17,9 @@ from fxscale.models.presets import preset_graph
 from fxscale.runtime.devices import load_device
 from fxscale.runtime.planner.engines import LockstepEngine, OperatorEngine, engine_for
 from fxscale.runtime.planner.search import (
+    Prediction,
     Workload,
+    group_placement,
     mean_chunk,
     plan,
     predict,
@@ -152,6 +154,19 @@ def test_mixed_iteration_reads_weights_once(service):
     # the two phases' captures differ by a 1 KiB rotary buffer read
     assert sum(service.work(gemm, mixed)[1:]) == pytest.approx(alone - gemm.param_bytes,
                                                                abs=4096)
+
+
+def test_devices_are_numbered_largest_engine_first_so_none_spans_two_nodes(service, azure):
+    """Three TP2 prefill engines and one TP8 decode engine: the decode engine takes devices
+    0-7 (one node of 8) and the prefill engines 8-13, each within a node, as the planner
+    prices them (numbered in pool order, the decode engine took 6-13, across two nodes)."""
+    _, workload = azure
+    prefill = Prediction(0.05, 0.05, 0.05, 0.0, 0.5)
+    decode = Prediction(0.05, 0.05, 0.06, 4.0, 0.5)
+    pools = [(LockstepEngine("prefill", 2), 3, prefill), (LockstepEngine("decode", 8), 1, decode)]
+    rows = group_placement(service, pools, SLO_TIGHT, workload, 512)
+    devices = {role: {g.devices for g in rows if g.role == role} for role in ("prefill", "decode")}
+    assert devices == {"decode": {tuple(range(8))}, "prefill": {tuple(range(8, 14))}}
 
 
 @pytest.mark.parametrize("policy", ["model", "phase", "operator"])

@@ -23,6 +23,7 @@ from fxscale.runtime.devices.model import UNMEASURED_ALL_REDUCE_LATENCY_S
 from fxscale.runtime.planner.service import Batch, ServiceModel
 
 MEMORY_HEADROOM = 0.10
+NODE_DEVICES = 8  # devices one node links by NVLink (an HGX H100 / A100 board)
 
 
 @dataclass(frozen=True)
@@ -138,11 +139,12 @@ class OperatorEngine(OperatorShape):
 
     def _hop(self, service: ServiceModel, batch: Batch, bytes_per_token: float) -> float:
         """Seconds to move one micro-batch's activations between pools, over as many links
-        as the smaller pool has devices: within a node of 8, what a measured 2-device
+        as the smaller pool has devices: within a node (an engine of at most NODE_DEVICES,
+        which a plan numbers within one: group_placement), what a measured 2-device
         all-reduce of those bytes takes (one exchange over NVLink); beyond, the network."""
         links = max(1, min(self.attention, self.dense_replicas))
         nbytes = batch.tokens * max(bytes_per_token, 1.0) / links
-        if self.devices <= 8:
+        if self.devices <= NODE_DEVICES:
             return service.device.all_reduce_time(nbytes, 2)
         return UNMEASURED_ALL_REDUCE_LATENCY_S + nbytes / service.device.interconnect["network"]
 

@@ -620,17 +620,22 @@ def too_long_for_ttft(service: ServiceModel, work: Workload, slo: SLO) -> str:
 def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
                     chunk: int) -> list[GroupPlacement]:
     """Per group: replicas, shards, max batch (requests per step), devices, and its share of
-    the TBT budget along the critical path (its time over the traversal time)."""
+    the TBT budget along the critical path (its time over the traversal time). Devices are
+    numbered the largest engines first, so that an engine of 1, 2, 4 or 8 devices never
+    spans two nodes of NODE_DEVICES (devices 0-7, 8-15, ...; `fxscale.Devices(per_node=8)`
+    on Ray), as the planner prices it."""
     rows = []
-    first_device = 0
-    for engine, count, pred in pools:
+    first = {}  # pool -> its first device
+    for i in sorted(range(len(pools)), key=lambda i: -pools[i][0].devices):
+        first[i] = sum(pools[j][0].devices * pools[j][1] for j in first)
+    for i, (engine, count, pred) in enumerate(pools):
         decoding = max(1.0, pred.batch_p99)
         prompts = chunk / work.prompt_mean
         batch = Batch(decode_n=decoding, decode_s1=decoding * work.context_mean) \
             if pred.batch_p99 else Batch(prompts, chunk, prompts * work.prompt_sq_mean)
         max_batch = math.ceil(pred.batch_p99) if pred.batch_p99 else \
             max(1, math.ceil(chunk / work.prompt_mean))
-        devices = list(range(first_device, first_device + engine.devices * count))
+        devices = list(range(first[i], first[i] + engine.devices * count))
         if isinstance(engine, OperatorEngine) and engine.attention:
             attention, dense, _, _ = engine.pool_times(service, batch)
             total = attention + dense
@@ -653,5 +658,4 @@ def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
                 rows.append(GroupPlacement(gid, kind.name, role, replicas, shards, max_batch,
                                            tuple(where), share / kind.count,
                                            slo.tbt * share / kind.count))
-        first_device += engine.devices * count
     return rows
