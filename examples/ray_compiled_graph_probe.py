@@ -1,11 +1,12 @@
-"""What a Ray Compiled Graph would save per step, measured before fxscale builds one (issue 18).
+"""What a Ray Compiled Graph saves per step, on trivial calls: the probe behind fxscale's
+compiled-graph path (`fxscale.serve(..., backend="ray", compiled_graph=True)`, docs/ray.md).
 
 A step of an operator-level server is a chain of group calls on actors. This probe times a
 chain of 8 trivial calls (x + 1 on a [16, 512] fp32 tensor) over two actors, placed
 alternating (A B A B ...: every call moves) or in two runs (A A A A B B B B: one move):
 
 - plain: actor calls with each result's ref passed to the next call, one ray.get at the end
-  (fxscale's path today);
+  (fxscale's default path);
 - compiled: the same chain as a Ray Compiled Graph (`experimental_compile`), one execute().
 
 Rounds of the two are interleaved; it prints the median and p10-p90 per step in ms, and
