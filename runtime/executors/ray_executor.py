@@ -579,6 +579,8 @@ class RayReplica(LocalReplica):
         self.stopped = False
         self.held = 0  # its calls in runs not sent yet
         self.all_sent = threading.Condition()
+        with executor.lock:
+            executor.replicas.add(self)
 
     def hold(self) -> None:
         """Count a call of it held back in a run."""
@@ -684,6 +686,8 @@ class RayReplica(LocalReplica):
         super().stop()
         with self.all_sent:  # a step's run holding a call of it is sent when the step settles
             self.all_sent.wait_for(lambda: self.held == 0, timeout=READY_TIMEOUT_S)
+        with self.executor.lock:
+            self.executor.replicas.discard(self)
         with self.recovering:
             self.stopped = True  # a call that failed meanwhile does not start a new actor
             try:
@@ -725,6 +729,7 @@ class RayExecutor:
         self.refs: dict[int, Any] = {}  # model tensor id -> its object in the store
         self.lock = threading.Lock()
         self.actors: set[Any] = set()
+        self.replicas: set[RayReplica] = set()  # running, each in its actor
         self.groups: list[Any] = []  # placement groups: one, or one per node
         self.owns_connection = connect(address)
         gpu = device.startswith("cuda")
@@ -918,8 +923,8 @@ class RayExecutor:
         seconds = [outputs[k][2 * i + 1] for k, i in (where[id(c.result)] for c in ledger.calls)]
         return seconds, [outputs[k][2 * i] for k, i in (where[id(r)] for r in refs)]
 
-    @staticmethod
-    def _outcome(call: Submitted, errors: list[GroupError], seen: set[str]) -> float | None:
+    def _outcome(self, call: Submitted, errors: list[GroupError], seen: set[str]
+                 ) -> float | None:
         """A call's seconds, or None when it failed; its own failure added to `errors` (its
         actor died: replaced; or its function raised), not one it inherited from a call it
         read (a death names the actor; a raised error the call that raised it; a task that
@@ -928,8 +933,7 @@ class RayExecutor:
             took = ray.get(call.seconds)
         except ray.exceptions.RayActorError as died:  # also an inherited death
             if died.actor_id in (None, call.actor._actor_id.hex()):
-                errors.append(call.replica.recover(call.actor, died))
-                call.pool.retries += 1
+                self._actor_lost(call, died, errors)
             return None
         except ray.exceptions.RayError as failed:  # the task itself failed: its calls alike
             cause = getattr(failed, "cause", None) or failed
@@ -937,11 +941,27 @@ class RayExecutor:
             seen.add(repr(cause))
         if not isinstance(took, Failed):
             return took
+        if isinstance(took.error, ray.exceptions.RayActorError):  # dead before it was sent
+            if took.origin == call.call:
+                self._actor_lost(call, took.error, errors)
+            return None
         if took.origin == call.call:  # its own failure, not one it read
             errors.append(GroupError(call.replica.group, None, took.error))
             call.pool.retries += 1
             call.replica.sent.clear()  # the run again sends its functions again
         return None
+
+    def _actor_lost(self, call: Submitted, died: BaseException, errors: list[GroupError]
+                    ) -> None:
+        """A call's actor died: every replica it hosted is replaced now, not at its own next
+        call (one left on the dead actor would report its KV blocks lost again a step
+        later, so its requests would count two losses); their errors added, the call's pool
+        counts a retry."""
+        with self.lock:
+            hosted = [r for r in self.replicas if r.actor is call.actor]
+        for replica in hosted or [call.replica]:  # none: replaced by a call before it
+            errors.append(replica.recover(call.actor, died))
+        call.pool.retries += 1
 
     def shared(self, tensor: torch.Tensor) -> Any:
         """The object-store copy of a model tensor, put there once."""
