@@ -101,9 +101,14 @@ class CompiledSteps:
         may start compiling beside it), the graph in use or compiling, a call in it that
         raised (the graph stays), or the graph failed (torn down). Nothing of a step that
         takes the plain path is kept."""
+        got = self._execute(lane, step, runs, wanted)
+        self.counts["plain_steps" if got is None else "steps"] += 1
+        return got
+
+    def _execute(self, lane: int, step: int, runs: list[Any], wanted: list[Any]
+                 ) -> tuple[list[tuple], dict] | None:
         found = step_shape(runs, wanted) if self.disabled is None else None
         if found is None or not self.using.acquire(blocking=False):
-            self.counts["plain_steps"] += 1
             return None
         if self.closed.is_set():
             self.using.release()
@@ -111,7 +116,6 @@ class CompiledSteps:
         shape, where = found
         self.history.append(shape)
         if shape != self.shape:
-            self.counts["plain_steps"] += 1
             if self._recurs(shape):
                 self._start_compile(shape, runs)
             else:
@@ -125,16 +129,11 @@ class CompiledSteps:
             self._teardown()
             self.history.clear()  # compiled again once the shape recurs (an actor may be new)
             self.counts["broken"] += 1
-            self.counts["plain_steps"] += 1
             return None
         finally:
             self.last_used = time.monotonic()
             self.using.release()
-        if not all_ran(outputs):
-            self.counts["plain_steps"] += 1
-            return None
-        self.counts["steps"] += 1
-        return outputs, where
+        return (outputs, where) if all_ran(outputs) else None
 
     def _recurs(self, shape: StepShape) -> bool:
         """Whether `shape` has recurred enough, and the live graph's has gone out of use."""
