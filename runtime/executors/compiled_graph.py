@@ -89,6 +89,10 @@ class CompiledSteps:
         self.counts = {"compiled": 0, "compile_s": 0.0, "failed_compiles": 0, "steps": 0,
                        "plain_steps": 0, "broken": 0, "torn_down": 0}
         self.disabled: str | None = None  # why compiling stopped (the plain path stays)
+        # graphs only among actors on this process's node: Ray 2.60's raylet crashed (a
+        # failed check in experimental_mutable_object_provider.cc, "Channel closed") when
+        # a graph across two nodes was torn down, taking this process with it
+        self.node = ray.get_runtime_context().get_node_id()
         self.closed = threading.Event()
         self.reaper = threading.Thread(target=self._reap, daemon=True,
                                        name="fxscale-compiled-graph-reaper")
@@ -107,7 +111,9 @@ class CompiledSteps:
 
     def _execute(self, lane: int, step: int, runs: list[Any], wanted: list[Any]
                  ) -> tuple[list[tuple], dict] | None:
-        found = step_shape(runs, wanted) if self.disabled is None else None
+        found = step_shape(runs, wanted) if self.disabled is None and \
+            all(run.submitted[0].replica.location.get("node") == self.node for run in runs) \
+            else None
         if found is None or not self.using.acquire(blocking=False):
             return None
         if self.closed.is_set():
