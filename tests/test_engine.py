@@ -3,6 +3,7 @@ requests of mixed lengths (prompts chunked across steps), across decoder archite
 with preemption, cancellation and failing steps."""
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 
@@ -15,6 +16,7 @@ from fxscale.contracts.placement import Placement
 from fxscale.models import zoo
 from fxscale.runtime.engine import Engine
 from fxscale.runtime.engine.attention import find_attention
+from fxscale.runtime.executors.local import StateLostError
 from fxscale.runtime.engine.pooled import PooledRunner
 from fxscale.runtime.engine.runner import SequentialRunner, private_copy
 from fxscale.runtime.scheduling import SchedulerConfig
@@ -123,6 +125,49 @@ def test_two_micro_batches_side_by_side_give_the_same_tokens(llama):
     engine.close()
     assert engine.stats()["kv_blocks"]["used"] == 0
     assert outputs == [reference(llama, p, 6) for p in batch]
+
+
+def test_a_replica_lost_under_one_micro_batch_voids_the_other_half_of_its_step(llama):
+    """Two micro-batches share the attention replica; under one half of a step it dies and
+    comes back with empty KV blocks (a Ray actor replaced while the other half's calls were
+    on their way to it), so the other half reads empty blocks: no half of that step counts,
+    every request of the replica is recomputed once, and the tokens are HF greedy's."""
+    copy = private_copy(llama)
+    layers, _ = find_attention(copy)
+    runner = PooledRunner(copy, layers, 256, 16, {"granularity": "operator", "lowering": "eager"},
+                          Placement(Devices(slots=2)), backend="torch")
+    runner.warm_up()
+    engine = Engine(runner, SchedulerConfig(max_num_batched_tokens=64), 256, 512,
+                    micro_batches=2)
+    blocks = [b for name, b in copy.named_buffers() if "fxscale_" in name]
+    run, attempt = engine._run, engine._attempt
+    steps, now, wiped = itertools.count(), {}, threading.Event()
+
+    def counted_run(step, started):
+        now.update(step=next(steps), first=step.chunks[0].request, halves=len(step.chunks) > 1)
+        return run(step, started)
+
+    def losing_attempt(half):
+        if "lost" in now or now["step"] < 6 or not now["halves"]:
+            return attempt(half)
+        if half.chunks[0].request != now["first"]:  # the other half: after the loss
+            assert wiped.wait(30)
+            return attempt(half)
+        for cache in blocks:
+            cache.zero_()  # as a replacement actor's blocks are
+        now["lost"] = True
+        wiped.set()
+        return None, frozenset(), [], StateLostError("attention", 0, RuntimeError("died")), 1
+
+    engine._run, engine._attempt = counted_run, losing_attempt
+    batch = prompts(9, 12, 40)
+    outputs = [r.future.result(timeout=300) for r in [engine.add(p, 12, ignore_eos=True)
+                                                      for p in batch]]
+    engine.close()
+    stats = engine.stats()
+    assert "lost" in now and stats["recomputed_replicas"] == 1
+    assert stats["kv_blocks"]["used"] == 0
+    assert outputs == [reference(llama, p, 12) for p in batch]
 
 
 def test_a_small_cache_preempts_and_loses_nothing(llama):

@@ -286,18 +286,20 @@ class Engine:
             outcomes = [self._attempt(halves[0]), other.result()]
         run_s = time.perf_counter() - run_start
         now = time.perf_counter()
-        lost = set()
+        # a replica lost under one half may have been replaced before the other half's calls
+        # reached it (they then read its empty blocks): no half of the step counts, and a
+        # request on a live replica runs its chunk again (rewriting the same KV slots)
+        lost = {err.lost_replica: err for *_, err, _ in outcomes
+                if getattr(err, "lost_replica", None) is not None}
         for half, (logits, whole, failed, err, failures) in zip(halves, outcomes):
             self.counters["failed_steps"] += failures
             for request in failed:
                 self._fail(request, err)
-            if getattr(err, "lost_replica", None) is not None \
-                    and err.lost_replica not in lost:
-                lost.add(err.lost_replica)
-                self._recompute(err)
-            if logits is not None:
+            if logits is not None and not lost:
                 self.scheduler.complete(half)
                 self._deliver(half, logits, whole, now)
+        for err in lost.values():
+            self._recompute(err)
         self._count(step, run_s, time.perf_counter() - started)
 
     def _attempt(self, step: Step) -> tuple[Any, frozenset[int], list[int], Any, int]:
