@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -141,6 +142,62 @@ def test_two_ray_servers_share_a_private_instance_until_the_last_one_closes(llam
         first.close()
     assert got == greedy(llama, prompt, 6)
     assert not ray.is_initialized()
+
+
+def test_steps_through_a_compiled_graph_on_one_node_equal_greedy_and_survive_a_kill(llama):
+    """compiled_graph=True on the private single-node instance (before the cluster fixture
+    starts one), attention on one device (actor) and the dense groups on the other, two
+    micro-batches (one in the graph, the other as plain calls beside it): once a step shape
+    recurs, a graph compiles beside the steps and later steps run through it, equal to
+    greedy; an idle graph is torn down; an actor killed while the graph is live breaks it,
+    the step runs again on the plain path (the attention replica's requests recomputed) and
+    a graph is compiled again over the replacement; attention scaled to two replicas on its
+    device (the new one's state taken by the actor while a graph may be live) runs through
+    a graph too."""
+    assert not ray.is_initialized()
+    batch = prompts(6, 8, 40)
+    new = 96  # steps enough for a graph to compile beside them on a loaded machine
+    expected = [greedy(llama, p, new) for p in batch]
+
+    def graph() -> dict:
+        return server.stats()["engine"]["compiled_graph"]
+
+    def run(requests: list[list[int]], kill: bool = False) -> list[list[int]]:
+        through = graph()["steps"]
+        futures = [server.generate(torch.tensor([p]), max_new_tokens=new, ignore_eos=True)
+                   for p in requests]
+        wait_for(lambda: graph()["steps"] > through)  # steps run through a graph
+        if kill:
+            ray.kill(server.executor.hosts[0][0])  # device 0: the attention groups
+        return [f.result(timeout=120) for f in futures]
+
+    with fxscale.serve(llama, backend="ray", actors="device", devices=fxscale.Devices(count=2),
+                       plan=split_plan((0,), (1,), 2), compiled_graph=True,
+                       micro_batches=2) as server:
+        # the private loopback instance (a Ray call before connecting once started another)
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+        assert run(batch[:4]) == expected[:4]
+        assert graph()["compiled"] == 1
+        wait_for(lambda: not graph()["live"])  # idle: its actor loops would poll
+        assert run(batch[4:], kill=True) == expected[4:]
+        wait_for(lambda: graph()["compiled"] >= 3)  # after the idle and the broken graph
+        server.scale("model.layers.*#1/attention", 2)  # on device 0: the same actor
+        assert run(batch[:4]) == expected[:4]  # the new replica's steps through a graph
+        stats = server.stats()
+    after = stats["engine"]["compiled_graph"]
+    assert after["broken"] >= 1 and after["torn_down"] >= 2 and after["failed_compiles"] == 0
+    assert len(nodes_of(stats, True) | nodes_of(stats, False)) == 1
+    assert stats["engine"]["recomputed_replicas"] >= 1
+    assert stats["requests"]["finish_reasons"]["error"] == 0
+    assert not ray.is_initialized()
+
+
+def wait_for(condition, timeout_s: float = 30.0) -> None:
+    """Poll until condition() holds (an error after timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
 
 
 def test_operator_groups_as_actors_equal_greedy_while_scaling_and_losing_actors(cluster,

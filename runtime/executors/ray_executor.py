@@ -716,8 +716,7 @@ class RayExecutor:
         self.pass_handles = pass_handles  # may change while no step runs (benchmarks do)
         self.local_handoff = True  # likewise
         self.fuse_runs = True  # likewise
-        self.compiled: CompiledSteps | None = None
-        self.compiled_graph = compiled_graph and pass_handles
+        self.compiled: CompiledSteps | None = None  # set once connected (it asks Ray)
         self.ledgers = threading.local()  # each stepping thread's submitted calls
         self.steps, self.calls = itertools.count(), itertools.count()  # numbers, unique
         self.setup = setup  # what each actor runs first (a module-level function)
@@ -761,6 +760,9 @@ class RayExecutor:
             if self.per_device:
                 self.hosts[index] = (self._launch(index), {})
             self._refill(index)
+        # after connect(): a Ray call before it would start a default Ray instance, not
+        # the loopback-only one, and this executor would then run on that
+        self.compiled_graph = compiled_graph and pass_handles
 
     def replica(self, key: int, slots: threading.Semaphore, name: str, device: int
                 ) -> RayReplica:
