@@ -16,9 +16,9 @@ from fxscale.contracts.placement import Placement
 from fxscale.models import zoo
 from fxscale.runtime.engine import Engine
 from fxscale.runtime.engine.attention import find_attention
-from fxscale.runtime.executors.local import StateLostError
 from fxscale.runtime.engine.pooled import PooledRunner
 from fxscale.runtime.engine.runner import SequentialRunner, private_copy
+from fxscale.runtime.executors.local import StateLostError
 from fxscale.runtime.scheduling import SchedulerConfig
 
 
