@@ -36,7 +36,7 @@ def service(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def step_trace():
-    """100 req/s, then a burst at 400 that disaggregated attention serves cheapest."""
+    """100 req/s, then a burst at 400."""
     base = load_trace("azure-conv")
     calm, burst = poisson_resample(base, 100.0, 10, 2), poisson_resample(base, 400.0, 10, 3)
     return Trace("step", "synthetic", calm.requests + [
@@ -60,11 +60,11 @@ def test_shapley_values_split_a_game_with_interactions_fairly():
 def test_switched_off_mechanisms_change_what_the_planner_and_replay_build(service,
                                                                             step_trace):
     azure = load_trace("azure-conv")
-    work = Workload.from_requests(azure.requests, azure.rate()).at(400.0)
-    shape = plan(service, work, SLO_TIGHT, "operator").engines[0].engine
+    work = Workload.from_requests(azure.requests, azure.rate()).at(1000.0)
+    slo = replace(SLO_TIGHT, tbt=0.006)  # where the planner picks disaggregated attention
+    shape = plan(service, work, slo, "operator").engines[0].engine
     assert shape.attention > 0 and shape.dense_replicas > 1  # the case the switches matter
-    alone = plan(service, work, SLO_TIGHT, "operator",
-                 mechanisms=Mechanisms(disaggregation=False))
+    alone = plan(service, work, slo, "operator", mechanisms=Mechanisms(disaggregation=False))
     assert alone.engines[0].engine.attention == 0
     # pooled prefill: a prompt's chunk spread over the dense replicas, or one chunk a step
     assert engine_for(shape).prompt_lane(256) == 256 * shape.dense_replicas

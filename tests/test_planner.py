@@ -289,6 +289,28 @@ def test_a_changed_tp_degree_retires_the_old_replicas_once_the_new_are_ready(ser
     assert not new[0].draining
 
 
+def test_a_prompt_chunk_attends_on_the_one_attention_device_holding_its_kv(service):
+    """A disaggregated engine's attention devices each hold their own requests: a prompt
+    chunk's attention runs whole on the device with its KV, beside that device's share of
+    the decodes, not spread over every attention device that holds a decode."""
+    engine = OperatorEngine(8, 2, 2)
+    deep = 30_000  # the chunk's offset in its prompt: it attends over every token before it
+    chunk = Batch(1, 1024, (deep + 1024) ** 2 - deep ** 2)
+    decodes = Batch(decode_n=64, decode_s1=64 * 900.0)
+    both = Batch(1, chunk.prefill_s1, chunk.prefill_s2, 64, decodes.decode_s1)
+    stateful = [k for k in service.kinds if k.stateful]
+    alone = sum(service.kind_time(k, chunk) for k in stateful)
+    share = sum(service.kind_time(k, Batch(decode_n=8, decode_s1=8 * 900.0)) for k in stateful)
+    attention, _, _, busy = engine.pool_times(service, both)
+    assert attention == pytest.approx(sum(service.kind_time(
+        k, Batch(1, chunk.prefill_s1, chunk.prefill_s2, 8, 8 * 900.0)) for k in stateful))
+    assert attention >= alone > 4 * share  # before: about an eighth of the chunk's
+    # busy device-seconds count the work once, on the devices that hold it
+    assert busy == pytest.approx(engine.pool_times(service, chunk)[3]
+                                 + engine.pool_times(service, decodes)[3], rel=0.25)
+    assert engine.pool_times(service, decodes)[0] == pytest.approx(share)
+
+
 def test_co_located_operator_replicas_keep_each_request_and_its_tokens_on_one(service, azure):
     """Review finding 3: a co-located operator engine is replicas that each hold their own
     requests, not one divisible pool: one prompt is not spread over every replica, and a

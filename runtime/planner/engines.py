@@ -125,9 +125,11 @@ class OperatorEngine(OperatorShape):
         attention = dense = comm = busy = 0.0
         for kind in service.kinds:
             if kind.stateful:  # requests spread over the attention devices
-                seconds = service.kind_time(kind, batch, 1, self.attention)
-                attention += seconds
-                busy += seconds * service.busy_replicas(kind, batch, self.attention)
+                # a request's attention runs where its KV lives: the busiest device, with a
+                # whole prompt chunk and its share of the decodes, sets the pool's time
+                attention += service.kind_time(kind, busiest_share(batch, self.attention))
+                even = service.kind_time(kind, batch, 1, self.attention)
+                busy += even * service.busy_replicas(kind, batch, self.attention)
             else:
                 seconds = service.kind_time(kind, batch, self.dense_shards, self.dense_replicas)
                 dense += seconds
@@ -172,15 +174,8 @@ class OperatorEngine(OperatorShape):
     def _busiest_seconds(self, service: ServiceModel, batch: Batch) -> float:
         """Seconds of co-located replicas' iteration: the busiest replica holds its even part
         of the prompts and of the decodes, but at least one whole request of each."""
-        replicas = self.dense_replicas
-
-        def busiest(n: float) -> float:
-            return 1.0 if n <= 1 else max(1 / replicas, 1 / n)
-
-        p, d = busiest(batch.prefill_n), busiest(batch.decode_n)
-        share = Batch(batch.prefill_n * p, batch.prefill_s1 * p, batch.prefill_s2 * p,
-                      batch.decode_n * d, batch.decode_s1 * d)
-        return service.iteration_time(share, self.dense_shards)
+        return service.iteration_time(busiest_share(batch, self.dense_replicas),
+                                      self.dense_shards)
 
     def kv_capacity_tokens(self, service: ServiceModel) -> float:
         """Tokens of KV cache: the attention devices' memory, or what the weights leave free."""
@@ -199,6 +194,18 @@ class OperatorEngine(OperatorShape):
     def load_bytes_per_device(self, service: ServiceModel) -> float:
         """Weight bytes a new dense device loads; attention devices load no weights."""
         return service.weight_bytes / self.dense_shards
+
+
+def busiest_share(batch: Batch, replicas: int) -> Batch:
+    """The part of a batch the busiest of `replicas` replicas holds, each request on one
+    replica: an even part of the prompts and of the decodes, but at least one whole request
+    of each."""
+    def busiest(n: float) -> float:
+        return 1.0 if n <= 1 else max(1 / replicas, 1 / n)
+
+    p, d = busiest(batch.prefill_n), busiest(batch.decode_n)
+    return Batch(batch.prefill_n * p, batch.prefill_s1 * p, batch.prefill_s2 * p,
+                 batch.decode_n * d, batch.decode_s1 * d)
 
 
 def engine_for(shape: LockstepShape | OperatorShape,

@@ -29,6 +29,7 @@ from fxscale.runtime.planner.engines import (
     LockstepEngine,
     Mechanisms,
     OperatorEngine,
+    busiest_share,
     shape_of,
 )
 from fxscale.runtime.planner.queueing import erlang_c, erlang_c_wait
@@ -639,9 +640,10 @@ def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
         if isinstance(engine, OperatorEngine) and engine.attention:
             attention, dense, _, _ = engine.pool_times(service, batch)
             total = attention + dense
-            places = {True: (devices[:engine.attention], engine.attention, 1, engine.attention),
+            places = {True: (devices[:engine.attention], engine.attention, 1, 1,
+                             busiest_share(batch, engine.attention)),  # as pool_times
                       False: (devices[engine.attention:], engine.dense_replicas,
-                              engine.dense_shards, engine.dense_replicas)}
+                              engine.dense_shards, engine.dense_replicas, batch)}
             role = "operator"
         else:  # replicas that each run their own requests: time at one replica's batch
             if isinstance(engine, OperatorEngine):  # co-located: r replicas in one engine
@@ -650,10 +652,10 @@ def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
             else:
                 replicas, shards, role = count, engine.shards, engine.role
             total = service.iteration_time(batch, shards)
-            places = {flag: (devices, replicas, shards, 1) for flag in (True, False)}
+            places = {flag: (devices, replicas, shards, 1, batch) for flag in (True, False)}
         for kind in service.kinds:
-            where, replicas, shards, split = places[kind.stateful]
-            share = service.kind_time(kind, batch, shards, split) / max(total, 1e-12)
+            where, replicas, shards, split, part = places[kind.stateful]
+            share = service.kind_time(kind, part, shards, split) / max(total, 1e-12)
             for gid in kind.group_ids:
                 rows.append(GroupPlacement(gid, kind.name, role, replicas, shards, max_batch,
                                            tuple(where), share / kind.count,
