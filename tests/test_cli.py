@@ -106,6 +106,30 @@ def test_simulate_all_policies_table(tmp_path, monkeypatch, capsys):
         assert SIMULATE_KEYS <= set(run) and run["max_rate_at_slo"] is None
 
 
+def test_simulate_all_reports_a_policy_no_deployment_serves_and_runs_the_others(
+        tmp_path, monkeypatch, capsys):
+    """When no operator deployment meets the SLO (here: the search finds none), --policy all
+    still replays the other policies; the operator row says why, in the table and the JSON;
+    asked alone, the policy is a clear error."""
+    from fxscale.runtime.planner import search
+
+    monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(search, "_candidates_operator", lambda *args: iter(()))
+    out = tmp_path / "all.json"
+    argv = ["simulate", "--model", "llama-2-7b", "--layers", "2", "--duration", "60",
+            "--rate-scale", "8", "--slo-ttft", "0.5", "--slo-tbt", "0.01", "--headroom", "1"]
+    assert main(argv + ["--policy", "all", "--json", str(out)]) == 0
+    table = " ".join(capsys.readouterr().out.split())
+    assert "no deployment meets the SLO" in table and "operator: no operator deployment" in table
+    runs = json.loads(out.read_text())["policies"]
+    assert "no operator deployment of llama-2-7b" in runs["operator"]["infeasible"]
+    assert "gpu_hours" not in runs["operator"]
+    for policy in ("static", "model", "phase"):
+        assert SIMULATE_KEYS <= set(runs[policy]) and "infeasible" not in runs[policy]
+    assert main(argv + ["--policy", "operator"]) == 2
+    assert "no operator deployment" in capsys.readouterr().err
+
+
 def test_simulate_enforces_the_context_and_scales_ttft_with_the_prompt(tmp_path, monkeypatch,
                                                                        capsys):
     """Llama-2-7B takes 4,096 tokens: a trace with longer prompts has them rejected or cut,

@@ -69,6 +69,30 @@ def test_the_quick_sweep_writes_json_markdown_and_heatmaps(tmp_path, monkeypatch
     assert str(out / "sweep.json") in capsys.readouterr().out
 
 
+def test_a_point_where_no_operator_deployment_serves_is_a_dash_not_a_crash(tmp_path,
+                                                                          monkeypatch):
+    """A cell where the planner finds no operator deployment that meets the SLO keeps the
+    model-level numbers, has no ratio (a dash in the page, blank in the heatmap) and says
+    why in the JSON."""
+    from fxscale.runtime.planner import search
+
+    monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sweep_module, "QUICK_SECONDS", 15.0)
+    monkeypatch.setattr(sweep_module, "QUICK_AXES", {"rate_rps": (2.0, 4.0),
+                                                     "burstiness": (1.0,)})
+    monkeypatch.setattr(search, "_candidates_operator", lambda *args: iter(()))
+    out = tmp_path / "map"
+    assert main(["simulate", "--sweep", "quick", "--model", "llama-2-7b", "--layers", "2",
+                 "--sweep-dir", str(out)]) == 0
+    cells = json.loads((out / "sweep.json").read_text())["slices"][0]["grid"][0]
+    for cell in cells:
+        assert cell["gpu_hours_ratio"] is None and cell["gpu_hours"]["operator"] is None
+        assert cell["gpu_hours"]["model"] > 0 and not cell["met"]["operator"]
+        assert "no operator deployment" in cell["infeasible"]["operator"]
+    assert "| — / — (" in (out / "sweep.md").read_text()
+    assert (out / "rate_rps-burstiness.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_a_skewed_routing_is_not_silently_dropped_by_the_sweep(tmp_path, capsys):
     """--expert-skew is not a sweep axis: asking for both is a clear error, nothing runs."""
     out = tmp_path / "map"

@@ -238,7 +238,10 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _run_json(row: dict) -> dict:
-    """The JSON of one policy's run: the metrics, its setting, timeline and decisions."""
+    """The JSON of one policy's run: the metrics, its setting, timeline and decisions (a
+    policy no deployment lets meet the SLO: why, and the bounds)."""
+    if "infeasible" in row:
+        return {k: row[k] for k in row if k != "result"}
     result = row["result"]
     keys = ("gpu_hours", "energy_kwh", "slo_attainment", "ttft_p50", "ttft_p99", "tbt_p50",
             "tbt_p99", "throughput_tok_s", "lower_bound_gpu_hours", "lower_bound_energy_kwh",
@@ -269,6 +272,9 @@ def simulate_table(runs: dict, config: dict) -> str:
                 "TBT p50/p99 ms", "tok/s", "setting", "max req/s @ N"):
         table.add_column(col, justify="left" if col in ("policy", "setting") else "right")
     for name, r in runs.items():
+        if "infeasible" in r:
+            table.add_row(name, "—", "—", "—", "no deployment meets the SLO (below)")
+            continue
         table.add_row(name, f"{r['gpu_hours']:.2f}",
                       f"{r['gpu_hours'] / r['step_bound_gpu_hours']:.2f}",
                       f"{r['energy_kwh']:.2f}",
@@ -285,6 +291,9 @@ def simulate_table(runs: dict, config: dict) -> str:
                      f"{first['lower_bound_gpu_hours']:.2f} GPU-h, "
                      f"{first['lower_bound_energy_kwh']:.2f} kWh); (!) = attainment target "
                      "not reached at any searched setting")
+    for name, r in runs.items():
+        if "infeasible" in r:
+            table.caption += f"; {name}: {r['infeasible']}"
     context = config.get("context") or {}
     over = context.get("rejected", 0) + context.get("truncated_prompts", 0)
     if over or context.get("shortened_outputs"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -43,9 +44,18 @@ AXIS_NAMES = {"rate_rps": "arrival rate", "burstiness": "burstiness (arrival-gap
 
 
 def _cell(point: dict) -> str:
-    """A cell's text: the device-hour ratio, starred when a policy missed its target."""
+    """A cell's text: the device-hour ratio, starred when a policy missed its target (a
+    dash where model or operator had no deployment that meets the SLO)."""
     star = "" if all(point["met"].values()) else "*"
-    return f"{point['gpu_hours_ratio']:.2f}{star}"
+    return _ratio(point["gpu_hours_ratio"]) + star
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _share(value: float | None) -> str:
+    return "none" if value is None else f"{value:.1%}"
 
 
 def heatmap(slice_: dict) -> dict[str, bytes]:
@@ -56,8 +66,9 @@ def heatmap(slice_: dict) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
 
-    grid = [[p["gpu_hours_ratio"] for p in row] for row in slice_["grid"]]
-    spread = max(0.05, max(abs(v - 1) for row in grid for v in row))
+    grid = [[math.nan if p["gpu_hours_ratio"] is None else p["gpu_hours_ratio"] for p in row]
+            for row in slice_["grid"]]
+    spread = max([0.05] + [abs(v - 1) for row in grid for v in row if not math.isnan(v)])
     fig, ax = plt.subplots(figsize=(1.4 * len(slice_["x_values"]) + 2.5,
                                     0.9 * len(slice_["y_values"]) + 1.8))
     image = ax.imshow(grid, cmap="RdBu_r", origin="lower", aspect="auto",
@@ -108,9 +119,9 @@ def sweep_markdown(data: dict, command: str) -> str:
                   "| " + " | ".join([f"{y} \\ {x}"] + [_label(x, v) for v in slice_["x_values"]])
                   + " |", "|" + "---|" * (len(slice_["x_values"]) + 1)]
         for value, row in zip(slice_["y_values"], slice_["grid"]):
-            cells = [f"{p['gpu_hours_ratio']:.2f} / {p['energy_ratio']:.2f} "
-                     f"({p['attainment']['model']:.1%}, {p['attainment']['operator']:.1%})"
-                     for p in row]
+            cells = [f"{_ratio(p['gpu_hours_ratio'])} / {_ratio(p['energy_ratio'])} "
+                     f"({_share(p['attainment']['model'])}, "
+                     f"{_share(p['attainment']['operator'])})" for p in row]
             lines.append("| " + " | ".join([_label(y, value)] + cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -268,7 +268,8 @@ def compare(service: ServiceModel, trace: Trace, policies, slo: SLO, scaling: Sc
     beyond the model's context are rejected or truncated alike for every policy (counted in
     each row's `context`); with `prefix_caching` every policy reuses cached prefixes by the
     same rule (each row's `prefix_reuse`); `intervals` gives policies their own decision
-    interval (each row's `interval_s`)."""
+    interval (each row's `interval_s`). Of several policies, one that no deployment lets
+    meet the SLO is a row with only its reason (`infeasible`); the others still run."""
     start = time.perf_counter()
     trace, context = serving_trace(service, trace, over_context, prefix_caching)
     bound = lower_bound(service, trace, scaling.interval_s, slo.tbt)
@@ -276,9 +277,14 @@ def compare(service: ServiceModel, trace: Trace, policies, slo: SLO, scaling: Sc
     for policy in policies:
         t0 = time.perf_counter()
         own = replace(scaling, interval_s=(intervals or {}).get(policy, scaling.interval_s))
-        row = best_setting(service, trace, policy, slo, own, tune, progress)
+        try:
+            row = best_setting(service, trace, policy, slo, own, tune, progress)
+        except ValueError as err:
+            if len(policies) == 1:
+                raise
+            row = {"policy": policy, "infeasible": str(err)}
         row["interval_s"] = own.interval_s
-        if fixed_gpus is not None:
+        if fixed_gpus is not None and "infeasible" not in row:
             row.update(max_rate_at_slo(service, trace, policy, slo, fixed_gpus, progress))
         row.update(bound, context=context)
         row["wall_s"] = time.perf_counter() - t0

@@ -96,14 +96,21 @@ def run_point(point: SweepPoint, service: ServiceModel) -> dict:
     scaling = ScalingConfig(interval_s=point.interval_s, startup_s=point.startup_s)
     rows = {r["policy"]: r for r in compare(service, trace, POLICIES, slo, scaling,
                                             tune=False)["rows"]}
-    model, operator = rows["model"], rows["operator"]
-    return {"point": asdict(point), "requests": model["requests"],
-            "gpu_hours": {p: rows[p]["gpu_hours"] for p in POLICIES},
-            "energy_kwh": {p: rows[p]["energy_kwh"] for p in POLICIES},
-            "attainment": {p: rows[p]["slo_attainment"] for p in POLICIES},
-            "met": {p: rows[p]["slo_attainment"] >= slo.attainment for p in POLICIES},
-            "gpu_hours_ratio": operator["gpu_hours"] / model["gpu_hours"],
-            "energy_ratio": operator["energy_kwh"] / model["energy_kwh"]}
+    # a policy no deployment lets meet the SLO here has no numbers (None), and no ratio
+    metric = {key: {p: rows[p].get(key) for p in POLICIES}
+              for key in ("gpu_hours", "energy_kwh", "slo_attainment")}
+
+    def ratio(key: str) -> float | None:
+        model, operator = metric[key]["model"], metric[key]["operator"]
+        return None if model is None or operator is None else operator / model
+
+    served = next((r["requests"] for r in rows.values() if "requests" in r), len(trace.requests))
+    return {"point": asdict(point), "requests": served,
+            "gpu_hours": metric["gpu_hours"], "energy_kwh": metric["energy_kwh"],
+            "attainment": metric["slo_attainment"],
+            "met": {p: (a or 0.0) >= slo.attainment for p, a in metric["slo_attainment"].items()},
+            "infeasible": {p: rows[p]["infeasible"] for p in POLICIES if "infeasible" in rows[p]},
+            "gpu_hours_ratio": ratio("gpu_hours"), "energy_ratio": ratio("energy_kwh")}
 
 
 def run_sweep(plan: SweepPlan, service_for: Callable[[SweepPoint], ServiceModel],
