@@ -127,11 +127,13 @@ def test_two_micro_batches_side_by_side_give_the_same_tokens(llama):
     assert outputs == [reference(llama, p, 6) for p in batch]
 
 
-def test_a_replica_lost_under_one_micro_batch_voids_the_other_half_of_its_step(llama):
-    """Two micro-batches share the attention replica; under one half of a step it dies and
-    comes back with empty KV blocks (a Ray actor replaced while the other half's calls were
-    on their way to it), so the other half reads empty blocks: no half of that step counts,
-    every request of the replica is recomputed once, and the tokens are HF greedy's."""
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_replicas_lost_under_one_micro_batch_void_the_other_half_of_its_step(llama, replicas):
+    """Two micro-batches share the attention replicas; under one half of a step they die
+    (one process hosting them all) and come back with empty KV blocks (a Ray actor replaced
+    while the other half's calls were on their way to it), so the other half reads empty
+    blocks: no half of that step counts, every request of every lost replica is recomputed
+    once, and the tokens are HF greedy's."""
     copy = private_copy(llama)
     layers, _ = find_attention(copy)
     runner = PooledRunner(copy, layers, 256, 16, {"granularity": "operator", "lowering": "eager"},
@@ -139,7 +141,7 @@ def test_a_replica_lost_under_one_micro_batch_voids_the_other_half_of_its_step(l
     runner.warm_up()
     engine = Engine(runner, SchedulerConfig(max_num_batched_tokens=64), 256, 512,
                     micro_batches=2)
-    blocks = [b for name, b in copy.named_buffers() if "fxscale_" in name]
+    engine.control(lambda: engine.set_attention_replicas(replicas)).result(timeout=60)
     run, attempt = engine._run, engine._attempt
     steps, now, wiped = itertools.count(), {}, threading.Event()
 
@@ -153,11 +155,14 @@ def test_a_replica_lost_under_one_micro_batch_voids_the_other_half_of_its_step(l
         if half.chunks[0].request != now["first"]:  # the other half: after the loss
             assert wiped.wait(30)
             return attempt(half)
-        for cache in blocks:
-            cache.zero_()  # as a replacement actor's blocks are
-        now["lost"] = True
+        for pool in runner.stateful_pools():
+            for replica in pool.replicas.values():
+                for cache in replica.state.values():
+                    cache.zero_()  # as a replacement actor's blocks are
+        now["lost"] = set(engine.scheduler.pools)
         wiped.set()
-        return None, frozenset(), [], StateLostError("attention", 0, RuntimeError("died")), 1
+        return None, frozenset(), [], StateLostError("attention", now["lost"],
+                                                     RuntimeError("died")), 1
 
     engine._run, engine._attempt = counted_run, losing_attempt
     batch = prompts(9, 12, 40)
@@ -165,7 +170,7 @@ def test_a_replica_lost_under_one_micro_batch_voids_the_other_half_of_its_step(l
                                                       for p in batch]]
     engine.close()
     stats = engine.stats()
-    assert "lost" in now and stats["recomputed_replicas"] == 1
+    assert now["lost"] == set(range(replicas)) and stats["recomputed_replicas"] == replicas
     assert stats["kv_blocks"]["used"] == 0
     assert outputs == [reference(llama, p, 12) for p in batch]
 

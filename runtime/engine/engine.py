@@ -289,8 +289,8 @@ class Engine:
         # a replica lost under one half may have been replaced before the other half's calls
         # reached it (they then read its empty blocks): no half of the step counts, and a
         # request on a live replica runs its chunk again (rewriting the same KV slots)
-        lost = {err.lost_replica: err for *_, err, _ in outcomes
-                if getattr(err, "lost_replica", None) is not None}
+        lost = {replica: err for *_, err, _ in outcomes
+                for replica in getattr(err, "lost_replicas", ())}
         for half, (logits, whole, failed, err, failures) in zip(halves, outcomes):
             self.counters["failed_steps"] += failures
             for request in failed:
@@ -298,8 +298,8 @@ class Engine:
             if logits is not None and not lost:
                 self.scheduler.complete(half)
                 self._deliver(half, logits, whole, now)
-        for err in lost.values():
-            self._recompute(err)
+        for replica, err in sorted(lost.items()):
+            self._recompute(replica, err)
         self._count(step, run_s, time.perf_counter() - started)
 
     def _attempt(self, step: Step) -> tuple[Any, frozenset[int], list[int], Any, int]:
@@ -311,7 +311,7 @@ class Engine:
         try:
             return self.runner.run(step, tokens, whole), whole, [], None, 0
         except Exception as err:  # noqa: BLE001 - a failed step must not stop the engine
-            if getattr(err, "lost_replica", None) is not None:
+            if getattr(err, "lost_replicas", None):
                 return None, whole, [], err, 1  # not run again on empty blocks: recomputed
             held = getattr(err, "tokens", None)
             if held is not None:  # a group named the tokens it failed on: only theirs
@@ -324,10 +324,10 @@ class Engine:
                 [c.request for c in step.chunks]
             return None, whole, failed, err, 2
 
-    def _recompute(self, err: BaseException) -> None:
+    def _recompute(self, replica: int, err: BaseException) -> None:
         """An attention replica died with its KV blocks: its requests are preempted, to be
         recomputed from their tokens; a request this happens to a second time fails."""
-        for request in self.scheduler.recompute(err.lost_replica):
+        for request in self.scheduler.recompute(replica):
             record = self.requests.get(request)
             if record is None:
                 continue

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -42,12 +42,12 @@ class GroupError(RuntimeError):
 
 
 class StateLostError(GroupError):
-    """A replica died with the KV blocks it held (a replica of another process): its
-    requests must be recomputed, not retried on empty blocks."""
+    """Replicas died with the KV blocks they held (replicas of another process; a process
+    may host several): their requests must be recomputed, not retried on empty blocks."""
 
-    def __init__(self, group: str, replica: int, cause: BaseException) -> None:
+    def __init__(self, group: str, replicas: Iterable[int], cause: BaseException) -> None:
         super().__init__(group, None, cause)
-        self.lost_replica = replica
+        self.lost_replicas, self.cause = frozenset(replicas), cause
 
 
 class LocalReplica:

@@ -677,7 +677,7 @@ class RayReplica(LocalReplica):
                 self.sent.clear()
                 self._send(self.known)
         if any(cache for _, cache in self.known.values()):
-            return StateLostError(self.group, self.key, died)
+            return StateLostError(self.group, (self.key,), died)
         return GroupError(self.group, None, died)
 
     def stop(self) -> None:
@@ -901,8 +901,11 @@ class RayExecutor:
                 call.replica.executions += 1
                 call.replica.busy_s += took
         lost = [e for e in errors if isinstance(e, StateLostError)]
-        if lost or (errors and value is not None):  # lost KV first: recomputed, not rerun
-            raise (lost or errors)[0]
+        if lost:  # first: recomputed, not rerun; every replica a dead actor hosted at once
+            raise StateLostError(lost[0].group, (k for e in lost for k in e.lost_replicas),
+                                 lost[0].cause)
+        if errors and value is not None:
+            raise errors[0]
         if value is None:
             return None
         if outputs is None:
