@@ -57,7 +57,7 @@ ROW_KEYS = {
                   "slo_attainment": float, "meets_target": bool, "ttft_p50": float,
                   "ttft_p99": float, "tbt_p50": float, "tbt_p99": float,
                   "throughput_tok_s": float, "headroom": float, "floor": float,
-                  "wall_s": float, "x_bound": float},
+                  "wall_s": float, "x_bound": float, "infeasible": (str, type(None))},
     "runtime": {"policy": str, "trace": str, "layers": int, "hidden": int, "budget": int,
                 "slo_ttft_s": float, "slo_tbt_s": float, "requests": int, "completed": int,
                 "rejected": int, "failed": int, "slo_attainment": float,

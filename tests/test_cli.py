@@ -111,6 +111,7 @@ def test_simulate_all_reports_a_policy_no_deployment_serves_and_runs_the_others(
     """When no operator deployment meets the SLO (here: the search finds none), --policy all
     still replays the other policies; the operator row says why, in the table and the JSON;
     asked alone, the policy is a clear error."""
+    from fxscale.reporting.run import load_runs
     from fxscale.runtime.planner import search
 
     monkeypatch.setenv("FXSCALE_CACHE_DIR", str(tmp_path / "cache"))
@@ -126,6 +127,8 @@ def test_simulate_all_reports_a_policy_no_deployment_serves_and_runs_the_others(
     assert "gpu_hours" not in runs["operator"]
     for policy in ("static", "model", "phase"):
         assert SIMULATE_KEYS <= set(runs[policy]) and "infeasible" not in runs[policy]
+    reported = load_runs(json.loads(out.read_text()))  # what `fxscale report --run` reads
+    assert [run.label for run in reported] == ["static", "model", "phase"]
     assert main(argv + ["--policy", "operator"]) == 2
     assert "no operator deployment" in capsys.readouterr().err
 

@@ -7,3 +7,8 @@ class InputError(ValueError):
     """A file, field or argument fxscale cannot use; the message names where and why.
 
     A ValueError, so callers that catch ValueError keep working."""
+
+
+class NoDeploymentError(ValueError):
+    """No deployment of a policy meets the SLO at the asked rate (within the devices
+    allowed); the message says which requests make it so and what to relax."""

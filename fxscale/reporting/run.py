@@ -37,8 +37,10 @@ def load_runs(run: Any, where: str = "run") -> list[Run]:
         raise InputError(f"{where}: a run must be a JSON object with a 'timeline' list, got "
                          f"{type(run).__name__}")
     if isinstance(run.get("policies"), dict):  # fxscale simulate --policy all
+        # a policy no deployment let meet the SLO has no timeline (its row says why)
         return [parse_run(r, f"{where}: field 'policies.{name}'", name)
-                for name, r in run["policies"].items()]
+                for name, r in run["policies"].items()
+                if not (isinstance(r, dict) and "infeasible" in r)]
     return [parse_run(run, where, str(run.get("policy", "run")))]
 
 

@@ -191,8 +191,11 @@ def simulator_policies(config: SimulatorConfig, tick: Tick = _no_tick) -> list[d
                       "rejected_over_context": outcome["context"]["rejected"],
                       "duration_s": trace.duration_s(), "slo_scale": scale,
                       "slo_ttft_s": slo.ttft, "slo_tbt_s": slo.tbt,
-                      **{key: _finite(row[key]) for key in SIMULATOR_KEYS},
-                      "x_bound": row["gpu_hours"] / row["step_bound_gpu_hours"]}
+                      **{key: _finite(row.get(key)) for key in SIMULATOR_KEYS},
+                      # a policy no deployment lets meet the SLO: no numbers, and why
+                      "infeasible": row.get("infeasible"),
+                      "x_bound": None if "infeasible" in row else
+                      row["gpu_hours"] / row["step_bound_gpu_hours"]}
                      for row in outcome["rows"]]
     return rows
 

@@ -106,11 +106,13 @@ def _simulator_table(results: dict[str, Any]) -> list[str]:
     """GPU-hours against the step bound (runtime/simulator/evaluate.py), energy and SLO
     attainment per case and policy."""
     body = [[r["model"], r["trace"], f"x{r['slo_scale']:g} ({_num(r['slo_ttft_s'])} s / "
-             f"{_num(r['slo_tbt_s'] * 1e3)} ms)", r["policy"], _num(r["gpu_hours"]),
-             _num(r["x_bound"]), _num(r["energy_kwh"]),
-             f"{r['slo_attainment']:.2%}" + ("" if r["meets_target"] else " (!)"),
-             _num(r["ttft_p99"]), _num(None if r["tbt_p99"] is None else r["tbt_p99"] * 1e3),
-             f"headroom {r['headroom']:g}, floor {r['floor']:g}"]
+             f"{_num(r['slo_tbt_s'] * 1e3)} ms)", r["policy"]]
+            + (["–", "–", "–", "no deployment meets the SLO", "–", "–", "–"]
+               if r.get("infeasible") else
+               [_num(r["gpu_hours"]), _num(r["x_bound"]), _num(r["energy_kwh"]),
+                f"{r['slo_attainment']:.2%}" + ("" if r["meets_target"] else " (!)"),
+                _num(r["ttft_p99"]), _num(None if r["tbt_p99"] is None else r["tbt_p99"] * 1e3),
+                f"headroom {r['headroom']:g}, floor {r['floor']:g}"])
             for r in _rows(results, "simulator")]
     return _table(("model", "trace", "SLO (TTFT / TBT)", "policy", "GPU-h", "x bound",
                    "energy kWh", "SLO met", "TTFT p99 s", "TBT p99 ms", "setting"), body)

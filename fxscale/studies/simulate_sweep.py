@@ -44,8 +44,8 @@ AXIS_NAMES = {"rate_rps": "arrival rate", "burstiness": "burstiness (arrival-gap
 
 
 def _cell(point: dict) -> str:
-    """A cell's text: the device-hour ratio, starred when a policy missed its target (a
-    dash where model or operator had no deployment that meets the SLO)."""
+    """A cell's text: the device-hour ratio (a dash where model or operator had no
+    deployment that meets the SLO), starred when a policy missed its target."""
     star = "" if all(point["met"].values()) else "*"
     return _ratio(point["gpu_hours_ratio"]) + star
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache, partial
 
+from fxscale.contracts.errors import NoDeploymentError
 from fxscale.contracts.plan import POLICIES, SLO, EngineCount, GroupPlacement, Plan
 from fxscale.runtime.planner.engines import (
     ALL_MECHANISMS,
@@ -578,11 +579,12 @@ def plan(service: ServiceModel, work: Workload, slo: SLO, policy: str,
         limit = f" within {max_devices} devices" if max_devices else ""
         per_token = f" + {slo.ttft_per_token:g} s per prompt token" if slo.ttft_per_token \
             else ""
-        raise ValueError(f"no {policy} deployment of {service.model} on {service.device.name} "
-                         f"meets TTFT {slo.ttft} s{per_token} and TBT {slo.tbt} s at "
-                         f"{work.rate:.3g} req/s{limit}{too_long_for_ttft(service, work, slo)}; "
-                         "relax the SLO (SLO.ttft_per_token, `fxscale simulate "
-                         "--slo-ttft-per-token`, allows long prompts more) or allow more devices")
+        raise NoDeploymentError(
+            f"no {policy} deployment of {service.model} on {service.device.name} meets TTFT "
+            f"{slo.ttft} s{per_token} and TBT {slo.tbt} s at {work.rate:.3g} req/s{limit}"
+            f"{too_long_for_ttft(service, work, slo)}; relax the SLO (SLO.ttft_per_token, "
+            "`fxscale simulate --slo-ttft-per-token`, allows long prompts more) or allow more "
+            "devices")
     devices, power, pools, chunk = best
     decode_pred = pools[-1][2]
     prefill_pred = pools[0][2]

@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
+from fxscale.contracts.errors import NoDeploymentError
 from fxscale.contracts.metrics import quantile
 from fxscale.contracts.plan import SLO, Plan
 from fxscale.contracts.trace import Trace
@@ -170,7 +171,7 @@ def best_setting(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
             result, row = run_setting(service, trace, policy, slo,
                                       replace(scaling, headroom=headroom), floor, workload,
                                       mechanisms)
-        except ValueError as err:
+        except NoDeploymentError as err:
             refusal = err  # no deployment of this policy meets the SLO at that rate
             continue
         row.update(policy=policy, headroom=headroom, floor=floor, result=result)
@@ -184,7 +185,8 @@ def best_setting(service: ServiceModel, trace: Trace, policy: str, slo: SLO,
             fallback = row
     chosen = best or fallback
     if chosen is None:
-        raise ValueError(str(refusal) if refusal else f"no {policy} setting was replayed")
+        raise NoDeploymentError(str(refusal) if refusal else
+                                f"no {policy} setting was replayed")
     chosen["meets_target"] = best is not None
     return chosen
 
@@ -198,7 +200,7 @@ def max_rate_at_slo(service: ServiceModel, trace: Trace, policy: str, slo: SLO, 
     base = trace.rate()
     try:
         fixed = widest_plan(service, workload, slo, policy, devices)
-    except ValueError:
+    except NoDeploymentError:
         return {"max_rate_at_slo": 0.0, "fixed_gpus": devices, "plan": None}
 
     def attained(scale: float) -> bool:
@@ -236,7 +238,7 @@ def widest_plan(service: ServiceModel, workload: Workload, slo: SLO, policy: str
     while high < 1e4:
         try:
             plan(service, workload.at(high), slo, policy, max_devices=devices)
-        except ValueError:
+        except NoDeploymentError:
             break
         low, high = high, high * 2
     for _ in range(12):
@@ -244,7 +246,7 @@ def widest_plan(service: ServiceModel, workload: Workload, slo: SLO, policy: str
         try:
             plan(service, workload.at(mid), slo, policy, max_devices=devices)
             low = mid
-        except ValueError:
+        except NoDeploymentError:
             high = mid
     if low == 0.0:
         low = 1e-3
@@ -279,7 +281,7 @@ def compare(service: ServiceModel, trace: Trace, policies, slo: SLO, scaling: Sc
         own = replace(scaling, interval_s=(intervals or {}).get(policy, scaling.interval_s))
         try:
             row = best_setting(service, trace, policy, slo, own, tune, progress)
-        except ValueError as err:
+        except NoDeploymentError as err:
             if len(policies) == 1:
                 raise
             row = {"policy": policy, "infeasible": str(err)}
