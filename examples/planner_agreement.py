@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from fxscale.contracts.errors import NoDeploymentError
 from fxscale.contracts.plan import SLO
 from fxscale.models.presets import preset_service
 from fxscale.runtime.planner.search import Workload, default_slo, plan
@@ -48,7 +49,11 @@ def main() -> None:
         work = Workload.from_requests(base.requests, rate)
         trace = poisson_resample(base, rate, args.minutes * 60, seed=1)
         for policy in ("model", "phase", "operator"):
-            p = plan(service, work, slo, policy)
+            try:
+                p = plan(service, work, slo, policy)
+            except NoDeploymentError:
+                print(f"| {policy} | {rate:g} | no deployment meets the SLO | | | | |")
+                continue
             m = metrics(simulate(service, trace, policy, slo, fixed=p, workload=work), slo)
             shape = " + ".join(f"{e.count}x {_shape(e.engine.to_dict())}" for e in p.engines)
             print(f"| {policy} | {rate:g} | {shape} | {p.devices} | {p.ttft_p99:.3f} / "
