@@ -51,10 +51,12 @@ def _cell(point: dict) -> str:
 
 
 def _ratio(value: float | None) -> str:
+    """A ratio to two decimals, or a dash for none."""
     return "—" if value is None else f"{value:.2f}"
 
 
 def _share(value: float | None) -> str:
+    """An attainment in percent, or 'none' (no deployment to replay)."""
     return "none" if value is None else f"{value:.1%}"
 
 
