@@ -40,6 +40,7 @@ CHUNKS = (512, 1024, 2048)
 PREFILL_CHUNKS = (1024, 2048, 4096, 8192)  # prefill-only replicas: no decode to protect
 SHARDS = (1, 2, 4, 8)
 MAX_LOOP_GAIN = 0.8
+MAX_DENSE_REPLICAS = 16  # an operator deployment is one engine of at most this many
 QUANTILES = 20      # equally likely prompt lengths below the tail
 TAIL = 0.05         # the longest prompts, planned in finer steps up to the longest
 TAIL_STEPS = 20
@@ -528,7 +529,7 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
     fixed: dict = {}
     for shards in SHARDS:
         for chunk in CHUNKS:
-            for replicas in range(1, 17):
+            for replicas in range(1, MAX_DENSE_REPLICAS + 1):
                 probe = OperatorEngine(0, shards, replicas)
                 if not probe.dense_fits(service) or probe.devices > best:
                     break
@@ -577,14 +578,17 @@ def plan(service: ServiceModel, work: Workload, slo: SLO, policy: str,
             best = cand
     if best is None:
         limit = f" within {max_devices} devices" if max_devices else ""
+        if policy == "operator":  # not more devices: the search's own bound
+            limit += (f" (one engine of at most {MAX_DENSE_REPLICAS} dense replicas and its "
+                      "attention devices)")
         per_token = f" + {slo.ttft_per_token:g} s per prompt token" if slo.ttft_per_token \
             else ""
         raise NoDeploymentError(
             f"no {policy} deployment of {service.model} on {service.device.name} meets TTFT "
             f"{slo.ttft} s{per_token} and TBT {slo.tbt} s at {work.rate:.3g} req/s{limit}"
             f"{too_long_for_ttft(service, work, slo)}; relax the SLO (SLO.ttft_per_token, "
-            "`fxscale simulate --slo-ttft-per-token`, allows long prompts more) or allow more "
-            "devices")
+            "`fxscale simulate --slo-ttft-per-token`, allows long prompts more)"
+            + (" or allow more devices" if max_devices or policy != "operator" else ""))
     devices, power, pools, chunk = best
     decode_pred = pools[-1][2]
     prefill_pred = pools[0][2]
