@@ -22,7 +22,7 @@ from fxscale.runtime.executors.local import StateLostError
 from fxscale.runtime.scheduling import SchedulerConfig
 
 
-def engine_for(model, num_blocks=512, budget=512, max_len=512, norms=None):
+def engine_for(model, num_blocks=512, budget=512, max_len=512, norms=None, micro_batches=1):
     """An engine over a private copy of the model: its steps compiled into operator groups
     on pools when its attention routes to the paged cache, else one request at a time."""
     copy = private_copy(model)
@@ -34,7 +34,8 @@ def engine_for(model, num_blocks=512, budget=512, max_len=512, norms=None):
                               {"granularity": "operator", "lowering": "eager"},
                               Placement(Devices(slots=2)), backend="torch", norms=norms)
         runner.warm_up()
-    return Engine(runner, SchedulerConfig(max_num_batched_tokens=budget), num_blocks, max_len)
+    return Engine(runner, SchedulerConfig(max_num_batched_tokens=budget), num_blocks, max_len,
+                  micro_batches=micro_batches)
 
 
 def prompts(seed: int, count: int, longest: int, vocab: int = 256) -> list[list[int]]:
@@ -112,13 +113,7 @@ def test_models_whose_attention_does_not_route_run_one_request_at_a_time(name):
 def test_two_micro_batches_side_by_side_give_the_same_tokens(llama):
     """Each step's two halves run at once on two threads (sharing replicas and KV caches:
     different requests' slots): the tokens are HF greedy's."""
-    copy = private_copy(llama)
-    layers, _ = find_attention(copy)
-    runner = PooledRunner(copy, layers, 256, 16, {"granularity": "operator", "lowering": "eager"},
-                          Placement(Devices(slots=2)), backend="torch")
-    runner.warm_up()
-    engine = Engine(runner, SchedulerConfig(max_num_batched_tokens=64), 256, 512,
-                    micro_batches=2)
+    engine = engine_for(llama, num_blocks=256, budget=64, micro_batches=2)
     batch = prompts(8, 16, 80)
     outputs = [r.future.result(timeout=300) for r in [engine.add(p, 6, ignore_eos=True)
                                                       for p in batch]]
@@ -134,13 +129,7 @@ def test_replicas_lost_under_one_micro_batch_void_the_other_half_of_its_step(lla
     while the other half's calls were on their way to it), so the other half reads empty
     blocks: no half of that step counts, every request of every lost replica is recomputed
     once, and the tokens are HF greedy's."""
-    copy = private_copy(llama)
-    layers, _ = find_attention(copy)
-    runner = PooledRunner(copy, layers, 256, 16, {"granularity": "operator", "lowering": "eager"},
-                          Placement(Devices(slots=2)), backend="torch")
-    runner.warm_up()
-    engine = Engine(runner, SchedulerConfig(max_num_batched_tokens=64), 256, 512,
-                    micro_batches=2)
+    engine = engine_for(llama, num_blocks=256, budget=64, micro_batches=2)
     engine.control(lambda: engine.set_attention_replicas(replicas)).result(timeout=60)
     run, attempt = engine._run, engine._attempt
     steps, now, wiped = itertools.count(), {}, threading.Event()
@@ -155,7 +144,7 @@ def test_replicas_lost_under_one_micro_batch_void_the_other_half_of_its_step(lla
         if half.chunks[0].request != now["first"]:  # the other half: after the loss
             assert wiped.wait(30)
             return attempt(half)
-        for pool in runner.stateful_pools():
+        for pool in engine.runner.stateful_pools():
             for replica in pool.replicas.values():
                 for cache in replica.state.values():
                     cache.zero_()  # as a replacement actor's blocks are
