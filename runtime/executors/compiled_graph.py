@@ -89,9 +89,10 @@ class CompiledSteps:
         self.counts = {"compiled": 0, "compile_s": 0.0, "failed_compiles": 0, "steps": 0,
                        "plain_steps": 0, "broken": 0, "torn_down": 0}
         self.disabled: str | None = None  # why compiling stopped (the plain path stays)
-        # graphs only among actors on this process's node: Ray 2.60's raylet crashed (a
-        # failed check in experimental_mutable_object_provider.cc, "Channel closed") when
-        # a graph across two nodes was torn down, taking this process with it
+        # graphs only among actors on this process's node: Ray 2.60's raylet crashes (a
+        # failed check in experimental_mutable_object_provider.cc, "Channel closed") after
+        # an actor of a graph across two nodes dies, taking this process with it
+        # (examples/ray_cross_node_graph_crash.py)
         self.node = ray.get_runtime_context().get_node_id()
         self.closed = threading.Event()
         self.reaper = threading.Thread(target=self._reap, daemon=True,
