@@ -66,8 +66,10 @@ def _shape(engine: dict) -> str:
     """A short name for an engine shape."""
     if engine["type"] == "lockstep":
         return f"{engine['role']} TP{engine['shards']}"
-    return (f"attention {engine['attention']} + dense {engine['dense_replicas']}x"
-            f"TP{engine['dense_shards']}")
+    ways = engine["attention_shards"]
+    attention = engine["attention"] if ways == 1 else \
+        f"{engine['attention'] // ways}x{ways}-way"  # sets of devices split by heads
+    return f"attention {attention} + dense {engine['dense_replicas']}xTP{engine['dense_shards']}"
 
 
 if __name__ == "__main__":

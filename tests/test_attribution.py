@@ -67,8 +67,13 @@ def test_switched_off_mechanisms_change_what_the_planner_and_replay_build(servic
     alone = plan(service, work, slo, "operator", mechanisms=Mechanisms(disaggregation=False))
     assert alone.engines[0].engine.attention == 0
     # pooled prefill: a prompt's chunk spread over the dense replicas, or one chunk a step
-    assert engine_for(shape).prompt_lane(256) == 256 * shape.dense_replicas
-    assert engine_for(shape, Mechanisms(pooled_prefill=False)).prompt_lane(256) == 256
+    # (the plan's choice, and off whatever it chose when the mechanism is)
+    pooled = replace(shape, pooled_prefill=True)
+    assert engine_for(pooled).prompt_lane(256) == 256 * shape.dense_replicas
+    assert engine_for(pooled, Mechanisms(pooled_prefill=False)).prompt_lane(256) == 256
+    assert engine_for(replace(shape, pooled_prefill=False)).prompt_lane(256) == 256
+    unpooled = plan(service, work, slo, "operator", mechanisms=Mechanisms(pooled_prefill=False))
+    assert not any(e.engine.pooled_prefill for e in unpooled.engines if e.engine.attention)
     # fast start: added attention devices load no weights; without it they load as dense do
     scaling = ScalingConfig(interval_s=10, startup_s=7.0, load_bandwidth=1e9)
     small = Plan(policy="operator", model=service.model, device="h100", rate=1.0,

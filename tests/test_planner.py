@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 from helpers import own_cache
@@ -19,6 +19,7 @@ from fxscale.runtime.planner.engines import LockstepEngine, OperatorEngine, engi
 from fxscale.runtime.planner.search import (
     Prediction,
     Workload,
+    _meeting,
     group_placement,
     mean_chunk,
     plan,
@@ -311,6 +312,48 @@ def test_a_prompt_chunk_attends_on_the_one_attention_device_holding_its_kv(servi
     assert engine.pool_times(service, decodes)[0] == pytest.approx(share)
 
 
+def test_attention_devices_in_sets_split_a_deep_chunk_by_heads(service):
+    """Attention devices in sets of k hold each request's KV split by heads, as a
+    tensor-parallel replica does: a deep prompt chunk attends k ways at once, the devices
+    hold as much KV as before, and the work done (busy device-seconds) stays the same."""
+    deep = 30_000
+    chunk = Batch(1, 1024, (deep + 1024) ** 2 - deep ** 2)
+    decodes = Batch(decode_n=64, decode_s1=64 * 900.0)
+    both = Batch(1, chunk.prefill_s1, chunk.prefill_s2, 64, decodes.decode_s1)
+    alone, sets = OperatorEngine(8, 2, 2), OperatorEngine(8, 2, 2, attention_shards=4)
+    assert (alone.kv_holders, sets.kv_holders) == (8, 2)
+    assert sets.kv_capacity_tokens(service) == alone.kv_capacity_tokens(service)
+    one, split = (e.pool_times(service, chunk) for e in (alone, sets))
+    assert one[0] / 4.4 < split[0] < one[0] / 3.6  # its kernels' launch latency aside
+    assert split[3] == pytest.approx(one[3], rel=0.1)
+    # the busiest of the two sets holds the chunk and half the decodes, split four ways
+    stateful = [k for k in service.kinds if k.stateful]
+    assert sets.pool_times(service, both)[0] == pytest.approx(sum(service.kind_time(
+        k, Batch(1, chunk.prefill_s1, chunk.prefill_s2, 32, 32 * 900.0), 4) for k in stateful))
+    with pytest.raises(ValueError, match="multiple of attention_shards"):
+        OperatorEngine(6, 2, 2, attention_shards=4)
+
+
+def test_long_prompts_plan_attention_sets_that_meet_the_tbt(service):
+    """On prompts of 20,000 tokens a chunk deep in one attends too long on one device for
+    the TBT: the operator plan splits its attention devices into sets by heads, meets its
+    target replayed, and the same devices unsplit miss it, planned and replayed."""
+    trace = Trace("long", "test", [Request(i * 0.1, 20_000 + 97 * (i % 50), 200)
+                                   for i in range(600)])
+    work, slo = Workload.from_requests(trace.requests, trace.rate()), SLO(ttft=60.0, tbt=0.004)
+    p = plan(service, work, slo, "operator")
+    engine = p.engines[0].engine
+    assert engine.attention and engine.attention_shards > 1
+    unsplit = replace(engine, attention_shards=1)
+    assert not _meeting(predict(service, OperatorEngine(**asdict(unsplit)), 1, work, slo,
+                                p.chunk), slo)
+    for shape, meets in ((engine, True), (unsplit, False)):
+        fixed = replace(p, engines=(EngineCount(shape, 1),))
+        result = metrics(simulate(service, trace, "operator", slo, fixed=fixed), slo)
+        assert (result["tbt_p99"] <= slo.tbt) is meets, (shape, result["tbt_p99"])
+    assert result["tbt_p99"] > p.tbt_p99 * 1.5  # the chunk on one device
+
+
 def test_co_located_operator_replicas_keep_each_request_and_its_tokens_on_one(service, azure):
     """Review finding 3: a co-located operator engine is replicas that each hold their own
     requests, not one divisible pool: one prompt is not spread over every replica, and a
@@ -538,12 +581,23 @@ def test_plan_json_round_trip_and_errors(service, azure):
             ("engines", [{"engine": {"type": "gpu"}, "count": 1}],
              r"field 'engines\[0\].engine.type' must be one of"),
             ("engines", [{"engine": {"type": "lockstep", "role": "model", "shards": 1},
-                          "count": 0}], r"field 'engines\[0\].count' must be >= 1")):
+                          "count": 0}], r"field 'engines\[0\].count' must be >= 1"),
+            ("engines", [{"engine": {"type": "operator", "attention": 6, "dense_shards": 2,
+                                     "dense_replicas": 1, "attention_shards": 4},
+                          "count": 1}], r"engines\[0\].engine: attention devices \(6\) must "
+             r"be a multiple of attention_shards \(4"),
+            ("engines", [{"engine": {"type": "operator", "attention": 0, "dense_shards": 0,
+                                     "dense_replicas": 1}, "count": 1}],
+             r"field 'engines\[0\].engine.dense_shards' must be >= 1")):
         with pytest.raises(InputError, match=message):
             Plan.from_dict({**p.to_dict(), field: value}, "plan.json")
     del broken["devices"]
     with pytest.raises(ValueError, match=r"missing \['devices'\]"):
         Plan.from_dict(broken)
+    # a plan written before attention devices came in sets reads as sets of one
+    shape = {"type": "operator", "attention": 2, "dense_shards": 2, "dense_replicas": 1}
+    older = Plan.from_dict({**p.to_dict(), "engines": [{"engine": shape, "count": 1}]})
+    assert older.engines[0].engine == OperatorShape(2, 2, 1, attention_shards=1)
 
 
 def test_fewest_finds_the_smallest_passing_count():

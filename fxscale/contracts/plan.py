@@ -4,7 +4,7 @@ and per-group placement) that the planner writes, the simulator replays and a li
 applies. No torch."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from fxscale.contracts.errors import InputError
@@ -88,12 +88,24 @@ class LockstepShape:
 
 @dataclass(frozen=True)
 class OperatorShape:
-    """Operator groups in pools: `attention` devices hold the KV caches, `dense_replicas`
-    replicas of `dense_shards` devices hold the weights (attention 0: co-located)."""
+    """Operator groups in pools: `attention` devices hold the KV caches, in sets of
+    `attention_shards` that each hold a request's KV split by heads; `dense_replicas`
+    replicas of `dense_shards` devices hold the weights (attention 0: co-located). With
+    `pooled_prefill`, a disaggregated dense pool spreads one prompt's tokens over its
+    replicas each step; without, a prompt advances one chunk per step."""
 
     attention: int
     dense_shards: int
     dense_replicas: int
+    attention_shards: int = 1
+    pooled_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.attention_shards < 1 or self.attention % self.attention_shards or \
+                (not self.attention and self.attention_shards > 1):
+            raise ValueError(f"attention devices ({self.attention}) must be a multiple of "
+                             f"attention_shards ({self.attention_shards}, at least 1; 1 when "
+                             "attention is co-located)")
 
     @property
     def devices(self) -> int:
@@ -199,11 +211,22 @@ def _engine_count(check: Checker, entry: Any, at: str) -> EngineCount:
     known = {f.name for f in fields(shape)}
     check.unknown(engine, known | {"type"}, f"{at}.engine.")
     values: dict[str, Any] = {}
-    for name in sorted(known):
-        value = check.get(engine, name, f"{at}.engine.")
-        values[name] = check.string(value, f"{at}.engine.role", ROLES) if name == "role" else \
-            check.number(value, f"{at}.engine.{name}", 0, integer=True)
-    return EngineCount(shape(**values), count)
+    for f in sorted(fields(shape), key=lambda f: f.name):
+        # a field with a default came later: plans written before it keep loading
+        value = check.get(engine, f.name, f"{at}.engine.",
+                          ... if f.default is MISSING else f.default)
+        path = f"{at}.engine.{f.name}"
+        if f.name == "role":
+            values[f.name] = check.string(value, path, ROLES)
+        elif isinstance(f.default, bool):
+            values[f.name] = check.boolean(value, path)
+        else:
+            values[f.name] = check.number(value, path, 1 if f.name.endswith("shards") else 0,
+                                          integer=True)
+    try:
+        return EngineCount(shape(**values), count)
+    except ValueError as e:
+        raise InputError(f"{check.where}: {at}.engine: {e}") from None
 
 
 def _placement(check: Checker, row: Any, at: str) -> GroupPlacement:

@@ -5,7 +5,10 @@ Two shapes cover every policy:
   kind in turn (role "model": prefill and decode with chunked prefill; "prefill" or "decode":
   one phase only, for the phase-split policy).
 - `OperatorEngine`: operator groups disaggregated into pools. Stateful attention kinds run on
-  `attention` devices that hold the KV caches (requests spread over them); the dense kinds run
+  `attention` devices that hold the KV caches (requests spread over sets of
+  `attention_shards` devices, each set splitting its requests' KV and attention by heads, as
+  a tensor-parallel replica does, so a deep prompt chunk need not attend on one device
+  alone); the dense kinds run
   on `dense_replicas` replicas, each sharded over `dense_shards` devices. Two micro-batches
   alternate between the pools (ping-pong), so one decode step takes
   max(traversal of a micro-batch, 2 x the busier pool's time per micro-batch).
@@ -89,10 +92,7 @@ class LockstepEngine(LockstepShape):
 @dataclass(frozen=True)
 class OperatorEngine(OperatorShape):
     """Operator groups in pools, attention devices with the KV and dense replicas with
-    weights: the Plan's shape with what one iteration costs (without `pooled_prefill`, a
-    prompt advances one chunk per step even when the attention is disaggregated)."""
-
-    pooled_prefill: bool = True
+    weights: the Plan's shape with what one iteration costs."""
 
     @property
     def prefill_lanes(self) -> int:
@@ -101,8 +101,8 @@ class OperatorEngine(OperatorShape):
 
     @property
     def kv_holders(self) -> int:
-        """Separate KV caches: one per attention device, or per co-located replica."""
-        return self.attention or self.dense_replicas
+        """Separate KV caches: one per set of attention devices, or per co-located replica."""
+        return self.attention // self.attention_shards or self.dense_replicas
 
     def prompt_lane(self, chunk: int) -> int:
         """Tokens one prompt may advance per step: a disaggregated dense pool splits a
@@ -124,12 +124,13 @@ class OperatorEngine(OperatorShape):
         they hold work."""
         attention = dense = comm = busy = 0.0
         for kind in service.kinds:
-            if kind.stateful:  # requests spread over the attention devices
-                # a request's attention runs where its KV lives: the busiest device, with a
+            if kind.stateful:  # requests spread over the sets of attention devices
+                # a request's attention runs where its KV lives: the busiest set, with a
                 # whole prompt chunk and its share of the decodes, sets the pool's time
-                attention += service.kind_time(kind, busiest_share(batch, self.attention))
-                even = service.kind_time(kind, batch, 1, self.attention)
-                busy += even * service.busy_replicas(kind, batch, self.attention)
+                holders, ways = self.kv_holders, self.attention_shards
+                attention += service.kind_time(kind, busiest_share(batch, holders), ways)
+                even = service.kind_time(kind, batch, ways, holders)
+                busy += even * ways * service.busy_replicas(kind, batch, holders)
             else:
                 seconds = service.kind_time(kind, batch, self.dense_shards, self.dense_replicas)
                 dense += seconds
@@ -214,7 +215,8 @@ def engine_for(shape: LockstepShape | OperatorShape,
     given mechanisms."""
     if isinstance(shape, LockstepShape):
         return shape if isinstance(shape, LockstepEngine) else LockstepEngine(**asdict(shape))
-    return OperatorEngine(**asdict(shape_of(shape)), pooled_prefill=mechanisms.pooled_prefill)
+    return OperatorEngine(**{**asdict(shape_of(shape)), "pooled_prefill": shape.pooled_prefill
+                             and mechanisms.pooled_prefill})
 
 
 def shape_of(engine: LockstepShape | OperatorShape) -> LockstepShape | OperatorShape:

@@ -525,37 +525,50 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
     co-located only, without disaggregation); a shape whose dense pool alone has more
     devices than the best found is skipped."""
     best = math.inf
-    pooled = mechanisms.pooled_prefill
     fixed: dict = {}
+    # a disaggregated dense pool may spread a prompt over its replicas (pooled prefill) or
+    # not: deep in a long prompt, a pooled chunk attends too long on its one attention set
+    poolings = (True, False) if mechanisms.pooled_prefill else (False,)
+    # co-located, then attention devices in sets of 8, 4, 2 or 1 (split by heads)
+    layouts = [(0, mechanisms.pooled_prefill)] + [
+        (ways, pooled) for pooled in poolings for ways in sorted(SHARDS, reverse=True)
+        if mechanisms.disaggregation]
     for shards in SHARDS:
         for chunk in CHUNKS:
             for replicas in range(1, MAX_DENSE_REPLICAS + 1):
                 probe = OperatorEngine(0, shards, replicas)
                 if not probe.dense_fits(service) or probe.devices > best:
                     break
-                for disaggregated in (False, True) if mechanisms.disaggregation else (False,):
-                    if disaggregated:  # as few attention devices as meet, if any does
-                        limit = int(min(256, best - probe.devices)) if best < math.inf else 256
+                hopeless = set()  # poolings whose widest sets failed with every device
+                for ways, pooled in layouts:
+                    if pooled in hopeless or (replicas == 1 and ways and not pooled):
+                        continue  # (one replica pools nothing: its prompt lane is a chunk)
+                    if ways:  # as few sets of attention devices as meet, if any does
+                        room = int(min(256, best - probe.devices)) if best < math.inf else 256
+                        limit = room // ways
 
-                        def meeting(a: int, floor: float = 0.0) -> Prediction | None:
+                        def meeting(sets: int, floor: float = 0.0) -> Prediction | None:
                             return _meeting(predict(service, OperatorEngine(
-                                a, shards, replicas, pooled), 1, work, slo, chunk,
-                                fixed_points=fixed, floor=floor), slo)
+                                sets * ways, shards, replicas, ways, pooled), 1, work, slo,
+                                chunk, fixed_points=fixed, floor=floor), slo)
                         # most shapes fail even at the limit: one probe says so; its step,
                         # the fastest, starts the fewer devices' fixed points
                         if limit < 1 or not (at_limit := meeting(limit)):
+                            if limit * ways == room:  # narrower sets of as many devices
+                                hopeless.add(pooled)  # attend no faster (a whole chunk each)
                             continue
                         meeting = partial(meeting, floor=at_limit.step_s)
-                        attention, p = _fewest(meeting, 1, limit - 1) if limit > 1 \
-                            else (None, None)
-                        if attention is None:
-                            attention, p = limit, at_limit
+                        sets, p = _fewest(meeting, 1, limit - 1) if limit > 1 else (None, None)
+                        if sets is None:
+                            sets, p = limit, at_limit
                     else:
-                        attention = 0
-                        p = _meeting(predict(service, OperatorEngine(0, shards, replicas, pooled),
-                                             1, work, slo, chunk, fixed_points=fixed), slo)
+                        sets = 0
+                        p = _meeting(predict(service, OperatorEngine(
+                            0, shards, replicas, pooled_prefill=pooled), 1, work, slo, chunk,
+                            fixed_points=fixed), slo)
                     if p:
-                        engine = OperatorEngine(attention, shards, replicas, pooled)
+                        engine = OperatorEngine(sets * ways, shards, replicas, max(ways, 1),
+                                                pooled)
                         best = min(best, engine.devices)
                         yield (engine.devices, _power(service, engine.devices, p.busy_fraction),
                                [(engine, 1, p)], chunk)
@@ -646,8 +659,9 @@ def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
         if isinstance(engine, OperatorEngine) and engine.attention:
             attention, dense, _, _ = engine.pool_times(service, batch)
             total = attention + dense
-            places = {True: (devices[:engine.attention], engine.attention, 1, 1,
-                             busiest_share(batch, engine.attention)),  # as pool_times
+            places = {True: (devices[:engine.attention], engine.kv_holders,
+                             engine.attention_shards, 1,
+                             busiest_share(batch, engine.kv_holders)),  # as pool_times
                       False: (devices[engine.attention:], engine.dense_replicas,
                               engine.dense_shards, engine.dense_replicas, batch)}
             role = "operator"

@@ -268,15 +268,17 @@ class Simulation:
         current = engine.pending_spec or engine.spec
         old = engine.spec
         reshard = spec.dense_shards != old.dense_shards
+        # KV laid out by other head splits: the new sets start beside the old ones
+        reshard_attention = spec.attention_shards != old.attention_shards
         spec = self._holding(spec, engine.kv_reserved)
         pending = engine.pending_spec
         if pending is not None and pending.attention >= spec.attention and (
-                pending.dense_shards, pending.dense_replicas) == (spec.dense_shards,
-                                                                  spec.dense_replicas):
+                pending.dense_shards, pending.dense_replicas, pending.attention_shards) == (
+                spec.dense_shards, spec.dense_replicas, spec.attention_shards):
             spec = pending  # already growing to this, with attention enough for the KV
         if spec == current:
             self.shrink.done()
-        elif spec.devices >= old.devices or reshard:
+        elif spec.devices >= old.devices or reshard or reshard_attention:
             if spec.devices < old.devices:  # a smaller re-sharded shape: after hysteresis
                 self.shrink.ask(old.devices, spec.devices)
                 if not self.shrink.due:
@@ -284,7 +286,8 @@ class Simulation:
             # each pool's new devices start (a re-sharded dense pool loads entirely on new
             # devices) while the old shape serves; all are held until the switch
             dense, old_dense = (e.dense_shards * e.dense_replicas for e in (spec, old))
-            added = max(0, spec.attention - old.attention) + (
+            added = (spec.attention if reshard_attention else
+                     max(0, spec.attention - old.attention)) + (
                 dense if reshard else max(0, dense - old_dense))
             # without fast start, added attention devices load weights as dense ones do
             reload = reshard or spec.dense_replicas > old.dense_replicas or (
@@ -311,8 +314,8 @@ class Simulation:
         and the grown engine must take it over to switch at all."""
         if not spec.attention or spec.kv_capacity_tokens(self.service) >= reserved:
             return spec
-        per_device = spec.kv_capacity_tokens(self.service) / spec.attention
-        return replace(spec, attention=math.ceil(reserved / per_device))
+        per_set = spec.kv_capacity_tokens(self.service) / spec.kv_holders
+        return replace(spec, attention=math.ceil(reserved / per_set) * spec.attention_shards)
 
     def _cache_blocks(self, spec) -> int:
         """Prefix-cache blocks per KV holder of a shape: its KV memory, in blocks."""
@@ -514,7 +517,8 @@ class Simulation:
         if self.policy == "operator" and live:
             s = live[-1].spec
             dense = s.dense_shards * s.dense_replicas
-            return {"attention_replicas": s.attention, "dense_replicas": s.dense_replicas,
+            return {"attention_replicas": s.attention and s.kv_holders,
+                    "attention_shards": s.attention_shards, "dense_replicas": s.dense_replicas,
                     "dense_shards": s.dense_shards,
                     "group_devices": {k.name: (s.attention or dense) if k.stateful else dense
                                       for k in kinds}}
