@@ -90,6 +90,27 @@ def test_switched_off_mechanisms_change_what_the_planner_and_replay_build(servic
         assert what == "resize" and when == pytest.approx(10.0 + wait)
 
 
+def test_an_operator_engine_re_splits_its_attention_on_new_sets_and_re_pools_at_once(
+        service, step_trace):
+    """Attention sets of another width hold the KV split otherwise: they start on devices of
+    their own (no weights to load) while the old sets serve; a plan that only pools prompts
+    otherwise starts nothing and switches at the decision."""
+    work = Workload.from_requests(step_trace.requests, step_trace.rate())
+    scaling = ScalingConfig(interval_s=10, startup_s=7.0, load_bandwidth=1e9)
+    unsplit = Plan(policy="operator", model=service.model, device="h100", rate=1.0,
+                   engines=(EngineCount(OperatorShape(4, 2, 2), 1),), devices=8,
+                   power_w=0.0, ttft_p50=0.0, ttft_p99=0.0, tbt_p50=0.0, tbt_p99=0.0,
+                   chunk=256)
+    for shape, wait, extra in ((OperatorShape(4, 2, 2, attention_shards=4), 7.0, 4),
+                               (OperatorShape(4, 2, 2, pooled_prefill=False), 0.0, 0)):
+        sim = Simulation(service, step_trace, "operator", SLO_TIGHT, work, scaling)
+        sim._apply(unsplit, 0.0, warm=True)
+        sim._apply(replace(unsplit, engines=(EngineCount(shape, 1),)), 10.0)
+        (when, _, what, (engine, spec, _, _)), = sim.events
+        assert what == "resize" and when == pytest.approx(10.0 + wait)
+        assert engine.extra_devices == extra and spec.kv_holders == 4 // shape.attention_shards
+
+
 def test_the_gap_splits_into_parts_that_sum_to_it(service, step_trace):
     scaling = ScalingConfig(interval_s=10, startup_s=7.0, load_bandwidth=1e9)
     data = attribute(service, step_trace, SLO_TIGHT, scaling, {"operator": 5.0}, tune=False)

@@ -355,9 +355,11 @@ class Simulation:
 
     def _start_delay(self, devices: int, load_bytes: float, now: float) -> float:
         """Seconds until `devices` new devices serve: start-up (skipped when the warm pool
-        has them all started; their replacements start now) plus loading `load_bytes`."""
+        has them all started, their replacements starting now, or when no device is new: a
+        shape that only pools prompts otherwise or goes back to the devices it has) plus
+        loading `load_bytes`."""
         free = [i for i, t in enumerate(self.warm_free_at) if t <= now]
-        startup = self.scaling.startup_s
+        startup = self.scaling.startup_s if devices else 0.0
         if devices and len(free) >= devices:
             for i in free[:devices]:
                 self.warm_free_at[i] = now + startup
