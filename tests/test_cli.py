@@ -176,3 +176,40 @@ def test_simulate_bad_input_is_a_clear_error(tmp_path, capsys):
         with pytest.raises(SystemExit) as info:
             main(["simulate", flag, value, "--layers", "1"])
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sigterm_inside_a_finalizer_still_stops_the_command(monkeypatch, capsys):
+    """A signal handler can run inside a `__del__` (torch's exporter drops many objects),
+    where Python prints the KeyboardInterrupt and goes on: the command must stop anyway."""
+    import argparse
+    import os
+    import signal
+    import time
+
+    from fxscale.cli import main as cli
+
+    done = []
+
+    class Dropped:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: in here
+            for _ in range(1000):
+                pass
+
+    def work(args):
+        Dropped()
+        for _ in range(200):  # two seconds of work to interrupt
+            time.sleep(0.01)
+        done.append("finished")
+        return 0
+
+    def parser():
+        top = argparse.ArgumentParser(prog="fxscale")
+        top.add_subparsers(dest="command").add_parser("work").set_defaults(run=work)
+        return top
+
+    monkeypatch.setattr(cli, "_parser", parser)
+    handler, hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    assert cli.main(["work"]) == 130 and not done
+    assert "interrupted; nothing was left half-written" in capsys.readouterr().err
+    assert (signal.getsignal(signal.SIGTERM), sys.unraisablehook) == (handler, hook)

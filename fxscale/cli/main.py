@@ -2,11 +2,13 @@
 fidelity, serve."""
 from __future__ import annotations
 
+import _thread
 import argparse
 import signal
 import sys
 import threading
-from typing import Sequence
+from functools import partial
+from typing import Any, Callable, Sequence
 
 from fxscale.cli.bench import add_bench_command
 from fxscale.cli.demo import add_demo_command
@@ -34,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # started and leaves the previous results in place
     previous = signal.signal(signal.SIGTERM, _terminate) \
         if threading.current_thread() is threading.main_thread() else None
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = partial(_redeliver_interrupt, previous_hook)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
@@ -44,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     finally:
+        sys.unraisablehook = previous_hook
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -51,6 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _terminate(signum: int, frame: object) -> None:
     """SIGTERM handler: raise KeyboardInterrupt in the main thread."""
     raise KeyboardInterrupt
+
+
+def _redeliver_interrupt(previous_hook: Callable[[Any], None], unraisable: Any) -> None:
+    """Interrupt the main thread again when Python dropped the interrupt: a signal handler
+    that runs inside a finalizer (a `__del__`, a weakref callback; torch's export runs many)
+    raises there, where the exception is only printed, and the command went on working."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        # from another thread a moment later: raised in this hook, it would be dropped too
+        # (if it lands in another finalizer, this hook runs again)
+        timer = threading.Timer(0.05, _thread.interrupt_main)
+        timer.daemon = True
+        timer.start()
+    else:
+        previous_hook(unraisable)
 
 
 def _parser() -> argparse.ArgumentParser:
