@@ -539,13 +539,17 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
                 probe = OperatorEngine(0, shards, replicas)
                 if not probe.dense_fits(service) or probe.devices > best:
                     break
-                hopeless = set()  # poolings whose widest sets failed with every device
+                # narrower sets of as many devices attend no faster (each holds a whole
+                # chunk): per pooling, attention devices too few for wider sets are too few
+                too_few: dict[bool, int] = {}
                 for ways, pooled in layouts:
-                    if pooled in hopeless or (replicas == 1 and ways and not pooled):
-                        continue  # (one replica pools nothing: its prompt lane is a chunk)
+                    if replicas == 1 and ways and not pooled:
+                        continue  # one replica pools nothing: its prompt lane is a chunk
                     if ways:  # as few sets of attention devices as meet, if any does
                         room = int(min(256, best - probe.devices)) if best < math.inf else 256
-                        limit = room // ways
+                        limit, low = room // ways, too_few.get(pooled, 0) // ways + 1
+                        if limit < low:
+                            continue
 
                         def meeting(sets: int, floor: float = 0.0) -> Prediction | None:
                             return _meeting(predict(service, OperatorEngine(
@@ -553,14 +557,15 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
                                 chunk, fixed_points=fixed, floor=floor), slo)
                         # most shapes fail even at the limit: one probe says so; its step,
                         # the fastest, starts the fewer devices' fixed points
-                        if limit < 1 or not (at_limit := meeting(limit)):
-                            if limit * ways == room:  # narrower sets of as many devices
-                                hopeless.add(pooled)  # attend no faster (a whole chunk each)
+                        if not (at_limit := meeting(limit)):
+                            too_few[pooled] = max(too_few.get(pooled, 0), limit * ways)
                             continue
                         meeting = partial(meeting, floor=at_limit.step_s)
-                        sets, p = _fewest(meeting, 1, limit - 1) if limit > 1 else (None, None)
+                        sets, p = _fewest(meeting, low, limit - 1) if limit > low \
+                            else (None, None)
                         if sets is None:
                             sets, p = limit, at_limit
+                        too_few[pooled] = max(too_few.get(pooled, 0), (sets - 1) * ways)
                     else:
                         sets = 0
                         p = _meeting(predict(service, OperatorEngine(
