@@ -117,11 +117,11 @@ class OperatorEngine(OperatorShape):
         replica's, which a disaggregated dense pool shares."""
         return chunk * self.dense_replicas if self.attention else chunk
 
-    def pool_times(self, service: ServiceModel, batch: Batch) -> tuple[float, float, float,
-                                                                         float]:
+    def pool_times(self, service: ServiceModel, batch: Batch, accounting: bool = True
+                   ) -> tuple[float, float, float, float]:
         """(attention pool s, dense pool s, communication s, busy device-seconds) for one
         micro-batch of a disaggregated engine; a pool's devices count as busy only while
-        they hold work."""
+        they hold work (0 without `accounting`, which searches skip)."""
         attention = dense = comm = busy = 0.0
         for kind in service.kinds:
             if kind.stateful:  # requests spread over the sets of attention devices
@@ -129,15 +129,16 @@ class OperatorEngine(OperatorShape):
                 # whole prompt chunk and its share of the decodes, sets the pool's time
                 holders, ways = self.kv_holders, self.attention_shards
                 attention += service.kind_time(kind, busiest_share(batch, holders), ways)
-                even = service.kind_time(kind, batch, ways, holders)
-                busy += even * ways * service.busy_replicas(kind, batch, holders)
+                if accounting:
+                    even = service.kind_time(kind, batch, ways, holders)
+                    busy += even * ways * service.busy_replicas(kind, batch, holders)
+                comm += kind.count * 2 * self._hop(service, batch, kind.out_bytes_per_token)
             else:
                 seconds = service.kind_time(kind, batch, self.dense_shards, self.dense_replicas)
                 dense += seconds
-                busy += seconds * self.dense_shards * service.busy_replicas(
-                    kind, batch, self.dense_replicas)
-            if kind.stateful:
-                comm += kind.count * 2 * self._hop(service, batch, kind.out_bytes_per_token)
+                if accounting:
+                    busy += seconds * self.dense_shards * service.busy_replicas(
+                        kind, batch, self.dense_replicas)
         return attention, dense, comm, busy
 
     def _hop(self, service: ServiceModel, batch: Batch, bytes_per_token: float) -> float:
@@ -155,14 +156,14 @@ class OperatorEngine(OperatorShape):
         """(seconds, busy device-seconds) of one iteration over the whole batch."""
         if not self.attention:
             return self._colocated_step(service, batch)
-        half = batch.split(2)
-        attention, dense, comm, busy = self.pool_times(service, half)
-        return max(attention + dense + comm, 2 * max(attention, dense)), 2 * busy
+        attention, dense, comm, busy = self.pool_times(service, batch.split(2))
+        return ping_pong(attention, dense, comm), 2 * busy
 
     def seconds(self, service: ServiceModel, batch: Batch) -> float:
         """Seconds of one iteration: `step` without the busy accounting (what searches ask)."""
-        return self.step(service, batch)[0] if self.attention else \
-            self._busiest_seconds(service, batch)
+        if not self.attention:
+            return self._busiest_seconds(service, batch)
+        return ping_pong(*self.pool_times(service, batch.split(2), accounting=False)[:3])
 
     def _colocated_step(self, service: ServiceModel, batch: Batch) -> tuple[float, float]:
         """(seconds, busy device-seconds) of co-located replicas that each run their own
@@ -195,6 +196,12 @@ class OperatorEngine(OperatorShape):
     def load_bytes_per_device(self, service: ServiceModel) -> float:
         """Weight bytes a new dense device loads; attention devices load no weights."""
         return service.weight_bytes / self.dense_shards
+
+
+def ping_pong(attention: float, dense: float, comm: float) -> float:
+    """Seconds of a disaggregated step whose two micro-batches alternate between the pools,
+    given one micro-batch's pool and hop times: its traversal, or twice the busier pool."""
+    return max(attention + dense + comm, 2 * max(attention, dense))
 
 
 def busiest_share(batch: Batch, replicas: int) -> Batch:
