@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) \
         if threading.current_thread() is threading.main_thread() else None
     previous_hook = sys.unraisablehook
-    sys.unraisablehook = partial(_redeliver_interrupt, previous_hook)
+    if previous is not None:  # a re-delivered interrupt reaches the main thread only
+        sys.unraisablehook = partial(_redeliver_interrupt, previous_hook)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
@@ -48,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        sys.unraisablehook = previous_hook
         if previous is not None:
+            sys.unraisablehook = previous_hook
             signal.signal(signal.SIGTERM, previous)
 
 
