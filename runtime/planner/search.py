@@ -662,7 +662,7 @@ def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
             max(1, math.ceil(chunk / work.prompt_mean))
         devices = list(range(first[i], first[i] + engine.devices * count))
         if isinstance(engine, OperatorEngine) and engine.attention:
-            attention, dense, _, _ = engine.pool_times(service, batch)
+            attention, dense, _, _ = engine.pool_times(service, batch, accounting=False)
             total = attention + dense
             places = {True: (devices[:engine.attention], engine.kv_holders,
                              engine.attention_shards, 1,
