@@ -69,7 +69,9 @@ def _shape(engine: dict) -> str:
     ways = engine["attention_shards"]
     attention = engine["attention"] if ways == 1 else \
         f"{engine['attention'] // ways}x{ways}-way"  # sets of devices split by heads
-    return f"attention {attention} + dense {engine['dense_replicas']}xTP{engine['dense_shards']}"
+    unpooled = ", unpooled" if engine["attention"] and not engine["pooled_prefill"] else ""
+    return (f"attention {attention} + dense {engine['dense_replicas']}xTP"
+            f"{engine['dense_shards']}{unpooled}")
 
 
 if __name__ == "__main__":
