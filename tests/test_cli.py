@@ -2,12 +2,17 @@
 output (the demo has tests/test_demo.py)."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from fxscale.cli import main as cli
 from fxscale.cli.main import main
 
 
@@ -181,13 +186,6 @@ def test_simulate_bad_input_is_a_clear_error(tmp_path, capsys):
 def test_sigterm_inside_a_finalizer_still_stops_the_command(monkeypatch, capsys):
     """A signal handler can run inside a `__del__` (torch's exporter drops many objects),
     where Python prints the KeyboardInterrupt and goes on: the command must stop anyway."""
-    import argparse
-    import os
-    import signal
-    import time
-
-    from fxscale.cli import main as cli
-
     done = []
 
     class Dropped:
