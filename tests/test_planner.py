@@ -15,11 +15,13 @@ from fxscale.contracts.plan import SLO, EngineCount, LockstepShape, OperatorShap
 from fxscale.contracts.trace import Request, Trace
 from fxscale.models.presets import preset_graph
 from fxscale.runtime.devices import load_device
+from fxscale.runtime.planner import search
 from fxscale.runtime.planner.engines import LockstepEngine, OperatorEngine, engine_for
 from fxscale.runtime.planner.search import (
     Prediction,
     Workload,
     _meeting,
+    deployment_layout,
     group_placement,
     mean_chunk,
     plan,
@@ -290,6 +292,29 @@ def test_a_changed_tp_degree_retires_the_old_replicas_once_the_new_are_ready(ser
     assert not new[0].draining
 
 
+def test_a_deployment_keeps_its_layout_unless_another_saves_a_device(service, azure):
+    """A layout change costs a restart or a re-shard: among the plans cheapest in devices,
+    the deployment's own layout wins (for every policy alike); one that needs more devices
+    does not, and the replay plans with the layout it last applied."""
+    _, workload = azure
+    work = workload.at(100.0)
+    free = plan(service, work, SLO_TIGHT, "model")
+    assert deployment_layout(e.engine for e in free.engines) == (LockstepShape("model", 2),)
+    tp4 = plan(service, work, SLO_TIGHT, "model", keep_layout=(LockstepShape("model", 4),))
+    assert tp4.engines == (EngineCount(LockstepShape("model", 4), 1),)
+    assert tp4.devices == free.devices == 4
+    assert plan(service, work, SLO_TIGHT, "model",
+                keep_layout=(LockstepShape("model", 8),)) == free  # 8 devices: not kept
+    sim = Simulation(service, poisson_resample(azure[0], 5.0, 60, seed=1), "model", SLO_TIGHT,
+                     workload, ScalingConfig(interval_s=10))
+    sim.layout = (LockstepShape("model", 4),)
+    assert sim._plan(100.0).engines == tp4.engines
+    assert sim.layout == (LockstepShape("model", 4),)
+    cheaper = sim._plan(200.0)  # three TP2 replicas: TP4 replicas come in fours
+    assert cheaper.engines == (EngineCount(LockstepShape("model", 2), 3),)
+    assert sim.layout == (LockstepShape("model", 2),)
+
+
 def test_a_prompt_chunk_attends_on_the_one_attention_device_holding_its_kv(service):
     """A disaggregated engine's attention devices each hold their own requests: a prompt
     chunk's attention runs whole on the device with its KV, beside that device's share of
@@ -352,6 +377,43 @@ def test_long_prompts_plan_attention_sets_that_meet_the_tbt(service):
         result = metrics(simulate(service, trace, "operator", slo, fixed=fixed), slo)
         assert (result["tbt_p99"] <= slo.tbt) is meets, (shape, result["tbt_p99"])
     assert result["tbt_p99"] > p.tbt_p99 * 1.5  # the chunk on one device
+
+
+def test_beyond_one_operator_engine_the_plan_copies_it_and_the_replay_serves_the_copies(
+        service, azure, monkeypatch):
+    """Where one engine of at most MAX_DENSE_REPLICAS dense replicas cannot meet the SLO,
+    the plan is as few copies of one as do, sharing the arrivals: the replay serves them and
+    meets its target; fewer copies drain after hysteresis, once the rest serve."""
+    monkeypatch.setattr(search, "MAX_DENSE_REPLICAS", 2)
+    base, workload = azure
+    work = workload.at(400.0)
+    assert not list(search._candidates_operator(service, work, SLO_TIGHT))
+    p = plan(service, work, SLO_TIGHT, "operator")
+    (copies,) = p.engines
+    assert copies.count >= 2 and p.devices == copies.count * copies.engine.devices
+    engine = OperatorEngine(**asdict(copies.engine))
+    assert {(g.replicas, g.shards) for g in p.groups} == {
+        (copies.count * engine.dense_replicas, engine.dense_shards),
+        (copies.count * engine.kv_holders, engine.attention_shards)}
+    assert len({d for g in p.groups for d in g.devices}) == p.devices
+    trace = poisson_resample(base, 400.0, 20, seed=3)
+    result = simulate(service, trace, "operator", SLO_TIGHT, fixed=p)
+    assert metrics(result, SLO_TIGHT)["slo_attainment"] >= SLO_TIGHT.attainment
+    assert {row["engines"] for row in result.timeline} == {copies.count}
+    # autoscaled: two copies become one after `down_after` lower intervals
+    sim = Simulation(service, trace, "operator", SLO_TIGHT, workload,
+                     ScalingConfig(interval_s=10, down_after=2))
+    sim._apply(replace(p, engines=(replace(copies, count=2),)), 0.0, warm=True)
+    two = list(sim.engines)
+    one = replace(p, engines=(replace(copies, count=1),))
+    sim._apply(one, 10.0)
+    assert not any(e.superseded or e.draining for e in two)  # hysteresis: one interval
+    sim._apply(one, 20.0)
+    assert sum(e.superseded for e in two) == 1
+    assert sum(e.retired_at == 20.0 for e in two) == 1  # idle: drained at once
+    sim._apply(replace(p, engines=(replace(copies, count=3),)), 30.0)
+    started = [e for e in sim.engines if e not in two]
+    assert len(started) == 2 and all(e.ready_at > 30.0 for e in started)  # a cold start
 
 
 def test_co_located_operator_replicas_keep_each_request_and_its_tokens_on_one(service, azure):

@@ -24,7 +24,14 @@ from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache, partial
 
 from fxscale.contracts.errors import NoDeploymentError
-from fxscale.contracts.plan import POLICIES, SLO, EngineCount, GroupPlacement, Plan
+from fxscale.contracts.plan import (
+    POLICIES,
+    SLO,
+    EngineCount,
+    GroupPlacement,
+    OperatorShape,
+    Plan,
+)
 from fxscale.runtime.planner.engines import (
     ALL_MECHANISMS,
     LockstepEngine,
@@ -40,7 +47,8 @@ CHUNKS = (512, 1024, 2048)
 PREFILL_CHUNKS = (1024, 2048, 4096, 8192)  # prefill-only replicas: no decode to protect
 SHARDS = (1, 2, 4, 8)
 MAX_LOOP_GAIN = 0.8
-MAX_DENSE_REPLICAS = 16  # an operator deployment is one engine of at most this many
+MAX_DENSE_REPLICAS = 16  # dense replicas one operator engine pools its prompts over
+MAX_OPERATOR_ENGINES = 64  # copies of it, beyond what one engine can serve
 QUANTILES = 20      # equally likely prompt lengths below the tail
 TAIL = 0.05         # the longest prompts, planned in finer steps up to the longest
 TAIL_STEPS = 20
@@ -520,10 +528,11 @@ def kv_transfer_s(service: ServiceModel, prompt_tokens: float, shards: int) -> f
     return prompt_tokens * service.kv_bytes_per_token / bandwidth
 
 
-def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHANISMS):
+def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHANISMS,
+                         copies: int = 1):
     """Operator pools: attention devices (KV) and dense replicas sized separately (or
-    co-located only, without disaggregation); a shape whose dense pool alone has more
-    devices than the best found is skipped."""
+    co-located only, without disaggregation), in `copies` engines that share the arrivals;
+    a shape whose dense pool alone has more devices than the best found is skipped."""
     best = math.inf
     fixed: dict = {}
     # a disaggregated dense pool may spread a prompt over its replicas (pooled prefill) or
@@ -553,8 +562,8 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
 
                         def meeting(sets: int, floor: float = 0.0) -> Prediction | None:
                             return _meeting(predict(service, OperatorEngine(
-                                sets * ways, shards, replicas, ways, pooled), 1, work, slo,
-                                chunk, fixed_points=fixed, floor=floor), slo)
+                                sets * ways, shards, replicas, ways, pooled), copies, work,
+                                slo, chunk, fixed_points=fixed, floor=floor), slo)
                         # most shapes fail even at the limit: one probe says so; its step,
                         # the fastest, starts the fewer devices' fixed points
                         if not (at_limit := meeting(limit)):
@@ -569,36 +578,62 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
                     else:
                         sets = 0
                         p = _meeting(predict(service, OperatorEngine(
-                            0, shards, replicas, pooled_prefill=pooled), 1, work, slo, chunk,
-                            fixed_points=fixed), slo)
+                            0, shards, replicas, pooled_prefill=pooled), copies, work, slo,
+                            chunk, fixed_points=fixed), slo)
                     if p:
                         engine = OperatorEngine(sets * ways, shards, replicas, max(ways, 1),
                                                 pooled)
                         best = min(best, engine.devices)
-                        yield (engine.devices, _power(service, engine.devices, p.busy_fraction),
-                               [(engine, 1, p)], chunk)
+                        devices = copies * engine.devices
+                        yield (devices, _power(service, devices, p.busy_fraction),
+                               [(engine, copies, p)], chunk)
+
+
+def _candidates_operator_copies(service, work, slo, mechanisms: Mechanisms = ALL_MECHANISMS):
+    """One operator engine where one meets the SLO; else as few copies of one as do, each
+    taking its share of the arrivals (as model-level replicas do). Fewest copies, not
+    fewest devices: a larger engine pools its prompts over more replicas."""
+    found = list(_candidates_operator(service, work, slo, mechanisms))
+    if not found:
+        _, found = _fewest(lambda n: list(_candidates_operator(service, work, slo, mechanisms,
+                                                               n)),
+                           2, MAX_OPERATOR_ENGINES)
+    yield from found or ()
+
+
+def deployment_layout(engines) -> tuple:
+    """What a deployment cannot change without new replicas or a re-shard: each engine's
+    shape less what changes in place (replica and attention-set counts, pooling)."""
+    return tuple(
+        (e.dense_shards, e.attention_shards, e.attention > 0)
+        if isinstance(e, OperatorShape) else shape_of(e) for e in engines)
 
 
 def plan(service: ServiceModel, work: Workload, slo: SLO, policy: str,
-         max_devices: int | None = None, mechanisms: Mechanisms = ALL_MECHANISMS) -> Plan:
+         max_devices: int | None = None, mechanisms: Mechanisms = ALL_MECHANISMS,
+         keep_layout: tuple | None = None) -> Plan:
     """The cheapest deployment of a policy that meets the SLO at the workload's rate (an
-    operator deployment using only the given mechanisms)."""
+    operator deployment using only the given mechanisms); among the cheapest in devices,
+    one of `keep_layout` (the deployment's own) wins, so a re-shard always saves a device."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {list(POLICIES)}")
     search = {"static": _candidates_model, "model": _candidates_model,
-              "phase": _candidates_phase, "operator": _candidates_operator}[policy]
+              "phase": _candidates_phase, "operator": _candidates_operator_copies}[policy]
     arguments = (mechanisms,) if policy == "operator" else ()
-    best = None
+    best, best_key = None, None
     for cand in search(service, work.at(max(work.rate, 1e-6)), slo, *arguments):
         if max_devices is not None and cand[0] > max_devices:
             continue
-        if best is None or cand[:2] < best[:2]:
-            best = cand
+        moved = keep_layout is not None and \
+            deployment_layout(e for e, _, _ in cand[2]) != keep_layout
+        key = (cand[0], moved, cand[1])
+        if best is None or key < best_key:
+            best, best_key = cand, key
     if best is None:
         limit = f" within {max_devices} devices" if max_devices else ""
         if policy == "operator":  # not more devices: the search's own bound
-            limit += (f" (one engine of at most {MAX_DENSE_REPLICAS} dense replicas and its "
-                      "attention devices)")
+            limit += (f" (up to {MAX_OPERATOR_ENGINES} engines of at most "
+                      f"{MAX_DENSE_REPLICAS} dense replicas and their attention devices)")
         per_token = f" + {slo.ttft_per_token:g} s per prompt token" if slo.ttft_per_token \
             else ""
         raise NoDeploymentError(
@@ -664,16 +699,21 @@ def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
         if isinstance(engine, OperatorEngine) and engine.attention:
             attention, dense, _, _ = engine.pool_times(service, batch, accounting=False)
             total = attention + dense
-            places = {True: (devices[:engine.attention], engine.kv_holders,
-                             engine.attention_shards, 1,
+            # each copy's attention devices, then its dense replicas'
+            copies = [devices[c * engine.devices:(c + 1) * engine.devices]
+                      for c in range(count)]
+            places = {True: ([d for c in copies for d in c[:engine.attention]],
+                             engine.kv_holders * count, engine.attention_shards, 1,
                              busiest_share(batch, engine.kv_holders)),  # as pool_times
-                      False: (devices[engine.attention:], engine.dense_replicas,
-                              engine.dense_shards, engine.dense_replicas, batch)}
+                      False: ([d for c in copies for d in c[engine.attention:]],
+                              engine.dense_replicas * count, engine.dense_shards,
+                              engine.dense_replicas, batch)}
             role = "operator"
         else:  # replicas that each run their own requests: time at one replica's batch
-            if isinstance(engine, OperatorEngine):  # co-located: r replicas in one engine
-                replicas, shards, role = engine.dense_replicas, engine.dense_shards, "operator"
-                batch = batch.split(replicas)
+            if isinstance(engine, OperatorEngine):  # co-located: r replicas in each engine
+                replicas, shards, role = (engine.dense_replicas * count, engine.dense_shards,
+                                          "operator")
+                batch = batch.split(engine.dense_replicas)
             else:
                 replicas, shards, role = count, engine.shards, engine.role
             total = service.iteration_time(batch, shards)

@@ -26,7 +26,7 @@ from fxscale.contracts.plan import SLO, Plan
 from fxscale.contracts.scaling import Decision, Hysteresis, action
 from fxscale.contracts.trace import Request, Trace
 from fxscale.runtime.planner.engines import ALL_MECHANISMS, Mechanisms, engine_for
-from fxscale.runtime.planner.search import Workload, kv_transfer_s, plan
+from fxscale.runtime.planner.search import Workload, deployment_layout, kv_transfer_s, plan
 from fxscale.runtime.planner.service import Batch, ServiceModel
 from fxscale.runtime.simulator.forecast import FORECASTS, RateForecast
 from fxscale.runtime.simulator.prefix import PrefixCache, prefill_left, reused_tokens
@@ -69,8 +69,9 @@ class EngineState:
     """One running engine: its queues, decoding set, KV reservation and accounting."""
 
     def __init__(self, spec, role: str, ready_at: float, requested_at: float, chunk: int,
-                 cache_blocks: int) -> None:
+                 cache_blocks: int, down_after: int = ScalingConfig.down_after) -> None:
         self.spec, self.role = spec, role
+        self.shrink = Hysteresis(down_after)  # an operator engine's own smaller shapes
         self.caches: list[PrefixCache] = []  # one per KV holder, with prefix caching
         self.next_holder = 0
         self.shape(spec, chunk, cache_blocks)
@@ -172,7 +173,9 @@ class Simulation:
         self.arrivals_seen = 0
         self.rate_estimate = 0.0
         self.forecast: RateForecast | None = None  # set when the run starts
-        self.plans: dict[float, Plan] = {}  # by the rate they were sized for
+        # by the rate they were sized for and the layout they were to keep
+        self.plans: dict[tuple[float, tuple | None], Plan] = {}
+        self.layout: tuple | None = None  # of the plan last applied
         # when each warm-pool device is (again) started and free to take
         self.warm_free_at = [0.0] * scaling.warm_pool
         self.planned_rate = 0.0
@@ -192,10 +195,15 @@ class Simulation:
         if sized >= SETTLED_RATE:  # up to the next point of the rate grid
             sized = (1 + PLAN_RATE_STEP) ** math.ceil(math.log(sized) /
                                                        math.log1p(PLAN_RATE_STEP) - 1e-9)
-        if sized not in self.plans:
-            self.plans[sized] = plan(self.service, self.workload.at(sized), self.slo,
-                                     self.policy, mechanisms=self.mechanisms)
-        return self.plans[sized]
+        # the deployment's layout wins ties: a re-shard must save a device
+        key = (sized, self.layout)
+        if key not in self.plans:
+            self.plans[key] = plan(self.service, self.workload.at(sized), self.slo,
+                                   self.policy, mechanisms=self.mechanisms,
+                                   keep_layout=self.layout)
+        chosen = self.plans[key]
+        self.layout = deployment_layout(e.engine for e in chosen.engines)
+        return chosen
 
     def _targets(self, p: Plan) -> list[tuple[object, str, int]]:
         """(engine spec, role, count) of a plan."""
@@ -207,7 +215,8 @@ class Simulation:
         """Request a new engine (ready at once when warm, else after its cold start)."""
         delay = 0.0 if warm else self._start_delay(
             spec.devices, spec.load_bytes_per_device(self.service), now)
-        engine = EngineState(spec, role, now + delay, now, chunk, self._cache_blocks(spec))
+        engine = EngineState(spec, role, now + delay, now, chunk, self._cache_blocks(spec),
+                             self.scaling.down_after)
         self.engines.append(engine)
         if delay:
             self._push(now + delay, "ready", engine)
@@ -253,18 +262,38 @@ class Simulation:
                 continue
             successors = [e for e in self.engines if e.role == engine.role and not e.superseded
                           and not e.draining and e.retired_at is None]
-            if successors and all(e.ready_at <= now for e in successors):
+            if successors and all(e.ready_at <= now and e.pending_spec is None
+                                  for e in successors):
                 engine.draining = True
                 self._retire_if_idle(engine, now)
 
     def _apply_operator(self, p: Plan, live: list[EngineState], now: float, warm: bool) -> None:
-        """Resize the one operator engine: a larger shape serves once its added devices have
-        started and loaded their weights; a smaller one after hysteresis, if the KV fits."""
-        spec = self._targets(p)[0][0]
-        if warm or not live:
+        """Copies of the operator engine: a missing copy starts as a model replica does, a
+        surplus one drains after hysteresis (copies change shape once it is done), and each
+        copy resizes on its own (_resize_operator)."""
+        spec, _, count = self._targets(p)[0]
+        live = [e for e in live if not e.superseded]  # copies on their way out
+        for _ in range(count - len(live)):
             self._add(spec, "operator", now, warm, p.chunk)
+        if warm or not live:
             return
-        engine = live[-1]
+        if len(live) > count:  # the surplus, least loaded, drains once the rest is resized
+            self.shrink.ask(len(live), count)
+            if not self.shrink.due:
+                return
+            surplus = sorted(live, key=lambda e: e.load(self.service))[:len(live) - count]
+            for engine in surplus:
+                engine.superseded = True
+            live = [e for e in live if not e.superseded]
+        self.shrink.done()
+        for engine in live:
+            self._resize_operator(engine, spec, p.chunk, now)
+        self._retire_superseded(now)
+
+    def _resize_operator(self, engine: EngineState, spec, chunk: int, now: float) -> None:
+        """Resize one operator engine: a larger shape serves once its added devices have
+        started and loaded their weights; a smaller one after hysteresis, if the KV fits."""
+        shrink = engine.shrink
         current = engine.pending_spec or engine.spec
         old = engine.spec
         reshard = spec.dense_shards != old.dense_shards
@@ -277,11 +306,11 @@ class Simulation:
                 spec.dense_shards, spec.dense_replicas, spec.attention_shards):
             spec = pending  # already growing to this, with attention enough for the KV
         if spec == current:
-            self.shrink.done()
+            shrink.done()
         elif spec.devices >= old.devices or reshard or reshard_attention:
             if spec.devices < old.devices:  # a smaller re-sharded shape: after hysteresis
-                self.shrink.ask(old.devices, spec.devices)
-                if not self.shrink.due:
+                shrink.ask(old.devices, spec.devices)
+                if not shrink.due:
                     return
             # each pool's new devices start (a re-sharded dense pool loads entirely on new
             # devices) while the old shape serves; all are held until the switch
@@ -297,16 +326,16 @@ class Simulation:
             self._close_account(engine, now)
             engine.pending_spec = spec
             engine.extra_devices = added
-            self._push(now + delay, "resize", (engine, spec, p.chunk, now))
-            self.shrink.done()
+            self._push(now + delay, "resize", (engine, spec, chunk, now))
+            shrink.done()
         else:  # fewer dense replicas or attention devices, same sharding: after hysteresis,
             # once the remaining devices hold every reserved KV token
-            self.shrink.ask(old.devices, spec.devices)
-            if self.shrink.due and engine.pending_spec is None and \
+            shrink.ask(old.devices, spec.devices)
+            if shrink.due and engine.pending_spec is None and \
                     spec.kv_capacity_tokens(self.service) >= engine.kv_reserved:
                 self._close_account(engine, now)
-                engine.shape(spec, p.chunk, self._cache_blocks(spec))
-                self.shrink.done()
+                engine.shape(spec, chunk, self._cache_blocks(spec))
+                shrink.done()
 
     def _holding(self, spec, reserved: float):
         """A disaggregated shape with attention devices enough for the KV already reserved:
@@ -416,6 +445,7 @@ class Simulation:
                     engine.extra_devices, engine.pending_spec = 0, None
                     engine.shape(grown, chunk, self._cache_blocks(grown))
                     self._wake(engine, now)
+                    self._retire_superseded(now)
         lost = [i for i, f in enumerate(self.finish) if f != f]
         if remaining != 0 or lost:
             raise RuntimeError(f"simulator bug: {len(lost)} requests unfinished, "
@@ -460,7 +490,9 @@ class Simulation:
         floor = " (the floor)" if self.planned_rate == self.floor_rate else ""
         what = action(before, after)
         if what == "hold" and p.devices < before:
-            what = f"hold (lower for {self.shrink.below}/{self.scaling.down_after})"
+            below = max([self.shrink.below] + [e.shrink.below for e in self.engines
+                                               if e.retired_at is None])
+            what = f"hold (lower for {below}/{self.scaling.down_after})"
         self.decisions.append(Decision(
             now, "deployment", before, after, what,
             f"observed {observed:.2f} req/s, estimate {self.rate_estimate:.2f}; the plan for "
@@ -516,13 +548,16 @@ class Simulation:
         """Replicas per pool and devices per operator-group kind right now."""
         live = [e for e in self.engines if e.retired_at is None]
         kinds = self.service.kinds
-        if self.policy == "operator" and live:
-            s = live[-1].spec
-            dense = s.dense_shards * s.dense_replicas
-            return {"attention_replicas": s.attention and s.kv_holders,
-                    "attention_shards": s.attention_shards, "dense_replicas": s.dense_replicas,
-                    "dense_shards": s.dense_shards,
-                    "group_devices": {k.name: (s.attention or dense) if k.stateful else dense
+        if self.policy == "operator" and live:  # summed over the copies of the engine
+            shapes = [e.spec for e in live]
+            dense = sum(s.dense_shards * s.dense_replicas for s in shapes)
+            attention = sum(s.attention for s in shapes)
+            return {"engines": len(shapes),
+                    "attention_replicas": sum(s.attention and s.kv_holders for s in shapes),
+                    "attention_shards": shapes[-1].attention_shards,
+                    "dense_replicas": sum(s.dense_replicas for s in shapes),
+                    "dense_shards": shapes[-1].dense_shards,
+                    "group_devices": {k.name: (attention or dense) if k.stateful else dense
                                       for k in kinds}}
         pools: dict[str, int] = {}
         for e in live:
