@@ -62,9 +62,11 @@ def test_switched_off_mechanisms_change_what_the_planner_and_replay_build(servic
     azure = load_trace("azure-conv")
     work = Workload.from_requests(azure.requests, azure.rate()).at(1000.0)
     slo = replace(SLO_TIGHT, tbt=0.006)  # where the planner picks disaggregated attention
-    shape = plan(service, work, slo, "operator").engines[0].engine
+    one_engine = Mechanisms(copies=False)
+    shape = plan(service, work, slo, "operator", mechanisms=one_engine).engines[0].engine
     assert shape.attention > 0 and shape.dense_replicas > 1  # the case the switches matter
-    alone = plan(service, work, slo, "operator", mechanisms=Mechanisms(disaggregation=False))
+    alone = plan(service, work, slo, "operator",
+                 mechanisms=Mechanisms(disaggregation=False, copies=False))
     assert alone.engines[0].engine.attention == 0
     # pooled prefill: a prompt's chunk spread over the dense replicas, or one chunk a step
     # (the plan's choice, and off whatever it chose when the mechanism is)
@@ -72,7 +74,8 @@ def test_switched_off_mechanisms_change_what_the_planner_and_replay_build(servic
     assert engine_for(pooled).prompt_lane(256) == 256 * shape.dense_replicas
     assert engine_for(pooled, Mechanisms(pooled_prefill=False)).prompt_lane(256) == 256
     assert engine_for(replace(shape, pooled_prefill=False)).prompt_lane(256) == 256
-    unpooled = plan(service, work, slo, "operator", mechanisms=Mechanisms(pooled_prefill=False))
+    unpooled = plan(service, work, slo, "operator",
+                    mechanisms=Mechanisms(pooled_prefill=False, copies=False))
     assert not any(e.engine.pooled_prefill for e in unpooled.engines if e.engine.attention)
     # fast start: added attention devices load no weights; without it they load as dense do
     scaling = ScalingConfig(interval_s=10, startup_s=7.0, load_bandwidth=1e9)

@@ -129,7 +129,7 @@ def test_simulate_all_reports_a_policy_no_deployment_serves_and_runs_the_others(
     assert "no deployment meets the SLO" in table and "operator: no operator deployment" in table
     runs = json.loads(out.read_text())["policies"]
     assert "no operator deployment of llama-2-7b" in runs["operator"]["infeasible"]
-    assert "up to 64 engines of at most 16 dense replicas" in runs["operator"]["infeasible"]
+    assert "one engine of at most 16 dense replicas" in runs["operator"]["infeasible"]
     assert "gpu_hours" not in runs["operator"]
     for policy in ("static", "model", "phase"):
         assert SIMULATE_KEYS <= set(runs[policy]) and "infeasible" not in runs[policy]

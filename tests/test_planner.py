@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, replace
+from functools import partial
 
 import pytest
 from helpers import own_cache
@@ -15,8 +16,12 @@ from fxscale.contracts.plan import SLO, EngineCount, LockstepShape, OperatorShap
 from fxscale.contracts.trace import Request, Trace
 from fxscale.models.presets import preset_graph
 from fxscale.runtime.devices import load_device
-from fxscale.runtime.planner import search
-from fxscale.runtime.planner.engines import LockstepEngine, OperatorEngine, engine_for
+from fxscale.runtime.planner.engines import (
+    LockstepEngine,
+    Mechanisms,
+    OperatorEngine,
+    engine_for,
+)
 from fxscale.runtime.planner.search import (
     Prediction,
     Workload,
@@ -366,7 +371,7 @@ def test_long_prompts_plan_attention_sets_that_meet_the_tbt(service):
     trace = Trace("long", "test", [Request(i * 0.1, 20_000 + 97 * (i % 50), 200)
                                    for i in range(600)])
     work, slo = Workload.from_requests(trace.requests, trace.rate()), SLO(ttft=60.0, tbt=0.004)
-    p = plan(service, work, slo, "operator")
+    p = plan(service, work, slo, "operator", mechanisms=Mechanisms(copies=False))
     engine = p.engines[0].engine
     assert engine.attention and engine.attention_shards > 1
     unsplit = replace(engine, attention_shards=1)
@@ -379,41 +384,65 @@ def test_long_prompts_plan_attention_sets_that_meet_the_tbt(service):
     assert result["tbt_p99"] > p.tbt_p99 * 1.5  # the chunk on one device
 
 
-def test_beyond_one_operator_engine_the_plan_copies_it_and_the_replay_serves_the_copies(
-        service, azure, monkeypatch):
-    """Where one engine of at most MAX_DENSE_REPLICAS dense replicas cannot meet the SLO,
-    the plan is as few copies of one as do, sharing the arrivals: the replay serves them and
-    meets its target; fewer copies drain after hysteresis, once the rest serve."""
-    monkeypatch.setattr(search, "MAX_DENSE_REPLICAS", 2)
+def test_copies_of_a_one_replica_operator_engine_are_model_level_replicas(service, azure):
+    """The operator search holds copies of a one-replica engine beside its one engine, so it
+    contains model-level's search: never more devices planned, and where model-level's
+    replicas are cheapest the operator plan is the same replicas, predicted and replayed
+    number for number."""
     base, workload = azure
+    for rate in (100.0, 200.0):
+        assert plan(service, workload.at(rate), SLO_TIGHT, "operator").devices <= plan(
+            service, workload.at(rate), SLO_TIGHT, "model").devices
     work = workload.at(400.0)
-    assert not list(search._candidates_operator(service, work, SLO_TIGHT))
-    p = plan(service, work, SLO_TIGHT, "operator")
-    (copies,) = p.engines
-    assert copies.count >= 2 and p.devices == copies.count * copies.engine.devices
-    engine = OperatorEngine(**asdict(copies.engine))
-    assert {(g.replicas, g.shards) for g in p.groups} == {
-        (copies.count * engine.dense_replicas, engine.dense_shards),
-        (copies.count * engine.kv_holders, engine.attention_shards)}
-    assert len({d for g in p.groups for d in g.devices}) == p.devices
+    copies, model = (plan(service, work, SLO_TIGHT, policy) for policy in ("operator", "model"))
+    (engines,) = copies.engines
+    (replicas,) = model.engines
+    assert engines.count == replicas.count >= 2
+    assert engines.engine == OperatorShape(0, replicas.engine.shards, 1)
+    for key in ("devices", "chunk", "power_w", "ttft_p99", "tbt_p99"):
+        assert getattr(copies, key) == getattr(model, key), key
+    assert {(g.replicas, g.shards) for g in copies.groups} == {
+        (replicas.count, replicas.engine.shards)}
+    assert len({d for g in copies.groups for d in g.devices}) == copies.devices
     trace = poisson_resample(base, 400.0, 20, seed=3)
-    result = simulate(service, trace, "operator", SLO_TIGHT, fixed=p)
-    assert metrics(result, SLO_TIGHT)["slo_attainment"] >= SLO_TIGHT.attainment
-    assert {row["engines"] for row in result.timeline} == {copies.count}
-    # autoscaled: two copies become one after `down_after` lower intervals
-    sim = Simulation(service, trace, "operator", SLO_TIGHT, workload,
-                     ScalingConfig(interval_s=10, down_after=2))
-    sim._apply(replace(p, engines=(replace(copies, count=2),)), 0.0, warm=True)
+    replayed = [metrics(simulate(service, trace, policy, SLO_TIGHT, fixed=p), SLO_TIGHT)
+                for policy, p in (("operator", copies), ("model", model))]
+    for key in ("gpu_hours", "energy_kwh", "ttft_p99", "tbt_p99", "slo_attainment"):
+        assert replayed[0][key] == replayed[1][key], key
+
+
+def test_the_replay_starts_resizes_and_drains_operator_copies(service, azure):
+    """A missing copy starts cold, as a model replica does; a surplus one drains after the
+    hysteresis once the rest serve, or at once where the copies kept grow to more devices."""
+    base, workload = azure
+    one = OperatorShape(0, 2, 1)
+    plan_of = partial(Plan, policy="operator", model=service.model, device="h100", rate=1.0,
+                      power_w=0.0, ttft_p50=0.0, ttft_p99=0.0, tbt_p50=0.0, tbt_p99=0.0,
+                      chunk=512)
+
+    def copies(shape: OperatorShape, count: int) -> Plan:
+        return plan_of(engines=(EngineCount(shape, count),), devices=count * shape.devices)
+    sim = Simulation(service, poisson_resample(base, 5.0, 60, seed=1), "operator", SLO_TIGHT,
+                     workload, ScalingConfig(interval_s=10, down_after=2))
+    sim._apply(copies(one, 2), 0.0, warm=True)
     two = list(sim.engines)
-    one = replace(p, engines=(replace(copies, count=1),))
-    sim._apply(one, 10.0)
+    sim._apply(copies(one, 1), 10.0)
     assert not any(e.superseded or e.draining for e in two)  # hysteresis: one interval
-    sim._apply(one, 20.0)
+    sim._apply(copies(one, 1), 20.0)
     assert sum(e.superseded for e in two) == 1
     assert sum(e.retired_at == 20.0 for e in two) == 1  # idle: drained at once
-    sim._apply(replace(p, engines=(replace(copies, count=3),)), 30.0)
+    sim._apply(copies(one, 3), 30.0)
     started = [e for e in sim.engines if e not in two]
     assert len(started) == 2 and all(e.ready_at > 30.0 for e in started)  # a cold start
+    # fewer copies of a larger engine: the kept copy grows at once, the others drain when
+    # it serves
+    sim._apply(copies(OperatorShape(0, 2, 4), 1), 40.0)
+    kept = [e for e in sim.engines if e.retired_at is None and not e.superseded]
+    assert len(kept) == 1 and kept[0].pending_spec.dense_replicas == 4
+    outgoing = [e for e in sim.engines if e.superseded and e.retired_at is None]
+    assert len(outgoing) == 2 and not any(e.draining for e in outgoing)
+    sim._retire_superseded(kept[0].ready_at)
+    assert not any(e.draining for e in outgoing)  # the kept copy is still growing
 
 
 def test_co_located_operator_replicas_keep_each_request_and_its_tokens_on_one(service, azure):
@@ -536,8 +565,9 @@ def test_scaling_waits_for_start_up_and_weights(service, azure):
     trace = Trace("step", "synthetic", calm.requests + [
         Request(r.arrival_s + 60, r.prompt_tokens, r.output_tokens) for r in burst.requests])
     scaling = ScalingConfig(interval_s=10, startup_s=7.0, load_bandwidth=1e9)
-    for policy in ("model", "operator"):
-        sim = Simulation(service, trace, policy, SLO_TIGHT, workload, scaling)
+    for policy in ("model", "operator"):  # the operator policy as one engine that resizes
+        sim = Simulation(service, trace, policy, SLO_TIGHT, workload, scaling,
+                         mechanisms=Mechanisms(copies=False))
         result = sim.run()
         grown = [d for d in sim.decisions if d.new > d.old]
         assert grown, f"{policy}: the burst must trigger a scale-up"

@@ -35,11 +35,13 @@ class Mechanisms:
     an attribution switches some off): attention on devices of its own, sized apart from the
     dense pool; a prompt's chunk spread over the dense replicas (pooled prefill); attention
     devices that start without loading weights (with the policy's own decision interval,
-    which the simulator's caller sets)."""
+    which the simulator's caller sets); copies of a one-replica engine sharing the arrivals
+    beside one engine (model-level's replication, which the operator policy may also use)."""
 
     disaggregation: bool = True
     pooled_prefill: bool = True
     fast_start: bool = True
+    copies: bool = True
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -48,7 +48,7 @@ PREFILL_CHUNKS = (1024, 2048, 4096, 8192)  # prefill-only replicas: no decode to
 SHARDS = (1, 2, 4, 8)
 MAX_LOOP_GAIN = 0.8
 MAX_DENSE_REPLICAS = 16  # dense replicas one operator engine pools its prompts over
-MAX_OPERATOR_ENGINES = 64  # copies of it, beyond what one engine can serve
+MAX_OPERATOR_ENGINES = 64  # copies of a one-replica engine
 QUANTILES = 20      # equally likely prompt lengths below the tail
 TAIL = 0.05         # the longest prompts, planned in finer steps up to the longest
 TAIL_STEPS = 20
@@ -529,11 +529,13 @@ def kv_transfer_s(service: ServiceModel, prompt_tokens: float, shards: int) -> f
 
 
 def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHANISMS,
-                         copies: int = 1):
-    """Operator pools: attention devices (KV) and dense replicas sized separately (or
-    co-located only, without disaggregation), in `copies` engines that share the arrivals;
-    a shape whose dense pool alone has more devices than the best found is skipped."""
-    best = math.inf
+                         copies: int = 1, within: float = math.inf,
+                         most_replicas: int = MAX_DENSE_REPLICAS):
+    """Operator pools: attention devices (KV) and up to `most_replicas` dense replicas sized
+    separately (or co-located only, without disaggregation), in `copies` engines that share
+    the arrivals, of at most `within` devices in all; a shape whose dense pool alone has
+    more devices than the best found is skipped."""
+    best = within / copies  # per engine
     fixed: dict = {}
     # a disaggregated dense pool may spread a prompt over its replicas (pooled prefill) or
     # not: deep in a long prompt, a pooled chunk attends too long on its one attention set
@@ -544,7 +546,7 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
         if mechanisms.disaggregation]
     for shards in SHARDS:
         for chunk in CHUNKS:
-            for replicas in range(1, MAX_DENSE_REPLICAS + 1):
+            for replicas in range(1, most_replicas + 1):
                 probe = OperatorEngine(0, shards, replicas)
                 if not probe.dense_fits(service) or probe.devices > best:
                     break
@@ -590,22 +592,39 @@ def _candidates_operator(service, work, slo, mechanisms: Mechanisms = ALL_MECHAN
 
 
 def _candidates_operator_copies(service, work, slo, mechanisms: Mechanisms = ALL_MECHANISMS):
-    """One operator engine where one meets the SLO; else as few copies of one as do, each
-    taking its share of the arrivals (as model-level replicas do). Fewest copies, not
-    fewest devices: a larger engine pools its prompts over more replicas."""
-    found = list(_candidates_operator(service, work, slo, mechanisms))
-    if not found:
-        _, found = _fewest(lambda n: list(_candidates_operator(service, work, slo, mechanisms,
-                                                               n)),
-                           2, MAX_OPERATOR_ENGINES)
-    yield from found or ()
+    """One operator engine of up to MAX_DENSE_REPLICAS dense replicas, or copies of a
+    one-replica engine sharing the arrivals as model-level replicas do (a co-located one is
+    a model-level replica, so this contains model-level's search). The copies go first: the
+    fewest that meet the SLO, then more while more could need fewer devices; their best
+    bounds the one engine's search, which prunes most of it. Without the `copies`
+    mechanism, one engine only."""
+    if not mechanisms.copies:
+        yield from _candidates_operator(service, work, slo, mechanisms)
+        return
+    smallest = min(shards for shards in SHARDS
+                   if OperatorEngine(0, shards, 1).dense_fits(service))
+
+    def one_replica(copies: int, within: float = math.inf) -> list:
+        """Candidates of `copies` one-replica engines, of at most `within` devices in all."""
+        return list(_candidates_operator(service, work, slo, mechanisms, copies, within, 1))
+
+    copies, found = _fewest(one_replica, 2, MAX_OPERATOR_ENGINES)
+    best = math.inf
+    while found is not None:
+        yield from found
+        best = min([best] + [cand[0] for cand in found])
+        copies += 1
+        found = one_replica(copies, best) \
+            if copies <= MAX_OPERATOR_ENGINES and copies * smallest <= best else None
+    yield from _candidates_operator(service, work, slo, mechanisms, 1, best)
 
 
 def deployment_layout(engines) -> tuple:
     """What a deployment cannot change without new replicas or a re-shard: each engine's
-    shape less what changes in place (replica and attention-set counts, pooling)."""
+    shape less what changes in place (replica, copy and attention-set counts, pooling); an
+    operator engine of several dense replicas and copies of one-replica engines differ."""
     return tuple(
-        (e.dense_shards, e.attention_shards, e.attention > 0)
+        (e.dense_shards, e.attention_shards, e.attention > 0, e.dense_replicas > 1)
         if isinstance(e, OperatorShape) else shape_of(e) for e in engines)
 
 
@@ -632,8 +651,8 @@ def plan(service: ServiceModel, work: Workload, slo: SLO, policy: str,
     if best is None:
         limit = f" within {max_devices} devices" if max_devices else ""
         if policy == "operator":  # not more devices: the search's own bound
-            limit += (f" (up to {MAX_OPERATOR_ENGINES} engines of at most "
-                      f"{MAX_DENSE_REPLICAS} dense replicas and their attention devices)")
+            limit += (f" (one engine of at most {MAX_DENSE_REPLICAS} dense replicas and their "
+                      f"attention devices, or up to {MAX_OPERATOR_ENGINES} one-replica engines)")
         per_token = f" + {slo.ttft_per_token:g} s per prompt token" if slo.ttft_per_token \
             else ""
         raise NoDeploymentError(

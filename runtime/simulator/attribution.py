@@ -5,7 +5,8 @@ one trace splits into:
 
 - `operator engine`, a fixed first step: model-level's independent replicas become one
   operator engine of co-located replicas, resized in place, using none of the mechanisms
-  (they exist only in that engine, so this step cannot be switched in any order);
+  (they exist only in that engine, so this step cannot be switched in any order; `copies`,
+  model-level's own replication of one-replica engines, is a mechanism of its own);
 - one part per mechanism (runtime/planner/engines.py `Mechanisms`): its Shapley value, the
   mean over every order of switching the mechanisms on of what switching it on changes.
   `value(S)` is the operator policy using only the mechanisms in S, at its best searched
@@ -33,7 +34,8 @@ from fxscale.runtime.simulator.replay import ScalingConfig
 MECHANISMS = tuple(f.name for f in fields(Mechanisms))
 SOURCES = {"disaggregation": "attention disaggregation",
            "pooled_prefill": "pooled prefill",
-           "fast_start": "scaling speed"}
+           "fast_start": "scaling speed",
+           "copies": "engine copies"}
 # Sources of the published argument this simulator does not separate, and why.
 NOT_SEPARATED = {
     "granularity": "dense groups scale as one pool here: the only finer unit is the "

@@ -268,9 +268,10 @@ class Simulation:
                 self._retire_if_idle(engine, now)
 
     def _apply_operator(self, p: Plan, live: list[EngineState], now: float, warm: bool) -> None:
-        """Copies of the operator engine: a missing copy starts as a model replica does, a
-        surplus one drains after hysteresis (copies change shape once it is done), and each
-        copy resizes on its own (_resize_operator)."""
+        """Copies of the operator engine: a missing copy starts as a model replica does; a
+        surplus one drains once the copies kept are resized, after hysteresis if that
+        leaves fewer devices (the kept copies hold their shape until then); each copy
+        resizes on its own (_resize_operator)."""
         spec, _, count = self._targets(p)[0]
         live = [e for e in live if not e.superseded]  # copies on their way out
         for _ in range(count - len(live)):
@@ -278,8 +279,9 @@ class Simulation:
         if warm or not live:
             return
         if len(live) > count:  # the surplus, least loaded, drains once the rest is resized
-            self.shrink.ask(len(live), count)
-            if not self.shrink.due:
+            current = sum((e.pending_spec or e.spec).devices for e in live)
+            self.shrink.ask(current, count * spec.devices)  # fewer devices: after hysteresis
+            if count * spec.devices < current and not self.shrink.due:
                 return
             surplus = sorted(live, key=lambda e: e.load(self.service))[:len(live) - count]
             for engine in surplus:
