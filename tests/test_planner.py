@@ -30,6 +30,7 @@ from fxscale.runtime.planner.search import (
     group_placement,
     mean_chunk,
     plan,
+    plan_meets,
     predict,
     prefill_alone_s,
     prompt_points,
@@ -382,6 +383,28 @@ def test_long_prompts_plan_attention_sets_that_meet_the_tbt(service):
         result = metrics(simulate(service, trace, "operator", slo, fixed=fixed), slo)
         assert (result["tbt_p99"] <= slo.tbt) is meets, (shape, result["tbt_p99"])
     assert result["tbt_p99"] > p.tbt_p99 * 1.5  # the chunk on one device
+
+
+def test_a_layout_change_waits_the_hysteresis_while_the_running_plan_meets_the_slo(
+        service, azure):
+    """A cheaper plan of another layout (a restart) is taken after `down_after` decisions
+    in a row while the running plan still meets the SLO at the planned rate, as a shrink
+    is; at once where the running plan no longer does. For every policy alike."""
+    base, workload = azure
+    tp8 = replace(plan(service, workload.at(100.0), SLO_TIGHT, "model"),
+                  engines=(EngineCount(LockstepShape("model", 8), 1),), devices=8)
+    assert plan_meets(service, tp8, workload.at(100.0), SLO_TIGHT)
+    assert not plan_meets(service, tp8, workload.at(400.0), SLO_TIGHT)
+    sim = Simulation(service, poisson_resample(base, 5.0, 60, seed=1), "model", SLO_TIGHT,
+                     workload, ScalingConfig(interval_s=10, down_after=2))
+    sim.applied, sim.layout = tp8, (LockstepShape("model", 8),)
+    cheaper = sim._plan(100.0)
+    assert cheaper is tp8  # the first lower decision holds the running plan
+    assert sim._plan(100.0).engines == (EngineCount(LockstepShape("model", 2), 2),)
+    assert sim.layout == (LockstepShape("model", 2),)
+    sim.applied, sim.layout = tp8, (LockstepShape("model", 8),)
+    sim.relayout.done()
+    assert sim._plan(400.0).devices == 12  # TP8 cannot serve 400 req/s: at once
 
 
 def test_copies_of_a_one_replica_operator_engine_are_model_level_replicas(service, azure):

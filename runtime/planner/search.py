@@ -38,6 +38,7 @@ from fxscale.runtime.planner.engines import (
     Mechanisms,
     OperatorEngine,
     busiest_share,
+    engine_for,
     shape_of,
 )
 from fxscale.runtime.planner.queueing import erlang_c, erlang_c_wait
@@ -670,6 +671,26 @@ def plan(service: ServiceModel, work: Workload, slo: SLO, policy: str,
                 ttft_p50=prefill_pred.ttft_p50, ttft_p99=prefill_pred.ttft_p99,
                 tbt_p50=decode_pred.tbt_p50, tbt_p99=decode_pred.tbt_p99, chunk=chunk,
                 groups=tuple(group_placement(service, pools, slo, work, chunk)))
+
+
+def plan_meets(service: ServiceModel, p: Plan, work: Workload, slo: SLO,
+               mechanisms: Mechanisms = ALL_MECHANISMS) -> bool:
+    """Whether a plan's engines, as they are, meet the SLO at a workload's rate (the
+    predictions the search makes of each candidate)."""
+    work = work.at(max(work.rate, 1e-6))
+    engines = [(engine_for(e.engine, mechanisms), e.count) for e in p.engines]
+    if p.policy != "phase":
+        (engine, count), = engines
+        return _meets(predict(service, engine, count, work, slo, p.chunk), slo)
+    (prefill, prefills), (decode, decodes) = engines
+    ahead = predict(service, prefill, prefills, work, slo, p.chunk, decode=False)
+    if ahead is None or ahead.ttft_miss > 1 - slo.attainment:
+        return False
+    transfer = kv_transfer_s(service, work.prompt_mean, min(decode.shards, prefill.shards))
+    budget = replace(slo, tbt=slo.tbt - transfer / work.output_mean)
+    behind = predict(service, decode, decodes, work, budget, 0, prefill=False) \
+        if budget.tbt > 0 else None
+    return behind is not None and behind.tbt_p99 <= budget.tbt
 
 
 def prefill_alone_s(service: ServiceModel, prompt: float) -> float:

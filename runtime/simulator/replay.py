@@ -26,7 +26,13 @@ from fxscale.contracts.plan import SLO, Plan
 from fxscale.contracts.scaling import Decision, Hysteresis, action
 from fxscale.contracts.trace import Request, Trace
 from fxscale.runtime.planner.engines import ALL_MECHANISMS, Mechanisms, engine_for
-from fxscale.runtime.planner.search import Workload, deployment_layout, kv_transfer_s, plan
+from fxscale.runtime.planner.search import (
+    Workload,
+    deployment_layout,
+    kv_transfer_s,
+    plan,
+    plan_meets,
+)
 from fxscale.runtime.planner.service import Batch, ServiceModel
 from fxscale.runtime.simulator.forecast import FORECASTS, RateForecast
 from fxscale.runtime.simulator.prefix import PrefixCache, prefill_left, reused_tokens
@@ -176,6 +182,9 @@ class Simulation:
         # by the rate they were sized for and the layout they were to keep
         self.plans: dict[tuple[float, tuple | None], Plan] = {}
         self.layout: tuple | None = None  # of the plan last applied
+        self.applied: Plan | None = None
+        self.sized_rate = 0.0  # the rate the last plan was made for
+        self.relayout = Hysteresis(scaling.down_after)  # a cheaper plan of another layout
         # when each warm-pool device is (again) started and free to take
         self.warm_free_at = [0.0] * scaling.warm_pool
         self.planned_rate = 0.0
@@ -195,15 +204,30 @@ class Simulation:
         if sized >= SETTLED_RATE:  # up to the next point of the rate grid
             sized = (1 + PLAN_RATE_STEP) ** math.ceil(math.log(sized) /
                                                        math.log1p(PLAN_RATE_STEP) - 1e-9)
+        self.sized_rate = sized
         # the deployment's layout wins ties: a re-shard must save a device
         key = (sized, self.layout)
         if key not in self.plans:
             self.plans[key] = plan(self.service, self.workload.at(sized), self.slo,
                                    self.policy, mechanisms=self.mechanisms,
                                    keep_layout=self.layout)
-        chosen = self.plans[key]
-        self.layout = deployment_layout(e.engine for e in chosen.engines)
-        return chosen
+        return self._relayout(self.plans[key])
+
+    def _relayout(self, p: Plan) -> Plan:
+        """The plan to apply: one of another layout (a restart or re-shard) waits the shrink
+        hysteresis while the running plan still meets the SLO at the rate planned for, as
+        any shrink does; one the running plan cannot serve is taken at once."""
+        held = self.applied
+        layout = deployment_layout(e.engine for e in p.engines)
+        if held is not None and layout != self.layout and plan_meets(
+                self.service, held, self.workload.at(self.sized_rate), self.slo,
+                self.mechanisms):
+            self.relayout.ask(held.devices, p.devices)
+            if not self.relayout.due:
+                return held
+        self.relayout.done()
+        self.applied, self.layout = p, layout
+        return p
 
     def _targets(self, p: Plan) -> list[tuple[object, str, int]]:
         """(engine spec, role, count) of a plan."""
