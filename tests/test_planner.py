@@ -10,7 +10,7 @@ from functools import partial
 import pytest
 from helpers import own_cache
 
-from fxscale.contracts.errors import InputError
+from fxscale.contracts.errors import InputError, NoDeploymentError
 from fxscale.contracts.group_graph import kind_name
 from fxscale.contracts.plan import SLO, EngineCount, LockstepShape, OperatorShape, Plan
 from fxscale.contracts.trace import Request, Trace
@@ -206,6 +206,10 @@ def test_planner_refuses_what_cannot_be_met(service, azure):
         plan(service, workload.at(40.0), SLO_TIGHT, "model", max_devices=1)
     with pytest.raises(ValueError, match="unknown policy"):
         plan(service, workload, SLO_TIGHT, "magic")
+    tiny = replace(service, device=replace(service.device, memory_bytes=1e9))  # fits nowhere
+    for policy in ("model", "phase", "operator"):
+        with pytest.raises(NoDeploymentError, match=f"no {policy} deployment"):
+            plan(tiny, workload.at(5.0), SLO_TIGHT, policy)
     with pytest.raises(ValueError, match="SLO ttft and tbt must be positive"):
         SLO(ttft=0, tbt=0.1)
 

@@ -602,8 +602,10 @@ def _candidates_operator_copies(service, work, slo, mechanisms: Mechanisms = ALL
     if not mechanisms.copies:
         yield from _candidates_operator(service, work, slo, mechanisms)
         return
-    smallest = min(shards for shards in SHARDS
-                   if OperatorEngine(0, shards, 1).dense_fits(service))
+    smallest = min((shards for shards in SHARDS
+                    if OperatorEngine(0, shards, 1).dense_fits(service)), default=None)
+    if smallest is None:
+        return  # the weights fit no engine: nothing to copy
 
     def one_replica(copies: int, within: float = math.inf) -> list:
         """Candidates of `copies` one-replica engines, of at most `within` devices in all."""
