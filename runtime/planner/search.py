@@ -487,6 +487,29 @@ def _candidates_model(service, work, slo):
                    [(engine, count, p)], chunk)
 
 
+def _prefill_meeting(service, engine, count: int, work: Workload, slo: SLO,
+                     chunk: int) -> Prediction | None:
+    """A prefill-only pool's prediction when its TTFT meets the SLO, else None."""
+    p = predict(service, engine, count, work, slo, chunk, decode=False)
+    return p if p is not None and p.ttft_miss <= 1 - slo.attainment else None
+
+
+def _decode_budget(service: ServiceModel, work: Workload, slo: SLO, prefill_shards: int,
+                   decode_shards: int) -> SLO | None:
+    """A decode pool's SLO: the TBT less the KV transfer spread over the output tokens (the
+    cache crosses min(prefill, decode) network links); None when nothing is left."""
+    transfer = kv_transfer_s(service, work.prompt_mean, min(prefill_shards, decode_shards))
+    budget = replace(slo, tbt=slo.tbt - transfer / work.output_mean)
+    return budget if budget.tbt > 0 else None
+
+
+def _decode_meeting(service, engine, count: int, work: Workload,
+                    budget: SLO) -> Prediction | None:
+    """A decode-only pool's prediction when its TBT meets the budget, else None."""
+    p = predict(service, engine, count, work, budget, 0, prefill=False)
+    return p if p is not None and p.tbt_p99 <= budget.tbt else None
+
+
 def _candidates_phase(service, work, slo):
     """Prefill and decode pools sized independently; the KV transfer joins them."""
     best_prefill = best_decode = None
@@ -494,9 +517,7 @@ def _candidates_phase(service, work, slo):
         engine = LockstepEngine("prefill", shards)
         if engine.kv_capacity_tokens(service) <= 0:
             continue
-        count, p = _fewest(lambda n: p if (p := predict(
-            service, engine, n, work, slo, chunk, decode=False)) is not None
-            and p.ttft_miss <= 1 - slo.attainment else None)
+        count, p = _fewest(lambda n: _prefill_meeting(service, engine, n, work, slo, chunk))
         if count is not None:
             cand = (count * shards, _power(service, count * shards, p.busy_fraction),
                     engine, count, p, chunk)
@@ -505,15 +526,11 @@ def _candidates_phase(service, work, slo):
         engine = LockstepEngine("decode", shards)
         if engine.kv_capacity_tokens(service) <= work.prompt_mean + work.output_mean:
             continue
-        # the cache crosses min(prefill, decode) network links
-        transfer = kv_transfer_s(service, work.prompt_mean, min(shards, best_prefill[2].shards)
-                                 if best_prefill else shards)
-        budget = replace(slo, tbt=slo.tbt - transfer / work.output_mean)
-        if budget.tbt <= 0:
+        budget = _decode_budget(service, work, slo,
+                                best_prefill[2].shards if best_prefill else shards, shards)
+        if budget is None:
             continue
-        count, p = _fewest(lambda n: p if (p := predict(
-            service, engine, n, work, budget, 0, prefill=False)) is not None
-            and p.tbt_p99 <= budget.tbt else None)
+        count, p = _fewest(lambda n: _decode_meeting(service, engine, n, work, budget))
         if count is not None:
             cand = (count * shards, _power(service, count * shards, p.busy_fraction),
                     engine, count, p)
@@ -685,14 +702,11 @@ def plan_meets(service: ServiceModel, p: Plan, work: Workload, slo: SLO,
         (engine, count), = engines
         return _meets(predict(service, engine, count, work, slo, p.chunk), slo)
     (prefill, prefills), (decode, decodes) = engines
-    ahead = predict(service, prefill, prefills, work, slo, p.chunk, decode=False)
-    if ahead is None or ahead.ttft_miss > 1 - slo.attainment:
+    if _prefill_meeting(service, prefill, prefills, work, slo, p.chunk) is None:
         return False
-    transfer = kv_transfer_s(service, work.prompt_mean, min(decode.shards, prefill.shards))
-    budget = replace(slo, tbt=slo.tbt - transfer / work.output_mean)
-    behind = predict(service, decode, decodes, work, budget, 0, prefill=False) \
-        if budget.tbt > 0 else None
-    return behind is not None and behind.tbt_p99 <= budget.tbt
+    budget = _decode_budget(service, work, slo, prefill.shards, decode.shards)
+    return budget is not None and \
+        _decode_meeting(service, decode, decodes, work, budget) is not None
 
 
 def prefill_alone_s(service: ServiceModel, prompt: float) -> float:
