@@ -317,7 +317,7 @@ def test_a_deployment_keeps_its_layout_unless_another_saves_a_device(service, az
                 keep_layout=(LockstepShape("model", 8),)) == free  # 8 devices: not kept
     sim = Simulation(service, poisson_resample(azure[0], 5.0, 60, seed=1), "model", SLO_TIGHT,
                      workload, ScalingConfig(interval_s=10))
-    sim.layout = (LockstepShape("model", 4),)
+    sim.applied = tp4
     assert sim._plan(100.0).engines == tp4.engines
     assert sim.layout == (LockstepShape("model", 4),)
     cheaper = sim._plan(200.0)  # three TP2 replicas: TP4 replicas come in fours
@@ -401,12 +401,12 @@ def test_a_layout_change_waits_the_hysteresis_while_the_running_plan_meets_the_s
     assert not plan_meets(service, tp8, workload.at(400.0), SLO_TIGHT)
     sim = Simulation(service, poisson_resample(base, 5.0, 60, seed=1), "model", SLO_TIGHT,
                      workload, ScalingConfig(interval_s=10, down_after=2))
-    sim.applied, sim.layout = tp8, (LockstepShape("model", 8),)
+    sim.applied = tp8
     cheaper = sim._plan(100.0)
     assert cheaper is tp8  # the first lower decision holds the running plan
     assert sim._plan(100.0).engines == (EngineCount(LockstepShape("model", 2), 2),)
     assert sim.layout == (LockstepShape("model", 2),)
-    sim.applied, sim.layout = tp8, (LockstepShape("model", 8),)
+    sim.applied = tp8
     sim.relayout.done()
     assert sim._plan(400.0).devices == 12  # TP8 cannot serve 400 req/s: at once
 

@@ -155,6 +155,11 @@ class Result:
     prefix: dict | None = None  # prefix-cache reuse, when the trace has prefix hashes
 
 
+def _layout(p: Plan) -> tuple:
+    """What changing a plan's engines restarts or re-shards (deployment_layout)."""
+    return deployment_layout(e.engine for e in p.engines)
+
+
 class Simulation:
     """The replay of one trace under one policy."""
 
@@ -181,8 +186,7 @@ class Simulation:
         self.forecast: RateForecast | None = None  # set when the run starts
         # by the rate they were sized for and the layout they were to keep
         self.plans: dict[tuple[float, tuple | None], Plan] = {}
-        self.layout: tuple | None = None  # of the plan last applied
-        self.applied: Plan | None = None
+        self.applied: Plan | None = None  # the plan last applied (its layout is kept)
         self.sized_rate = 0.0  # the rate the last plan was made for
         self.relayout = Hysteresis(scaling.down_after)  # a cheaper plan of another layout
         # when each warm-pool device is (again) started and free to take
@@ -218,16 +222,20 @@ class Simulation:
         hysteresis while the running plan still meets the SLO at the rate planned for, as
         any shrink does; one the running plan cannot serve is taken at once."""
         held = self.applied
-        layout = deployment_layout(e.engine for e in p.engines)
-        if held is not None and layout != self.layout and plan_meets(
+        if held is not None and _layout(p) != _layout(held) and plan_meets(
                 self.service, held, self.workload.at(self.sized_rate), self.slo,
                 self.mechanisms):
             self.relayout.ask(held.devices, p.devices)
             if not self.relayout.due:
                 return held
         self.relayout.done()
-        self.applied, self.layout = p, layout
+        self.applied = p
         return p
+
+    @property
+    def layout(self) -> tuple | None:
+        """The layout of the plan last applied (None before the first)."""
+        return _layout(self.applied) if self.applied is not None else None
 
     def _targets(self, p: Plan) -> list[tuple[object, str, int]]:
         """(engine spec, role, count) of a plan."""
