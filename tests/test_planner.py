@@ -391,16 +391,16 @@ def test_long_prompts_plan_attention_sets_that_meet_the_tbt(service):
 
 def test_a_layout_change_waits_the_hysteresis_while_the_running_plan_meets_the_slo(
         service, azure):
-    """A cheaper plan of another layout (a restart) is taken after `down_after` decisions
-    in a row while the running plan still meets the SLO at the planned rate, as a shrink
-    is; at once where the running plan no longer does. For every policy alike."""
+    """A cheaper plan of another layout (a restart) is taken once it was asked for `hold_s`
+    seconds in a row while the running plan still meets the SLO at the planned rate, as a
+    shrink is; at once where the running plan no longer does. For every policy alike."""
     base, workload = azure
     tp8 = replace(plan(service, workload.at(100.0), SLO_TIGHT, "model"),
                   engines=(EngineCount(LockstepShape("model", 8), 1),), devices=8)
     assert plan_meets(service, tp8, workload.at(100.0), SLO_TIGHT)
     assert not plan_meets(service, tp8, workload.at(400.0), SLO_TIGHT)
     sim = Simulation(service, poisson_resample(base, 5.0, 60, seed=1), "model", SLO_TIGHT,
-                     workload, ScalingConfig(interval_s=10, down_after=2))
+                     workload, ScalingConfig(interval_s=10, hold_s=20))
     sim.applied = tp8
     cheaper = sim._plan(100.0)
     assert cheaper is tp8  # the first lower decision holds the running plan
@@ -409,6 +409,29 @@ def test_a_layout_change_waits_the_hysteresis_while_the_running_plan_meets_the_s
     sim.applied = tp8
     sim.relayout.done()
     assert sim._plan(400.0).devices == 12  # TP8 cannot serve 400 req/s: at once
+
+
+def test_the_rate_window_and_the_shrink_hold_are_seconds_whatever_the_interval(service, azure):
+    """An autoscaler deciding every second counts arrivals over the same window and waits as
+    long before shrinking as one deciding every 10 s: both are seconds, not decisions (a
+    1-s interval used to plan from one second of arrivals and shrink after 3 s)."""
+    base, workload = azure
+    busy = poisson_resample(base, 50.0, 40, seed=1).requests  # 4 devices, then 2
+    quiet = [replace(r, arrival_s=r.arrival_s + 40)
+             for r in poisson_resample(base, 2.0, 120, seed=2).requests]
+    trace = Trace("burst then quiet", "test", busy + quiet)
+    arrivals = [r.arrival_s for r in trace.requests]
+    for interval in (1.0, 10.0):
+        scaling = ScalingConfig(interval_s=interval, hold_s=40, window_s=20)
+        result = simulate(service, trace, "model", SLO_TIGHT, scaling, workload=workload)
+        for d in result.decisions:  # the rate counted over the last 20 s (or since the start)
+            seen = sum(d.t - 20 < t <= d.t for t in arrivals)
+            assert d.observed_rps == pytest.approx(seen / min(20.0, d.t)), (interval, d)
+        lower = next(d for d in result.decisions if d.action.startswith("hold (lower for 1/"))
+        assert lower.action == f"hold (lower for 1/{40 / interval:g})"
+        fewer = next(p["t"] for p in result.timeline
+                     if p["t"] > lower.t and p["devices"] < lower.old)
+        assert fewer - lower.t >= 40 - interval - 1e-9, interval  # 40 s of lower plans
 
 
 def test_copies_of_a_one_replica_operator_engine_are_model_level_replicas(service, azure):
@@ -450,7 +473,7 @@ def test_the_replay_starts_resizes_and_drains_operator_copies(service, azure):
     def copies(shape: OperatorShape, count: int) -> Plan:
         return plan_of(engines=(EngineCount(shape, count),), devices=count * shape.devices)
     sim = Simulation(service, poisson_resample(base, 5.0, 60, seed=1), "operator", SLO_TIGHT,
-                     workload, ScalingConfig(interval_s=10, down_after=2))
+                     workload, ScalingConfig(interval_s=10, hold_s=20))
     sim._apply(copies(one, 2), 0.0, warm=True)
     two = list(sim.engines)
     sim._apply(copies(one, 1), 10.0)
@@ -794,7 +817,7 @@ def test_prefix_caching_skips_the_cached_prefill_for_every_policy(service, azure
         assert warm.prefix["reused_tokens"] >= (len(requests) - holders) * 3072
         assert warm.ttft[-1] < 0.5 * cold.ttft[-1]
     # an operator engine that shrinks while a prompt prefills keeps its KV on a holder left
-    engine = EngineState(OperatorEngine(2, 2, 1), "operator", 0.0, 0.0, 512, 8)
+    engine = EngineState(OperatorEngine(2, 2, 1), "operator", 0.0, 0.0, 512, 8, 3)
     engine.caches[1].store(shared)
     engine.shape(OperatorEngine(1, 2, 1), 512, 8)
     engine.cache_of(1).store(shared[:2])

@@ -66,6 +66,13 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--policy-interval", type=policy_interval, action="append", default=[],
                      metavar="POLICY=S", help="a policy's own decision interval, e.g. "
                      "operator=1 (repeatable; the others keep --interval)")
+    sim.add_argument("--rate-window", type=positive_float, default=30.0, metavar="S",
+                     help="seconds the autoscaler counts arrivals over to measure the rate "
+                          "(default 30, rounded up to whole intervals; every policy alike)")
+    sim.add_argument("--hold", type=non_negative_float, default=90.0, metavar="S",
+                     help="seconds in a row the plans must ask for less before a deployment "
+                          "shrinks or changes to a cheaper layout (default 90, rounded up to "
+                          "whole intervals; every policy alike)")
     sim.add_argument("--forecast", choices=FORECASTS, default="reactive",
                      help="the rate the autoscaler plans for: reactive (the observed rate or "
                           "its moving mean, whichever is higher) or holt (Holt's trend "
@@ -161,7 +168,8 @@ def _setup(args: argparse.Namespace):
     ttft, tbt = default_slo(service.weight_bytes / 2)
     slo = SLO(args.slo_ttft or ttft, args.slo_tbt or tbt, args.attainment,
               args.slo_ttft_per_token)
-    scaling = ScalingConfig(interval_s=args.interval, headroom=args.headroom or 1.0,
+    scaling = ScalingConfig(interval_s=args.interval, hold_s=args.hold,
+                            window_s=args.rate_window, headroom=args.headroom or 1.0,
                             startup_s=args.startup, load_bandwidth=args.load_gbps * 1e9,
                             forecast=args.forecast, warm_pool=args.warm_pool)
     return console, trace, service, slo, scaling
@@ -174,6 +182,7 @@ def _config(args: argparse.Namespace, trace, slo, context: dict) -> dict:
             "trace_source": trace.source, "requests": len(trace.requests),
             "duration_s": trace.duration_s(), "slo_ttft": slo.ttft, "slo_tbt": slo.tbt,
             "attainment_target": slo.attainment, "interval_s": args.interval,
+            "hold_s": args.hold, "rate_window_s": args.rate_window,
             "slo_ttft_per_token": slo.ttft_per_token, "context": context,
             "prefix_caching": args.prefix_caching, "expert_skew": args.expert_skew,
             "forecast": args.forecast,

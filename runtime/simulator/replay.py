@@ -9,8 +9,8 @@ prefill left once its cached prefix is counted (runtime/simulator/prefix.py). Ph
 deployments prefill on one pool and move the KV cache over the network to a decode replica.
 An autoscaler re-plans every interval from the rate it forecasts (runtime/simulator/
 forecast.py); new capacity serves only after its start-up (skipped for devices of a warm pool,
-billed while idle) and weight-loading delay, and scale-down waits for `down_after`
-consecutive lower targets, then drains. Devices are counted
+billed while idle) and weight-loading delay, and scale-down waits until the plans were lower
+for `hold_s` seconds in a row, then drains. Devices are counted
 from the moment they are requested until they are released; a device draws max power while
 its engine computes and idle power otherwise. Deterministic: no randomness in the replay.
 """
@@ -49,11 +49,16 @@ PLAN_RATE_STEP = 0.01
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    """How the autoscaler acts: decision interval, hysteresis, headroom, cold start, the
-    rate it plans for, and a warm pool; every policy alike."""
+    """How the autoscaler acts: decision interval, the window it measures the arrival rate
+    over, how long a shrink waits, headroom, cold start, the rate it plans for, and a warm
+    pool; every policy alike. The window and the hold are seconds, not decisions, so a
+    policy deciding every second sees the same rate and waits as long before shrinking as
+    one deciding every 30 s (as Kubernetes' autoscaler keeps its metrics window and its
+    scale-down stabilisation window apart from its sync period)."""
 
     interval_s: float = 30.0
-    down_after: int = 3
+    hold_s: float = 90.0             # a shrink waits this long of lower plans in a row
+    window_s: float = 30.0           # the arrival rate is counted over this many seconds
     headroom: float = 1.0
     startup_s: float = 10.0          # assumption: container, runtime and CUDA context start
     load_bandwidth: float = 5e9      # assumption: bytes/s a new device reads weights from storage
@@ -62,20 +67,31 @@ class ScalingConfig:
     warm_pool: int = 0  # devices kept started (billed while idle): they skip `startup_s`
 
     def __post_init__(self) -> None:
-        if self.interval_s <= 0 or self.down_after < 1 or self.headroom <= 0 \
-                or self.startup_s < 0 or self.load_bandwidth <= 0 or self.warm_pool < 0:
-            raise ValueError(f"scaling config needs interval_s > 0, down_after >= 1, "
-                             f"headroom > 0, startup_s >= 0, load_bandwidth > 0 and "
-                             f"warm_pool >= 0, got {self}")
+        if self.interval_s <= 0 or self.hold_s < 0 or self.window_s <= 0 \
+                or self.headroom <= 0 or self.startup_s < 0 or self.load_bandwidth <= 0 \
+                or self.warm_pool < 0:
+            raise ValueError(f"scaling config needs interval_s > 0, hold_s >= 0, "
+                             f"window_s > 0, headroom > 0, startup_s >= 0, "
+                             f"load_bandwidth > 0 and warm_pool >= 0, got {self}")
         if self.forecast not in FORECASTS:
             raise ValueError(f"forecast must be one of {FORECASTS}, got {self.forecast!r}")
+
+    @property
+    def down_after(self) -> int:
+        """Decisions in a row a shrink waits: `hold_s` rounded up to whole intervals."""
+        return max(1, math.ceil(self.hold_s / self.interval_s - 1e-9))
+
+    @property
+    def window_ticks(self) -> int:
+        """Intervals the rate is counted over: `window_s` rounded up to whole intervals."""
+        return max(1, math.ceil(self.window_s / self.interval_s - 1e-9))
 
 
 class EngineState:
     """One running engine: its queues, decoding set, KV reservation and accounting."""
 
     def __init__(self, spec, role: str, ready_at: float, requested_at: float, chunk: int,
-                 cache_blocks: int, down_after: int = ScalingConfig.down_after) -> None:
+                 cache_blocks: int, down_after: int) -> None:
         self.spec, self.role = spec, role
         self.shrink = Hysteresis(down_after)  # an operator engine's own smaller shapes
         self.caches: list[PrefixCache] = []  # one per KV holder, with prefix caching
@@ -181,7 +197,9 @@ class Simulation:
         self.decisions: list[Decision] = []
         self.timeline: list[dict] = []
         self.resizes: list[tuple[float, float]] = []  # operator growth: (asked, serving)
-        self.arrivals_seen = 0
+        self.arrivals_seen = 0  # since the last decision
+        # arrivals per decision over the rate window (the oldest leaves as a new one comes)
+        self.window: deque[int] = deque(maxlen=scaling.window_ticks)
         self.rate_estimate = 0.0
         self.forecast: RateForecast | None = None  # set when the run starts
         # by the rate they were sized for and the layout they were to keep
@@ -487,12 +505,13 @@ class Simulation:
         return self._result(now)
 
     def _first_rate(self) -> float:
-        """Arrival rate over the first interval (what a warm deployment was sized for)."""
+        """Arrival rate over the first window (what a warm deployment was sized for)."""
         if self.fixed is not None:
             return self.fixed.rate
-        horizon = self.requests[0].arrival_s + self.scaling.interval_s
+        window = self.scaling.window_ticks * self.scaling.interval_s
+        horizon = self.requests[0].arrival_s + window
         count = sum(1 for r in self.requests if r.arrival_s < horizon)
-        self.rate_estimate = count / self.scaling.interval_s
+        self.rate_estimate = count / window
         return self.rate_estimate
 
     def _tick(self, now: float) -> None:
@@ -501,7 +520,8 @@ class Simulation:
         if skipped:
             self._skip(now, skipped)
             return
-        observed = self.arrivals_seen / self.scaling.interval_s
+        self.window.append(self.arrivals_seen)
+        observed = sum(self.window) / (len(self.window) * self.scaling.interval_s)
         idle = self.arrivals_seen == 0 and self._idle(now)
         self.arrivals_seen = 0
         self._push(now + self.scaling.interval_s, "tick", None)
@@ -543,11 +563,12 @@ class Simulation:
 
     def _idle_ticks(self, now: float) -> int:
         """How many ticks from `now` on can be skipped: the deployment has been settled for
-        a whole hysteresis cycle and no request arrives before them. A multiple of
-        `down_after`, so the hysteresis counter ends where stepping would leave it; 0 when
-        this tick must run."""
+        a whole hysteresis cycle and a whole rate window (so each would observe no
+        arrival) and no request arrives before them. A multiple of `down_after`, so the
+        hysteresis counter ends where stepping would leave it; 0 when this tick must run."""
         cycle = self.scaling.down_after
-        if not SKIP_IDLE_TICKS or self.quiet_ticks <= cycle or self.arrivals_seen \
+        if not SKIP_IDLE_TICKS or self.quiet_ticks <= max(cycle, self.scaling.window_ticks) \
+                or self.arrivals_seen \
                 or not self.events or not self._idle(now):
             return 0
         gap = (self.events[0][0] - now) / self.scaling.interval_s  # next event: an arrival
@@ -556,6 +577,7 @@ class Simulation:
     def _skip(self, now: float, ticks: int) -> None:
         """Jump over `ticks` idle ticks: each would have seen no arrivals and held."""
         interval = self.scaling.interval_s
+        self.window.extend([0] * min(ticks, self.scaling.window_ticks))
         if self.fixed is None:
             self.rate_estimate = self.forecast.idle(ticks)
         last = now + (ticks - 1) * interval
