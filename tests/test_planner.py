@@ -282,8 +282,8 @@ def test_ttft_may_scale_with_the_prompt_and_an_infeasible_slo_names_the_long_pro
 
 def test_a_changed_tp_degree_retires_the_old_replicas_once_the_new_are_ready(service, azure):
     """Review finding 5: model-level replicas of a shape the plan dropped drain when their
-    successors are ready (as an operator re-shard swaps its pool), not three intervals
-    later."""
+    successors are ready (as an operator re-shard swaps its pool), not after the shrink
+    hysteresis, however many decisions come while the successors start."""
     base, workload = azure
     sim = Simulation(service, poisson_resample(base, 5.0, 60, seed=1), "model", SLO_TIGHT,
                      workload.at(5.0), ScalingConfig(interval_s=10))
@@ -295,8 +295,11 @@ def test_a_changed_tp_degree_retires_the_old_replicas_once_the_new_are_ready(ser
     old = list(sim.engines)
     sim._apply(wider, 10.0)
     new = [e for e in sim.engines if e not in old]
-    assert len(new) == 1 and new[0].ready_at > 10.0
+    assert len(new) == 1 and new[0].ready_at > 20.0
     assert not any(e.draining for e in old)  # they serve while the successor loads
+    # a decision before the successor is ready counts it as held: the old stay replaced
+    sim._apply(wider, 20.0)
+    assert all(e.superseded and not e.draining for e in old)
     sim._retire_superseded(new[0].ready_at)
     assert all(e.draining and e.retired_at == new[0].ready_at for e in old)  # idle: gone
     assert not new[0].draining
@@ -493,6 +496,29 @@ def test_the_replay_starts_resizes_and_drains_operator_copies(service, azure):
     assert len(outgoing) == 2 and not any(e.draining for e in outgoing)
     sim._retire_superseded(kept[0].ready_at)
     assert not any(e.draining for e in outgoing)  # the kept copy is still growing
+
+
+def test_a_growth_on_its_way_is_cancelled_only_after_the_hysteresis(service, azure):
+    """Cancelling an operator engine's growth that is still starting frees devices, so it
+    waits the shrink hysteresis, as a lock-step deployment does (it shrinks nothing while a
+    replica starts); before, the operator engine dropped it at the next lower decision."""
+    base, workload = azure
+    one, two = OperatorShape(0, 2, 1), OperatorShape(0, 2, 2)
+
+    def only(shape: OperatorShape) -> Plan:
+        return Plan(policy="operator", model=service.model, device="h100", rate=1.0,
+                    power_w=0.0, ttft_p50=0.0, ttft_p99=0.0, tbt_p50=0.0, tbt_p99=0.0,
+                    chunk=512, engines=(EngineCount(shape, 1),), devices=shape.devices)
+    sim = Simulation(service, poisson_resample(base, 5.0, 60, seed=1), "operator", SLO_TIGHT,
+                     workload, ScalingConfig(interval_s=5, hold_s=10, startup_s=60))
+    sim._apply(only(one), 0.0, warm=True)
+    (engine,) = sim.engines
+    sim._apply(only(two), 5.0)  # two more devices, starting for a minute
+    assert engine.extra_devices == 2 and engine.pending_spec.dense_replicas == 2
+    sim._apply(only(one), 10.0)
+    assert engine.extra_devices == 2 and engine.pending_spec.dense_replicas == 2
+    sim._apply(only(one), 15.0)  # 10 s of lower plans: the growth is cancelled
+    assert engine.extra_devices == 0 and engine.pending_spec.dense_replicas == 1
 
 
 def test_co_located_operator_replicas_keep_each_request_and_its_tokens_on_one(service, azure):
@@ -826,6 +852,37 @@ def test_prefix_caching_skips_the_cached_prefill_for_every_policy(service, azure
              lower_bound(service, trace.without_prefixes(), 30.0))
     assert bound[0]["lower_bound_gpu_hours"] <= bound[1]["lower_bound_gpu_hours"]
     assert bound[0]["lower_bound_energy_kwh"] < 0.95 * bound[1]["lower_bound_energy_kwh"]
+
+
+def test_the_autoscaler_plans_for_the_prefix_reuse_it_observes(service):
+    """With prefix caching, every policy's autoscaler plans for the share of prompt tokens
+    the caches have served: a prompt prefills only past its cached prefix (which it still
+    attends over, and whose KV it still holds), so where most of each prompt is a shared
+    prefix the plans need fewer devices and still meet the SLO. Without caching, or with no
+    reuse given, the planner plans every prompt token as before."""
+    assert mean_chunk(5000, 2048, 0.5) == (2, 1250, (5000 ** 2 - 2500 ** 2) / 2)
+    rng = random.Random(0)
+    requests, t = [], 0.0
+    while t < 60:  # 20 req/s of 3,200-token prompts, 3,072 of them one of 8 shared prefixes
+        t += rng.expovariate(20.0)
+        family = rng.randrange(8)
+        requests.append(Request(t, 3200, 50, tuple(range(family * 10, family * 10 + 6)) +
+                                (10 ** 6 + len(requests),)))
+    trace = Trace("shared prefixes", "test", requests, prefix_block_tokens=512)
+    work = Workload.from_requests(requests, 20.0)
+    scaling = ScalingConfig(interval_s=5, hold_s=10, window_s=10)
+    for policy in ("model", "phase", "operator"):
+        blind, told = (plan(service, work.at(20.0, reuse), SLO_TIGHT, policy)
+                       for reuse in (0.0, 0.9))
+        assert told.devices < blind.devices, policy
+        runs = [simulate(service, trace, policy, SLO_TIGHT, scaling, workload=work,
+                         prefix_caching=caching) for caching in (False, True)]
+        cold, warm = (metrics(r, SLO_TIGHT) for r in runs)
+        assert warm["gpu_hours"] < 0.9 * cold["gpu_hours"], policy
+        assert min(cold["slo_attainment"], warm["slo_attainment"]) >= 0.99, policy
+        assert runs[1].decisions[-1].new < runs[0].decisions[-1].new, policy
+        assert "of prompt tokens cached" in runs[1].decisions[-1].reason
+        assert not any("cached" in d.reason for d in runs[0].decisions)
 
 
 @pytest.mark.parametrize("policy", ["model", "phase", "operator"])

@@ -52,8 +52,9 @@ def add_simulate_command(sub: argparse._SubParsersAction) -> None:
                           "them (default) or truncate the prompt; counted in the output")
     sim.add_argument("--prefix-caching", action="store_true",
                      help="reuse the KV of cached prompt prefixes, by the trace's prefix hashes "
-                          "(Mooncake traces carry them), and route prompts to where their "
-                          "prefix is cached, for every policy alike")
+                          "(Mooncake traces carry them), route prompts to where their "
+                          "prefix is cached, and plan for the share of prompt tokens the "
+                          "caches have served, for every policy alike")
     sim.add_argument("--expert-skew", type=non_negative_float, default=0.0, metavar="S",
                      help="routing over a mixture of experts' experts: 0 uniform (default), "
                           "S up to 10 skewed (the expert of rank r gets a share proportional "

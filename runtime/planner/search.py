@@ -77,6 +77,24 @@ class Workload:
     output_mean: float
     context_mean: float  # mean KV length over decode steps (token-weighted)
     size_sq_mean: float  # mean of (prompt + output)^2: the spread of KV reservations
+    # share of each prompt's leading tokens a prefix cache holds: their KV is reused and their
+    # prefill skipped (the rest attends over them); the KV is held and moved whole
+    reuse: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.reuse < 1:
+            raise ValueError(f"prefix reuse must be in [0, 1), got {self.reuse}")
+
+    @property
+    def prefill_mean(self) -> float:
+        """Prompt tokens a mean prompt prefills (those past its cached prefix)."""
+        return self.prompt_mean * (1 - self.reuse)
+
+    @property
+    def prefill_sq_mean(self) -> float:
+        """The attention sum of squares of a mean prompt's prefill: its tokens past the
+        cached prefix attend over the whole prompt, p^2 - (reuse p)^2."""
+        return self.prompt_sq_mean * (1 - self.reuse * self.reuse)
 
     @classmethod
     def from_requests(cls, requests: list, rate: float) -> Workload:
@@ -94,9 +112,9 @@ class Workload:
                    size_sq_mean=statistics.fmean((r.prompt_tokens + o) ** 2
                                                  for r, o in zip(requests, outputs)))
 
-    def at(self, rate: float) -> Workload:
-        """The same token statistics at another arrival rate."""
-        return replace(self, rate=rate)
+    def at(self, rate: float, reuse: float | None = None) -> Workload:
+        """The same token statistics at another arrival rate (and prefix reuse)."""
+        return replace(self, rate=rate, reuse=self.reuse if reuse is None else reuse)
 
 
 def prompt_points(prompts: list[int]) -> tuple[tuple[float, float], ...]:
@@ -191,7 +209,7 @@ def _mean_batch(lam: float, step: float, work: Workload, prefill: bool) -> Batch
     tokens arriving during one step."""
     decoding = lam * work.output_mean * step
     arrivals = lam * step if prefill else 0.0
-    return Batch(arrivals, arrivals * work.prompt_mean, arrivals * work.prompt_sq_mean,
+    return Batch(arrivals, arrivals * work.prefill_mean, arrivals * work.prefill_sq_mean,
                  decoding, decoding * work.context_mean)
 
 
@@ -220,7 +238,7 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
         if fixed_points[key] is None:
             return None
         step, highest, gain, busy = fixed_points[key]
-        if prefill and lam * highest * work.prompt_mean > chunk * lanes:
+        if prefill and lam * highest * work.prefill_mean > chunk * lanes:
             return None  # the prompt backlog grows
         here = _mean_batch(lam, step, work, prefill)
         mean_batch = here.decode_n
@@ -250,36 +268,41 @@ def predict(service: ServiceModel, engine, count: int, work: Workload, slo: SLO,
                       miss, percentiles)
 
 
-def mean_chunk(prompt: float, lane: int) -> tuple[int, float, float]:
+def mean_chunk(prompt: float, lane: int, reuse: float = 0.0) -> tuple[int, float, float]:
     """(chunks, tokens, sum of squares) of a prompt prefilled `lane` tokens a step, as its
     mean chunk: a chunk at offset o of t tokens attends over o + t, so its sum of squares is
     (o + t)^2 - o^2 and the chunks' sums add up to prompt^2 (costing each chunk as a prompt
-    of its own, t^2, made a long prompt's prefill look `chunks` times cheaper)."""
-    chunks = max(1, math.ceil(prompt / lane))
-    return chunks, prompt / chunks, prompt * prompt / chunks
+    of its own, t^2, made a long prompt's prefill look `chunks` times cheaper). With a
+    `reuse` share of the prompt cached, only the rest is prefilled: prompt^2 - cached^2."""
+    tokens = prompt * (1 - reuse)
+    chunks = max(1, math.ceil(tokens / lane))
+    return chunks, tokens / chunks, prompt * prompt * (1 - reuse * reuse) / chunks
 
 
 @lru_cache(maxsize=512)
-def _chunk_ladder(points: tuple[tuple[float, float], ...], prompt_mean: float,
-                  prompt_sq_mean: float, lane: int, load: float, squares_per_token: float
-                  ) -> tuple[float, tuple[float, ...], tuple]:
-    """The chunks of at most `lane` tokens the prompt lengths cut, each in a step whose lane
+def _chunk_ladder(points: tuple[tuple[float, float], ...], prefill_mean: float,
+                  prefill_sq_mean: float, lane: int, load: float, squares_per_token: float,
+                  reuse: float) -> tuple[float, tuple[float, ...], tuple]:
+    """The chunks of at most `lane` tokens the prompt lengths cut (past the `reuse` share a
+    prefix cache holds), each in a step whose lane
     the prompts behind it fill in proportion to the prompt `load` (a lane's share of tokens
     the arriving prompts bring, 0..1), sorted by what they cost (tokens + sum of squares /
     `squares_per_token`): (steps per prompt that carry its chunks, cumulative share of those
     steps, ((prompts, tokens, sum of squares), ...)). A chunk of t tokens has a step of its
     own when prompts are rare and t / lane of one when they fill every step: 1 - load
     (1 - t / lane) in between."""
-    density = prompt_sq_mean / prompt_mean  # sum of squares a mean prompt's token brings
+    density = prefill_sq_mean / prefill_mean  # sum of squares a mean prompt's token brings
     chunks = []
     for length, weight in points:
-        for start in range(0, max(1, math.ceil(length)), lane):
+        cached = length * reuse
+        for offset in range(0, max(1, math.ceil(length - cached)), lane):
+            start = cached + offset
             tokens = min(lane, length - start)
             rest = (lane - tokens) * load
             squares = (start + tokens) ** 2 - start ** 2 + rest * density
             chunks.append((tokens + rest + squares / squares_per_token, squares,
                            weight * (1 - load * (1 - tokens / lane)),
-                           1 + rest / prompt_mean, tokens + rest))
+                           1 + rest / prefill_mean, tokens + rest))
     chunks.sort()
     steps = sum(c[2] for c in chunks)
     shares = tuple(itertools.accumulate(c[2] / steps for c in chunks))
@@ -298,10 +321,10 @@ def worst_chunks(work: Workload, lane: int, budget: int, unit: int, arrivals: fl
     step has none. `squares_per_token` (ServiceModel.squares_per_token) ranks the chunks."""
     if arrivals <= 0:
         return 0.0, 0.0, 0.0
-    load = math.ceil(min(1.0, arrivals * work.prompt_mean / budget) * PACKING_LEVELS)
-    steps, shares, chunks = _chunk_ladder(work.prompt_points, work.prompt_mean,
-                                          work.prompt_sq_mean, lane, load / PACKING_LEVELS,
-                                          squares_per_token)
+    load = math.ceil(min(1.0, arrivals * work.prefill_mean / budget) * PACKING_LEVELS)
+    steps, shares, chunks = _chunk_ladder(work.prompt_points, work.prefill_mean,
+                                          work.prefill_sq_mean, lane, load / PACKING_LEVELS,
+                                          squares_per_token, work.reuse)
     carrying = min(1.0, arrivals * steps * lane / unit)  # share of steps with prompt tokens
     depth = 1 - (1 - attainment) / carrying
     if depth <= 0:
@@ -330,20 +353,20 @@ def _ttft(service: ServiceModel, engine, count: int, work: Workload, slo: SLO, c
     steps: dict[tuple[int, float, float], float] = {}  # (chunks, tokens, others) -> step
 
     def own(p: float, joining: float = 0.0) -> float:
-        chunks, tokens, squares = mean_chunk(p, lane)
+        chunks, tokens, squares = mean_chunk(p, lane, work.reuse)
         # prompts queued behind it share its steps while its chunks leave room
-        others = min(joining, chunks * max(0.0, (lane - tokens) / work.prompt_mean)) / chunks
+        others = min(joining, chunks * max(0.0, (lane - tokens) / work.prefill_mean)) / chunks
         if (chunks, tokens, others) not in steps:
             steps[chunks, tokens, others] = engine.seconds(service, Batch(
-                1 + others, tokens + others * work.prompt_mean,
-                squares + others * work.prompt_sq_mean, decoding, decoding * ctx))
+                1 + others, tokens + others * work.prefill_mean,
+                squares + others * work.prefill_sq_mean, decoding, decoding * ctx))
         return chunks * steps[chunks, tokens, others]
 
     servers = count * round(chunk / lane)
-    per_step = chunk / work.prompt_mean
-    full = engine.seconds(service, Batch(per_step, chunk, per_step * work.prompt_sq_mean,
+    per_step = chunk / work.prefill_mean
+    full = engine.seconds(service, Batch(per_step, chunk, per_step * work.prefill_sq_mean,
                                          decoding, decoding * ctx))
-    service_rate = lane / (full * work.prompt_mean)  # one server's prompts per second
+    service_rate = lane / (full * work.prefill_mean)  # one server's prompts per second
     load = work.rate / service_rate
     if load >= servers:
         return None
@@ -709,11 +732,12 @@ def plan_meets(service: ServiceModel, p: Plan, work: Workload, slo: SLO,
         _decode_meeting(service, decode, decodes, work, budget) is not None
 
 
-def prefill_alone_s(service: ServiceModel, prompt: float) -> float:
-    """Seconds one prompt's prefill takes alone on the fastest shape (the widest tensor
-    parallelism, the largest chunk): no deployment gives it a shorter TTFT."""
+def prefill_alone_s(service: ServiceModel, prompt: float, reuse: float = 0.0) -> float:
+    """Seconds one prompt's prefill (past a `reuse` share cached) takes alone on the fastest
+    shape (the widest tensor parallelism, the largest chunk): no deployment gives it a
+    shorter TTFT."""
     engine, chunk = LockstepEngine("prefill", max(SHARDS)), max(PREFILL_CHUNKS)
-    chunks, tokens, squares = mean_chunk(prompt, chunk)
+    chunks, tokens, squares = mean_chunk(prompt, chunk, reuse)
     return chunks * engine.seconds(service, Batch(1, tokens, squares))
 
 
@@ -721,7 +745,7 @@ def too_long_for_ttft(service: ServiceModel, work: Workload, slo: SLO) -> str:
     """Which prompts miss their TTFT target even alone on the fastest shape, as a clause
     for an error message ('' when every prompt can meet it)."""
     late = [(p, w, t) for p, w in work.prompt_points
-            if (t := prefill_alone_s(service, p)) > slo.ttft_for(p)]
+            if (t := prefill_alone_s(service, p, work.reuse)) > slo.ttft_for(p)]
     if not late:
         return ""
     share = sum(w for _, w, _ in late)
@@ -746,11 +770,11 @@ def group_placement(service: ServiceModel, pools, slo: SLO, work: Workload,
         first[i] = sum(pools[j][0].devices * pools[j][1] for j in first)
     for i, (engine, count, pred) in enumerate(pools):
         decoding = max(1.0, pred.batch_p99)
-        prompts = chunk / work.prompt_mean
+        prompts = chunk / work.prefill_mean
         batch = Batch(decode_n=decoding, decode_s1=decoding * work.context_mean) \
-            if pred.batch_p99 else Batch(prompts, chunk, prompts * work.prompt_sq_mean)
+            if pred.batch_p99 else Batch(prompts, chunk, prompts * work.prefill_sq_mean)
         max_batch = math.ceil(pred.batch_p99) if pred.batch_p99 else \
-            max(1, math.ceil(chunk / work.prompt_mean))
+            max(1, math.ceil(chunk / work.prefill_mean))
         devices = list(range(first[i], first[i] + engine.devices * count))
         if isinstance(engine, OperatorEngine) and engine.attention:
             attention, dense, _, _ = engine.pool_times(service, batch, accounting=False)

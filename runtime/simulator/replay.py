@@ -42,6 +42,9 @@ from fxscale.runtime.simulator.prefix import PrefixCache, prefill_left, reused_t
 # a trace spans. A planned rate below SETTLED_RATE (req/s) plans as zero does.
 SKIP_IDLE_TICKS = True
 SETTLED_RATE = 1e-6
+# With prefix caching the autoscaler plans for the share of prompt tokens the caches served so
+# far, rounded down to 5% steps (each step planned once per rate, as the rate grid is).
+REUSE_STEP = 0.05
 # The autoscaler plans for rates rounded up to a grid 1% apart, each planned once per replay:
 # a 1-s decision interval then costs a few hundred plans an hour, not 3,600.
 PLAN_RATE_STEP = 0.01
@@ -206,6 +209,7 @@ class Simulation:
         self.plans: dict[tuple[float, tuple | None], Plan] = {}
         self.applied: Plan | None = None  # the plan last applied (its layout is kept)
         self.sized_rate = 0.0  # the rate the last plan was made for
+        self.planned_reuse = 0.0  # ... and the prefix reuse it counted on
         self.relayout = Hysteresis(scaling.down_after)  # a cheaper plan of another layout
         # when each warm-pool device is (again) started and free to take
         self.warm_free_at = [0.0] * scaling.warm_pool
@@ -227,13 +231,25 @@ class Simulation:
             sized = (1 + PLAN_RATE_STEP) ** math.ceil(math.log(sized) /
                                                        math.log1p(PLAN_RATE_STEP) - 1e-9)
         self.sized_rate = sized
+        self.planned_reuse = self._observed_reuse()
         # the deployment's layout wins ties: a re-shard must save a device
-        key = (sized, self.layout)
+        key = (sized, self.planned_reuse, self.layout)
         if key not in self.plans:
-            self.plans[key] = plan(self.service, self.workload.at(sized), self.slo,
-                                   self.policy, mechanisms=self.mechanisms,
-                                   keep_layout=self.layout)
+            self.plans[key] = plan(self.service, self._work(), self.slo, self.policy,
+                                   mechanisms=self.mechanisms, keep_layout=self.layout)
         return self._relayout(self.plans[key])
+
+    def _observed_reuse(self) -> float:
+        """The share of prompt tokens the prefix caches have served so far, rounded down to
+        REUSE_STEP (0 without prefix caching)."""
+        if not self.prompt_tokens:
+            return 0.0
+        steps = math.floor(self.reused_tokens / self.prompt_tokens / REUSE_STEP + 1e-9)
+        return min(steps * REUSE_STEP, 1 - REUSE_STEP)
+
+    def _work(self) -> Workload:
+        """The workload the autoscaler plans for: the sized rate, the observed reuse."""
+        return self.workload.at(self.sized_rate, self.planned_reuse)
 
     def _relayout(self, p: Plan) -> Plan:
         """The plan to apply: one of another layout (a restart or re-shard) waits the shrink
@@ -241,8 +257,7 @@ class Simulation:
         any shrink does; one the running plan cannot serve is taken at once."""
         held = self.applied
         if held is not None and _layout(p) != _layout(held) and plan_meets(
-                self.service, held, self.workload.at(self.sized_rate), self.slo,
-                self.mechanisms):
+                self.service, held, self._work(), self.slo, self.mechanisms):
             self.relayout.ask(held.devices, p.devices)
             if not self.relayout.due:
                 return held
@@ -288,7 +303,8 @@ class Simulation:
         shapes = {spec for spec, _, _ in target}
         replacing = wanted >= current or self.shrink.due or warm  # shrinking waits, as ever
         for engine in live:  # a changed tensor-parallel degree replaces these replicas
-            engine.superseded = replacing and engine.spec not in shapes
+            # (for good: their successors, still starting, count as held in later decisions)
+            engine.superseded = engine.spec not in shapes and (replacing or engine.superseded)
         self._retire_superseded(now)
         settled = all(e.ready_at <= now for e in live)
         if (self.shrink.due and settled) or warm:
@@ -344,7 +360,9 @@ class Simulation:
 
     def _resize_operator(self, engine: EngineState, spec, chunk: int, now: float) -> None:
         """Resize one operator engine: a larger shape serves once its added devices have
-        started and loaded their weights; a smaller one after hysteresis, if the KV fits."""
+        started and loaded their weights; one of fewer devices than the engine holds or is
+        growing to (cancelling a growth on its way too) after hysteresis, as a lock-step
+        deployment's, and a smaller one once the KV fits."""
         shrink = engine.shrink
         current = engine.pending_spec or engine.spec
         old = engine.spec
@@ -359,11 +377,12 @@ class Simulation:
             spec = pending  # already growing to this, with attention enough for the KV
         if spec == current:
             shrink.done()
-        elif spec.devices >= old.devices or reshard or reshard_attention:
-            if spec.devices < old.devices:  # a smaller re-sharded shape: after hysteresis
-                shrink.ask(old.devices, spec.devices)
-                if not shrink.due:
-                    return
+            return
+        if spec.devices < current.devices:  # fewer devices: after hysteresis
+            shrink.ask(current.devices, spec.devices)
+            if not shrink.due:
+                return
+        if spec.devices >= old.devices or reshard or reshard_attention:
             # each pool's new devices start (a re-sharded dense pool loads entirely on new
             # devices) while the old shape serves; all are held until the switch
             dense, old_dense = (e.dense_shards * e.dense_replicas for e in (spec, old))
@@ -380,10 +399,9 @@ class Simulation:
             engine.extra_devices = added
             self._push(now + delay, "resize", (engine, spec, chunk, now))
             shrink.done()
-        else:  # fewer dense replicas or attention devices, same sharding: after hysteresis,
-            # once the remaining devices hold every reserved KV token
-            shrink.ask(old.devices, spec.devices)
-            if shrink.due and engine.pending_spec is None and \
+        else:  # fewer dense replicas or attention devices, same sharding: once the
+            # remaining devices hold every reserved KV token
+            if engine.pending_spec is None and \
                     spec.kv_capacity_tokens(self.service) >= engine.kv_reserved:
                 self._close_account(engine, now)
                 engine.shape(spec, chunk, self._cache_blocks(spec))
@@ -541,7 +559,9 @@ class Simulation:
             self.planned_rate == self.floor_rate or self.planned_rate < SETTLED_RATE)
         self.quiet_ticks = self.quiet_ticks + 1 if settled else 0
         self.last_deployment = deployment
-        floor = " (the floor)" if self.planned_rate == self.floor_rate else ""
+        basis = " (the floor)" if self.planned_rate == self.floor_rate else ""
+        if self.planned_reuse:
+            basis += f" with {self.planned_reuse:.0%} of prompt tokens cached"
         what = action(before, after)
         if what == "hold" and p.devices < before:
             below = max([self.shrink.below] + [e.shrink.below for e in self.engines
@@ -550,7 +570,7 @@ class Simulation:
         self.decisions.append(Decision(
             now, "deployment", before, after, what,
             f"observed {observed:.2f} req/s, estimate {self.rate_estimate:.2f}; the plan for "
-            f"{self.planned_rate:.2f} req/s{floor} wants {p.devices} devices, {before} held",
+            f"{self.planned_rate:.2f} req/s{basis} wants {p.devices} devices, {before} held",
             observed_rps=observed, estimate_rps=self.rate_estimate,
             planned_rps=self.planned_rate))
         self._record(now, observed)
