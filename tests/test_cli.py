@@ -84,7 +84,8 @@ def test_simulate_one_policy_writes_the_documented_keys(tmp_path, monkeypatch, c
                  "--duration", "120", "--rate-scale", "8", "--policy", "operator",
                  "--slo-ttft", "0.5", "--slo-tbt", "0.01", "--headroom", "1.5",
                  "--fixed-gpus", "2", "--policy-interval", "operator=5", "--forecast", "holt",
-                 "--warm-pool", "2", "--json", str(out)]) == 0
+                 "--warm-pool", "2", "--hold", "20", "--rate-window", "10",
+                 "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert SIMULATE_KEYS <= set(data)
     assert data["policy"] == "operator" and data["headroom"] == 1.5
@@ -93,6 +94,7 @@ def test_simulate_one_policy_writes_the_documented_keys(tmp_path, monkeypatch, c
     assert data["timeline"] and {"t", "devices", "rate_rps"} <= set(data["timeline"][0])
     assert data["config"]["slo_tbt"] == 0.01 and data["interval_s"] == 5.0
     assert data["config"]["forecast"] == "holt" and data["config"]["warm_pool"] == 2
+    assert data["config"]["hold_s"] == 20 and data["config"]["rate_window_s"] == 10
     assert "operator" in capsys.readouterr().out
 
 
@@ -177,7 +179,9 @@ def test_simulate_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "--attainment: must be between 0 and 1" in capsys.readouterr().err
     for flag, value, message in (("--policy-interval", "fast=1", "expected POLICY=SECONDS"),
                                  ("--policy-interval", "operator=0", "must be"),
-                                 ("--warm-pool", "-1", "must be an integer from 0")):
+                                 ("--warm-pool", "-1", "must be an integer from 0"),
+                                 ("--hold", "-5", "must be"),
+                                 ("--rate-window", "0", "must be")):
         with pytest.raises(SystemExit) as info:
             main(["simulate", flag, value, "--layers", "1"])
         assert info.value.code == 2 and message in capsys.readouterr().err

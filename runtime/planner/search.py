@@ -283,14 +283,13 @@ def mean_chunk(prompt: float, lane: int, reuse: float = 0.0) -> tuple[int, float
 def _chunk_ladder(points: tuple[tuple[float, float], ...], prefill_mean: float,
                   prefill_sq_mean: float, lane: int, load: float, squares_per_token: float,
                   reuse: float) -> tuple[float, tuple[float, ...], tuple]:
-    """The chunks of at most `lane` tokens the prompt lengths cut (past the `reuse` share a
-    prefix cache holds), each in a step whose lane
-    the prompts behind it fill in proportion to the prompt `load` (a lane's share of tokens
-    the arriving prompts bring, 0..1), sorted by what they cost (tokens + sum of squares /
-    `squares_per_token`): (steps per prompt that carry its chunks, cumulative share of those
-    steps, ((prompts, tokens, sum of squares), ...)). A chunk of t tokens has a step of its
-    own when prompts are rare and t / lane of one when they fill every step: 1 - load
-    (1 - t / lane) in between."""
+    """The chunks of at most `lane` tokens the prompt lengths cut past the `reuse` share a
+    prefix cache holds, each in a step whose lane the prompts behind it fill in proportion
+    to the prompt `load` (a lane's share of tokens the arriving prompts bring, 0..1), sorted
+    by what they cost (tokens + sum of squares / `squares_per_token`): (steps per prompt
+    that carry its chunks, cumulative share of those steps, ((prompts, tokens, sum of
+    squares), ...)). A chunk of t tokens has a step of its own when prompts are rare and
+    t / lane of one when they fill every step: 1 - load (1 - t / lane) in between."""
     density = prefill_sq_mean / prefill_mean  # sum of squares a mean prompt's token brings
     chunks = []
     for length, weight in points:

@@ -202,11 +202,11 @@ class Simulation:
         self.resizes: list[tuple[float, float]] = []  # operator growth: (asked, serving)
         self.arrivals_seen = 0  # since the last decision
         # arrivals per decision over the rate window (the oldest leaves as a new one comes)
-        self.window: deque[int] = deque(maxlen=scaling.window_ticks)
+        self.recent_arrivals: deque[int] = deque(maxlen=scaling.window_ticks)
         self.rate_estimate = 0.0
         self.forecast: RateForecast | None = None  # set when the run starts
-        # by the rate they were sized for and the layout they were to keep
-        self.plans: dict[tuple[float, tuple | None], Plan] = {}
+        # by the rate they were sized for, the prefix reuse counted on, the layout to keep
+        self.plans: dict[tuple[float, float, tuple | None], Plan] = {}
         self.applied: Plan | None = None  # the plan last applied (its layout is kept)
         self.sized_rate = 0.0  # the rate the last plan was made for
         self.planned_reuse = 0.0  # ... and the prefix reuse it counted on
@@ -538,8 +538,9 @@ class Simulation:
         if skipped:
             self._skip(now, skipped)
             return
-        self.window.append(self.arrivals_seen)
-        observed = sum(self.window) / (len(self.window) * self.scaling.interval_s)
+        self.recent_arrivals.append(self.arrivals_seen)
+        observed = sum(self.recent_arrivals) / (len(self.recent_arrivals) *
+                                                self.scaling.interval_s)
         idle = self.arrivals_seen == 0 and self._idle(now)
         self.arrivals_seen = 0
         self._push(now + self.scaling.interval_s, "tick", None)
@@ -597,7 +598,7 @@ class Simulation:
     def _skip(self, now: float, ticks: int) -> None:
         """Jump over `ticks` idle ticks: each would have seen no arrivals and held."""
         interval = self.scaling.interval_s
-        self.window.extend([0] * min(ticks, self.scaling.window_ticks))
+        self.recent_arrivals.extend([0] * min(ticks, self.scaling.window_ticks))
         if self.fixed is None:
             self.rate_estimate = self.forecast.idle(ticks)
         last = now + (ticks - 1) * interval
